@@ -1,0 +1,186 @@
+"""Wire models between peers and schedulers (JSON over HTTP), validated with pydantic.
+
+Every body a server accepts is parsed through one of these, so a malformed request answers 400
+with the field that is wrong, and the OpenAPI document is generated from the same classes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common import ids
+from common.pieces import valid_piece_size
+
+_PEER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_HOSTPORT_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$")
+
+PeerId = Annotated[str, Field(pattern=_PEER_ID_RE.pattern, max_length=128)]
+ChunkId = Annotated[str, Field(pattern=r"^blake3:[0-9a-f]{64}$")]
+TaskId = Annotated[str, Field(pattern=r"^(sha256|url):[0-9a-f]{64}$")]
+Label = Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9._|/-]*$")]
+PieceIndex = Annotated[int, Field(ge=0, le=(1 << 24))]
+MAX_BATCH = 4096
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def valid_peer_id(value: str) -> bool:
+    return bool(_PEER_ID_RE.match(value))
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    m = _HOSTPORT_RE.match(value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"not host:port: {value[:100]!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+class PeerRegistration(Model):
+    id: PeerId
+    upload_addr: str = Field(description="host:port other peers dial for chunks")
+    idc: Label = ""
+    location: Label = Field("", description="a|b|c, most general first")
+    upload_slots: int = Field(8, ge=1, le=4096)
+    seed: bool = False
+
+    @field_validator("upload_addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        split_hostport(v)
+        return v
+
+
+class RegisterReply(Model):
+    peer_id: str
+    heartbeat_interval: float
+    udp_addr: str | None = None
+    scheduler_id: str
+
+
+class PeerLoad(Model):
+    active_uploads: int = Field(0, ge=0)
+    upload_rate: float = Field(0.0, ge=0, description="bytes/s over the last interval")
+    free_disk: int = Field(0, ge=0)
+
+
+class PeerCounters(Model):
+    """Cumulative byte counters of one peer process, reported with each heartbeat."""
+
+    origin: int = Field(0, ge=0)
+    peer: int = Field(0, ge=0)
+    local: int = Field(0, ge=0)
+    served: int = Field(0, ge=0)
+    uploaded: int = Field(0, ge=0)
+    started_at: float = Field(0.0, description="process start; a new value resets the baseline")
+
+
+class Heartbeat(Model):
+    load: PeerLoad = PeerLoad()
+    counters: PeerCounters = PeerCounters()
+
+
+class TaskRequest(Model):
+    """Create-or-get a task. The first peer to name a task fixes its length and piece size."""
+
+    task_id: TaskId
+    length: int = Field(ge=0, le=1 << 50)
+    piece_size: int | None = Field(None, description="proposal, used only for a new task")
+    digest: str | None = None
+
+    @field_validator("piece_size")
+    @classmethod
+    def _piece_size(cls, v: int | None) -> int | None:
+        if v is not None and not valid_piece_size(v):
+            raise ValueError("piece size must be a power of two between 64 KiB and 64 MiB")
+        return v
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        return None if v is None else ids.parse_blob_digest(v)
+
+
+class TaskMeta(Model):
+    task_id: str
+    length: int
+    piece_size: int
+    digest: str | None = None
+    sealed: bool = False
+
+
+class PieceClaim(Model):
+    index: PieceIndex
+    chunk: ChunkId
+
+
+class LeaseProgress(Model):
+    epoch: int = Field(ge=0)
+
+
+class Announce(Model):
+    peer_id: PeerId
+    task_id: TaskId
+    pieces: list[PieceClaim] = Field(default_factory=list, max_length=MAX_BATCH)
+    sealed: bool = Field(False, description="the peer assembled the blob and its sha256 matched")
+    progress: list[LeaseProgress] = Field(default_factory=list, max_length=MAX_BATCH,
+                                          description="leases whose origin fetch moved bytes")
+
+
+class AnnounceReply(Model):
+    accepted: int
+    rejected: list[int] = Field(default_factory=list)
+
+
+class ScheduleRequest(Model):
+    peer_id: PeerId
+    task_id: TaskId
+    pieces: list[PieceIndex] = Field(min_length=1, max_length=MAX_BATCH)
+    exclude: list[PeerId] = Field(default_factory=list, max_length=256)
+    wait_ms: int = Field(0, ge=0, le=30_000,
+                         description="hold the answer this long while every piece must wait")
+
+
+class ParentRef(Model):
+    id: str
+    addr: str
+
+
+class Decision(Model):
+    """What to do about one piece: fetch it from parents, fetch it from the origin under a
+    lease, or wait for the lease holder."""
+
+    piece: int
+    action: Literal["parents", "source", "wait"]
+    chunk: str | None = None
+    parents: list[ParentRef] = Field(default_factory=list)
+    epoch: int | None = None
+    first: int | None = None
+    last: int | None = None
+    reason: str | None = None
+
+
+class ScheduleReply(Model):
+    decisions: list[Decision]
+
+
+class Report(Model):
+    peer_id: PeerId
+    parent_id: PeerId
+    task_id: TaskId
+    piece: PieceIndex | None = None
+    kind: Literal["failed", "slow", "corrupt"]
+
+
+class BlobMismatch(Model):
+    peer_id: PeerId
+    task_id: TaskId
+
+
+class PreheatRequest(Model):
+    image: str | None = Field(None, max_length=1024)
+    url: str | None = Field(None, max_length=4096)

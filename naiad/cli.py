@@ -1,0 +1,227 @@
+"""The `naiad` command: scheduler, peer, get, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from common import auth
+from common import log as logsetup
+from common.config import ConfigError, Option, add_options, resolve
+from common.sizes import format_size, parse_size
+from common.web import split_listen
+
+log = logging.getLogger("naiad")
+
+
+def _size_or_none(text: str) -> int | None:
+    return parse_size(text) if text else None
+
+
+COMMON = [
+    Option("cluster_secret", None, "shared secret peers and schedulers sign requests with"),
+    Option("cluster_secret_file", None, "file holding the cluster secret", metavar="FILE"),
+    Option("insecure", False, "allow a non-loopback listener without a cluster secret",
+           switch=True),
+    Option("log_format", "text", "text or json"),
+]
+SCHEDULER_OPTIONS = [
+    Option("listen", "127.0.0.1:8002", "HTTP API address", metavar="HOST:PORT"),
+    Option("token", None, "bearer token required by mutating operator calls"),
+    Option("heartbeat_interval", 2.0, "seconds between peer heartbeats; 3 missed expire a peer",
+           type=float, metavar="SECONDS"),
+    Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
+           type=float, metavar="SECONDS"),
+    *COMMON,
+]
+PEER_OPTIONS = [
+    Option("scheduler", ["http://127.0.0.1:8002"], "scheduler URL; repeat to fail over in order",
+           repeat=True, metavar="URL"),
+    Option("listen", "127.0.0.1:65001", "mirror/proxy address", metavar="HOST:PORT"),
+    Option("upload", "127.0.0.1:65002", "peer-to-peer upload address", metavar="HOST:PORT"),
+    Option("advertise", None, "upload address other peers dial, if not --upload",
+           metavar="HOST:PORT"),
+    Option("data_dir", "~/.local/share/naiad", "chunk store directory", metavar="DIR"),
+    Option("registry", "https://registry-1.docker.io", "default upstream registry", metavar="URL"),
+    Option("allow_registry", [], "another registry reachable through this peer (repeatable)",
+           repeat=True, metavar="URL"),
+    Option("id", None, "peer id (default: the hostname)"),
+    Option("idc", "", "IDC label"),
+    Option("location", "", "location label, most general first: a|b|c"),
+    Option("seed", False, "seed peer (fetches preheated content)", switch=True),
+    Option("piece_size", None, "piece size proposed for new tasks", type=_size_or_none,
+           metavar="SIZE"),
+    Option("upload_slots", 8, "concurrent uploads to other peers", type=int, metavar="N"),
+    Option("origin_concurrency", 4, "concurrent origin requests per registry", type=int,
+           metavar="N"),
+    Option("no_verify_on_serve", False, "do not re-hash stored chunks served to clients",
+           switch=True),
+    *COMMON,
+]
+
+
+def _secret(opts: dict[str, Any]) -> bytes | None:
+    return auth.load_secret(opts["cluster_secret"], opts["cluster_secret_file"])
+
+
+def _loopback(listen: str) -> bool:
+    host, _ = split_listen(listen)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_secret(opts: dict[str, Any], secret: bytes | None, *listens: str) -> None:
+    exposed = [a for a in listens if not _loopback(a)]
+    if exposed and secret is None and not opts["insecure"]:
+        raise ConfigError(f"{', '.join(exposed)} is not loopback: set --cluster-secret or "
+                          "--cluster-secret-file (or --insecure to run without one)")
+
+
+async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None:
+    """Run until SIGTERM (drain for up to 10 s) or SIGINT (drain for up to 2 s)."""
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Future[float] = loop.create_future()
+    for sig, drain in ((signal.SIGTERM, 10.0), (signal.SIGINT, 2.0)):
+        loop.add_signal_handler(sig, lambda d=drain: stopping.done() or stopping.set_result(d))
+    await start()
+    drain = await stopping
+    log.info("stopping (drain %.0f s)", drain)
+    await stop(drain)
+
+
+def cmd_scheduler(opts: dict[str, Any]) -> int:
+    from scheduler.server import SchedulerConfig, SchedulerService
+
+    secret = _secret(opts)
+    _require_secret(opts, secret, opts["listen"])
+    service = SchedulerService(SchedulerConfig(
+        listen=opts["listen"], heartbeat_interval=opts["heartbeat_interval"],
+        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret))
+
+    async def stop(_: float) -> None:
+        await service.stop()
+
+    asyncio.run(_serve(service.start, stop))
+    return 0
+
+
+def cmd_peer(opts: dict[str, Any]) -> int:
+    from peer.daemon import PeerConfig, PeerDaemon
+
+    secret = _secret(opts)
+    _require_secret(opts, secret, opts["listen"], opts["upload"])
+    daemon = PeerDaemon(PeerConfig(
+        data_dir=opts["data_dir"], schedulers=opts["scheduler"], listen=opts["listen"],
+        upload=opts["upload"], registry=opts["registry"],
+        allow_registries=opts["allow_registry"], peer_id=opts["id"] or socket.gethostname(),
+        idc=opts["idc"], location=opts["location"], seed=opts["seed"],
+        advertise=opts["advertise"], piece_size=opts["piece_size"],
+        upload_slots=opts["upload_slots"], origin_concurrency=opts["origin_concurrency"],
+        verify_on_serve=not opts["no_verify_on_serve"], secret=secret))
+    asyncio.run(_serve(daemon.start, daemon.stop))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from naiad.get import GetError, get
+
+    try:
+        result = asyncio.run(get(args.url, args.output, args.peer, args.digest))
+    except (GetError, aiohttp.ClientError, OSError) as e:
+        print(f"naiad get: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {format_size(int(result['bytes']))} {result['digest']} "
+          f"(source: {result['source']})", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def fetch() -> tuple[dict, dict]:
+        base = args.scheduler.rstrip("/")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/api/v1/stats") as r:
+                r.raise_for_status()
+                stats = await r.json()
+            async with s.get(f"{base}/api/v1/peers") as r:
+                r.raise_for_status()
+                peers = await r.json()
+        return stats, peers
+
+    try:
+        stats, peers = asyncio.run(fetch())
+    except (aiohttp.ClientError, OSError) as e:
+        print(f"naiad status: scheduler {args.scheduler} unreachable: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"stats": stats, **peers}, indent=2))
+        return 0
+    b = stats["bytes"]
+    print(f"peers {stats['peers']}   tasks {stats['tasks']}   "
+          f"saving {100 * stats['savings_ratio']:.1f}%")
+    print(f"bytes obtained: origin {format_size(b['origin'])}, peers {format_size(b['peer'])}, "
+          f"local {format_size(b['local'])}; served {format_size(stats['served_bytes'])}")
+    for p in peers["peers"]:
+        flags = " ".join(f for f, on in (("seed", p["seed"]), ("cordoned", p["cordoned"]),
+                                         ("penalised", p["penalised"])) if on)
+        print(f"  {p['id']:<24} {p['upload_addr']:<22} uploads {p['load']['active_uploads']:>3}"
+              f"  heartbeat {p['last_heartbeat_age']:.1f}s ago {flags}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from naiad.demo import run_demo
+
+    return asyncio.run(run_demo(peers=args.peers))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="naiad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("scheduler", help="run the scheduler")
+    add_options(p, SCHEDULER_OPTIONS)
+    p = sub.add_parser("peer", help="run a peer daemon")
+    add_options(p, PEER_OPTIONS)
+    p = sub.add_parser("get", help="fetch one blob or file through a peer")
+    p.add_argument("url")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("--peer", default="http://127.0.0.1:65001", metavar="URL")
+    p.add_argument("--digest", default=None, metavar="sha256:HEX")
+    p = sub.add_parser("status", help="cluster summary")
+    p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p = sub.add_parser("demo", help="a whole cluster on loopback, and what it saved")
+    p.add_argument("--peers", type=int, default=4, metavar="N")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("scheduler", "peer"):
+            options = SCHEDULER_OPTIONS if args.command == "scheduler" else PEER_OPTIONS
+            opts = resolve(options, args, args.command)
+            logsetup.setup(opts["log_format"])
+            return (cmd_scheduler if args.command == "scheduler" else cmd_peer)(opts)
+        logsetup.setup("text", "WARNING")
+        return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo}[args.command](args)
+    except ConfigError as e:
+        print(f"naiad {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

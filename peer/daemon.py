@@ -1,0 +1,156 @@
+"""The peer daemon: wires store, engine, scheduler client, upload server and mirror together, and
+owns their lifecycle (start, drain, stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from common.metrics import SOURCES, PeerMetrics
+from common.models import Heartbeat, PeerCounters, PeerLoad, PeerRegistration
+from common.tasks import TaskSet
+from common.web import Server, split_listen
+from peer.engine import Engine
+from peer.mirror import AccessCache, Mirror
+from peer.origin import OriginClient
+from peer.parents import ParentClient
+from peer.scheduler_client import SchedulerClient
+from peer.store import ChunkStore
+from peer.upload import UploadServer
+from peer.upstream import AllowList, Registry
+
+log = logging.getLogger("naiad.peer")
+
+
+@dataclass
+class PeerConfig:
+    data_dir: str
+    schedulers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8002"])
+    listen: str = "127.0.0.1:65001"
+    upload: str = "127.0.0.1:65002"
+    registry: str = "https://registry-1.docker.io"
+    allow_registries: list[str] = field(default_factory=list)
+    peer_id: str = field(default_factory=socket.gethostname)
+    idc: str = ""
+    location: str = ""
+    seed: bool = False
+    advertise: str | None = None
+    piece_size: int | None = None
+    upload_slots: int = 8
+    origin_concurrency: int = 4
+    verify_on_serve: bool = True
+    secret: bytes | None = None
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+class PeerDaemon:
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.metrics = PeerMetrics()
+        self.store = ChunkStore(config.data_dir)
+        self.started_at = time.time()
+        default = Registry.parse(config.registry)
+        allowed = [default] + [Registry.parse(u) for u in config.allow_registries]
+        self.allow = AllowList(allowed)
+        self.default_registry = default
+        self._tasks = TaskSet("peer")
+        # Built in start(): they need the running loop.
+        self.engine: Engine
+        self.scheduler: SchedulerClient
+        self.upload: UploadServer
+        self.mirror_server: Server
+        self.upload_server: Server
+
+    async def start(self) -> None:
+        c = self.config
+        self.store.open()
+        self._origin_session = aiohttp.ClientSession(
+            auto_decompress=False, connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
+        self._peer_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
+        self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret)
+        self.upload_server = Server(self.upload.app(), c.upload)
+        await self.upload_server.start()
+        registration = PeerRegistration(
+            id=c.peer_id, upload_addr=self._advertised(), idc=c.idc, location=c.location,
+            upload_slots=c.upload_slots, seed=c.seed)
+        self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
+                                         self.store, self._heartbeat, c.secret)
+        origin = OriginClient(self._origin_session, c.origin_concurrency)
+        self.engine = Engine(
+            peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
+            parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,
+            verify_on_serve=c.verify_on_serve, piece_size=c.piece_size)
+        mirror = Mirror(engine=self.engine, origin=origin, access=AccessCache(origin),
+                        session=self._origin_session, allow=self.allow,
+                        default=self.default_registry, metrics=self.metrics)
+        self.mirror = mirror
+        self.mirror_server = Server(mirror.app(), c.listen)
+        await self.mirror_server.start()
+        await self.scheduler.start()
+        self.metrics.cache_bytes.set(self.store.cache_bytes())
+        self._tasks.spawn(self._gauges(), "peer-gauges")
+        log.info("peer %s ready: mirror %s, upload %s (advertised %s)", c.peer_id,
+                 self.mirror_server.address, self.upload_server.address,
+                 registration.upload_addr)
+
+    def _advertised(self) -> str:
+        if self.config.advertise:
+            return self.config.advertise
+        host, port = split_listen(self.upload_server.address)
+        if _unspecified(host):
+            host = socket.gethostbyname(socket.gethostname())
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.upload_server.port or port}"
+
+    def _heartbeat(self) -> Heartbeat:
+        r = self.metrics.registry
+
+        def counter(name: str, labels: dict[str, str] | None = None) -> int:
+            return int(r.get_sample_value(name, labels or {}) or 0)
+
+        by_source = {s: counter("naiad_peer_download_bytes_total", {"source": s})
+                     for s in SOURCES}
+        return Heartbeat(
+            load=PeerLoad(active_uploads=self.upload.active,
+                          free_disk=shutil.disk_usage(self.store.root).free),
+            counters=PeerCounters(served=counter("naiad_peer_served_bytes_total"),
+                                  uploaded=counter("naiad_peer_upload_bytes_total"),
+                                  started_at=self.started_at, **by_source))
+
+    async def _gauges(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.metrics.cache_bytes.set(self.store.cache_bytes())
+
+    async def stop(self, drain: float = 0.0) -> None:
+        """Leave the scheduler (no new children), let uploads in flight finish for up to
+        `drain` seconds, then close everything."""
+        await self.scheduler.stop(leave=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.upload.idle.wait(), drain)
+        await self._tasks.close()
+        await self.mirror_server.stop()
+        await self.upload_server.stop()
+        await self.engine.close()
+        await self._origin_session.close()
+        await self._peer_session.close()
+        self.store.close()
+
+    @property
+    def mirror_url(self) -> str:
+        return self.mirror_server.url

@@ -1,0 +1,553 @@
+"""The download engine: obtains a task's pieces from parents or the origin, verified, stored and
+announced, and streams byte ranges of it to readers.
+
+How a piece is obtained (one worker per missing piece, shared by every reader: in-peer single
+flight):
+
+1. Ask the scheduler (requests of a task's workers are batched into one call; pieces that must
+   wait for a lease holder long-poll until a holder appears or the lease lapses).
+2. `parents`: fetch the chunk from the ranked parents in turn, verify its blake3 before anything
+   else sees it; a corrupt, failed or stalled parent is reported and excluded, and the
+   scheduler asked again. After a few rounds, fetch from the origin (`parents-failed`).
+3. `source`: this peer holds the origin lease for a run of consecutive pieces: one ranged origin
+   request covers the whole run; each piece is hashed, stored and announced as it arrives, and
+   the lease is kept alive by progress reports.
+4. No scheduler: use the holders last learnt for the piece, then the origin.
+
+Readers walk the pieces covering their range in order with a bounded read-ahead, so the first
+byte goes out before the last piece is fetched and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from common import ids
+from common.metrics import PeerMetrics
+from common.models import Decision, ParentRef, TaskMeta, TaskRequest
+from common.pieces import MiB, PieceLayout, default_piece_size
+from common.ranges import ByteRange
+from common.tasks import TaskSet, consume_exception
+from peer.origin import OriginClient, OriginError, OriginRequest
+from peer.parents import ParentClient, ParentError
+from peer.scheduler_client import SchedulerClient, SchedulerRefused, SchedulerUnavailable
+from peer.store import ChunkCorrupt, ChunkStore
+
+log = logging.getLogger("naiad.peer.engine")
+
+READAHEAD_BYTES = 16 * MiB
+LONG_POLL_MS = 2000
+PARENT_ROUNDS = 3
+ORIGIN_ATTEMPTS = 3
+PROGRESS_EVERY = 0.5
+PLAN_WAIT = 2.0
+_READ_SIZE = 256 << 10
+
+
+class PieceUnavailable(Exception):
+    """A piece could be obtained from neither parents nor the origin."""
+
+
+class BlobCorrupt(Exception):
+    """The assembled blob does not match its digest."""
+
+
+@dataclass
+class OriginRun:
+    """One ranged origin request covering pieces first..last."""
+
+    first: int
+    last: int
+    pieces: dict[int, asyncio.Future[bytes]]
+    failed: bool = False
+
+
+@dataclass
+class TaskRun:
+    """What the engine knows about one task while this process runs."""
+
+    meta: TaskMeta
+    origin: OriginRequest
+    have: dict[int, str]
+    inflight: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
+    decided: dict[int, asyncio.Future[tuple[str, str | None]]] = field(default_factory=dict)
+    known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
+    origin_runs: dict[int, OriginRun] = field(default_factory=dict)
+    batcher: DecisionBatcher | None = None
+    sealing: bool = False
+
+    @property
+    def task_id(self) -> str:
+        return self.meta.task_id
+
+    @property
+    def layout(self) -> PieceLayout:
+        return PieceLayout(self.meta.length, self.meta.piece_size)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.have) >= self.layout.count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the bytes of a read are expected to come from, when its headers go out."""
+
+    source: str  # local, peer, origin or mixed
+    origin_reasons: tuple[str, ...]
+
+
+class DecisionBatcher:
+    """Coalesces the decision requests of a task's piece workers into schedule calls.
+
+    Pieces asked for in the same loop iteration travel in one call; a piece told to wait goes
+    back into the next call, which long-polls while every piece in it must wait.
+    """
+
+    def __init__(self, client: SchedulerClient, task_id: str, tasks: TaskSet) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.tasks = tasks
+        self._unsent: dict[int, tuple[asyncio.Future[Decision], frozenset[str]]] = {}
+        self._flush_scheduled = False
+
+    def decide(self, index: int, exclude: frozenset[str]) -> asyncio.Future[Decision]:
+        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(consume_exception)
+        self._unsent[index] = (fut, exclude)
+        self._schedule_flush()
+        return fut
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch = {i: v for i, v in self._unsent.items() if not v[0].done()}
+        self._unsent = {}
+        if batch:
+            self.tasks.spawn(self._call(batch), f"schedule-{self.task_id[:19]}")
+
+    async def _call(self, batch: dict[int, tuple[asyncio.Future[Decision],
+                                                 frozenset[str]]]) -> None:
+        exclude: set[str] = set()
+        for _, ex in batch.values():
+            exclude |= ex
+        try:
+            decisions = await self.client.schedule(self.task_id, list(batch), exclude,
+                                                   LONG_POLL_MS)
+        except (SchedulerUnavailable, SchedulerRefused) as e:
+            for fut, _ in batch.values():
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for d in decisions:
+            entry = batch.pop(d.piece, None)
+            if entry is None or entry[0].done():
+                continue
+            if d.action == "wait":
+                self._unsent[d.piece] = entry
+                self._schedule_flush()
+            else:
+                entry[0].set_result(d)
+        for fut, _ in batch.values():
+            if not fut.done():
+                fut.set_exception(SchedulerUnavailable("scheduler gave no decision"))
+
+
+class Engine:
+    def __init__(self, *, peer_id: str, store: ChunkStore, scheduler: SchedulerClient,
+                 origin: OriginClient, parents: ParentClient, metrics: PeerMetrics,
+                 verify_on_serve: bool = True, piece_size: int | None = None) -> None:
+        self.peer_id = peer_id
+        self.store = store
+        self.scheduler = scheduler
+        self.origin = origin
+        self.parents = parents
+        self.metrics = metrics
+        self.verify_on_serve = verify_on_serve
+        self.piece_size = piece_size
+        self.runs: dict[str, TaskRun] = {}
+        self._opening: dict[str, asyncio.Future[TaskRun]] = {}
+        self.tasks = TaskSet("engine")
+
+    async def close(self) -> None:
+        await self.tasks.close()
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def open(self, task_id: str, length: int, digest: str | None,
+                   origin: OriginRequest) -> TaskRun:
+        """The run for a task, learning its piece layout from the store, else the scheduler,
+        else (no scheduler) the default every peer computes alike."""
+        run = self.runs.get(task_id)
+        if run is not None and run.meta.length == length:
+            run.origin = origin  # the latest client's credentials
+            return run
+        pending = self._opening.get(task_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[TaskRun] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(consume_exception)
+        self._opening[task_id] = fut
+        try:
+            run = await self._open(task_id, length, digest, origin)
+            fut.set_result(run)
+            return run
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            del self._opening[task_id]
+
+    async def _open(self, task_id: str, length: int, digest: str | None,
+                    origin: OriginRequest) -> TaskRun:
+        meta = self.store.task(task_id)
+        if meta is not None and meta.length != length:
+            log.warning("task %s changed length (%d, now %d): dropping the local copy",
+                        task_id, meta.length, length)
+            self.store.drop_task(task_id)
+            meta = None
+        if meta is None:
+            request = TaskRequest(task_id=task_id, length=length, piece_size=self.piece_size,
+                                  digest=digest)
+            try:
+                meta = await self.scheduler.ensure_task(request)
+            except (SchedulerUnavailable, SchedulerRefused) as e:
+                log.info("task %s without the scheduler: %s", task_id, e)
+                meta = TaskMeta(task_id=task_id, length=length,
+                                piece_size=self.piece_size or default_piece_size(length),
+                                digest=digest)
+            self.store.put_task(meta)
+        run = TaskRun(meta=meta, origin=origin, have=self.store.pieces(task_id))
+        run.batcher = DecisionBatcher(self.scheduler, task_id, self.tasks)
+        self.runs[task_id] = run
+        return run
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _ensure(self, run: TaskRun, index: int) -> asyncio.Future[bytes] | None:
+        """Start obtaining a piece unless it is stored or already on its way."""
+        if index in run.have:
+            return None
+        fut = run.inflight.get(index)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            fut.add_done_callback(consume_exception)
+            decided: asyncio.Future[tuple[str, str | None]] = loop.create_future()
+            run.inflight[index] = fut
+            run.decided[index] = decided
+            self.tasks.spawn(self._work(run, index, fut, decided), f"piece-{index}")
+            self._update_active()
+        return fut
+
+    def _update_active(self) -> None:
+        self.metrics.tasks_active.set(sum(1 for r in self.runs.values() if r.inflight))
+
+    async def _work(self, run: TaskRun, index: int, fut: asyncio.Future[bytes],
+                    decided: asyncio.Future[tuple[str, str | None]]) -> None:
+        try:
+            fut.set_result(await self._obtain(run, index, decided))
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            log.warning("piece %d of %s unavailable: %r", index, run.task_id, e)
+            fut.set_exception(PieceUnavailable(f"piece {index} of {run.task_id}: {e!r}"))
+        finally:
+            if not decided.done():
+                decided.cancel()
+            if run.inflight.get(index) is fut:
+                del run.inflight[index]
+                run.decided.pop(index, None)
+            self._update_active()
+
+    async def _obtain(self, run: TaskRun, index: int,
+                      decided: asyncio.Future[tuple[str, str | None]]) -> bytes:
+        def decide(source: str, reason: str | None = None) -> None:
+            if not decided.done():
+                decided.set_result((source, reason))
+
+        exclude: set[str] = set()
+        rounds = origin_failures = 0
+        assert run.batcher is not None
+        while True:
+            try:
+                d = await run.batcher.decide(index, frozenset(exclude))
+            except (SchedulerUnavailable, SchedulerRefused) as e:
+                log.debug("no decision for piece %d of %s: %s", index, run.task_id, e)
+                known = run.known.get(index)
+                if known is not None:
+                    decide("peer")
+                    data, _ = await self._from_parents(run, index, *known, report=False)
+                    if data is not None:
+                        return data
+                decide("origin", "scheduler-unreachable")
+                return await self._from_origin(run, None, index, index)
+            if d.action == "parents":
+                assert d.chunk is not None
+                decide("peer")
+                run.known[index] = (d.chunk, d.parents)
+                data, failed = await self._from_parents(run, index, d.chunk, d.parents)
+                if data is not None:
+                    return data
+                exclude |= failed
+                rounds += 1
+                if rounds >= PARENT_ROUNDS:
+                    decide("origin", "parents-failed")
+                    return await self._from_origin(run, None, index, index)
+                continue
+            decide("origin", d.reason)
+            assert d.epoch is not None and d.first is not None and d.last is not None
+            try:
+                return await self._from_origin(run, d.epoch, d.first, d.last, index)
+            except OriginError:
+                origin_failures += 1
+                if origin_failures >= ORIGIN_ATTEMPTS:
+                    raise
+
+    async def _from_parents(self, run: TaskRun, index: int, chunk: str,
+                            parents: list[ParentRef],
+                            report: bool = True) -> tuple[bytes | None, set[str]]:
+        """Try the parents in order; return the verified bytes and the parents that failed."""
+        _, size = run.layout.span(index)
+        failed: set[str] = set()
+        for parent in parents:
+            if parent.id == self.peer_id:
+                continue
+            started = time.perf_counter()
+            try:
+                data = await self.parents.fetch(parent.addr, chunk, size)
+            except ParentError as e:
+                if e.kind != "busy":
+                    failed.add(parent.id)
+                    if report:
+                        self.scheduler.report(parent.id, run.task_id, index, e.kind)
+                continue
+            if await _hash(data) != chunk:
+                self.metrics.verify_failures.inc()
+                log.warning("parent %s sent corrupt piece %d of %s", parent.id, index,
+                            run.task_id)
+                failed.add(parent.id)
+                self.scheduler.report(parent.id, run.task_id, index, "corrupt")
+                continue
+            await self._keep(run, index, chunk, data, "peer")
+            self.metrics.piece_seconds.labels("peer").observe(time.perf_counter() - started)
+            return data, failed
+        return None, failed
+
+    async def _from_origin(self, run: TaskRun, epoch: int | None, first: int, last: int,
+                           index: int | None = None) -> bytes:
+        """Piece `index` (default `first`) from the origin run first..last, starting the run
+        unless one for this lease is already going."""
+        index = first if index is None else index
+        orun = run.origin_runs.get(epoch) if epoch is not None else None
+        if orun is None or orun.failed or index not in orun.pieces:
+            missing = [i for i in range(first, last + 1) if i not in run.have or i == index]
+            first, last = min(missing), max(missing)
+            loop = asyncio.get_running_loop()
+            orun = OriginRun(first, last, {i: loop.create_future()
+                                           for i in range(first, last + 1)})
+            for f in orun.pieces.values():
+                f.add_done_callback(consume_exception)
+            if epoch is not None:
+                run.origin_runs[epoch] = orun
+            self.tasks.spawn(self._origin_run(run, epoch, orun), f"origin-{first}-{last}")
+        return await asyncio.shield(orun.pieces[index])
+
+    async def _origin_run(self, run: TaskRun, epoch: int | None, orun: OriginRun) -> None:
+        layout = run.layout
+        start = layout.span(orun.first)[0]
+        end = sum(layout.span(orun.last)) - 1
+        last_progress = time.monotonic()
+        try:
+            async with self.origin.open_range(run.origin, start, end) as stream:
+                for i in range(orun.first, orun.last + 1):
+                    started = time.perf_counter()
+                    _, size = layout.span(i)
+                    buf = bytearray()
+                    while len(buf) < size:
+                        part = await stream.read(min(_READ_SIZE, size - len(buf)))
+                        if not part:
+                            raise OriginError(f"origin body ended inside piece {i}")
+                        buf += part
+                        if epoch is not None and time.monotonic() - last_progress \
+                                > PROGRESS_EVERY:
+                            last_progress = time.monotonic()
+                            self.scheduler.progress(run.task_id, epoch)
+                    data = bytes(buf)
+                    chunk = await _hash(data)
+                    if i not in run.have:
+                        await self._keep(run, i, chunk, data, "origin")
+                        self.metrics.piece_seconds.labels("origin").observe(
+                            time.perf_counter() - started)
+                    orun.pieces[i].set_result(data)
+        except Exception as e:
+            orun.failed = True
+            err = e if isinstance(e, OriginError) else OriginError(f"origin fetch failed: {e!r}")
+            for f in orun.pieces.values():
+                if not f.done():
+                    f.set_exception(err)
+            log.warning("origin run %d-%d of %s failed: %r", orun.first, orun.last,
+                        run.task_id, e)
+        finally:
+            if epoch is not None and run.origin_runs.get(epoch) is orun:
+                del run.origin_runs[epoch]
+
+    async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
+                    source: str) -> None:
+        """Store verified bytes, count them, announce them; seal the task when complete."""
+        await self.store.put_piece(run.task_id, index, chunk, data)
+        run.have[index] = chunk
+        self.metrics.download_bytes.labels(source).inc(len(data))
+        self.scheduler.announce(run.task_id, index, chunk)
+        if run.complete and not run.meta.sealed and not run.sealing and run.meta.digest:
+            run.sealing = True
+            self.tasks.spawn(self._seal(run), f"seal-{run.task_id[:19]}")
+
+    # -- whole-blob verification -----------------------------------------------------------
+
+    async def _seal(self, run: TaskRun) -> None:
+        chunks = [run.have[i] for i in range(run.layout.count)]
+        try:
+            digest = await asyncio.to_thread(self._sha256_of, chunks)
+        except (FileNotFoundError, KeyError) as e:
+            log.warning("cannot seal %s: %r", run.task_id, e)
+            run.sealing = False
+            return
+        if digest == run.meta.digest:
+            self._sealed(run)
+        else:
+            self._corrupt_blob(run)
+
+    def _sha256_of(self, chunks: list[str]) -> str:
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(self.store.chunk_path(chunk).read_bytes())
+        return ids.SHA256_PREFIX + h.hexdigest()
+
+    def _sealed(self, run: TaskRun) -> None:
+        if run.meta.sealed:
+            return
+        run.meta = run.meta.model_copy(update={"sealed": True})
+        self.store.mark_sealed(run.task_id)
+        self.scheduler.sealed(run.task_id)
+        log.info("task %s assembled and verified", run.task_id)
+
+    def _corrupt_blob(self, run: TaskRun) -> None:
+        """The assembled blob failed its digest: forget every piece, tell the scheduler."""
+        self.metrics.verify_failures.inc()
+        log.error("task %s failed its digest: dropping its pieces", run.task_id)
+        self.store.drop_task(run.task_id)
+        self.store.put_task(run.meta)
+        run.have.clear()
+        run.sealing = False
+        self.scheduler.blob_mismatch(run.task_id)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _window(self, run: TaskRun) -> int:
+        return max(2, READAHEAD_BYTES // run.meta.piece_size)
+
+    async def plan(self, run: TaskRun, rng: ByteRange) -> Plan:
+        """Start fetching the first pieces of a read and say where they come from."""
+        if run.meta.length == 0:
+            return Plan("local", ())
+        pieces = list(run.layout.covering(rng.start, rng.end))[: self._window(run)]
+        sources: set[str] = set()
+        reasons: list[str] = []
+        waited = False
+        for i in pieces:
+            if self._ensure(run, i) is None:
+                sources.add("local")
+                continue
+            decided = run.decided.get(i)
+            if decided is None:  # finished in the meantime
+                sources.add("peer")
+                continue
+            if not decided.done() and not waited:
+                waited = True
+                await asyncio.wait([decided], timeout=PLAN_WAIT)
+            if decided.done() and not decided.cancelled():
+                source, reason = decided.result()
+                sources.add(source)
+                if reason and reason not in reasons:
+                    reasons.append(reason)
+        source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "peer")
+        return Plan(source, tuple(reasons))
+
+    async def read(self, run: TaskRun, rng: ByteRange) -> AsyncIterator[memoryview]:
+        """The bytes of `rng`, piece by piece, every byte verified before it is yielded.
+
+        A read of the whole of an unsealed blob is checked against the blob digest before its
+        last bytes are yielded: on a mismatch it raises instead, so the client never sees a
+        complete but wrong body.
+        """
+        if run.meta.length == 0:
+            return
+        layout = run.layout
+        pieces = list(layout.covering(rng.start, rng.end))
+        window = self._window(run)
+        whole = rng.start == 0 and rng.end == run.meta.length - 1
+        hasher = hashlib.sha256() if whole and run.meta.digest and not run.meta.sealed else None
+        fetched: set[int] = set()  # pieces this read waited for: counted where they came from
+        for k, i in enumerate(pieces):
+            for j in pieces[k:k + window]:
+                if j not in fetched and self._ensure(run, j) is not None:
+                    fetched.add(j)
+            data = await self._piece(run, i, local=i not in fetched)
+            start, size = layout.span(i)
+            lo, hi = max(rng.start, start) - start, min(rng.end, start + size - 1) - start + 1
+            if hasher is not None:
+                hasher.update(data)
+                if k == len(pieces) - 1:
+                    if ids.SHA256_PREFIX + hasher.hexdigest() != run.meta.digest:
+                        self._corrupt_blob(run)
+                        raise BlobCorrupt(f"{run.task_id} does not match its digest")
+                    self._sealed(run)
+            yield memoryview(data)[lo:hi]
+
+    async def _piece(self, run: TaskRun, index: int, local: bool) -> bytes:
+        """A piece's verified bytes; `local` counts a store read as bytes from the store."""
+        for _ in range(3):
+            fut = run.inflight.get(index)
+            if fut is not None:
+                return await asyncio.shield(fut)
+            chunk = run.have.get(index)
+            if chunk is None:
+                self._ensure(run, index)
+                continue
+            try:
+                data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
+            except (ChunkCorrupt, FileNotFoundError):
+                self.drop_chunk(chunk)
+                continue
+            if local:
+                self.metrics.download_bytes.labels("local").inc(len(data))
+            return data
+        raise PieceUnavailable(f"piece {index} of {run.task_id} kept failing")
+
+    def drop_chunk(self, chunk: str) -> None:
+        """A stored chunk failed verification: forget it everywhere so it is fetched again."""
+        self.metrics.verify_failures.inc()
+        log.error("stored chunk %s is corrupt: dropping it", chunk)
+        for task_id, index in self.store.drop_chunk(chunk):
+            run = self.runs.get(task_id)
+            if run is not None:
+                run.have.pop(index, None)
+                if run.meta.sealed:
+                    run.meta = run.meta.model_copy(update={"sealed": False})
+
+
+async def _hash(data: bytes) -> str:
+    if len(data) >= 4 * MiB:
+        return await asyncio.to_thread(ids.chunk_id, data)
+    return ids.chunk_id(data)

@@ -1,0 +1,221 @@
+"""The mirror and proxy front (`--listen`): what nydusd, containerd, docker and skopeo talk to.
+
+Blob GETs go peer-to-peer through the engine; everything else goes to the upstream registry
+unchanged. Before a blob is served from the store or from peers, the registry is asked (HEAD
+with the client's Authorization, cached briefly per credential, registry, repository and
+digest) whether this client may read it there: a refusal is passed back to the client exactly as
+the registry gave it, and no byte of the blob is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from common import ids
+from common.metrics import PeerMetrics, metrics_handler
+from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
+from common.tasks import consume_exception
+from common.web import bodiless, error, errors_as_json, healthy
+from peer.engine import Engine
+from peer.origin import OriginClient, OriginError, OriginRequest, Probe
+from peer.proxy import passthrough
+from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
+
+log = logging.getLogger("naiad.peer.mirror")
+
+ACCESS_TTL = 60.0
+_ACCESS_MAX = 100_000
+# The OCI distribution spec's repository name grammar.
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+                      r"(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
+_MAX_REPO = 255
+
+
+class AccessCache:
+    """Registry answers to "may this credential read this blob here", kept for `ttl` seconds;
+    concurrent questions with the same key share one request."""
+
+    def __init__(self, origin: OriginClient, ttl: float = ACCESS_TTL) -> None:
+        self.origin = origin
+        self.ttl = ttl
+        self._answers: dict[tuple[str, ...], tuple[float, Probe]] = {}
+        self._inflight: dict[tuple[str, ...], asyncio.Future[Probe]] = {}
+
+    @staticmethod
+    def key(req: OriginRequest, scope: str) -> tuple[str, ...]:
+        cred = hashlib.sha256((req.authorization or "").encode()).hexdigest()
+        return cred, req.registry, scope
+
+    async def probe(self, req: OriginRequest, scope: str) -> Probe:
+        key = self.key(req, scope)
+        hit = self._answers.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Probe] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(consume_exception)
+        self._inflight[key] = fut
+        try:
+            answer = await self.origin.probe(req)
+            if answer.status < 500:
+                if len(self._answers) >= _ACCESS_MAX:
+                    now = time.monotonic()
+                    self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+                self._answers[key] = (time.monotonic() + self.ttl, answer)
+            fut.set_result(answer)
+            return answer
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            del self._inflight[key]
+
+
+def proxy_host(request: web.Request) -> str | None:
+    """The registry host of an absolute-form request target (`GET http://host/v2/...`)."""
+    raw = request.raw_path
+    if raw.startswith(("http://", "https://")):
+        return urlsplit(raw).netloc or None
+    return None
+
+
+class Mirror:
+    def __init__(self, *, engine: Engine, origin: OriginClient, access: AccessCache,
+                 session: aiohttp.ClientSession, allow: AllowList, default: Registry,
+                 metrics: PeerMetrics) -> None:
+        self.engine = engine
+        self.origin = origin
+        self.access = access
+        self.session = session
+        self.allow = allow
+        self.default = default
+        self.metrics = metrics
+        self.served = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_as_json], client_max_size=64 << 20)
+        r = app.router
+        r.add_get("/healthy", healthy)
+        r.add_get("/server/ping", healthy)
+        r.add_get("/metrics", metrics_handler(self.metrics.registry))
+        r.add_get("/download", self.download)
+        r.add_get(r"/v2/{name:.+}/blobs/{digest:[^/]+}", self.blob)  # HEAD too
+        r.add_route("*", "/v2/{tail:.*}", self.upstream)
+        r.add_route("*", "/v2", self.upstream)
+        return app
+
+    def _registry(self, request: web.Request) -> Registry:
+        return choose_upstream(header=request.headers.get("X-Dragonfly-Registry"),
+                               ns=request.query.get("ns"), proxy_host=proxy_host(request),
+                               default=self.default, allow=self.allow)
+
+    @staticmethod
+    def _upstream_url(registry: Registry, request: web.Request) -> str:
+        query = urlencode([(k, v) for k, v in request.rel_url.query.items() if k != "ns"])
+        return f"{registry.base}{request.rel_url.raw_path}" + (f"?{query}" if query else "")
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        try:
+            registry = self._registry(request)
+        except UpstreamRefused as e:
+            return error(403, str(e))
+        return await passthrough(request, self.session, self._upstream_url(registry, request))
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        name, digest = request.match_info["name"], request.match_info["digest"]
+        if len(name) > _MAX_REPO or not _REPO_RE.match(name):
+            return error(400, f"invalid repository name {name[:100]!r}")
+        if not ids.is_blob_digest(digest):
+            return error(400, f"unsupported or invalid digest {digest[:100]!r}")
+        try:
+            registry = self._registry(request)
+        except UpstreamRefused as e:
+            return error(403, str(e))
+        req = OriginRequest(url=f"{registry.base}/v2/{name}/blobs/{digest}",
+                            registry=registry.base,
+                            authorization=request.headers.get("Authorization"))
+        return await self._serve(request, req, scope=f"{name}@{digest}", task_id=digest,
+                                 digest=digest)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        url = request.query.get("url", "")
+        digest = request.query.get("digest")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return error(400, "url must be an absolute http(s) URL")
+        if parts.username or parts.password or "@" in parts.netloc:
+            return error(400, "url must not carry userinfo")
+        if parts.netloc not in self.allow:
+            return error(403, f"{parts.netloc} is not on this peer's allow-list")
+        if digest is not None and not ids.is_blob_digest(digest):
+            return error(400, f"invalid digest {digest[:100]!r}")
+        req = OriginRequest(url=url, registry=f"{parts.scheme}://{parts.netloc.lower()}",
+                            authorization=request.headers.get("Authorization"))
+        return await self._serve(request, req, scope=ids.strip_signature(url),
+                                 task_id=ids.task_id_for_url(url), digest=digest)
+
+    async def _serve(self, request: web.Request, req: OriginRequest, *, scope: str,
+                     task_id: str, digest: str | None) -> web.StreamResponse:
+        try:
+            probe = await self.access.probe(req, scope)
+        except (aiohttp.ClientError, OSError, TimeoutError, OriginError) as e:
+            return error(502, f"origin unreachable: {e!r}")
+        if not probe.ok:
+            # The registry's own answer, body and all: a 401 keeps its WWW-Authenticate.
+            return await passthrough(request, self.session, req.url)
+        assert probe.length is not None
+        length = probe.length
+        try:
+            rng = parse_range(request.headers.get("Range"), length)
+        except InvalidRange as e:
+            return error(400, str(e))
+        except UnsatisfiableRange as e:
+            resp = error(416, str(e))
+            resp.headers["Content-Range"] = f"bytes */{length}"
+            return resp
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "X-Naiad-Task-Id": task_id}
+        if digest:
+            headers["Docker-Content-Digest"] = digest
+            headers["Etag"] = f'"{digest}"'
+        whole = ByteRange(0, length - 1) if length else None
+        target = rng or whole
+        status = 206 if rng is not None else 200
+        if rng is not None:
+            headers["Content-Range"] = rng.content_range(length)
+        if request.method == "HEAD" or target is None:
+            return await bodiless(request, status, headers, target.size if target else 0)
+        run = await self.engine.open(task_id, length, digest, req)
+        plan = await self.engine.plan(run, target)
+        headers["X-Naiad-Source"] = plan.source
+        if plan.origin_reasons:
+            headers["X-Naiad-Origin-Reason"] = ",".join(plan.origin_reasons)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = target.size
+        await resp.prepare(request)
+        try:
+            async for view in self.engine.read(run, target):
+                await resp.write(view)
+                self.metrics.served_bytes.inc(len(view))
+                self.served += len(view)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            # Headers are out: end the connection so the client sees a broken body, never a
+            # short or wrong one that looks complete.
+            log.error("aborting %s after %s: %r", task_id, resp.status, e)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionAbortedError(str(e)) from e
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,53 @@
+"""Fetching a chunk from a parent peer's upload server.
+
+Errors are classified for the scheduler: `busy` (the parent is at its upload slots: try the next
+one, no blame), `slow` (no byte for the stall timeout: abandoned), `failed` (refused, reset,
+missing or truncated). Verifying the bytes is the engine's job, in one place.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from common import auth
+
+STALL_SECONDS = 2.0
+
+
+class ParentError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class ParentClient:
+    def __init__(self, session: aiohttp.ClientSession, secret: bytes | None = None,
+                 stall_seconds: float = STALL_SECONDS) -> None:
+        self.session = session
+        self.secret = secret
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall_seconds,
+                                             sock_read=stall_seconds)
+
+    async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
+        path = f"/chunks/{chunk}"
+        headers = {}
+        if self.secret is not None:
+            headers[auth.HEADER] = auth.sign(self.secret, "GET", path)
+        try:
+            async with self.session.get(f"http://{addr}{path}", headers=headers,
+                                        timeout=self.timeout) as resp:
+                if resp.status == 503:
+                    raise ParentError("busy", f"{addr} has no free upload slot")
+                if resp.status != 200:
+                    raise ParentError("failed", f"{addr} answered {resp.status}")
+                if resp.content_length is not None and resp.content_length != size:
+                    raise ParentError("failed", f"{addr} offers {resp.content_length} bytes, "
+                                                f"piece has {size}")
+                data = await resp.read()
+        except TimeoutError as e:
+            raise ParentError("slow", f"{addr} stalled") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise ParentError("failed", f"{addr}: {e!r}") from e
+        if len(data) != size:
+            raise ParentError("failed", f"{addr} sent {len(data)} of {size} bytes")
+        return data

@@ -1,0 +1,286 @@
+"""The peer's side of the scheduler protocol: registration, heartbeats, announcements, schedule
+requests and reports, with failover across `--scheduler` URLs.
+
+When no scheduler answers, calls raise `SchedulerUnavailable` at once (the engine then serves
+from known holders or the origin) while a background loop keeps trying to register; on success
+the peer re-announces everything its store holds, so a scheduler that lost its state relearns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import aiohttp
+from pydantic import BaseModel
+
+from common import auth
+from common.models import (
+    Announce,
+    AnnounceReply,
+    BlobMismatch,
+    Decision,
+    Heartbeat,
+    LeaseProgress,
+    PeerRegistration,
+    PieceClaim,
+    RegisterReply,
+    Report,
+    ScheduleReply,
+    ScheduleRequest,
+    TaskMeta,
+    TaskRequest,
+)
+from common.tasks import TaskSet
+from peer.store import ChunkStore
+
+log = logging.getLogger("naiad.peer.scheduler")
+R = TypeVar("R", bound=BaseModel)
+API = "/api/v1"
+RETRY_SECONDS = 1.0
+ANNOUNCE_BATCH = 4096
+
+
+class SchedulerUnavailable(Exception):
+    """No scheduler answered."""
+
+
+class SchedulerRefused(Exception):
+    """A scheduler answered with a 4xx the caller must handle."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    pieces: dict[int, str] = field(default_factory=dict)
+    progress: set[int] = field(default_factory=set)
+    sealed: bool = False
+
+
+class SchedulerClient:
+    def __init__(self, urls: list[str], registration: PeerRegistration,
+                 session: aiohttp.ClientSession, store: ChunkStore,
+                 heartbeat: Callable[[], Heartbeat], secret: bytes | None = None) -> None:
+        if not urls:
+            raise ValueError("at least one scheduler URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.registration = registration
+        self.session = session
+        self.store = store
+        self._heartbeat_body = heartbeat
+        self.secret = secret
+        self.current = 0
+        self.connected = asyncio.Event()
+        self.interval = 2.0
+        self._tasks = TaskSet("scheduler-client")
+        self._pending: dict[str, _Pending] = {}
+        self._flush_wanted = asyncio.Event()
+        self._reconnect = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return self.urls[self.current]
+
+    async def start(self) -> None:
+        self._tasks.spawn(self._session_loop(), "scheduler-session")
+        self._tasks.spawn(self._announce_loop(), "scheduler-announcer")
+
+    async def stop(self, leave: bool = True) -> None:
+        if leave and self.connected.is_set():
+            with contextlib.suppress(SchedulerUnavailable, SchedulerRefused):
+                await self._post(f"{API}/peers/{self.registration.id}/leave", None, None,
+                                 seconds=2.0)
+        await self._tasks.close()
+
+    # -- transport -------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: BaseModel | None, reply: type[R] | None,
+                    seconds: float = 5.0, url: str | None = None) -> R | None:
+        headers = {"Content-Type": "application/json"}
+        if self.secret is not None:
+            headers[auth.HEADER] = auth.sign(self.secret, "POST", path)
+        data = body.model_dump_json() if body is not None else "{}"
+        try:
+            async with self.session.post((url or self.url) + path, data=data, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=seconds,
+                                                                       sock_connect=2)) as resp:
+                raw = await resp.read()
+                if resp.status >= 500:
+                    raise SchedulerUnavailable(f"{resp.status} from {url or self.url}")
+                if resp.status >= 400:
+                    if resp.status == 404 and b"register first" in raw:
+                        self._lost()
+                    raise SchedulerRefused(resp.status, raw[:300].decode(errors="replace"))
+                return reply.model_validate_json(raw) if reply is not None else None
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            if url is None:
+                self._lost()
+            raise SchedulerUnavailable(f"{url or self.url}: {e!r}") from e
+
+    async def _call(self, path: str, body: BaseModel, reply: type[R],
+                    seconds: float = 5.0) -> R:
+        if not self.connected.is_set():
+            raise SchedulerUnavailable("not registered with any scheduler")
+        result = await self._post(path, body, reply, seconds)
+        assert result is not None
+        return result
+
+    def _lost(self) -> None:
+        """The scheduler we use stopped answering or forgot us: register again."""
+        if self.connected.is_set():
+            log.warning("lost scheduler %s; registering again", self.url)
+        self.connected.clear()
+        self._reconnect.set()
+
+    # -- session ---------------------------------------------------------------------------
+
+    async def _register(self) -> bool:
+        """Register with the first scheduler that answers, in the order given."""
+        for i, url in enumerate(self.urls):
+            try:
+                reply = await self._post(f"{API}/peers", self.registration, RegisterReply,
+                                         url=url)
+            except SchedulerUnavailable:
+                continue
+            except SchedulerRefused as e:
+                log.error("scheduler %s refused registration: %s", url, e)
+                continue
+            assert reply is not None
+            self.current, self.interval = i, reply.heartbeat_interval
+            return True
+        return False
+
+    async def _session_loop(self) -> None:
+        while True:
+            self._reconnect.clear()
+            if not await self._register():
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            try:
+                await self._reannounce()
+            except (SchedulerUnavailable, SchedulerRefused) as e:
+                log.warning("re-announcing to %s failed: %s", self.url, e)
+                continue
+            self.connected.set()
+            log.info("registered with scheduler %s", self.url)
+            while not self._reconnect.is_set():
+                try:
+                    await self._post(f"{API}/peers/{self.registration.id}/heartbeat",
+                                     self._heartbeat_body(), None)
+                except SchedulerUnavailable:
+                    break
+                except SchedulerRefused as e:
+                    if e.status != 404:
+                        log.warning("heartbeat refused: %s", e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reconnect.wait(), self.interval)
+            self.connected.clear()
+
+    async def _reannounce(self) -> None:
+        """Tell a (new or restarted) scheduler every task and piece the store holds."""
+        for stored in self.store.tasks():
+            try:
+                meta = await self._post(f"{API}/tasks", TaskRequest(
+                    task_id=stored.meta.task_id, length=stored.meta.length,
+                    piece_size=stored.meta.piece_size, digest=stored.meta.digest), TaskMeta)
+            except SchedulerRefused as e:
+                log.warning("scheduler refused task %s: %s", stored.meta.task_id, e)
+                continue
+            assert meta is not None
+            if meta.piece_size != stored.meta.piece_size:
+                log.warning("task %s has piece size %d on the scheduler, %d here: dropping "
+                            "the local copy", meta.task_id, meta.piece_size,
+                            stored.meta.piece_size)
+                self.store.drop_task(meta.task_id)
+                continue
+            for ann in self._announcements(meta.task_id, stored.pieces, stored.meta.sealed,
+                                           set()):
+                await self._post(f"{API}/announce", ann, AnnounceReply)
+
+    def _announcements(self, task_id: str, pieces: dict[int, str], sealed: bool,
+                       progress: set[int]) -> list[Announce]:
+        """Announcements of `pieces`, cut to the batch limit; the seal rides on the last."""
+        items = sorted(pieces.items())
+        out = []
+        for k in range(0, max(1, len(items)), ANNOUNCE_BATCH):
+            last = k + ANNOUNCE_BATCH >= len(items)
+            out.append(Announce(
+                peer_id=self.registration.id, task_id=task_id,
+                pieces=[PieceClaim(index=i, chunk=c) for i, c in items[k:k + ANNOUNCE_BATCH]],
+                sealed=sealed and last,
+                progress=[LeaseProgress(epoch=e) for e in sorted(progress)] if last else []))
+        return out
+
+    # -- calls the engine makes ------------------------------------------------------------
+
+    async def ensure_task(self, req: TaskRequest) -> TaskMeta:
+        return await self._call(f"{API}/tasks", req, TaskMeta)
+
+    async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
+                       wait_ms: int) -> list[Decision]:
+        req = ScheduleRequest(peer_id=self.registration.id, task_id=task_id, pieces=pieces,
+                              exclude=sorted(exclude)[:256], wait_ms=wait_ms)
+        reply = await self._call(f"{API}/schedule", req, ScheduleReply,
+                                 seconds=wait_ms / 1000 + 5.0)
+        return reply.decisions
+
+    def report(self, parent_id: str, task_id: str, piece: int | None, kind: str) -> None:
+        rep = Report(peer_id=self.registration.id, parent_id=parent_id, task_id=task_id,
+                     piece=piece, kind=kind)
+        self._fire(f"{API}/reports", rep)
+
+    def blob_mismatch(self, task_id: str) -> None:
+        self._fire(f"{API}/mismatches",
+                   BlobMismatch(peer_id=self.registration.id, task_id=task_id))
+
+    def _fire(self, path: str, body: BaseModel) -> None:
+        if self.connected.is_set():
+            self._tasks.spawn(self._quiet_post(path, body), "scheduler-report")
+
+    async def _quiet_post(self, path: str, body: BaseModel) -> None:
+        try:
+            await self._post(path, body, None)
+        except (SchedulerUnavailable, SchedulerRefused) as e:
+            log.info("report to scheduler dropped: %s", e)
+
+    # -- announcements, coalesced ----------------------------------------------------------
+
+    def announce(self, task_id: str, index: int, chunk: str) -> None:
+        self._pending.setdefault(task_id, _Pending()).pieces[index] = chunk
+        self._flush_wanted.set()
+
+    def progress(self, task_id: str, epoch: int) -> None:
+        self._pending.setdefault(task_id, _Pending()).progress.add(epoch)
+        self._flush_wanted.set()
+
+    def sealed(self, task_id: str) -> None:
+        self._pending.setdefault(task_id, _Pending()).sealed = True
+        self._flush_wanted.set()
+
+    async def _announce_loop(self) -> None:
+        """Send what accumulated since the last send; one request in flight at a time, so a
+        burst of pieces becomes a few batches. Dropped when disconnected: the re-announce on
+        registration covers it from the store."""
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            pending, self._pending = self._pending, {}
+            if not self.connected.is_set():
+                continue
+            for task_id, p in pending.items():
+                for ann in self._announcements(task_id, p.pieces, p.sealed, p.progress):
+                    try:
+                        reply = await self._post(f"{API}/announce", ann, AnnounceReply)
+                    except (SchedulerUnavailable, SchedulerRefused) as e:
+                        log.info("announcement dropped: %s", e)
+                        break
+                    if reply is not None and reply.rejected:
+                        log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10],
+                                    task_id)

@@ -1,0 +1,215 @@
+"""The peer's content-addressed chunk store and its index of tasks.
+
+Chunks live in `chunks/<2 hex>/<64 hex>`, named by the blake3 of their bytes, one file per
+distinct chunk whatever number of tasks use it. A chunk is written to `tmp/` and renamed into
+place only after its digest checked, so a file under `chunks/` is always whole and verified when
+written (rot at rest is caught by re-hashing on serve). The index (sqlite, WAL) maps tasks to
+their piece layout and which chunk each held piece is; it survives restarts and crashes.
+
+Index calls run on the event loop thread (each is tens of microseconds); file I/O runs in worker
+threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import ids
+from common.models import TaskMeta
+
+log = logging.getLogger("naiad.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    length INTEGER NOT NULL,
+    piece_size INTEGER NOT NULL,
+    digest TEXT,
+    sealed INTEGER NOT NULL DEFAULT 0,
+    last_access REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS pieces (
+    task_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    chunk TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (task_id, idx)
+);
+CREATE INDEX IF NOT EXISTS pieces_by_chunk ON pieces (chunk);
+"""
+
+
+class ChunkCorrupt(Exception):
+    """A stored chunk's bytes no longer hash to its name."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    meta: TaskMeta
+    pieces: dict[int, str]
+
+
+class ChunkStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.chunks_dir = self.root / "chunks"
+        self.tmp_dir = self.root / "tmp"
+        self._db: sqlite3.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():  # half-written chunks of a crashed run
+            leftover.unlink(missing_ok=True)
+        self._db = sqlite3.connect(self.root / "index.db", isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        dropped = self.check(full=False)
+        if dropped:
+            log.warning("dropped %d index entries whose chunk file is missing or torn", dropped)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    def check(self, full: bool) -> int:
+        """Drop index entries whose chunk is missing, of the wrong size, or (full) whose bytes
+        do not hash to its name. Returns how many pieces were dropped."""
+        bad: set[str] = set()
+        rows = self.db.execute("SELECT DISTINCT chunk, size FROM pieces").fetchall()
+        for chunk, size in rows:
+            path = self.chunk_path(chunk)
+            try:
+                if path.stat().st_size != size:
+                    bad.add(chunk)
+                elif full:
+                    self._read_verified(chunk)
+            except (FileNotFoundError, ChunkCorrupt):
+                bad.add(chunk)
+        return sum(len(self.drop_chunk(c)) for c in bad)
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    def chunk_path(self, chunk: str) -> Path:
+        hexd = chunk.removeprefix(ids.BLAKE3_PREFIX)
+        return self.chunks_dir / hexd[:2] / hexd
+
+    def has_chunk(self, chunk: str) -> bool:
+        return self.chunk_path(chunk).exists()
+
+    def _write_chunk(self, chunk: str, data: bytes | memoryview) -> None:
+        path = self.chunk_path(chunk)
+        if path.exists():
+            return
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read_verified(self, chunk: str) -> bytes:
+        data = self.chunk_path(chunk).read_bytes()
+        if ids.chunk_id(data) != chunk:
+            raise ChunkCorrupt(chunk)
+        return data
+
+    async def put_piece(self, task_id: str, index: int, chunk: str,
+                        data: bytes | memoryview) -> None:
+        """Store verified bytes as `chunk` and record them as piece `index` of the task."""
+        await asyncio.to_thread(self._write_chunk, chunk, data)
+        self.db.execute("INSERT OR REPLACE INTO pieces (task_id, idx, chunk, size) "
+                        "VALUES (?, ?, ?, ?)", (task_id, index, chunk, len(data)))
+
+    async def read_chunk(self, chunk: str, verify: bool) -> bytes:
+        """The chunk's bytes; with `verify`, re-hashed first (raises ChunkCorrupt)."""
+        if verify:
+            return await asyncio.to_thread(self._read_verified, chunk)
+        return await asyncio.to_thread(self.chunk_path(chunk).read_bytes)
+
+    def drop_chunk(self, chunk: str) -> list[tuple[str, int]]:
+        """Forget a chunk everywhere (it failed verification); returns the pieces it was."""
+        rows = self.db.execute("SELECT task_id, idx FROM pieces WHERE chunk = ?",
+                               (chunk,)).fetchall()
+        self.db.execute("DELETE FROM pieces WHERE chunk = ?", (chunk,))
+        self.db.executemany("UPDATE tasks SET sealed = 0 WHERE task_id = ?",
+                            [(t,) for t in {r[0] for r in rows}])
+        with contextlib.suppress(FileNotFoundError):
+            self.chunk_path(chunk).unlink()
+        return [(r[0], r[1]) for r in rows]
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def put_task(self, meta: TaskMeta) -> None:
+        self.db.execute(
+            "INSERT INTO tasks (task_id, length, piece_size, digest, sealed) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO NOTHING",
+            (meta.task_id, meta.length, meta.piece_size, meta.digest, int(meta.sealed)))
+
+    def task(self, task_id: str) -> TaskMeta | None:
+        row = self.db.execute("SELECT task_id, length, piece_size, digest, sealed FROM tasks "
+                              "WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        return TaskMeta(task_id=row[0], length=row[1], piece_size=row[2], digest=row[3],
+                        sealed=bool(row[4]))
+
+    def pieces(self, task_id: str) -> dict[int, str]:
+        return dict(self.db.execute("SELECT idx, chunk FROM pieces WHERE task_id = ?",
+                                    (task_id,)).fetchall())
+
+    def piece_count(self, task_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM pieces WHERE task_id = ?",
+                               (task_id,)).fetchone()[0]
+
+    def mark_sealed(self, task_id: str) -> None:
+        self.db.execute("UPDATE tasks SET sealed = 1 WHERE task_id = ?", (task_id,))
+
+    def touch(self, task_id: str, now: float) -> None:
+        self.db.execute("UPDATE tasks SET last_access = ? WHERE task_id = ?", (now, task_id))
+
+    def drop_task(self, task_id: str) -> None:
+        """Forget a task and delete the chunks no other task uses."""
+        chunks = {r[0] for r in self.db.execute(
+            "SELECT chunk FROM pieces WHERE task_id = ?", (task_id,))}
+        self.db.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
+        self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        for chunk in chunks:
+            used = self.db.execute("SELECT 1 FROM pieces WHERE chunk = ? LIMIT 1",
+                                   (chunk,)).fetchone()
+            if used is None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.chunk_path(chunk).unlink()
+
+    def tasks(self) -> list[StoredTask]:
+        out = []
+        for row in self.db.execute("SELECT task_id, length, piece_size, digest, sealed "
+                                   "FROM tasks").fetchall():
+            meta = TaskMeta(task_id=row[0], length=row[1], piece_size=row[2], digest=row[3],
+                            sealed=bool(row[4]))
+            out.append(StoredTask(meta=meta, pieces=self.pieces(meta.task_id)))
+        return out
+
+    def cache_bytes(self) -> int:
+        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM "
+                              "(SELECT chunk, MAX(size) AS size FROM pieces GROUP BY chunk)")
+        return row.fetchone()[0]

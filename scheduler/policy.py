@@ -1,0 +1,72 @@
+"""Placement policy: which holders of a piece a requester is told to fetch it from.
+
+Pure functions over plain values, so the rule can be read and tested as a table:
+
+* A holder's **load** is the larger of the uploads it reported and a decaying count of the
+  children it was recently handed (reports lag by a heartbeat; handouts are known at once).
+  Holders with free upload slots rank first, the emptier the better, so fifty children asking for
+  one piece spread over every holder instead of piling onto one.
+* Then **proximity**: same IDC, then the longest shared prefix of the `a|b|c` location.
+* Then holders that **finished** the task (they will not leave mid-way for lack of pieces) and
+  **seed** peers.
+* Penalised (recently failed, slow or corrupt), cordoned and excluded holders are never handed
+  out; the caller filters them before ranking.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+HANDOUT_DECAY_SECONDS = 0.5
+W_LOAD, W_IDC, W_LOCATION, W_COMPLETE, W_SEED = 0.5, 0.15, 0.1, 0.15, 0.1
+
+
+@dataclass(slots=True)
+class Candidate:
+    peer_id: str
+    idc: str
+    location: str
+    upload_slots: int
+    active_uploads: int
+    handouts: float  # decayed count of recent handouts
+    complete: bool
+    seed: bool
+
+
+def decayed(value: float, since: float, now: float) -> float:
+    """`value` after exponential decay from `since` to `now`."""
+    return value * math.exp(-max(0.0, now - since) / HANDOUT_DECAY_SECONDS)
+
+
+def location_affinity(a: str, b: str) -> float:
+    """Fraction of `a`'s location path shared with `b` from the root (1.0: same place)."""
+    if not a or not b:
+        return 0.0
+    pa, pb = a.split("|"), b.split("|")
+    shared = 0
+    for x, y in zip(pa, pb, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared / max(len(pa), len(pb))
+
+
+def score(c: Candidate, idc: str, location: str) -> float:
+    load = max(float(c.active_uploads), c.handouts)
+    free = max(0.0, 1.0 - load / max(1, c.upload_slots))
+    return (W_LOAD * free
+            + W_IDC * (1.0 if idc and c.idc == idc else 0.0)
+            + W_LOCATION * location_affinity(location, c.location)
+            + W_COMPLETE * c.complete
+            + W_SEED * c.seed)
+
+
+def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: int,
+                 rng: random.Random | None = None) -> list[Candidate]:
+    """The best `limit` candidates, best first; ties broken at random so load spreads."""
+    rng = rng or random
+    keyed = [(score(c, idc, location), rng.random(), c) for c in candidates]
+    keyed.sort(key=lambda t: (-t[0], t[1]))
+    return [c for _, _, c in keyed[:limit]]

@@ -1,0 +1,433 @@
+"""The scheduler's cluster state and its rules, in memory and without I/O.
+
+Peers register, heartbeat and expire; tasks record which peer holds which piece as which chunk;
+leases give one peer at a time the right to fetch a run of pieces from the origin. Every method
+takes `now` so tests drive time by hand. The HTTP layer (`scheduler.api`) is a thin adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from common.models import (
+    Announce,
+    AnnounceReply,
+    Decision,
+    Heartbeat,
+    ParentRef,
+    PeerCounters,
+    PeerLoad,
+    PeerRegistration,
+    Report,
+    ScheduleRequest,
+    TaskMeta,
+    TaskRequest,
+)
+from common.pieces import MiB, PieceLayout, default_piece_size
+from scheduler import policy
+
+PARENTS_PER_PIECE = 3
+MAX_LEASE_PIECES = 16
+MAX_LEASE_BYTES = 64 * MiB
+PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0}
+
+
+class StateError(Exception):
+    status = 400
+
+
+class UnknownPeer(StateError):
+    status = 404
+
+
+class UnknownTask(StateError):
+    status = 404
+
+
+class Conflict(StateError):
+    status = 409
+
+
+@dataclass
+class PeerState:
+    reg: PeerRegistration
+    registered_at: float
+    last_seen: float
+    load: PeerLoad = field(default_factory=PeerLoad)
+    counters: PeerCounters = field(default_factory=PeerCounters)
+    cordoned: bool = False
+    penalty_until: float = 0.0
+    penalty_reason: str = ""
+    handouts: float = 0.0
+    handouts_at: float = 0.0
+    tasks: set[str] = field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return self.reg.id
+
+    def penalised(self, now: float) -> bool:
+        return now < self.penalty_until
+
+
+@dataclass
+class Lease:
+    holder: str
+    epoch: int
+    first: int
+    last: int
+    progress_at: float
+
+
+@dataclass
+class PieceState:
+    chunk: str | None = None
+    holders: set[str] = field(default_factory=set)
+
+
+@dataclass
+class TaskState:
+    meta: TaskMeta
+    created_at: float
+    pieces: dict[int, PieceState] = field(default_factory=dict)
+    leases: dict[int, Lease] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)  # peer -> number of pieces it holds
+    next_epoch: int = 1
+
+    @property
+    def layout(self) -> PieceLayout:
+        return PieceLayout(self.meta.length, self.meta.piece_size)
+
+    def complete_holders(self) -> set[str]:
+        n = self.layout.count
+        return {p for p, c in self.held.items() if c >= n}
+
+
+@dataclass
+class Totals:
+    """Cluster byte counters that never go backwards: live peers' reports plus what peers that
+    restarted or left had reported before."""
+
+    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTER_FIELDS, 0))
+
+    def retire(self, counters: PeerCounters) -> None:
+        for k in _COUNTER_FIELDS:
+            self.retired[k] += getattr(counters, k)
+
+
+_COUNTER_FIELDS = ("origin", "peer", "local", "served", "uploaded")
+
+
+class ClusterState:
+    def __init__(self, *, heartbeat_interval: float = 2.0, lease_timeout: float = 2.0,
+                 rng: random.Random | None = None) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.lease_timeout = lease_timeout
+        self.peers: dict[str, PeerState] = {}
+        self.tasks: dict[str, TaskState] = {}
+        self.cordoned: set[str] = set()  # survives a cordoned peer's re-registration
+        self.totals = Totals()
+        self.back_to_source = 0
+        self.rng = rng or random.Random()
+
+    # -- peers -----------------------------------------------------------------------------
+
+    def register(self, reg: PeerRegistration, now: float) -> PeerState:
+        old = self.peers.get(reg.id)
+        if old is not None:
+            old.reg, old.last_seen = reg, now
+            return old
+        peer = PeerState(reg=reg, registered_at=now, last_seen=now,
+                         cordoned=reg.id in self.cordoned)
+        self.peers[reg.id] = peer
+        return peer
+
+    def heartbeat(self, peer_id: str, hb: Heartbeat, now: float) -> None:
+        peer = self._peer(peer_id)
+        peer.last_seen = now
+        peer.load = hb.load
+        if hb.counters.started_at != peer.counters.started_at:
+            self.totals.retire(peer.counters)  # the peer restarted: its counters began again
+        peer.counters = hb.counters
+
+    def leave(self, peer_id: str) -> None:
+        self._drop_peer(self._peer(peer_id))
+
+    def expire(self, now: float) -> list[str]:
+        """Drop peers silent for three heartbeat intervals; their pieces stop being handed out."""
+        deadline = now - 3 * self.heartbeat_interval
+        gone = [p for p in self.peers.values() if p.last_seen < deadline]
+        for peer in gone:
+            self._drop_peer(peer)
+        return [p.id for p in gone]
+
+    def cordon(self, peer_id: str) -> None:
+        self.cordoned.add(peer_id)
+        if peer_id in self.peers:
+            self.peers[peer_id].cordoned = True
+
+    def uncordon(self, peer_id: str) -> None:
+        if peer_id not in self.cordoned and peer_id not in self.peers:
+            raise UnknownPeer(f"unknown peer {peer_id}")
+        self.cordoned.discard(peer_id)
+        if peer_id in self.peers:
+            self.peers[peer_id].cordoned = False
+
+    def _drop_peer(self, peer: PeerState) -> None:
+        self.totals.retire(peer.counters)
+        for task_id in peer.tasks:
+            task = self.tasks.get(task_id)
+            if task is None:
+                continue
+            for piece in task.pieces.values():
+                piece.holders.discard(peer.id)
+            task.held.pop(peer.id, None)
+        del self.peers[peer.id]
+
+    def _peer(self, peer_id: str) -> PeerState:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise UnknownPeer(f"unknown peer {peer_id}: register first")
+        return peer
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def ensure_task(self, req: TaskRequest, now: float) -> TaskMeta:
+        task = self.tasks.get(req.task_id)
+        if task is not None:
+            if task.meta.length != req.length:
+                raise Conflict(f"task {req.task_id} has length {task.meta.length}, "
+                               f"not {req.length}")
+            return task.meta
+        meta = TaskMeta(task_id=req.task_id, length=req.length,
+                        piece_size=req.piece_size or default_piece_size(req.length),
+                        digest=req.digest or (req.task_id if req.task_id.startswith("sha256:")
+                                              else None))
+        self.tasks[req.task_id] = TaskState(meta=meta, created_at=now)
+        return meta
+
+    def _task(self, task_id: str) -> TaskState:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise UnknownTask(f"unknown task {task_id}")
+        return task
+
+    def announce(self, ann: Announce, now: float) -> AnnounceReply:
+        peer = self._peer(ann.peer_id)
+        task = self._task(ann.task_id)
+        count = task.layout.count
+        peer.last_seen = now
+        accepted, rejected = 0, []
+        for claim in ann.pieces:
+            if claim.index >= count:
+                rejected.append(claim.index)
+                continue
+            piece = task.pieces.setdefault(claim.index, PieceState())
+            if piece.chunk is None:
+                piece.chunk = claim.chunk
+            elif piece.chunk != claim.chunk and not (ann.sealed and not task.meta.sealed):
+                # A sealed map is proven by the blob digest; a provisional one was set by the
+                # first origin fetch. A claim against either is refused and its maker flagged.
+                rejected.append(claim.index)
+                continue
+            elif piece.chunk != claim.chunk:
+                # The claimant assembled the blob and its sha256 matched: its chunk is right.
+                piece.chunk = claim.chunk
+                for h in piece.holders:
+                    task.held[h] -= 1
+                piece.holders.clear()
+            if ann.peer_id not in piece.holders:
+                piece.holders.add(ann.peer_id)
+                task.held[ann.peer_id] = task.held.get(ann.peer_id, 0) + 1
+            lease = task.leases.pop(claim.index, None)
+            if lease is not None and lease.holder == ann.peer_id:
+                lease.progress_at = now
+            accepted += 1
+        if rejected:
+            self._penalise(peer, "conflict", now)
+        if ann.pieces or ann.sealed:
+            peer.tasks.add(ann.task_id)
+        for p in ann.progress:
+            for lease in task.leases.values():
+                if lease.epoch == p.epoch and lease.holder == ann.peer_id:
+                    lease.progress_at = now
+        if ann.sealed and not rejected and task.held.get(ann.peer_id, 0) >= count:
+            task.meta = task.meta.model_copy(update={"sealed": True})
+        return AnnounceReply(accepted=accepted, rejected=rejected)
+
+    def blob_mismatch(self, peer_id: str, task_id: str) -> None:
+        """A peer assembled the blob and its sha256 did not match: the provisional piece map is
+        wrong somewhere, so forget it and let the origin be the judge again."""
+        self._peer(peer_id)
+        task = self._task(task_id)
+        if task.meta.sealed:
+            return
+        task.pieces.clear()
+        task.leases.clear()
+        task.held.clear()
+
+    def report(self, rep: Report, now: float) -> None:
+        self._peer(rep.peer_id)
+        parent = self.peers.get(rep.parent_id)
+        if parent is None:
+            return
+        self._penalise(parent, rep.kind, now)
+        if rep.kind == "corrupt" and rep.piece is not None:
+            task = self.tasks.get(rep.task_id)
+            piece = task.pieces.get(rep.piece) if task else None
+            if piece is not None and rep.parent_id in piece.holders:
+                piece.holders.discard(rep.parent_id)
+                task.held[rep.parent_id] -= 1
+
+    def _penalise(self, peer: PeerState, kind: str, now: float) -> None:
+        peer.penalty_until = max(peer.penalty_until, now + PENALTY_SECONDS[kind])
+        peer.penalty_reason = kind
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def schedule(self, req: ScheduleRequest, now: float) -> list[Decision]:
+        """Decide, for each wanted piece, between parents, an origin lease, or waiting.
+
+        Cluster-wide single flight: a piece nobody usable holds is fetched from the origin by at
+        most one peer at a time, the holder of its lease; a lease whose holder made no progress
+        for `lease_timeout`, or left, is taken over under a new epoch.
+        """
+        requester = self._peer(req.peer_id)
+        requester.last_seen = now
+        task = self._task(req.task_id)
+        count = task.layout.count
+        exclude = set(req.exclude)
+        exclude.add(req.peer_id)
+        complete = task.complete_holders()
+        max_run = max(1, min(MAX_LEASE_PIECES, MAX_LEASE_BYTES // task.meta.piece_size))
+        cold = not task.held and not any(self._lease_live(le, now)
+                                         for le in task.leases.values())
+        grant: Lease | None = None
+        decisions: list[Decision] = []
+        for index in dict.fromkeys(req.pieces):
+            if index >= count:
+                raise StateError(f"piece {index} out of range: task has {count} pieces")
+            piece = task.pieces.get(index)
+            parents = self._parents(task, piece, requester, exclude, complete, now)
+            if parents:
+                decisions.append(Decision(piece=index, action="parents", chunk=piece.chunk,
+                                          parents=parents))
+                continue
+            lease = task.leases.get(index)
+            if lease is not None and self._lease_live(lease, now):
+                if lease.holder == req.peer_id:
+                    decisions.append(self._source(index, lease, "lease"))
+                else:
+                    decisions.append(Decision(piece=index, action="wait"))
+                continue
+            if grant is not None and grant.last == index - 1 \
+                    and grant.last - grant.first + 1 < max_run:
+                grant.last = index
+            else:
+                grant = Lease(holder=req.peer_id, epoch=task.next_epoch, first=index,
+                              last=index, progress_at=now)
+                task.next_epoch += 1
+                self.back_to_source += 1
+            if cold:
+                reason = "new-task"
+            elif lease is not None:
+                reason = "lease-expired"
+            elif piece is not None and piece.holders:
+                reason = "parents-unusable"
+            else:
+                reason = "no-holder"
+            task.leases[index] = grant
+            decisions.append(self._source(index, grant, reason))
+        # A run's decisions carry its final bounds, known only once the run stopped growing.
+        return [self._with_bounds(d, task) for d in decisions]
+
+    @staticmethod
+    def _source(index: int, lease: Lease, reason: str) -> Decision:
+        return Decision(piece=index, action="source", epoch=lease.epoch, reason=reason)
+
+    @staticmethod
+    def _with_bounds(d: Decision, task: TaskState) -> Decision:
+        if d.action != "source":
+            return d
+        lease = task.leases[d.piece]
+        return d.model_copy(update={"first": lease.first, "last": lease.last})
+
+    def _lease_live(self, lease: Lease, now: float) -> bool:
+        return lease.holder in self.peers and now - lease.progress_at < self.lease_timeout
+
+    def _parents(self, task: TaskState, piece: PieceState | None, requester: PeerState,
+                 exclude: set[str], complete: set[str], now: float) -> list[ParentRef]:
+        if piece is None or not piece.holders:
+            return []
+        candidates = []
+        for holder_id in piece.holders:
+            holder = self.peers.get(holder_id)
+            if holder is None or holder_id in exclude or holder.cordoned \
+                    or holder.penalised(now):
+                continue
+            candidates.append(policy.Candidate(
+                peer_id=holder_id, idc=holder.reg.idc, location=holder.reg.location,
+                upload_slots=holder.reg.upload_slots,
+                active_uploads=holder.load.active_uploads,
+                handouts=policy.decayed(holder.handouts, holder.handouts_at, now),
+                complete=holder_id in complete, seed=holder.reg.seed))
+        ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,
+                                     PARENTS_PER_PIECE, self.rng)
+        if ranked:
+            first = self.peers[ranked[0].peer_id]
+            first.handouts = ranked[0].handouts + 1.0
+            first.handouts_at = now
+        return [ParentRef(id=c.peer_id, addr=self.peers[c.peer_id].reg.upload_addr)
+                for c in ranked]
+
+    # -- views -----------------------------------------------------------------------------
+
+    def cluster_counters(self) -> dict[str, int]:
+        out = dict(self.totals.retired)
+        for peer in self.peers.values():
+            for k in _COUNTER_FIELDS:
+                out[k] += getattr(peer.counters, k)
+        return out
+
+    def savings_ratio(self) -> float:
+        c = self.cluster_counters()
+        return 1.0 - c["origin"] / c["served"] if c["served"] else 0.0
+
+    def peer_view(self, peer: PeerState, now: float) -> dict:
+        return {
+            "id": peer.id, "upload_addr": peer.reg.upload_addr, "idc": peer.reg.idc,
+            "location": peer.reg.location, "seed": peer.reg.seed,
+            "upload_slots": peer.reg.upload_slots, "load": peer.load.model_dump(),
+            "counters": peer.counters.model_dump(), "cordoned": peer.cordoned,
+            "penalised": peer.penalised(now), "penalty_reason": peer.penalty_reason or None,
+            "last_heartbeat_age": round(now - peer.last_seen, 3),
+            "registered_at": peer.registered_at, "tasks": len(peer.tasks),
+        }
+
+    def task_view(self, task: TaskState, detail: bool) -> dict:
+        out = {**task.meta.model_dump(), "pieces": task.layout.count,
+               "pieces_known": len(task.pieces), "holders": len(task.held),
+               "complete_holders": len(task.complete_holders())}
+        if detail:
+            out["piece_map"] = [
+                {"index": i, "chunk": p.chunk, "holders": sorted(p.holders),
+                 "lease": self._lease_view(task.leases.get(i))}
+                for i, p in sorted(task.pieces.items())]
+            out["leases"] = [self._lease_view(le) for le in _unique(task.leases.values())]
+        return out
+
+    @staticmethod
+    def _lease_view(lease: Lease | None) -> dict | None:
+        if lease is None:
+            return None
+        return {"holder": lease.holder, "epoch": lease.epoch, "first": lease.first,
+                "last": lease.last}
+
+
+def _unique(leases: Iterable[Lease]) -> list[Lease]:
+    seen: dict[int, Lease] = {}
+    for lease in leases:
+        seen.setdefault(id(lease), lease)
+    return list(seen.values())
