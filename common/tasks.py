@@ -43,6 +43,11 @@ class TaskSet:
         for task in tasks:
             task.cancel()
         for task in tasks:
+            # Some libraries turn a cancellation into another exception and carry on; cancel
+            # again until the task really ends.
+            while not task.done():
+                await asyncio.wait([task], timeout=0.1)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

@@ -93,6 +93,10 @@ async def get(url: str, output: str, peer: str, digest: str | None = None,
                     f.write(chunk)
                     hasher.update(chunk)
                     bar.update(len(chunk))
+        except aiohttp.ClientPayloadError as e:
+            part.unlink(missing_ok=True)
+            raise GetError(f"the peer aborted the transfer (a piece or the whole blob failed "
+                           f"verification, or the peer failed); nothing written: {e}") from e
         except BaseException:
             part.unlink(missing_ok=True)
             raise

@@ -145,7 +145,7 @@ class Mirror:
                             registry=registry.base,
                             authorization=request.headers.get("Authorization"))
         return await self._serve(request, req, scope=f"{name}@{digest}", task_id=digest,
-                                 digest=digest)
+                                 digest=digest, expect=digest)
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         url = request.query.get("url", "")
@@ -162,10 +162,13 @@ class Mirror:
         req = OriginRequest(url=url, registry=f"{parts.scheme}://{parts.netloc.lower()}",
                             authorization=request.headers.get("Authorization"))
         return await self._serve(request, req, scope=ids.strip_signature(url),
-                                 task_id=ids.task_id_for_url(url), digest=digest)
+                                 task_id=ids.task_id_for_url(url), digest=None, expect=digest)
 
     async def _serve(self, request: web.Request, req: OriginRequest, *, scope: str,
-                     task_id: str, digest: str | None) -> web.StreamResponse:
+                     task_id: str, digest: str | None,
+                     expect: str | None) -> web.StreamResponse:
+        """Serve a blob (`digest`: its own digest, the task's identity) or a plain file
+        (`expect`: the digest the client says it has) from the engine."""
         try:
             probe = await self.access.probe(req, scope)
         except (aiohttp.ClientError, OSError, TimeoutError, OriginError) as e:
@@ -204,7 +207,7 @@ class Mirror:
         resp.content_length = target.size
         await resp.prepare(request)
         try:
-            async for view in self.engine.read(run, target):
+            async for view in self.engine.read(run, target, expect):
                 await resp.write(view)
                 self.metrics.served_bytes.inc(len(view))
                 self.served += len(view)
@@ -213,9 +216,9 @@ class Mirror:
         except Exception as e:
             # Headers are out: end the connection so the client sees a broken body, never a
             # short or wrong one that looks complete.
-            log.error("aborting %s after %s: %r", task_id, resp.status, e)
+            log.error("aborting the %s response for %s: %r", resp.status, task_id, e)
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionAbortedError(str(e)) from e
+            return resp
         await resp.write_eof()
         return resp

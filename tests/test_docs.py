@@ -1,0 +1,30 @@
+"""The documents a newcomer reads stay true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from naiad.cli import PEER_OPTIONS, SCHEDULER_OPTIONS, config_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_reference_is_generated_from_the_option_tables() -> None:
+    assert (ROOT / "docs" / "config.md").read_text() == config_reference(), \
+        "docs/config.md is stale: regenerate it (see its first comment)"
+
+
+def test_readme_names_only_options_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    flags = {o.flag for o in PEER_OPTIONS + SCHEDULER_OPTIONS} | {
+        "--config", "--peer", "--digest", "--scheduler", "--json", "--peers", "--help"}
+    import re
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", readme))
+    assert used <= flags, f"README mentions unknown options: {sorted(used - flags)}"
+
+
+def test_readme_quick_start_is_the_ci_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "./.ci/run" in readme and "naiad demo" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest" in ci and "apt-get install" in ci

@@ -1,0 +1,178 @@
+"""Degraded modes: a parent serving corrupt bytes, a scheduler that is down or restarts, a peer
+that restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import aiohttp
+from aiohttp import web
+
+from common import ids
+from common.pieces import PieceLayout, default_piece_size
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    free_port,
+    metric,
+    push_blob,
+    until,
+    wait_registered_peer,
+)
+
+MiB = 1 << 20
+
+
+async def _pull(url: str) -> tuple[bytes, dict]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, await r.text()
+        return await r.read(), dict(r.headers)
+
+
+class CorruptParent:
+    """A small real peer that registers, claims every piece of a blob under its true chunk id,
+    keeps heartbeating, and serves every chunk with one byte flipped."""
+
+    def __init__(self, scheduler: str, blob: bytes, digest: str) -> None:
+        self.scheduler = scheduler
+        self.blob = blob
+        self.digest = digest
+        self.layout = PieceLayout(len(blob), default_piece_size(len(blob)))
+        self.chunks: dict[str, bytes] = {}
+        self.requests = 0
+        self.port = free_port()
+
+    async def _chunk(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        data = bytearray(self.chunks[request.match_info["chunk"]])
+        data[len(data) // 2] ^= 0xFF
+        return web.Response(body=bytes(data))
+
+    async def __aenter__(self) -> CorruptParent:
+        app = web.Application()
+        app.router.add_get("/chunks/{chunk}", self._chunk)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.session = aiohttp.ClientSession()
+        api = f"{self.scheduler}/api/v1"
+        claims = []
+        for i in range(self.layout.count):
+            start, size = self.layout.span(i)
+            piece = self.blob[start:start + size]
+            chunk = ids.chunk_id(piece)
+            self.chunks[chunk] = piece
+            claims.append({"index": i, "chunk": chunk})
+        for path, body in (
+                ("/peers", {"id": "corrupt", "upload_addr": f"127.0.0.1:{self.port}"}),
+                ("/tasks", {"task_id": self.digest, "length": len(self.blob)}),
+                ("/announce", {"peer_id": "corrupt", "task_id": self.digest,
+                               "pieces": claims})):
+            async with self.session.post(api + path, json=body) as r:
+                assert r.status == 200, await r.text()
+        self.heartbeats = asyncio.create_task(self._heartbeat())
+        return self
+
+    async def _heartbeat(self) -> None:
+        while True:
+            async with self.session.post(
+                    f"{self.scheduler}/api/v1/peers/corrupt/heartbeat", json={}):
+                pass
+            await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.heartbeats.cancel()
+        await self.session.close()
+        await self.runner.cleanup()
+
+
+async def test_corrupt_parent_never_reaches_a_client(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    blob = os.urandom(5 * MiB + 17)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    a, b = await asyncio.gather(cluster.peer("a", sched.url, origin.url),
+                                cluster.peer("b", sched.url, origin.url))
+    async with CorruptParent(sched.url, blob, digest) as bad:
+        body, _ = await _pull(f"{a.url}/v2/{repo}/blobs/{digest}")
+        assert body == blob
+        assert bad.requests >= 1, "the corrupt parent was never tried"
+        assert await metric(a.url, "naiad_peer_verify_failures_total") >= 1
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"{sched.url}/api/v1/peers/corrupt") as r:
+            view = await r.json()
+        assert view["penalised"] and view["penalty_reason"] == "corrupt"
+        # Ranges through the second peer are right too, and it is not sent to the bad parent.
+        served_before = bad.requests
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"{b.url}/v2/{repo}/blobs/{digest}",
+                      headers={"Range": "bytes=100-3000000"}) as r:
+            assert await r.read() == blob[100:3000001]
+        assert bad.requests == served_before
+
+
+async def test_pulls_succeed_without_scheduler_and_it_relearns_on_return(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    blob = os.urandom(3 * MiB + 5)
+    digest = await push_blob(registry.url, repo, blob)
+    port = free_port()
+    sched_url = f"http://127.0.0.1:{port}"
+    peer = await cluster.peer("lonely", sched_url, origin.url, wait_registered=False)
+
+    body, headers = await _pull(f"{peer.url}/v2/{repo}/blobs/{digest}")
+    assert body == blob
+    assert headers["X-Naiad-Source"] == "origin"
+    assert "scheduler-unreachable" in headers["X-Naiad-Origin-Reason"]
+
+    # The scheduler comes up: the peer registers and re-announces what it holds.
+    await cluster.scheduler(port=port)
+    await wait_registered_peer(sched_url, "lonely")
+
+    async def announced() -> bool:
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"{sched_url}/api/v1/tasks/{digest}") as r:
+            if r.status != 200:
+                return False
+            task = await r.json()
+        return task["sealed"] and all(p["holders"] == ["lonely"] for p in task["piece_map"]) \
+            and len(task["piece_map"]) == task["pieces"]
+    await until(announced, what="re-announcement")
+
+
+async def test_scheduler_killed_mid_cluster_pulls_still_succeed(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    blob = os.urandom(2 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    a, b = await asyncio.gather(cluster.peer("a", sched.url, origin.url),
+                                cluster.peer("b", sched.url, origin.url))
+    body, _ = await _pull(f"{a.url}/v2/{repo}/blobs/{digest}")
+    assert body == blob
+    sched.proc.kill()
+    # b learns nothing new, but a pull must still work, from the origin.
+    other = os.urandom(MiB + 3)
+    other_digest = await push_blob(registry.url, repo, other)
+    body, headers = await _pull(f"{b.url}/v2/{repo}/blobs/{other_digest}")
+    assert body == other
+    body, headers = await _pull(f"{b.url}/v2/{repo}/blobs/{digest}")
+    assert body == blob
+
+
+async def test_restarted_peer_serves_from_its_store(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    blob = os.urandom(4 * MiB + 1)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("p", sched.url, origin.url)
+    body, _ = await _pull(f"{peer.url}/v2/{repo}/blobs/{digest}")
+    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+
+    await cluster.restart(peer)
+    before = origin.bytes_down
+    body, headers = await _pull(f"{peer.url}/v2/{repo}/blobs/{digest}")
+    assert body == blob
+    assert headers["X-Naiad-Source"] == "local"
+    assert origin.bytes_down - before < 4096, "only the access check may reach the registry"
