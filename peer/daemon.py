@@ -79,7 +79,8 @@ class PeerDaemon:
         c = self.config
         self.store.open()
         self._origin_session = aiohttp.ClientSession(
-            auto_decompress=False, connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
         self._peer_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
         self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret)

@@ -46,6 +46,7 @@ PARENT_ROUNDS = 3
 ORIGIN_ATTEMPTS = 3
 PROGRESS_EVERY = 0.5
 PLAN_WAIT = 2.0
+STORE_AHEAD = 4
 _READ_SIZE = 256 << 10
 
 
@@ -364,43 +365,61 @@ class Engine:
         return await asyncio.shield(orun.pieces[index])
 
     async def _origin_run(self, run: TaskRun, epoch: int | None, orun: OriginRun) -> None:
+        """Read pieces first..last from one ranged origin request. Storing a piece overlaps
+        with reading the next (at most STORE_AHEAD pieces in memory)."""
         layout = run.layout
         start = layout.span(orun.first)[0]
         end = sum(layout.span(orun.last)) - 1
         last_progress = time.monotonic()
+        storing: set[asyncio.Task[None]] = set()
         try:
             async with self.origin.open_range(run.origin, start, end) as stream:
                 for i in range(orun.first, orun.last + 1):
                     started = time.perf_counter()
                     _, size = layout.span(i)
-                    buf = bytearray()
-                    while len(buf) < size:
-                        part = await stream.read(min(_READ_SIZE, size - len(buf)))
+                    parts, got = [], 0
+                    while got < size:
+                        part = await stream.read(min(_READ_SIZE, size - got))
                         if not part:
                             raise OriginError(f"origin body ended inside piece {i}")
-                        buf += part
+                        parts.append(part)
+                        got += len(part)
                         if epoch is not None and time.monotonic() - last_progress \
                                 > PROGRESS_EVERY:
                             last_progress = time.monotonic()
                             self.scheduler.progress(run.task_id, epoch)
-                    data = bytes(buf)
-                    chunk = await _hash(data)
-                    if i not in run.have:
-                        await self._keep(run, i, chunk, data, "origin")
-                        self.metrics.piece_seconds.labels("origin").observe(
-                            time.perf_counter() - started)
-                    orun.pieces[i].set_result(data)
-        except Exception as e:
+                    data = b"".join(parts)
+                    del parts
+                    storing.add(asyncio.create_task(
+                        self._keep_origin_piece(run, orun, i, data, started)))
+                    if len(storing) >= STORE_AHEAD:
+                        _, storing = await asyncio.wait(storing,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                if storing:
+                    await asyncio.gather(*storing)
+        except BaseException as e:
+            for t in storing:
+                t.cancel()
             orun.failed = True
             err = e if isinstance(e, OriginError) else OriginError(f"origin fetch failed: {e!r}")
             for f in orun.pieces.values():
                 if not f.done():
                     f.set_exception(err)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             log.warning("origin run %d-%d of %s failed: %r", orun.first, orun.last,
                         run.task_id, e)
         finally:
             if epoch is not None and run.origin_runs.get(epoch) is orun:
                 del run.origin_runs[epoch]
+
+    async def _keep_origin_piece(self, run: TaskRun, orun: OriginRun, index: int, data: bytes,
+                                 started: float) -> None:
+        chunk = await _hash(data)
+        if index not in run.have:
+            await self._keep(run, index, chunk, data, "origin")
+            self.metrics.piece_seconds.labels("origin").observe(time.perf_counter() - started)
+        orun.pieces[index].set_result(data)
 
     async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
                     source: str) -> None:
@@ -502,12 +521,21 @@ class Engine:
         whole = rng.start == 0 and rng.end == run.meta.length - 1
         proven = run.meta.sealed and expect == run.meta.digest
         hasher = hashlib.sha256() if whole and expect and not proven else None
-        fetched: set[int] = set()  # pieces this read waited for: counted where they came from
+        # Pieces this read waited for: their bytes come straight from the fetch (already
+        # verified) and are counted where they came from, not as store reads.
+        fetching: dict[int, asyncio.Future[bytes]] = {}
+        ahead = 0  # pieces[:ahead] have been asked for
         for k, i in enumerate(pieces):
-            for j in pieces[k:k + window]:
-                if j not in fetched and self._ensure(run, j) is not None:
-                    fetched.add(j)
-            data = await self._piece(run, i, local=i not in fetched)
+            # Refill the read-ahead half a window at a time, so the scheduler gets batches
+            # (and origin leases cover runs) rather than one piece per call.
+            if ahead <= k + window // 2:
+                for j in pieces[ahead:k + window]:
+                    fut = self._ensure(run, j)
+                    if fut is not None:
+                        fetching[j] = fut
+                ahead = max(ahead, min(k + window, len(pieces)))
+            fut = fetching.pop(i, None)
+            data = await asyncio.shield(fut) if fut is not None else await self._piece(run, i)
             start, size = layout.span(i)
             lo, hi = max(rng.start, start) - start, min(rng.end, start + size - 1) - start + 1
             if hasher is not None:
@@ -522,8 +550,9 @@ class Engine:
                         self._sealed(run)
             yield memoryview(data)[lo:hi]
 
-    async def _piece(self, run: TaskRun, index: int, local: bool) -> bytes:
-        """A piece's verified bytes; `local` counts a store read as bytes from the store."""
+    async def _piece(self, run: TaskRun, index: int) -> bytes:
+        """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
+        the fetch already under way."""
         for _ in range(3):
             fut = run.inflight.get(index)
             if fut is not None:
@@ -537,8 +566,7 @@ class Engine:
             except (ChunkCorrupt, FileNotFoundError):
                 self.drop_chunk(chunk)
                 continue
-            if local:
-                self.metrics.download_bytes.labels("local").inc(len(data))
+            self.metrics.download_bytes.labels("local").inc(len(data))
             return data
         raise PieceUnavailable(f"piece {index} of {run.task_id} kept failing")
 

@@ -43,6 +43,7 @@ R = TypeVar("R", bound=BaseModel)
 API = "/api/v1"
 RETRY_SECONDS = 1.0
 ANNOUNCE_BATCH = 4096
+ANNOUNCE_COALESCE = 0.005
 
 
 class SchedulerUnavailable(Exception):
@@ -270,6 +271,7 @@ class SchedulerClient:
         registration covers it from the store."""
         while True:
             await self._flush_wanted.wait()
+            await asyncio.sleep(ANNOUNCE_COALESCE)  # a burst of pieces becomes one request
             self._flush_wanted.clear()
             pending, self._pending = self._pending, {}
             if not self.connected.is_set():

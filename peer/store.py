@@ -67,6 +67,8 @@ class ChunkStore:
 
     def open(self) -> None:
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():  # half-written chunks of a crashed run
             leftover.unlink(missing_ok=True)
@@ -122,7 +124,6 @@ class ChunkStore:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-            path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

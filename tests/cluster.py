@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +38,9 @@ def free_port() -> int:
     raise AssertionError("unreachable")
 
 
-async def wait_http(url: str, timeout: float = 20.0, proc: Proc | None = None) -> None:
+async def wait_http(url: str, seconds: float = 20.0, proc: Proc | None = None) -> None:
     """Until `url` answers 200 (a readiness check, not a sleep: returns on the first 200)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession() as s:
         while True:
             if proc is not None and proc.popen.poll() is not None:
@@ -52,17 +53,18 @@ async def wait_http(url: str, timeout: float = 20.0, proc: Proc | None = None) -
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {timeout} s"
+                raise TimeoutError(f"{url} not ready after {seconds} s"
                                    + (f":\n{proc.logs()}" if proc else ""))
             await asyncio.sleep(0.05)
 
 
-async def until(predicate, timeout: float = 20.0, what: str = "condition") -> None:  # noqa: ANN001
+async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 20.0,
+                what: str = "condition") -> None:
     """Poll an async predicate until it holds."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while not await predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached after {timeout} s")
+            raise TimeoutError(f"{what} not reached after {seconds} s")
         await asyncio.sleep(0.05)
 
 
@@ -278,12 +280,12 @@ class Cluster:
         return "\n".join(f"===== {n.name} =====\n{n.proc.logs()}" for n in self.nodes)
 
 
-async def wait_registered_peer(scheduler: str, peer_id: str, timeout: float = 20.0) -> None:
+async def wait_registered_peer(scheduler: str, peer_id: str, seconds: float = 20.0) -> None:
     async def registered() -> bool:
         async with aiohttp.ClientSession() as s, \
                 s.get(f"{scheduler}/api/v1/peers/{peer_id}") as r:
             return r.status == 200
-    await until(registered, timeout, f"peer {peer_id} registered at {scheduler}")
+    await until(registered, seconds, f"peer {peer_id} registered at {scheduler}")
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

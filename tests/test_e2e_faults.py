@@ -155,9 +155,9 @@ async def test_scheduler_killed_mid_cluster_pulls_still_succeed(
     # b learns nothing new, but a pull must still work, from the origin.
     other = os.urandom(MiB + 3)
     other_digest = await push_blob(registry.url, repo, other)
-    body, headers = await _pull(f"{b.url}/v2/{repo}/blobs/{other_digest}")
+    body, _ = await _pull(f"{b.url}/v2/{repo}/blobs/{other_digest}")
     assert body == other
-    body, headers = await _pull(f"{b.url}/v2/{repo}/blobs/{digest}")
+    body, _ = await _pull(f"{b.url}/v2/{repo}/blobs/{digest}")
     assert body == blob
 
 
