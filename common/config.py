@@ -71,8 +71,11 @@ def _convert(opt: Option, raw: Any, origin: str) -> Any:
         if opt.switch:
             return raw if isinstance(raw, bool) else _truthy(str(raw))
         if opt.repeat:
-            items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s]
+            items = raw if isinstance(raw, list) else [s for s in str(raw).split(",")
+                                                       if s.strip()]
             return [opt.type(str(i).strip()) for i in items]
+        if isinstance(raw, list | dict):
+            raise TypeError(f"expected one value, got {type(raw).__name__}")
         return opt.type(raw if isinstance(raw, str) else str(raw))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{opt.name} from {origin}: {e}") from None
@@ -86,8 +89,8 @@ def resolve(options: list[Option], args: argparse.Namespace, section: str,
     config_path = getattr(args, "config", None) or environ.get("NAIAD_CONFIG")
     if config_path:
         try:
-            data = tomllib.loads(Path(config_path).expanduser().read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data = tomllib.loads(Path(config_path).expanduser().read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {config_path}: {e}") from None
         known = {o.name for o in options}
         table = data.get(section, {})
@@ -113,6 +116,6 @@ def resolve(options: list[Option], args: argparse.Namespace, section: str,
         elif opt.name in file_values:
             out[opt.name] = _convert(opt, file_values[opt.name], str(config_path))
         else:
-            out[opt.name] = opt.default
+            out[opt.name] = list(opt.default) if isinstance(opt.default, list) else opt.default
     return out
 

@@ -28,8 +28,9 @@ _SIGNATURE_PARAMS = frozenset(
     for p in (
         "Signature", "Expires", "AWSAccessKeyId", "GoogleAccessId", "OSSAccessKeyId",
         "security-token", "sig", "se", "st", "sp", "sv", "sr", "ss", "srt", "spr", "skoid",
-        "sktid", "skt", "ske", "sks", "skv", "sdd", "q-sign-algorithm", "q-ak", "q-sign-time",
-        "q-key-time", "q-header-list", "q-url-param-list", "q-signature",
+        "sktid", "skt", "ske", "sks", "skv", "sdd", "sip", "saoid", "suoid", "scid",
+        "q-sign-algorithm", "q-ak", "q-sign-time", "q-key-time", "q-header-list",
+        "q-url-param-list", "q-signature",
     )
 )
 _SIGNATURE_PREFIXES = ("x-amz-", "x-goog-", "x-oss-", "x-cos-")
@@ -43,24 +44,24 @@ class InvalidIdentifier(ValueError):
 
 
 def is_blob_digest(value: str) -> bool:
-    return bool(_SHA256_RE.match(value))
+    return bool(_SHA256_RE.fullmatch(value))
 
 
 def parse_blob_digest(value: str) -> str:
     """Return `value` if it is a `sha256:<64 hex>` digest, else raise InvalidIdentifier."""
-    if not _SHA256_RE.match(value):
+    if not _SHA256_RE.fullmatch(value):
         raise InvalidIdentifier(f"not a sha256 digest: {value[:80]!r}")
     return value
 
 
 def parse_chunk_id(value: str) -> str:
-    if not _BLAKE3_RE.match(value):
+    if not _BLAKE3_RE.fullmatch(value):
         raise InvalidIdentifier(f"not a blake3 chunk id: {value[:80]!r}")
     return value
 
 
 def parse_task_id(value: str) -> str:
-    if not (_SHA256_RE.match(value) or _URL_TASK_RE.match(value)):
+    if not (_SHA256_RE.fullmatch(value) or _URL_TASK_RE.fullmatch(value)):
         raise InvalidIdentifier(f"not a task id: {value[:80]!r}")
     return value
 

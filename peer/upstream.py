@@ -21,9 +21,8 @@ class UpstreamRefused(ValueError):
 
 
 def normalize_host(host: str) -> str:
-    host = host.strip().lower().rstrip("/")
-    bare = host.removesuffix(":443")
-    return DOCKER_HUB if bare in _DOCKER_ALIASES else host
+    host = host.strip().lower().rstrip("/").removesuffix(":443")
+    return DOCKER_HUB if host in _DOCKER_ALIASES else host
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +38,11 @@ class Registry:
     def parse(cls, url: str) -> Registry:
         if "://" not in url:
             url = "https://" + url
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as e:
+            raise UpstreamRefused(f"invalid registry URL {url[:200]!r}: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UpstreamRefused(f"not an http(s) registry URL: {url[:200]!r}")
         if parts.username or parts.password or "@" in parts.netloc:
@@ -79,7 +82,9 @@ class AllowList:
 def choose_upstream(*, header: str | None, ns: str | None, proxy_host: str | None,
                     default: Registry, allow: AllowList) -> Registry:
     if header:
-        return allow.check(Registry.parse(header))
+        # The allow-list entry says how to reach a registry, whatever scheme the header names:
+        # a client cannot downgrade an https registry (and its credentials) to plain http.
+        return allow.registry_for_host(Registry.parse(header).host)
     if ns:
         return allow.registry_for_host(ns)
     if proxy_host:

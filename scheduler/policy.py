@@ -4,8 +4,9 @@ Pure functions over plain values, so the rule can be read and tested as a table:
 
 * A holder's **load** is the larger of the uploads it reported and a decaying count of the
   children it was recently handed (reports lag by a heartbeat; handouts are known at once).
-  Holders with free upload slots rank first, the emptier the better, so fifty children asking for
-  one piece spread over every holder instead of piling onto one.
+  Holders with a free upload slot always rank before holders without one; within each group the
+  emptier the better (load beyond the slots keeps counting), so fifty children asking for one
+  piece spread evenly over every holder instead of piling onto one.
 * Then **proximity**: same IDC, then the longest shared prefix of the `a|b|c` location.
 * Then holders that **finished** the task (they will not leave mid-way for lack of pieces) and
   **seed** peers.
@@ -53,9 +54,16 @@ def location_affinity(a: str, b: str) -> float:
     return shared / max(len(pa), len(pb))
 
 
+def load(c: Candidate) -> float:
+    return max(float(c.active_uploads), c.handouts)
+
+
+def has_free_slot(c: Candidate) -> bool:
+    return load(c) < c.upload_slots
+
+
 def score(c: Candidate, idc: str, location: str) -> float:
-    load = max(float(c.active_uploads), c.handouts)
-    free = max(0.0, 1.0 - load / max(1, c.upload_slots))
+    free = 1.0 - load(c) / max(1, c.upload_slots)  # negative when over its slots
     return (W_LOAD * free
             + W_IDC * (1.0 if idc and c.idc == idc else 0.0)
             + W_LOCATION * location_affinity(location, c.location)
@@ -67,6 +75,6 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
                  rng: random.Random | None = None) -> list[Candidate]:
     """The best `limit` candidates, best first; ties broken at random so load spreads."""
     rng = rng or random
-    keyed = [(score(c, idc, location), rng.random(), c) for c in candidates]
-    keyed.sort(key=lambda t: (-t[0], t[1]))
-    return [c for _, _, c in keyed[:limit]]
+    keyed = [(has_free_slot(c), score(c, idc, location), rng.random(), c) for c in candidates]
+    keyed.sort(key=lambda t: (not t[0], -t[1], t[2]))
+    return [t[3] for t in keyed[:limit]]

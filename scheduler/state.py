@@ -107,14 +107,32 @@ class TaskState:
 
 @dataclass
 class Totals:
-    """Cluster byte counters that never go backwards: live peers' reports plus what peers that
-    restarted or left had reported before."""
+    """Cluster byte counters that never go backwards and never count a byte twice.
 
-    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTER_FIELDS, 0))
+    Each peer process (a peer id and its start time) reports cumulative counters; the last
+    report of every process is kept, whether its peer is live, expired or gone, so a peer that
+    expires and comes back is not counted again. When a peer restarts, its previous process's
+    final counters fold into `base`.
+    """
 
-    def retire(self, counters: PeerCounters) -> None:
-        for k in _COUNTER_FIELDS:
-            self.retired[k] += getattr(counters, k)
+    base: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTER_FIELDS, 0))
+    last: dict[str, PeerCounters] = field(default_factory=dict)  # peer id -> latest process
+
+    def report(self, peer_id: str, counters: PeerCounters) -> None:
+        prev = self.last.get(peer_id)
+        if prev is not None and counters.started_at != prev.started_at:
+            if counters.started_at < prev.started_at:
+                return  # a late report from a process already replaced
+            for k in _COUNTER_FIELDS:
+                self.base[k] += getattr(prev, k)
+        self.last[peer_id] = counters
+
+    def sums(self) -> dict[str, int]:
+        out = dict(self.base)
+        for counters in self.last.values():
+            for k in _COUNTER_FIELDS:
+                out[k] += getattr(counters, k)
+        return out
 
 
 _COUNTER_FIELDS = ("origin", "peer", "local", "served", "uploaded")
@@ -148,9 +166,8 @@ class ClusterState:
         peer = self._peer(peer_id)
         peer.last_seen = now
         peer.load = hb.load
-        if hb.counters.started_at != peer.counters.started_at:
-            self.totals.retire(peer.counters)  # the peer restarted: its counters began again
         peer.counters = hb.counters
+        self.totals.report(peer_id, hb.counters)
 
     def leave(self, peer_id: str) -> None:
         self._drop_peer(self._peer(peer_id))
@@ -176,7 +193,6 @@ class ClusterState:
             self.peers[peer_id].cordoned = False
 
     def _drop_peer(self, peer: PeerState) -> None:
-        self.totals.retire(peer.counters)
         for task_id in peer.tasks:
             task = self.tasks.get(task_id)
             if task is None:
@@ -219,12 +235,19 @@ class ClusterState:
         task = self._task(ann.task_id)
         count = task.layout.count
         peer.last_seen = now
-        accepted, rejected = 0, []
+        accepted, rejected, deferred = 0, [], []
         for claim in ann.pieces:
             if claim.index >= count:
                 rejected.append(claim.index)
                 continue
             piece = task.pieces.setdefault(claim.index, PieceState())
+            lease = task.leases.get(claim.index)
+            if piece.chunk is None and lease is not None and lease.holder != ann.peer_id \
+                    and self._lease_live(lease, now):
+                # The provisional chunk id comes from the lease holder's origin fetch; a claim
+                # made before it is not recorded (nor blamed).
+                deferred.append(claim.index)
+                continue
             if piece.chunk is None:
                 piece.chunk = claim.chunk
             elif piece.chunk != claim.chunk and not (ann.sealed and not task.meta.sealed):
@@ -255,7 +278,7 @@ class ClusterState:
                     lease.progress_at = now
         if ann.sealed and not rejected and task.held.get(ann.peer_id, 0) >= count:
             task.meta = task.meta.model_copy(update={"sealed": True})
-        return AnnounceReply(accepted=accepted, rejected=rejected)
+        return AnnounceReply(accepted=accepted, rejected=rejected + deferred)
 
     def blob_mismatch(self, peer_id: str, task_id: str) -> None:
         """A peer assembled the blob and its sha256 did not match: the provisional piece map is
@@ -304,11 +327,12 @@ class ClusterState:
         max_run = max(1, min(MAX_LEASE_PIECES, MAX_LEASE_BYTES // task.meta.piece_size))
         cold = not task.held and not any(self._lease_live(le, now)
                                          for le in task.leases.values())
+        wanted = list(dict.fromkeys(req.pieces))
+        if wanted and max(wanted) >= count:  # refuse before any lease is granted
+            raise StateError(f"piece {max(wanted)} out of range: task has {count} pieces")
         grant: Lease | None = None
         decisions: list[Decision] = []
-        for index in dict.fromkeys(req.pieces):
-            if index >= count:
-                raise StateError(f"piece {index} out of range: task has {count} pieces")
+        for index in wanted:
             piece = task.pieces.get(index)
             parents = self._parents(task, piece, requester, exclude, complete, now)
             if parents:
@@ -330,10 +354,10 @@ class ClusterState:
                               last=index, progress_at=now)
                 task.next_epoch += 1
                 self.back_to_source += 1
-            if cold:
-                reason = "new-task"
-            elif lease is not None:
+            if lease is not None:
                 reason = "lease-expired"
+            elif cold:
+                reason = "new-task"
             elif piece is not None and piece.holders:
                 reason = "parents-unusable"
             else:
@@ -385,11 +409,7 @@ class ClusterState:
     # -- views -----------------------------------------------------------------------------
 
     def cluster_counters(self) -> dict[str, int]:
-        out = dict(self.totals.retired)
-        for peer in self.peers.values():
-            for k in _COUNTER_FIELDS:
-                out[k] += getattr(peer.counters, k)
-        return out
+        return self.totals.sums()
 
     def savings_ratio(self) -> float:
         c = self.cluster_counters()

@@ -43,3 +43,18 @@ async def test_four_peers_pull_64mib_at_once_registry_serves_it_about_once(
     from_peers = sum([await metric(p.url, "naiad_peer_download_bytes_total",
                                    {"source": "peer"}) for p in peers])
     assert from_peers >= 2 * len(blob), "most bytes should have moved between peers"
+
+
+async def test_concurrent_readers_on_one_peer_fetch_each_piece_once(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    """In-peer single flight: eight clients of one peer, one copy from the registry."""
+    blob = os.urandom(16 * MiB + 5)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("p", sched.url, origin.url)
+    before = origin.bytes_down
+    results = await asyncio.gather(*(
+        _pull(f"{peer.url}/v2/{repo}/blobs/{digest}") for _ in range(8)))
+    assert [r[0] for r in results] == [digest] * 8
+    assert origin.bytes_down - before <= 1.1 * len(blob)
+    assert await metric(peer.url, "naiad_peer_served_bytes_total") == 8 * len(blob)

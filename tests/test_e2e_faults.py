@@ -176,3 +176,107 @@ async def test_restarted_peer_serves_from_its_store(
     assert body == blob
     assert headers["X-Naiad-Source"] == "local"
     assert origin.bytes_down - before < 4096, "only the access check may reach the registry"
+
+
+class FakePeer:
+    """A registered peer driven by the test through the scheduler's real API."""
+
+    def __init__(self, scheduler: str, peer_id: str, port: int) -> None:
+        self.scheduler = scheduler
+        self.id = peer_id
+        self.port = port
+
+    async def __aenter__(self) -> FakePeer:
+        self.session = aiohttp.ClientSession()
+        await self.post("/peers", {"id": self.id, "upload_addr": f"127.0.0.1:{self.port}"})
+        self.heartbeats = asyncio.create_task(self._heartbeat())
+        return self
+
+    async def post(self, path: str, body: dict) -> dict:
+        async with self.session.post(f"{self.scheduler}/api/v1{path}", json=body) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def get(self, path: str) -> dict:
+        async with self.session.get(f"{self.scheduler}/api/v1{path}") as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.post(f"/peers/{self.id}/heartbeat", {})
+            await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.heartbeats.cancel()
+        await self.session.close()
+
+
+async def test_stalled_lease_holder_is_taken_over(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    """A peer takes the origin lease for every piece and never fetches: after the lease timeout
+    (2 s without progress) a real peer takes it over and the pull completes."""
+    blob = os.urandom(4 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("real", sched.url, origin.url)
+    async with FakePeer(sched.url, "squatter", free_port()) as squatter:
+        await squatter.post("/tasks", {"task_id": digest, "length": len(blob)})
+        reply = await squatter.post("/schedule", {"peer_id": "squatter", "task_id": digest,
+                                                  "pieces": [0, 1, 2, 3]})
+        assert {d["action"] for d in reply["decisions"]} == {"source"}
+        started = asyncio.get_running_loop().time()
+        body, _ = await _pull(f"{peer.url}/v2/{repo}/blobs/{digest}")
+        elapsed = asyncio.get_running_loop().time() - started
+        task = await squatter.get(f"/tasks/{digest}")
+    assert body == blob
+    assert 1.0 < elapsed < 8.0, f"took over after {elapsed:.1f} s"
+    assert await metric(peer.url, "naiad_peer_download_bytes_total",
+                        {"source": "origin"}) == len(blob)
+    assert all(p["holders"] == ["real"] for p in task["piece_map"])
+    assert {le["holder"] for le in task["leases"]} <= {"real"}
+
+
+async def test_stalling_parent_is_abandoned(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    """A parent that sends headers and a few bytes then nothing is given up on within the
+    stall timeout, reported slow, and the piece fetched elsewhere."""
+    blob = os.urandom(2 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("real", sched.url, origin.url)
+    layout = PieceLayout(len(blob), default_piece_size(len(blob)))
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(layout.piece_size)})
+        await resp.prepare(request)
+        await resp.write(b"x" * 100)
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/chunks/{chunk}", stall)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with FakePeer(sched.url, "staller", port) as staller:
+            await staller.post("/tasks", {"task_id": digest, "length": len(blob)})
+            claims = [{"index": i, "chunk": ids.chunk_id(blob[i * MiB:(i + 1) * MiB])}
+                      for i in range(layout.count)]
+            await staller.post("/announce", {"peer_id": "staller", "task_id": digest,
+                                             "pieces": claims})
+            started = asyncio.get_running_loop().time()
+            body, _ = await _pull(f"{peer.url}/v2/{repo}/blobs/{digest}")
+            elapsed = asyncio.get_running_loop().time() - started
+            async with aiohttp.ClientSession() as s, \
+                    s.get(f"{sched.url}/api/v1/peers/staller") as r:
+                view = await r.json()
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert body == blob
+    assert view["penalty_reason"] == "slow"
+    assert elapsed < 6.0, f"stalled parent held the pull for {elapsed:.1f} s"
