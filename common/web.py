@@ -3,6 +3,7 @@ with a reason, readiness, and running an app on a host:port."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import ssl
@@ -71,6 +72,15 @@ async def bodiless(request: web.Request, status: int, headers: dict[str, str],
 
 async def healthy(_: web.Request) -> web.Response:
     return web.Response(text="ok\n")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_listen(value: str) -> tuple[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import signal
@@ -19,7 +18,7 @@ from common import auth
 from common import log as logsetup
 from common.config import ConfigError, Option, add_options, resolve
 from common.sizes import format_size, parse_size
-from common.web import split_listen
+from common.web import is_loopback, split_listen
 
 log = logging.getLogger("naiad")
 
@@ -74,18 +73,8 @@ def _secret(opts: dict[str, Any]) -> bytes | None:
     return auth.load_secret(opts["cluster_secret"], opts["cluster_secret_file"])
 
 
-def _loopback(listen: str) -> bool:
-    host, _ = split_listen(listen)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _require_secret(opts: dict[str, Any], secret: bytes | None, *listens: str) -> None:
-    exposed = [a for a in listens if not _loopback(a)]
+    exposed = [a for a in listens if not is_loopback(split_listen(a)[0])]
     if exposed and secret is None and not opts["insecure"]:
         raise ConfigError(f"{', '.join(exposed)} is not loopback: set --cluster-secret or "
                           "--cluster-secret-file (or --insecure to run without one)")

@@ -7,7 +7,6 @@ one is set; mutating operator calls need `Authorization: Bearer <token>` when `-
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import time
 
 from aiohttp import web
@@ -26,7 +25,14 @@ from common.models import (
     TaskRequest,
     split_hostport,
 )
-from common.web import RequestError, errors_as_json, healthy, model_response, parse_body
+from common.web import (
+    RequestError,
+    errors_as_json,
+    healthy,
+    is_loopback,
+    model_response,
+    parse_body,
+)
 from scheduler.state import StateError
 from scheduler.store import Store
 
@@ -38,15 +44,6 @@ INTERNAL = {
     ("POST", f"{API}/announce"), ("POST", f"{API}/schedule"), ("POST", f"{API}/reports"),
     ("POST", f"{API}/mismatches"),
 }
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SchedulerAPI:
@@ -114,7 +111,7 @@ class SchedulerAPI:
     async def register(self, request: web.Request) -> web.Response:
         reg = await parse_body(request, PeerRegistration)
         host, _ = split_hostport(reg.upload_addr)
-        if _is_loopback(host) and request.remote and not _is_loopback(request.remote):
+        if is_loopback(host) and request.remote and not is_loopback(request.remote):
             raise RequestError(400, f"upload address {reg.upload_addr} is loopback but the "
                                     f"peer connects from {request.remote}: set --advertise")
         await self.store.register(reg)

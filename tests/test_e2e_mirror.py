@@ -154,3 +154,32 @@ async def test_naiad_get_blob_and_plain_url(
     async with aiohttp.ClientSession() as s, s.get(
             f"{peer.url}/download?url={quote('http://evil.example/x', safe='')}") as resp:
         assert resp.status == 403
+
+
+async def test_naiad_get_shows_progress_on_a_terminal(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        tmp_path: Path) -> None:
+    import pty
+
+    blob = os.urandom(2 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("p", sched.url, origin.url)
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "naiad", "get", f"{origin.url}/v2/{repo}/blobs/{digest}",
+        "-o", str(tmp_path / "out"), "--peer", peer.url, stderr=slave)
+    os.close(slave)
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert b"100.0%" in shown and b"[####" in shown, shown[-300:]
+    assert (tmp_path / "out").read_bytes() == blob
