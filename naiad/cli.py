@@ -65,6 +65,8 @@ PEER_OPTIONS = [
            metavar="N"),
     Option("no_verify_on_serve", False, "do not re-hash stored chunks served to clients",
            switch=True),
+    Option("no_prefetch", False, "do not fetch the rest of a blob in the background after a "
+           "range read", switch=True),
     *COMMON,
 ]
 
@@ -120,7 +122,8 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         idc=opts["idc"], location=opts["location"], seed=opts["seed"],
         advertise=opts["advertise"], piece_size=opts["piece_size"],
         upload_slots=opts["upload_slots"], origin_concurrency=opts["origin_concurrency"],
-        verify_on_serve=not opts["no_verify_on_serve"], secret=secret))
+        verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
+        secret=secret))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 

@@ -47,6 +47,7 @@ class PeerConfig:
     upload_slots: int = 8
     origin_concurrency: int = 4
     verify_on_serve: bool = True
+    prefetch: bool = True
     secret: bytes | None = None
 
 
@@ -95,7 +96,7 @@ class PeerDaemon:
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
             parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,
-            verify_on_serve=c.verify_on_serve, piece_size=c.piece_size)
+            verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch)
         mirror = Mirror(engine=self.engine, origin=origin, access=AccessCache(origin),
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)

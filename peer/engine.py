@@ -24,10 +24,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from common import ids
+from common.limits import BACKGROUND, DEFAULT, ON_DEMAND, PrioritySlots
 from common.metrics import PeerMetrics
 from common.models import Decision, ParentRef, TaskMeta, TaskRequest
 from common.pieces import MiB, PieceLayout, default_piece_size
@@ -42,6 +43,10 @@ log = logging.getLogger("naiad.peer.engine")
 
 READAHEAD_BYTES = 16 * MiB
 LONG_POLL_MS = 2000
+ON_DEMAND_WAIT = 1.0  # DESIGN: an on-demand read waits ~1 s for a lease holder
+PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
+PREFETCH_TASKS = 2  # tasks prefetched at once
+PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 PARENT_ROUNDS = 3
 ORIGIN_ATTEMPTS = 3
 PROGRESS_EVERY = 0.5
@@ -80,7 +85,9 @@ class TaskRun:
     known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
     origin_runs: dict[int, OriginRun] = field(default_factory=dict)
     batcher: DecisionBatcher | None = None
+    priority: dict[int, int] = field(default_factory=dict)  # of pieces in flight
     sealing: bool = False
+    prefetching: bool = False
 
     @property
     def task_id(self) -> str:
@@ -107,20 +114,24 @@ class DecisionBatcher:
     """Coalesces the decision requests of a task's piece workers into schedule calls.
 
     Pieces asked for in the same loop iteration travel in one call; a piece told to wait goes
-    back into the next call, which long-polls while every piece in it must wait.
+    back into the next call, which long-polls while every piece in it must wait. An on-demand
+    piece (priority 6) that has waited ON_DEMAND_WAIT for a lease holder is answered with a
+    direct origin fetch of its own, so a container's read is never stuck behind a slow holder.
     """
 
-    def __init__(self, client: SchedulerClient, task_id: str, tasks: TaskSet) -> None:
+    def __init__(self, client: SchedulerClient, task_id: str, tasks: TaskSet,
+                 priority_of: Callable[[int], int]) -> None:
         self.client = client
         self.task_id = task_id
         self.tasks = tasks
-        self._unsent: dict[int, tuple[asyncio.Future[Decision], frozenset[str]]] = {}
+        self.priority_of = priority_of
+        self._unsent: dict[int, _Ask] = {}
         self._flush_scheduled = False
 
     def decide(self, index: int, exclude: frozenset[str]) -> asyncio.Future[Decision]:
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(consume_exception)
-        self._unsent[index] = (fut, exclude)
+        self._unsent[index] = _Ask(fut, exclude, time.monotonic())
         self._schedule_flush()
         return fut
 
@@ -131,42 +142,55 @@ class DecisionBatcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch = {i: v for i, v in self._unsent.items() if not v[0].done()}
+        batch = {i: ask for i, ask in self._unsent.items() if not ask.fut.done()}
         self._unsent = {}
         if batch:
             self.tasks.spawn(self._call(batch), f"schedule-{self.task_id[:19]}")
 
-    async def _call(self, batch: dict[int, tuple[asyncio.Future[Decision],
-                                                 frozenset[str]]]) -> None:
+    async def _call(self, batch: dict[int, _Ask]) -> None:
         exclude: set[str] = set()
-        for _, ex in batch.values():
-            exclude |= ex
+        for ask in batch.values():
+            exclude |= ask.exclude
+        urgent = any(self.priority_of(i) >= ON_DEMAND for i in batch)
         try:
-            decisions = await self.client.schedule(self.task_id, list(batch), exclude,
-                                                   LONG_POLL_MS)
+            decisions = await self.client.schedule(
+                self.task_id, list(batch), exclude,
+                int(ON_DEMAND_WAIT * 1000) if urgent else LONG_POLL_MS)
         except (SchedulerUnavailable, SchedulerRefused) as e:
-            for fut, _ in batch.values():
-                if not fut.done():
-                    fut.set_exception(e)
+            for ask in batch.values():
+                if not ask.fut.done():
+                    ask.fut.set_exception(e)
             return
+        now = time.monotonic()
         for d in decisions:
-            entry = batch.pop(d.piece, None)
-            if entry is None or entry[0].done():
+            ask = batch.pop(d.piece, None)
+            if ask is None or ask.fut.done():
                 continue
-            if d.action == "wait":
-                self._unsent[d.piece] = entry
-                self._schedule_flush()
+            if d.action != "wait":
+                ask.fut.set_result(d)
+            elif self.priority_of(d.piece) >= ON_DEMAND and now - ask.since >= ON_DEMAND_WAIT:
+                ask.fut.set_result(Decision(piece=d.piece, action="source",
+                                            reason="on-demand-wait"))
             else:
-                entry[0].set_result(d)
-        for fut, _ in batch.values():
-            if not fut.done():
-                fut.set_exception(SchedulerUnavailable("scheduler gave no decision"))
+                self._unsent[d.piece] = ask
+                self._schedule_flush()
+        for ask in batch.values():
+            if not ask.fut.done():
+                ask.fut.set_exception(SchedulerUnavailable("scheduler gave no decision"))
+
+
+@dataclass
+class _Ask:
+    fut: asyncio.Future[Decision]
+    exclude: frozenset[str]
+    since: float
 
 
 class Engine:
     def __init__(self, *, peer_id: str, store: ChunkStore, scheduler: SchedulerClient,
                  origin: OriginClient, parents: ParentClient, metrics: PeerMetrics,
-                 verify_on_serve: bool = True, piece_size: int | None = None) -> None:
+                 verify_on_serve: bool = True, piece_size: int | None = None,
+                 prefetch: bool = True) -> None:
         self.peer_id = peer_id
         self.store = store
         self.scheduler = scheduler
@@ -175,6 +199,9 @@ class Engine:
         self.metrics = metrics
         self.verify_on_serve = verify_on_serve
         self.piece_size = piece_size
+        self.prefetch_enabled = prefetch
+        self.fetch_slots = PrioritySlots(PARENT_FETCHES)
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
         self.runs: dict[str, TaskRun] = {}
         self._opening: dict[str, asyncio.Future[TaskRun]] = {}
         self.tasks = TaskSet("engine")
@@ -228,18 +255,24 @@ class Engine:
                                 digest=digest)
             self.store.put_task(meta)
         run = TaskRun(meta=meta, origin=origin, have=self.store.pieces(task_id))
-        run.batcher = DecisionBatcher(self.scheduler, task_id, self.tasks)
+        run.batcher = DecisionBatcher(self.scheduler, task_id, self.tasks,
+                                      lambda i: run.priority.get(i, DEFAULT))
         self.runs[task_id] = run
         return run
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _ensure(self, run: TaskRun, index: int) -> asyncio.Future[bytes] | None:
-        """Start obtaining a piece unless it is stored or already on its way."""
+    def _ensure(self, run: TaskRun, index: int,
+                priority: int = DEFAULT) -> asyncio.Future[bytes] | None:
+        """Start obtaining a piece unless it is stored or already on its way; a more urgent
+        reader raises the priority of a piece already on its way."""
         if index in run.have:
             return None
         fut = run.inflight.get(index)
-        if fut is None:
+        if fut is not None:
+            run.priority[index] = max(priority, run.priority.get(index, 0))
+        else:
+            run.priority[index] = priority
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             fut.add_done_callback(consume_exception)
@@ -269,6 +302,7 @@ class Engine:
             if run.inflight.get(index) is fut:
                 del run.inflight[index]
                 run.decided.pop(index, None)
+                run.priority.pop(index, None)
             self._update_active()
 
     async def _obtain(self, run: TaskRun, index: int,
@@ -307,7 +341,9 @@ class Engine:
                     return await self._from_origin(run, None, index, index)
                 continue
             decide("origin", d.reason)
-            assert d.epoch is not None and d.first is not None and d.last is not None
+            if d.epoch is None:  # on-demand read that waited too long for the lease holder
+                return await self._from_origin(run, None, index, index)
+            assert d.first is not None and d.last is not None
             try:
                 return await self._from_origin(run, d.epoch, d.first, d.last, index)
             except OriginError:
@@ -326,7 +362,8 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
-                data = await self.parents.fetch(parent.addr, chunk, size)
+                async with self.fetch_slots.hold(run.priority.get(index, DEFAULT)):
+                    data = await self.parents.fetch(parent.addr, chunk, size)
             except ParentError as e:
                 if e.kind != "busy":
                     failed.add(parent.id)
@@ -373,7 +410,9 @@ class Engine:
         last_progress = time.monotonic()
         storing: set[asyncio.Task[None]] = set()
         try:
-            async with self.origin.open_range(run.origin, start, end) as stream:
+            priority = max((run.priority.get(i, BACKGROUND)
+                            for i in range(orun.first, orun.last + 1)), default=DEFAULT)
+            async with self.origin.open_range(run.origin, start, end, priority) as stream:
                 for i in range(orun.first, orun.last + 1):
                     started = time.perf_counter()
                     _, size = layout.span(i)
@@ -476,7 +515,7 @@ class Engine:
     def _window(self, run: TaskRun) -> int:
         return max(2, READAHEAD_BYTES // run.meta.piece_size)
 
-    async def plan(self, run: TaskRun, rng: ByteRange) -> Plan:
+    async def plan(self, run: TaskRun, rng: ByteRange, priority: int = DEFAULT) -> Plan:
         """Start fetching the first pieces of a read and say where they come from."""
         if run.meta.length == 0:
             return Plan("local", ())
@@ -485,7 +524,7 @@ class Engine:
         reasons: list[str] = []
         waited = False
         for i in pieces:
-            if self._ensure(run, i) is None:
+            if self._ensure(run, i, priority) is None:
                 sources.add("local")
                 continue
             decided = run.decided.get(i)
@@ -503,8 +542,8 @@ class Engine:
         source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "peer")
         return Plan(source, tuple(reasons))
 
-    async def read(self, run: TaskRun, rng: ByteRange,
-                   expect: str | None = None) -> AsyncIterator[memoryview]:
+    async def read(self, run: TaskRun, rng: ByteRange, expect: str | None = None,
+                   priority: int = DEFAULT) -> AsyncIterator[memoryview]:
         """The bytes of `rng`, piece by piece, every byte verified before it is yielded.
 
         A read of a whole blob is checked against `expect` (the task's own digest for an OCI
@@ -530,12 +569,13 @@ class Engine:
             # (and origin leases cover runs) rather than one piece per call.
             if ahead <= k + window // 2:
                 for j in pieces[ahead:k + window]:
-                    fut = self._ensure(run, j)
+                    fut = self._ensure(run, j, priority)
                     if fut is not None:
                         fetching[j] = fut
                 ahead = max(ahead, min(k + window, len(pieces)))
             fut = fetching.pop(i, None)
-            data = await asyncio.shield(fut) if fut is not None else await self._piece(run, i)
+            data = await asyncio.shield(fut) if fut is not None \
+                else await self._piece(run, i, priority)
             start, size = layout.span(i)
             lo, hi = max(rng.start, start) - start, min(rng.end, start + size - 1) - start + 1
             if hasher is not None:
@@ -550,7 +590,7 @@ class Engine:
                         self._sealed(run)
             yield memoryview(data)[lo:hi]
 
-    async def _piece(self, run: TaskRun, index: int) -> bytes:
+    async def _piece(self, run: TaskRun, index: int, priority: int) -> bytes:
         """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
         the fetch already under way."""
         for _ in range(3):
@@ -559,7 +599,7 @@ class Engine:
                 return await asyncio.shield(fut)
             chunk = run.have.get(index)
             if chunk is None:
-                self._ensure(run, index)
+                self._ensure(run, index, priority)
                 continue
             try:
                 data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
@@ -569,6 +609,30 @@ class Engine:
             self.metrics.download_bytes.labels("local").inc(len(data))
             return data
         raise PieceUnavailable(f"piece {index} of {run.task_id} kept failing")
+
+    def prefetch(self, run: TaskRun) -> None:
+        """Fetch the rest of a task in the background, at the lowest priority and a few pieces
+        at a time: a lazy reader (nydusd) finds later reads local."""
+        if self.prefetch_enabled and not run.complete and not run.prefetching:
+            run.prefetching = True
+            self.tasks.spawn(self._prefetch(run), f"prefetch-{run.task_id[:19]}")
+
+    async def _prefetch(self, run: TaskRun) -> None:
+        try:
+            async with self._prefetch_slots:
+                pending: set[asyncio.Future[bytes]] = set()
+                for i in range(run.layout.count):
+                    fut = self._ensure(run, i, BACKGROUND)
+                    if fut is None:
+                        continue
+                    pending.add(fut)
+                    if len(pending) >= PREFETCH_PIECES:
+                        _, pending = await asyncio.wait(pending,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    await asyncio.wait(pending)
+        finally:
+            run.prefetching = False
 
     def drop_chunk(self, chunk: str) -> None:
         """A stored chunk failed verification: forget it everywhere so it is fetched again."""

@@ -20,13 +20,14 @@ import aiohttp
 from aiohttp import web
 
 from common import ids
+from common.limits import parse_priority
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
 from common.tasks import consume_exception
-from common.web import bodiless, error, errors_as_json, healthy
+from common.web import Handler, bodiless, error, errors_as_json, healthy
 from peer.engine import Engine
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe
-from peer.proxy import passthrough
+from peer.proxy import passthrough, tunnel
 from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
 
 log = logging.getLogger("naiad.peer.mirror")
@@ -103,7 +104,8 @@ class Mirror:
         self.served = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_as_json], client_max_size=64 << 20)
+        app = web.Application(middlewares=[errors_as_json, self._connect],
+                              client_max_size=64 << 20)
         r = app.router
         r.add_get("/healthy", healthy)
         r.add_get("/server/ping", healthy)
@@ -112,7 +114,37 @@ class Mirror:
         r.add_get(r"/v2/{name:.+}/blobs/{digest:[^/]+}", self.blob)  # HEAD too
         r.add_route("*", "/v2/{tail:.*}", self.upstream)
         r.add_route("*", "/v2", self.upstream)
+        r.add_route("*", "/{tail:.*}", self.other)
         return app
+
+    @web.middleware
+    async def _connect(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """CONNECT (an https registry through a proxy) is tunnelled to allow-listed registries
+        only: TLS end to end, so nothing is shared or cached."""
+        if request.method != "CONNECT":
+            return await handler(request)
+        target = request.raw_path
+        try:
+            registry = self.allow.registry_for_host(target)
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                raise UpstreamRefused(f"CONNECT needs host:port, got {target[:200]!r}")
+        except UpstreamRefused as e:
+            return error(403, f"CONNECT refused: {e}")
+        log.info("tunnelling CONNECT to %s (%s)", target, registry.base)
+        return await tunnel(request, host.strip("[]"), int(port))
+
+    async def other(self, request: web.Request) -> web.StreamResponse:
+        """Outside /v2 only proxy-mode requests to an allow-listed host are passed on (a
+        token realm on the registry's host, say); anything else is not ours."""
+        host = proxy_host(request)
+        if host is None:
+            return error(404, f"no such endpoint {request.path[:200]}")
+        try:
+            registry = self.allow.registry_for_host(host)
+        except UpstreamRefused as e:
+            return error(403, str(e))
+        return await passthrough(request, self.session, self._upstream_url(registry, request))
 
     def _registry(self, request: web.Request) -> Registry:
         return choose_upstream(header=request.headers.get("X-Dragonfly-Registry"),
@@ -198,8 +230,11 @@ class Mirror:
             headers["Content-Range"] = rng.content_range(length)
         if request.method == "HEAD" or target is None:
             return await bodiless(request, status, headers, target.size if target else 0)
+        priority = parse_priority(request.headers.get("X-Dragonfly-Priority"))
         run = await self.engine.open(task_id, length, digest, req)
-        plan = await self.engine.plan(run, target)
+        plan = await self.engine.plan(run, target, priority)
+        if rng is not None:
+            self.engine.prefetch(run)  # a ranged reader (nydusd) will likely want the rest
         headers["X-Naiad-Source"] = plan.source
         if plan.origin_reasons:
             headers["X-Naiad-Origin-Reason"] = ",".join(plan.origin_reasons)
@@ -207,7 +242,7 @@ class Mirror:
         resp.content_length = target.size
         await resp.prepare(request)
         try:
-            async for view in self.engine.read(run, target, expect):
+            async for view in self.engine.read(run, target, expect, priority):
                 await resp.write(view)
                 self.metrics.served_bytes.inc(len(view))
                 self.served += len(view)

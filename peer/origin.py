@@ -8,7 +8,6 @@ working (an expired signature) is forgotten and the registry asked again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +16,8 @@ from urllib.parse import urljoin
 
 import aiohttp
 from multidict import CIMultiDict
+
+from common.limits import DEFAULT, PrioritySlots
 
 REDIRECT_TTL = 600.0
 MAX_REDIRECTS = 5
@@ -57,14 +58,14 @@ class OriginClient:
         self.session = session
         self.concurrency = concurrency
         self.read_timeout = read_timeout
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, PrioritySlots] = {}
         self._redirects: dict[str, tuple[float, str]] = {}
 
-    def _slot(self, registry: str) -> asyncio.Semaphore:
-        sem = self._slots.get(registry)
-        if sem is None:
-            sem = self._slots[registry] = asyncio.Semaphore(self.concurrency)
-        return sem
+    def _slot(self, registry: str) -> PrioritySlots:
+        slots = self._slots.get(registry)
+        if slots is None:
+            slots = self._slots[registry] = PrioritySlots(self.concurrency)
+        return slots
 
     def _remembered(self, url: str) -> str | None:
         hit = self._redirects.get(url)
@@ -134,10 +135,11 @@ class OriginClient:
             return Probe(resp.status if resp.status >= 300 else 502, None, headers)
 
     @contextlib.asynccontextmanager
-    async def open_range(self, req: OriginRequest, start: int,
-                         end: int) -> AsyncIterator[aiohttp.StreamReader]:
-        """A stream of exactly bytes start..end (inclusive) of the blob."""
-        async with self._slot(req.registry), \
+    async def open_range(self, req: OriginRequest, start: int, end: int,
+                         priority: int = DEFAULT) -> AsyncIterator[aiohttp.StreamReader]:
+        """A stream of exactly bytes start..end (inclusive) of the blob; at most
+        `concurrency` per registry, the most urgent first."""
+        async with self._slot(req.registry).hold(priority), \
                 self._request("GET", req, {"Range": f"bytes={start}-{end}"}) as resp:
             if resp.status == 206:
                 got = resp.headers.get("Content-Range", "")

@@ -38,7 +38,8 @@ def free_port() -> int:
     raise AssertionError("unreachable")
 
 
-async def wait_http(url: str, seconds: float = 20.0, proc: Proc | None = None) -> None:
+async def wait_http(url: str, seconds: float = 20.0, proc: Proc | None = None,
+                    ssl: object = None, ok: tuple[int, ...] = (200,)) -> None:
     """Until `url` answers 200 (a readiness check, not a sleep: returns on the first 200)."""
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession() as s:
@@ -47,8 +48,9 @@ async def wait_http(url: str, seconds: float = 20.0, proc: Proc | None = None) -
                 raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n"
                                    f"{proc.logs()}")
             try:
-                async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=2),
+                                 ssl=ssl if ssl is not None else True) as r:
+                    if r.status in ok:
                         return
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
@@ -110,12 +112,14 @@ def naiad(*args: str) -> list[str]:
 class Registry:
     """Debian's docker-registry (distribution 2.8) on a loopback port."""
 
-    def __init__(self, workdir: Path, auth_yaml: str = "") -> None:
+    def __init__(self, workdir: Path, auth_yaml: str = "", tls: tuple[Path, Path] | None = None,
+                 port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port or free_port()
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
+        tls_yaml = f"\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}" if tls else ""
         config = workdir / "config.yml"
         config.write_text(f"""version: 0.1
 log:
@@ -128,24 +132,25 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:{self.port}
+  addr: 127.0.0.1:{self.port}{tls_yaml}
 {auth_yaml}""")
         binary = shutil.which("docker-registry")
         if binary is None:
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
         self.proc = spawn("registry", [binary, "serve", str(config)], workdir)
 
-    async def ready(self) -> None:
-        await wait_http(f"{self.url}/v2/", proc=self.proc)
+    async def ready(self, ssl: object = None) -> None:
+        await wait_http(f"{self.url}/v2/", proc=self.proc, ssl=ssl, ok=(200, 401))
 
     def stop(self) -> None:
         self.proc.stop()
 
 
 async def push_blob(registry_url: str, repo: str, data: bytes,
-                    headers: dict[str, str] | None = None) -> str:
+                    headers: dict[str, str] | None = None, ssl: object = True) -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with aiohttp.ClientSession(headers=headers or {}) as s:
+    async with aiohttp.ClientSession(headers=headers or {},
+                                     connector=aiohttp.TCPConnector(ssl=ssl)) as s:
         async with s.post(f"{registry_url}/v2/{repo}/blobs/uploads/") as r:
             assert r.status == 202, await r.text()
             location = r.headers["Location"]
@@ -256,9 +261,9 @@ class Cluster:
         return argv, listen, upload
 
     async def peer(self, name: str, scheduler: str, registry: str, *args: str,
-                   wait_registered: bool = True) -> Node:
+                   wait_registered: bool = True, env: dict[str, str] | None = None) -> Node:
         argv, listen, upload = self.peer_args(name, scheduler, registry, *args)
-        proc = spawn(name, argv, self.workdir)
+        proc = spawn(name, argv, self.workdir, env)
         node = Node(name, proc, f"http://127.0.0.1:{listen}",
                     {"upload": upload, "argv": argv, "scheduler": scheduler})
         self.nodes.append(node)
@@ -305,3 +310,13 @@ async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> f
 async def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as r:
         return r.status, dict(r.headers), await r.read()
+
+
+def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), for an https registry."""
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    return cert, key

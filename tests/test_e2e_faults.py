@@ -280,3 +280,27 @@ async def test_stalling_parent_is_abandoned(
     assert body == blob
     assert view["penalty_reason"] == "slow"
     assert elapsed < 6.0, f"stalled parent held the pull for {elapsed:.1f} s"
+
+
+async def test_on_demand_read_does_not_wait_long_for_a_lease_holder(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    """DESIGN: an on-demand read (priority 6) that waited ~1 s for a lease holder fetches its
+    own covering pieces; nydusd gives up after 5 s, and the lease only lapses after 2 s."""
+    blob = os.urandom(4 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler()
+    peer = await cluster.peer("real", sched.url, origin.url, "--no-prefetch")
+    async with FakePeer(sched.url, "squatter", free_port()) as squatter:
+        await squatter.post("/tasks", {"task_id": digest, "length": len(blob)})
+        await squatter.post("/schedule", {"peer_id": "squatter", "task_id": digest,
+                                          "pieces": [0, 1, 2, 3]})
+        started = asyncio.get_running_loop().time()
+        async with aiohttp.ClientSession() as s, s.get(
+                f"{peer.url}/v2/{repo}/blobs/{digest}",
+                headers={"Range": "bytes=1500000-1600000", "X-Dragonfly-Priority": "6"}) as r:
+            body = await r.read()
+            reason = r.headers.get("X-Naiad-Origin-Reason", "")
+        elapsed = asyncio.get_running_loop().time() - started
+    assert body == blob[1500000:1600001]
+    assert reason == "on-demand-wait"
+    assert 0.9 < elapsed < 1.9, f"{elapsed:.2f} s"

@@ -183,3 +183,35 @@ async def test_naiad_get_shows_progress_on_a_terminal(
     os.close(master)
     assert b"100.0%" in shown and b"[####" in shown, shown[-300:]
     assert (tmp_path / "out").read_bytes() == blob
+
+
+async def test_several_registries_through_one_peer(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        tmp_path: Path) -> None:
+    """docker's plain mirror (no upstream named: the default registry), nydusd's header and
+    containerd's ?ns= for others; the same layer in two registries is one task."""
+    other = Registry(tmp_path / "other-registry")
+    try:
+        await other.ready()
+        shared = os.urandom(2 * MiB + 1)
+        only_other = os.urandom(MiB + 2)
+        digest = await push_blob(registry.url, repo, shared)
+        assert await push_blob(other.url, "mirror/copy", shared) == digest
+        other_digest = await push_blob(other.url, "mirror/copy", only_other)
+        sched = await cluster.scheduler()
+        peer = await cluster.peer("p", sched.url, origin.url, "--allow-registry", other.url)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{peer.url}/v2/{repo}/blobs/{digest}") as r:  # docker
+                assert r.status == 200 and await r.read() == shared
+            async with s.get(f"{peer.url}/v2/mirror/copy/blobs/{other_digest}",
+                             headers={"X-Dragonfly-Registry": other.url}) as r:  # nydusd
+                assert r.status == 200 and await r.read() == only_other
+            async with s.get(f"{peer.url}/v2/mirror/copy/blobs/{digest}?ns={other.host}") as r:
+                assert r.status == 200 and await r.read() == shared  # containerd
+                assert r.headers["X-Naiad-Source"] == "local"
+                assert r.headers["X-Naiad-Task-Id"] == digest
+            # The other registry's blob is not in the default registry.
+            async with s.get(f"{peer.url}/v2/{repo}/blobs/{other_digest}") as r:
+                assert r.status == 404
+    finally:
+        other.stop()
