@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 ON_DEMAND = 6  # nydusd: X-Dragonfly-Priority for a read a container is blocked on
 PREFETCH = 3  # nydusd: its own prefetch
@@ -65,3 +66,30 @@ class PrioritySlots:
             yield
         finally:
             self.release()
+
+
+class TokenBucket:
+    """Bytes per second with a burst of one second: `await take(n)` returns when n bytes may
+    go. One small bucket used wherever a rate is limited (scrubbing, links), not sprinkled
+    sleeps."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock()
+
+    def delay(self, n: int) -> float:
+        """Take n bytes now; how long to wait before they may go (pure bookkeeping)."""
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    async def take(self, n: int) -> None:
+        wait = self.delay(n)
+        if wait > 0:
+            await asyncio.sleep(wait)

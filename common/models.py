@@ -176,6 +176,14 @@ class Report(Model):
     kind: Literal["failed", "slow", "corrupt"]
 
 
+class Withdraw(Model):
+    """A peer no longer holds these pieces (a failed scrub, an eviction); None: all."""
+
+    peer_id: PeerId
+    task_id: TaskId
+    pieces: list[PieceIndex] | None = Field(None, max_length=MAX_BATCH)
+
+
 class BlobMismatch(Model):
     peer_id: PeerId
     task_id: TaskId

@@ -41,6 +41,7 @@ SCHEDULER_OPTIONS = [
            type=float, metavar="SECONDS"),
     Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
            type=float, metavar="SECONDS"),
+    Option("redis", None, "Redis URL for state shared by scheduler replicas", metavar="URL"),
     *COMMON,
 ]
 PEER_OPTIONS = [
@@ -67,6 +68,10 @@ PEER_OPTIONS = [
            switch=True),
     Option("no_prefetch", False, "do not fetch the rest of a blob in the background after a "
            "range read", switch=True),
+    Option("disk_quota", None, "most bytes the chunk store may hold; least recently used "
+           "tasks are evicted above 95%, down to 85%", type=_size_or_none, metavar="SIZE"),
+    Option("scrub_rate", 16 << 20, "bytes/s at which stored chunks are re-hashed in the "
+           "background (0: never)", type=parse_size, metavar="SIZE"),
     *COMMON,
 ]
 
@@ -101,7 +106,8 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
     _require_secret(opts, secret, opts["listen"])
     service = SchedulerService(SchedulerConfig(
         listen=opts["listen"], heartbeat_interval=opts["heartbeat_interval"],
-        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret))
+        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
+        redis=opts["redis"]))
 
     async def stop(_: float) -> None:
         await service.stop()
@@ -123,7 +129,7 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         advertise=opts["advertise"], piece_size=opts["piece_size"],
         upload_slots=opts["upload_slots"], origin_concurrency=opts["origin_concurrency"],
         verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
-        secret=secret))
+        disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"], secret=secret))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 
@@ -174,6 +180,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_store(args: argparse.Namespace) -> int:
+    """Re-hash every chunk of a (stopped) peer's store; drop what fails."""
+    from peer.store import ChunkStore
+
+    store = ChunkStore(args.data_dir)
+    store.open()  # the cheap check: missing or torn files, orphans
+    try:
+        before = sum(len(t.pieces) for t in store.tasks())
+        dropped = store.check(full=True)
+    finally:
+        store.close()
+    print(f"{args.data_dir}: {before} pieces checked, {dropped} dropped")
+    return 1 if dropped else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from naiad.demo import run_demo
 
@@ -195,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="cluster summary")
     p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p = sub.add_parser("check-store", help="re-hash every chunk of a stopped peer's store, "
+                       "dropping those that fail (exit 1 if any did)")
+    p.add_argument("--data-dir", default="~/.local/share/naiad", metavar="DIR")
     p = sub.add_parser("demo", help="a whole cluster on loopback, and what it saved")
     p.add_argument("--peers", type=int, default=4, metavar="N")
     return parser
@@ -209,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             logsetup.setup(opts["log_format"])
             return (cmd_scheduler if args.command == "scheduler" else cmd_peer)(opts)
         logsetup.setup("text", "WARNING")
-        return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo}[args.command](args)
+        return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo,
+                "check-store": cmd_check_store}[args.command](args)
     except ConfigError as e:
         print(f"naiad {args.command}: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from peer.mirror import AccessCache, Mirror
 from peer.origin import OriginClient
 from peer.parents import ParentClient
 from peer.scheduler_client import SchedulerClient
+from peer.scrub import Scrubber
 from peer.store import ChunkStore
 from peer.upload import UploadServer
 from peer.upstream import AllowList, Registry
@@ -48,6 +49,8 @@ class PeerConfig:
     origin_concurrency: int = 4
     verify_on_serve: bool = True
     prefetch: bool = True
+    disk_quota: int | None = None
+    scrub_rate: int = 16 << 20  # bytes/s; 0 turns the scrubber off
     secret: bytes | None = None
 
 
@@ -96,7 +99,8 @@ class PeerDaemon:
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
             parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,
-            verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch)
+            verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
+            disk_quota=c.disk_quota)
         mirror = Mirror(engine=self.engine, origin=origin, access=AccessCache(origin),
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)
@@ -106,6 +110,9 @@ class PeerDaemon:
         await self.scheduler.start()
         self.metrics.cache_bytes.set(self.store.cache_bytes())
         self._tasks.spawn(self._gauges(), "peer-gauges")
+        if c.scrub_rate > 0:
+            self.scrubber = Scrubber(self.store, self.engine, c.scrub_rate)
+            self._tasks.spawn(self.scrubber.run(), "peer-scrubber")
         log.info("peer %s ready: mirror %s, upload %s (advertised %s)", c.peer_id,
                  self.mirror_server.address, self.upload_server.address,
                  registration.upload_addr)
@@ -137,7 +144,7 @@ class PeerDaemon:
     async def _gauges(self) -> None:
         while True:
             await asyncio.sleep(5)
-            self.metrics.cache_bytes.set(self.store.cache_bytes())
+            self.metrics.cache_bytes.set(self.store.bytes)
 
     async def stop(self, drain: float = 0.0) -> None:
         """Leave the scheduler (no new children), let uploads in flight finish for up to

@@ -21,6 +21,7 @@ byte goes out before the last piece is fetched and memory stays flat.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import time
@@ -47,6 +48,8 @@ ON_DEMAND_WAIT = 1.0  # DESIGN: an on-demand read waits ~1 s for a lease holder
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
 PREFETCH_TASKS = 2  # tasks prefetched at once
 PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
+QUOTA_HIGH, QUOTA_LOW = 0.95, 0.85  # --disk-quota watermarks: evict above high, down to low
+FULL_BACKOFF = 5  # seconds without caching after the disk filled up
 PARENT_ROUNDS = 3
 ORIGIN_ATTEMPTS = 3
 PROGRESS_EVERY = 0.5
@@ -88,6 +91,12 @@ class TaskRun:
     priority: dict[int, int] = field(default_factory=dict)  # of pieces in flight
     sealing: bool = False
     prefetching: bool = False
+    readers: int = 0
+
+    @property
+    def busy(self) -> bool:
+        """Being read or fetched: its chunks must not be evicted."""
+        return bool(self.readers or self.inflight or self.prefetching)
 
     @property
     def task_id(self) -> str:
@@ -190,7 +199,7 @@ class Engine:
     def __init__(self, *, peer_id: str, store: ChunkStore, scheduler: SchedulerClient,
                  origin: OriginClient, parents: ParentClient, metrics: PeerMetrics,
                  verify_on_serve: bool = True, piece_size: int | None = None,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, disk_quota: int | None = None) -> None:
         self.peer_id = peer_id
         self.store = store
         self.scheduler = scheduler
@@ -200,6 +209,10 @@ class Engine:
         self.verify_on_serve = verify_on_serve
         self.piece_size = piece_size
         self.prefetch_enabled = prefetch
+        self.disk_quota = disk_quota
+        self._evicting = False
+        self._store_full_until = 0.0
+        self._writing = 0  # bytes of chunk writes under way: counted against the quota
         self.fetch_slots = PrioritySlots(PARENT_FETCHES)
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
         self.runs: dict[str, TaskRun] = {}
@@ -462,14 +475,58 @@ class Engine:
 
     async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
                     source: str) -> None:
-        """Store verified bytes, count them, announce them; seal the task when complete."""
-        await self.store.put_piece(run.task_id, index, chunk, data)
-        run.have[index] = chunk
+        """Store verified bytes, count them, announce them; seal the task when complete.
+
+        A full disk (or quota) degrades to passing the bytes through uncached: the reader
+        still gets them, nobody is told this peer holds them."""
         self.metrics.download_bytes.labels(source).inc(len(data))
+        if not await self._store(run, index, chunk, data):
+            return
+        run.have[index] = chunk
         self.scheduler.announce(run.task_id, index, chunk)
         if run.complete and not run.meta.sealed and not run.sealing and run.meta.digest:
             run.sealing = True
             self.tasks.spawn(self._seal(run), f"seal-{run.task_id[:19]}")
+
+    async def _store(self, run: TaskRun, index: int, chunk: str, data: bytes) -> bool:
+        quota = self.disk_quota
+        if quota is not None and self.store.bytes + self._writing > QUOTA_HIGH * quota:
+            self._evict()
+        if time.monotonic() < self._store_full_until or (
+                quota is not None and self.store.bytes + self._writing + len(data) > quota):
+            return False
+        self._writing += len(data)
+        try:
+            await self.store.put_piece(run.task_id, index, chunk, data)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("disk full: serving %s uncached for %d s", run.task_id, FULL_BACKOFF)
+            self._store_full_until = time.monotonic() + FULL_BACKOFF
+            self._evict()
+            return False
+        finally:
+            self._writing -= len(data)
+        self.metrics.cache_bytes.set(self.store.bytes)
+        return True
+
+    def _evict(self) -> None:
+        """Drop least recently used tasks down to the low watermark (to a quarter of the
+        store after a full disk), never a task being read or fetched."""
+        if self._evicting:
+            return
+        target = int(QUOTA_LOW * self.disk_quota) if self.disk_quota is not None \
+            else self.store.bytes * 3 // 4
+        busy = {t for t, r in self.runs.items() if r.busy}
+        self._evicting = True
+        try:
+            for task_id in self.store.evict(target, busy):
+                self.runs.pop(task_id, None)
+                self.scheduler.withdraw(task_id, None)
+                log.info("evicted %s", task_id)
+        finally:
+            self._evicting = False
+        self.metrics.cache_bytes.set(self.store.bytes)
 
     # -- whole-blob verification -----------------------------------------------------------
 
@@ -554,6 +611,16 @@ class Engine:
         """
         if run.meta.length == 0:
             return
+        run.readers += 1
+        try:
+            self.store.touch(run.task_id, time.time())
+            async for view in self._read(run, rng, expect, priority):
+                yield view
+        finally:
+            run.readers -= 1
+
+    async def _read(self, run: TaskRun, rng: ByteRange, expect: str | None,
+                    priority: int) -> AsyncIterator[memoryview]:
         layout = run.layout
         pieces = list(layout.covering(rng.start, rng.end))
         window = self._window(run)
@@ -638,12 +705,17 @@ class Engine:
         """A stored chunk failed verification: forget it everywhere so it is fetched again."""
         self.metrics.verify_failures.inc()
         log.error("stored chunk %s is corrupt: dropping it", chunk)
+        dropped: dict[str, list[int]] = {}
         for task_id, index in self.store.drop_chunk(chunk):
+            dropped.setdefault(task_id, []).append(index)
             run = self.runs.get(task_id)
             if run is not None:
                 run.have.pop(index, None)
                 if run.meta.sealed:
                     run.meta = run.meta.model_copy(update={"sealed": False})
+        for task_id, indices in dropped.items():
+            self.scheduler.withdraw(task_id, indices)
+        self.metrics.cache_bytes.set(self.store.bytes)
 
 
 async def _hash(data: bytes) -> str:

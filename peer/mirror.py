@@ -10,6 +10,7 @@ the registry gave it, and no byte of the blob is served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -242,10 +243,12 @@ class Mirror:
         resp.content_length = target.size
         await resp.prepare(request)
         try:
-            async for view in self.engine.read(run, target, expect, priority):
-                await resp.write(view)
-                self.metrics.served_bytes.inc(len(view))
-                self.served += len(view)
+            async with contextlib.aclosing(self.engine.read(run, target, expect,
+                                                            priority)) as views:
+                async for view in views:
+                    await resp.write(view)
+                    self.metrics.served_bytes.inc(len(view))
+                    self.served += len(view)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as e:

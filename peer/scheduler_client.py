@@ -34,6 +34,7 @@ from common.models import (
     ScheduleRequest,
     TaskMeta,
     TaskRequest,
+    Withdraw,
 )
 from common.tasks import TaskSet
 from peer.store import ChunkStore
@@ -236,6 +237,11 @@ class SchedulerClient:
         rep = Report(peer_id=self.registration.id, parent_id=parent_id, task_id=task_id,
                      piece=piece, kind=kind)
         self._fire(f"{API}/reports", rep)
+
+    def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
+        """This peer no longer holds these pieces (None: the whole task) of a task."""
+        self._fire(f"{API}/withdraw", Withdraw(peer_id=self.registration.id, task_id=task_id,
+                                              pieces=pieces))
 
     def blob_mismatch(self, task_id: str) -> None:
         self._fire(f"{API}/mismatches",

@@ -13,7 +13,6 @@ threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -62,6 +61,7 @@ class ChunkStore:
         self.chunks_dir = self.root / "chunks"
         self.tmp_dir = self.root / "tmp"
         self._db: sqlite3.Connection | None = None
+        self.bytes = 0  # of chunk files the index refers to, each distinct chunk once
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -79,6 +79,10 @@ class ChunkStore:
         dropped = self.check(full=False)
         if dropped:
             log.warning("dropped %d index entries whose chunk file is missing or torn", dropped)
+        orphans = self._remove_orphans()
+        if orphans:
+            log.info("removed %d chunk files no task refers to", orphans)
+        self.bytes = self.cache_bytes()
 
     def close(self) -> None:
         if self._db is not None:
@@ -107,6 +111,18 @@ class ChunkStore:
                 bad.add(chunk)
         return sum(len(self.drop_chunk(c)) for c in bad)
 
+    def _remove_orphans(self) -> int:
+        """Chunk files written but never indexed (the process died between the two)."""
+        known = {c.removeprefix(ids.BLAKE3_PREFIX)
+                 for (c,) in self.db.execute("SELECT DISTINCT chunk FROM pieces")}
+        removed = 0
+        for sub in self.chunks_dir.iterdir():
+            for entry in os.scandir(sub):
+                if entry.name not in known:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
     # -- chunks ----------------------------------------------------------------------------
 
     def chunk_path(self, chunk: str) -> Path:
@@ -116,10 +132,11 @@ class ChunkStore:
     def has_chunk(self, chunk: str) -> bool:
         return self.chunk_path(chunk).exists()
 
-    def _write_chunk(self, chunk: str, data: bytes | memoryview) -> None:
+    def _write_chunk(self, chunk: str, data: bytes | memoryview) -> bool:
+        """Write a chunk file unless it exists; whether it was written."""
         path = self.chunk_path(chunk)
         if path.exists():
-            return
+            return False
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as f:
@@ -127,6 +144,7 @@ class ChunkStore:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        return True
 
     def _read_verified(self, chunk: str) -> bytes:
         data = self.chunk_path(chunk).read_bytes()
@@ -137,7 +155,8 @@ class ChunkStore:
     async def put_piece(self, task_id: str, index: int, chunk: str,
                         data: bytes | memoryview) -> None:
         """Store verified bytes as `chunk` and record them as piece `index` of the task."""
-        await asyncio.to_thread(self._write_chunk, chunk, data)
+        if await asyncio.to_thread(self._write_chunk, chunk, data):
+            self.bytes += len(data)
         self.db.execute("INSERT OR REPLACE INTO pieces (task_id, idx, chunk, size) "
                         "VALUES (?, ?, ?, ?)", (task_id, index, chunk, len(data)))
 
@@ -149,14 +168,20 @@ class ChunkStore:
 
     def drop_chunk(self, chunk: str) -> list[tuple[str, int]]:
         """Forget a chunk everywhere (it failed verification); returns the pieces it was."""
-        rows = self.db.execute("SELECT task_id, idx FROM pieces WHERE chunk = ?",
+        rows = self.db.execute("SELECT task_id, idx, size FROM pieces WHERE chunk = ?",
                                (chunk,)).fetchall()
         self.db.execute("DELETE FROM pieces WHERE chunk = ?", (chunk,))
         self.db.executemany("UPDATE tasks SET sealed = 0 WHERE task_id = ?",
                             [(t,) for t in {r[0] for r in rows}])
-        with contextlib.suppress(FileNotFoundError):
-            self.chunk_path(chunk).unlink()
+        self._unlink(chunk, rows[0][2] if rows else 0)
         return [(r[0], r[1]) for r in rows]
+
+    def _unlink(self, chunk: str, size: int) -> None:
+        try:
+            self.chunk_path(chunk).unlink()
+        except FileNotFoundError:
+            return
+        self.bytes -= size
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -190,16 +215,34 @@ class ChunkStore:
 
     def drop_task(self, task_id: str) -> None:
         """Forget a task and delete the chunks no other task uses."""
-        chunks = {r[0] for r in self.db.execute(
-            "SELECT chunk FROM pieces WHERE task_id = ?", (task_id,))}
+        chunks = dict(self.db.execute(
+            "SELECT chunk, size FROM pieces WHERE task_id = ?", (task_id,)).fetchall())
         self.db.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
         self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-        for chunk in chunks:
+        for chunk, size in chunks.items():
             used = self.db.execute("SELECT 1 FROM pieces WHERE chunk = ? LIMIT 1",
                                    (chunk,)).fetchone()
             if used is None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.chunk_path(chunk).unlink()
+                self._unlink(chunk, size)
+
+    def evict(self, target: int, busy: set[str]) -> list[str]:
+        """Drop least recently used tasks, never one in `busy`, until the store holds at most
+        `target` bytes; the tasks dropped."""
+        dropped = []
+        for (task_id,) in self.db.execute(
+                "SELECT task_id FROM tasks ORDER BY last_access, task_id").fetchall():
+            if self.bytes <= target:
+                break
+            if task_id not in busy:
+                self.drop_task(task_id)
+                dropped.append(task_id)
+        return dropped
+
+    def chunks_after(self, chunk: str, limit: int) -> list[tuple[str, int]]:
+        """Distinct chunks (and sizes) in name order after `chunk`: a scrubber's cursor."""
+        return self.db.execute("SELECT chunk, MAX(size) FROM pieces WHERE chunk > ? "
+                               "GROUP BY chunk ORDER BY chunk LIMIT ?",
+                               (chunk, limit)).fetchall()
 
     def tasks(self) -> list[StoredTask]:
         out = []
