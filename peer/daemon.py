@@ -95,7 +95,8 @@ class PeerDaemon:
             upload_slots=c.upload_slots, seed=c.seed)
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
                                          self.store, self._heartbeat, c.secret)
-        origin = OriginClient(self._origin_session, c.origin_concurrency)
+        origin = OriginClient(self._origin_session, c.origin_concurrency,
+                              allowed=self.allow.__contains__)
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
             parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,

@@ -4,15 +4,22 @@ The peer follows registry redirects (307 to object storage) itself: the redirect
 requested without the client's Authorization (it is signed) and remembered for a while, so a
 blob's range reads do not each bounce through the registry. A remembered target that stops
 working (an expired signature) is forgotten and the registry asked again.
+
+A redirect is never a way into the peer's own network: a target whose address is not global
+(loopback, private, link-local, ...) is followed only when its host is allow-listed or is the
+registry's own address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -54,8 +61,10 @@ class OriginError(Exception):
 
 class OriginClient:
     def __init__(self, session: aiohttp.ClientSession, concurrency: int = 4,
-                 read_timeout: float = 30.0) -> None:
+                 read_timeout: float = 30.0,
+                 allowed: Callable[[str], bool] = lambda _: False) -> None:
         self.session = session
+        self.allowed = allowed
         self.concurrency = concurrency
         self.read_timeout = read_timeout
         self._slots: dict[str, PrioritySlots] = {}
@@ -101,7 +110,9 @@ class OriginClient:
             location = resp.headers.get("Location")
             if resp.status in _REDIRECT_CODES and location:
                 resp.release()
-                url = urljoin(url, location)
+                target = urljoin(url, location)
+                await self._check_redirect(url, target)
+                url = target
                 auth = None  # signed URLs carry their own credentials
                 if method == "GET":
                     self._redirects[req.url] = (time.monotonic() + REDIRECT_TTL, url)
@@ -112,6 +123,19 @@ class OriginClient:
                 resp.release()
             return
         raise OriginError(f"too many redirects for {req.url}")
+
+    async def _check_redirect(self, source: str, target: str) -> None:
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OriginError(f"redirect to {target[:200]!r} refused: not http(s)")
+        if parts.username is not None or parts.password is not None:
+            raise OriginError("redirect refused: the target carries userinfo")
+        if self.allowed(parts.netloc):
+            return
+        mine = await _addresses(urlsplit(source).hostname or "")
+        for address in await _addresses(parts.hostname):
+            if not address.is_global and address not in mine:
+                raise OriginError(f"redirect to internal address {address} refused")
 
     async def probe(self, req: OriginRequest) -> Probe:
         """HEAD the blob with the client's credentials. When the answer carries no length (or a
@@ -156,3 +180,17 @@ class OriginClient:
             else:
                 raise OriginError(f"origin answered {resp.status} for {req.url}", resp.status)
             yield resp.content
+
+
+async def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address a host name resolves to (an IP literal is its own)."""
+    try:
+        return {ipaddress.ip_address(host.strip("[]"))}
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None,
+                                                             type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise OriginError(f"cannot resolve {host!r}: {e}") from e
+    return {ipaddress.ip_address(info[4][0]) for info in infos}
