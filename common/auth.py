@@ -1,7 +1,9 @@
 """Cluster secret: peers and schedulers prove membership with an HMAC over each request.
 
-The header is `X-Naiad-Auth: <unix-seconds>.<hex hmac-sha256(secret, "ts\\nMETHOD\\npath")>`.
-The secret itself never travels; a captured header is good for one path within the skew window.
+The header is `X-Naiad-Auth: <unix-seconds>.<hex hmac-sha256(secret, message)>` where the
+message is `ts \\n METHOD \\n path \\n sha256(body)`. The secret itself never travels; a captured
+header is good only for the same request (path and body) within the skew window, so it cannot
+carry another announcement.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ def load_secret(secret: str | None, secret_file: str | None) -> bytes | None:
     return secret.encode() if secret else None
 
 
-def sign(secret: bytes, method: str, path: str, now: float | None = None) -> str:
+def sign(secret: bytes, method: str, path: str, body: bytes = b"",
+         now: float | None = None) -> str:
     ts = str(int(now if now is not None else time.time()))
-    mac = hmac.new(secret, f"{ts}\n{method.upper()}\n{path}".encode(), hashlib.sha256)
-    return f"{ts}.{mac.hexdigest()}"
+    message = f"{ts}\n{method.upper()}\n{path}\n{hashlib.sha256(body).hexdigest()}"
+    return f"{ts}.{hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()}"
 
 
-def verify(secret: bytes, header: str | None, method: str, path: str,
+def verify(secret: bytes, header: str | None, method: str, path: str, body: bytes = b"",
            now: float | None = None) -> bool:
     if not header:
         return False
@@ -45,7 +48,7 @@ def verify(secret: bytes, header: str | None, method: str, path: str,
     now = now if now is not None else time.time()
     if abs(now - int(ts)) > MAX_SKEW_SECONDS:
         return False
-    expected = sign(secret, method, path, int(ts)).partition(".")[2]
+    expected = sign(secret, method, path, body, int(ts)).partition(".")[2]
     return hmac.compare_digest(expected, mac)
 
 
@@ -55,9 +58,9 @@ def require_secret(secret: bytes | None,
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if secret is not None and guarded(request) \
-                and not verify(secret, request.headers.get(HEADER), request.method,
-                               request.path):
+        if secret is not None and guarded(request) and not verify(
+                secret, request.headers.get(HEADER), request.method, request.path,
+                await request.read()):
             return error(401, "cluster secret required: missing or invalid X-Naiad-Auth")
         return await handler(request)
 

@@ -106,9 +106,9 @@ class SchedulerClient:
     async def _post(self, path: str, body: BaseModel | None, reply: type[R] | None,
                     seconds: float = 5.0, url: str | None = None) -> R | None:
         headers = {"Content-Type": "application/json"}
+        data = (body.model_dump_json() if body is not None else "{}").encode()
         if self.secret is not None:
-            headers[auth.HEADER] = auth.sign(self.secret, "POST", path)
-        data = body.model_dump_json() if body is not None else "{}"
+            headers[auth.HEADER] = auth.sign(self.secret, "POST", path, data)
         try:
             async with self.session.post((url or self.url) + path, data=data, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=seconds,
