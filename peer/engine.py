@@ -46,6 +46,8 @@ READAHEAD_BYTES = 16 * MiB
 LONG_POLL_MS = 2000
 ON_DEMAND_WAIT = 1.0  # DESIGN: an on-demand read waits ~1 s for a lease holder
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
+# How long a piece waits for a scheduler lost moments ago before going to the origin.
+SCHEDULER_GRACE, ON_DEMAND_GRACE = 3.0, 1.0
 PREFETCH_TASKS = 2  # tasks prefetched at once
 PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 QUOTA_HIGH, QUOTA_LOW = 0.95, 0.85  # --disk-quota watermarks: evict above high, down to low
@@ -326,12 +328,19 @@ class Engine:
 
         exclude: set[str] = set()
         rounds = origin_failures = 0
+        waited_for_scheduler = False
         assert run.batcher is not None
         while True:
             try:
                 d = await run.batcher.decide(index, frozenset(exclude))
             except (SchedulerUnavailable, SchedulerRefused) as e:
                 log.debug("no decision for piece %d of %s: %s", index, run.task_id, e)
+                grace = ON_DEMAND_GRACE if run.priority.get(index, DEFAULT) >= ON_DEMAND \
+                    else SCHEDULER_GRACE
+                if isinstance(e, SchedulerUnavailable) and not waited_for_scheduler:
+                    waited_for_scheduler = True
+                    if await self.scheduler.wait_back(grace):
+                        continue
                 known = run.known.get(index)
                 if known is not None:
                     decide("peer")

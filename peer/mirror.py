@@ -39,6 +39,12 @@ _ACCESS_MAX = 100_000
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
                       r"(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _MAX_REPO = 255
+# A registry API path naming a repository: /v2/<name>/manifests|blobs|tags/...
+_NAMED_RE = re.compile(r"^/v2/(.+)/(?:manifests|blobs|tags)/")
+
+
+def _valid_repo(name: str) -> bool:
+    return len(name) <= _MAX_REPO and bool(_REPO_RE.fullmatch(name))
 
 
 class AccessCache:
@@ -158,6 +164,9 @@ class Mirror:
         return f"{registry.base}{request.rel_url.raw_path}" + (f"?{query}" if query else "")
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
+        named = _NAMED_RE.match(request.path)
+        if named and not _valid_repo(named.group(1)):
+            return error(400, f"invalid repository name {named.group(1)[:100]!r}")
         try:
             registry = self._registry(request)
         except UpstreamRefused as e:
@@ -166,7 +175,7 @@ class Mirror:
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         name, digest = request.match_info["name"], request.match_info["digest"]
-        if len(name) > _MAX_REPO or not _REPO_RE.match(name):
+        if not _valid_repo(name):
             return error(400, f"invalid repository name {name[:100]!r}")
         if not ids.is_blob_digest(digest):
             return error(400, f"unsupported or invalid digest {digest[:100]!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -42,7 +43,8 @@ from peer.store import ChunkStore
 log = logging.getLogger("naiad.peer.scheduler")
 R = TypeVar("R", bound=BaseModel)
 API = "/api/v1"
-RETRY_SECONDS = 1.0
+RETRY_MIN, RETRY_MAX = 0.2, 2.0  # registration retries back off between these
+RECENT_SECONDS = 30.0  # a scheduler lost this recently is worth waiting for
 ANNOUNCE_BATCH = 4096
 ANNOUNCE_COALESCE = 0.005
 
@@ -80,6 +82,7 @@ class SchedulerClient:
         self.secret = secret
         self.current = 0
         self.connected = asyncio.Event()
+        self.lost_at: float | None = None
         self.interval = 2.0
         self._tasks = TaskSet("scheduler-client")
         self._pending: dict[str, _Pending] = {}
@@ -138,8 +141,26 @@ class SchedulerClient:
         """The scheduler we use stopped answering or forgot us: register again."""
         if self.connected.is_set():
             log.warning("lost scheduler %s; registering again", self.url)
-        self.connected.clear()
+        self._disconnected()
         self._reconnect.set()
+
+    def _disconnected(self) -> None:
+        if self.connected.is_set():
+            self.lost_at = time.monotonic()
+        self.connected.clear()
+
+    async def wait_back(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a scheduler lost moments ago (a restart, a failover), so a
+        short outage is not a stampede on the origin. False at once if it is long gone."""
+        if self.connected.is_set():
+            return True
+        if self.lost_at is None or time.monotonic() - self.lost_at > RECENT_SECONDS:
+            return False
+        try:
+            await asyncio.wait_for(self.connected.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     # -- session ---------------------------------------------------------------------------
 
@@ -160,11 +181,14 @@ class SchedulerClient:
         return False
 
     async def _session_loop(self) -> None:
+        retry = RETRY_MIN
         while True:
             self._reconnect.clear()
             if not await self._register():
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(retry)
+                retry = min(RETRY_MAX, retry * 2)
                 continue
+            retry = RETRY_MIN
             try:
                 await self._reannounce()
             except (SchedulerUnavailable, SchedulerRefused) as e:
@@ -183,7 +207,7 @@ class SchedulerClient:
                         log.warning("heartbeat refused: %s", e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reconnect.wait(), self.interval)
-            self.connected.clear()
+            self._disconnected()
 
     async def _reannounce(self) -> None:
         """Tell a (new or restarted) scheduler every task and piece the store holds."""

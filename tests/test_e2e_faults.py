@@ -22,6 +22,7 @@ from tests.cluster import (
     until,
     wait_registered_peer,
 )
+from tests.faults import CorruptParent, FakePeer
 
 MiB = 1 << 20
 
@@ -30,63 +31,6 @@ async def _pull(url: str) -> tuple[bytes, dict]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         assert r.status == 200, await r.text()
         return await r.read(), dict(r.headers)
-
-
-class CorruptParent:
-    """A small real peer that registers, claims every piece of a blob under its true chunk id,
-    keeps heartbeating, and serves every chunk with one byte flipped."""
-
-    def __init__(self, scheduler: str, blob: bytes, digest: str) -> None:
-        self.scheduler = scheduler
-        self.blob = blob
-        self.digest = digest
-        self.layout = PieceLayout(len(blob), default_piece_size(len(blob)))
-        self.chunks: dict[str, bytes] = {}
-        self.requests = 0
-        self.port = free_port()
-
-    async def _chunk(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        data = bytearray(self.chunks[request.match_info["chunk"]])
-        data[len(data) // 2] ^= 0xFF
-        return web.Response(body=bytes(data))
-
-    async def __aenter__(self) -> CorruptParent:
-        app = web.Application()
-        app.router.add_get("/chunks/{chunk}", self._chunk)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.session = aiohttp.ClientSession()
-        api = f"{self.scheduler}/api/v1"
-        claims = []
-        for i in range(self.layout.count):
-            start, size = self.layout.span(i)
-            piece = self.blob[start:start + size]
-            chunk = ids.chunk_id(piece)
-            self.chunks[chunk] = piece
-            claims.append({"index": i, "chunk": chunk})
-        for path, body in (
-                ("/peers", {"id": "corrupt", "upload_addr": f"127.0.0.1:{self.port}"}),
-                ("/tasks", {"task_id": self.digest, "length": len(self.blob)}),
-                ("/announce", {"peer_id": "corrupt", "task_id": self.digest,
-                               "pieces": claims})):
-            async with self.session.post(api + path, json=body) as r:
-                assert r.status == 200, await r.text()
-        self.heartbeats = asyncio.create_task(self._heartbeat())
-        return self
-
-    async def _heartbeat(self) -> None:
-        while True:
-            async with self.session.post(
-                    f"{self.scheduler}/api/v1/peers/corrupt/heartbeat", json={}):
-                pass
-            await asyncio.sleep(0.2)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.heartbeats.cancel()
-        await self.session.close()
-        await self.runner.cleanup()
 
 
 async def test_corrupt_parent_never_reaches_a_client(
@@ -176,40 +120,6 @@ async def test_restarted_peer_serves_from_its_store(
     assert body == blob
     assert headers["X-Naiad-Source"] == "local"
     assert origin.bytes_down - before < 4096, "only the access check may reach the registry"
-
-
-class FakePeer:
-    """A registered peer driven by the test through the scheduler's real API."""
-
-    def __init__(self, scheduler: str, peer_id: str, port: int) -> None:
-        self.scheduler = scheduler
-        self.id = peer_id
-        self.port = port
-
-    async def __aenter__(self) -> FakePeer:
-        self.session = aiohttp.ClientSession()
-        await self.post("/peers", {"id": self.id, "upload_addr": f"127.0.0.1:{self.port}"})
-        self.heartbeats = asyncio.create_task(self._heartbeat())
-        return self
-
-    async def post(self, path: str, body: dict) -> dict:
-        async with self.session.post(f"{self.scheduler}/api/v1{path}", json=body) as r:
-            assert r.status == 200, await r.text()
-            return await r.json()
-
-    async def get(self, path: str) -> dict:
-        async with self.session.get(f"{self.scheduler}/api/v1{path}") as r:
-            assert r.status == 200, await r.text()
-            return await r.json()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await self.post(f"/peers/{self.id}/heartbeat", {})
-            await asyncio.sleep(0.2)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.heartbeats.cancel()
-        await self.session.close()
 
 
 async def test_stalled_lease_holder_is_taken_over(

@@ -1,0 +1,119 @@
+"""Small real servers that misbehave on purpose: peers that lie or stall, registries that
+fail. Fakes only where a fault must be injected; everything else in the tests is real."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from common import ids
+from common.pieces import PieceLayout, default_piece_size
+from tests.cluster import free_port
+
+
+class FakePeer:
+    """A registered peer driven by the test through the scheduler's real API."""
+
+    def __init__(self, scheduler: str, peer_id: str, port: int) -> None:
+        self.scheduler = scheduler
+        self.id = peer_id
+        self.port = port
+
+    async def __aenter__(self) -> FakePeer:
+        self.session = aiohttp.ClientSession()
+        await self.post("/peers", {"id": self.id, "upload_addr": f"127.0.0.1:{self.port}"})
+        self.heartbeats = asyncio.create_task(self._heartbeat())
+        return self
+
+    async def post(self, path: str, body: dict) -> dict:
+        async with self.session.post(f"{self.scheduler}/api/v1{path}", json=body) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def get(self, path: str) -> dict:
+        async with self.session.get(f"{self.scheduler}/api/v1{path}") as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.post(f"/peers/{self.id}/heartbeat", {})
+            await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.heartbeats.cancel()
+        await self.session.close()
+
+
+class CorruptParent:
+    """A small real peer that registers, claims every piece of a blob under its true chunk id,
+    keeps heartbeating, and serves every chunk with one byte flipped."""
+
+    def __init__(self, scheduler: str, blob: bytes, digest: str) -> None:
+        self.scheduler = scheduler
+        self.blob = blob
+        self.digest = digest
+        self.layout = PieceLayout(len(blob), default_piece_size(len(blob)))
+        self.chunks: dict[str, bytes] = {}
+        self.claims: list[dict] = []
+        self.requests = 0
+        self.port = free_port()
+
+    async def _chunk(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        data = bytearray(self.chunks[request.match_info["chunk"]])
+        data[len(data) // 2] ^= 0xFF
+        return web.Response(body=bytes(data))
+
+    async def __aenter__(self) -> CorruptParent:
+        app = web.Application()
+        app.router.add_get("/chunks/{chunk}", self._chunk)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.session = aiohttp.ClientSession()
+        for i in range(self.layout.count):
+            start, size = self.layout.span(i)
+            piece = self.blob[start:start + size]
+            self.chunks[ids.chunk_id(piece)] = piece
+            self.claims.append({"index": i, "chunk": ids.chunk_id(piece)})
+        assert await self._join(), "the scheduler refused the corrupt parent"
+        self.heartbeats = asyncio.create_task(self._heartbeat())
+        return self
+
+    async def _join(self) -> bool:
+        """Register and claim every piece under its true chunk id; False if the scheduler did
+        not take it (down, or restarting)."""
+        api = f"{self.scheduler}/api/v1"
+        try:
+            for path, body in (
+                    ("/peers", {"id": "corrupt", "upload_addr": f"127.0.0.1:{self.port}"}),
+                    ("/tasks", {"task_id": self.digest, "length": len(self.blob)}),
+                    ("/announce", {"peer_id": "corrupt", "task_id": self.digest,
+                                   "pieces": self.claims})):
+                async with self.session.post(api + path, json=body) as r:
+                    if r.status != 200:
+                        return False
+        except aiohttp.ClientError:
+            return False
+        return True
+
+    async def _heartbeat(self) -> None:
+        """Heartbeat like a peer; after a scheduler restart, join again."""
+        while True:
+            try:
+                async with self.session.post(
+                        f"{self.scheduler}/api/v1/peers/corrupt/heartbeat", json={}) as r:
+                    known = r.status == 200
+            except aiohttp.ClientError:
+                known = False
+            if not known:
+                await self._join()
+            await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.heartbeats.cancel()
+        await self.session.close()
+        await self.runner.cleanup()
