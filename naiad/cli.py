@@ -41,7 +41,6 @@ SCHEDULER_OPTIONS = [
            type=float, metavar="SECONDS"),
     Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
            type=float, metavar="SECONDS"),
-    Option("redis", None, "Redis URL for state shared by scheduler replicas", metavar="URL"),
     *COMMON,
 ]
 PEER_OPTIONS = [
@@ -106,8 +105,7 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
     _require_secret(opts, secret, opts["listen"])
     service = SchedulerService(SchedulerConfig(
         listen=opts["listen"], heartbeat_interval=opts["heartbeat_interval"],
-        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
-        redis=opts["redis"]))
+        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret))
 
     async def stop(_: float) -> None:
         await service.stop()
