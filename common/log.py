@@ -1,13 +1,70 @@
-"""Logging: one line per event, as text or (`--log-format json`) as JSON objects."""
+"""Logging: one line per event, as text or (`--log-format json`) as JSON objects.
+
+Every line logged while serving a request carries its `request_id`. The id lives in a context
+variable: set by the server that received the request (from `X-Request-Id`, or new), inherited
+by every task the request starts (piece fetches, schedule calls), and sent on as
+`X-Request-Id` by the clients, so one pull can be followed from mirror to scheduler to parent.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
 import sys
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 
+from aiohttp import web
+
+REQUEST_ID_HEADER = "X-Request-Id"
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
+                                                                         default=None)
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def outgoing() -> dict[str, str]:
+    """Headers that carry the current request id to the next hop."""
+    rid = request_id.get()
+    return {REQUEST_ID_HEADER: rid} if rid else {}
+
+
+@web.middleware
+async def _with_request_id(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    rid = given if _ID_RE.match(given) else uuid.uuid4().hex[:16]
+    request["request_id"] = rid
+    token = request_id.set(rid)
+    try:
+        return await handler(request)
+    finally:
+        request_id.reset(token)
+
+
+async def _answer_with_id(request: web.Request, response: web.StreamResponse) -> None:
+    if "request_id" in request:
+        response.headers[REQUEST_ID_HEADER] = request["request_id"]
+
+
+def request_ids(app: web.Application) -> web.Application:
+    """Give every request of `app` an id (the caller's `X-Request-Id` if well formed), make it
+    the current one while it is served, and answer with it."""
+    app.middlewares.insert(0, _with_request_id)
+    app.on_response_prepare.append(_answer_with_id)
+    return app
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        if rid is not None and not hasattr(record, "request_id"):
+            record.request_id = rid
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,6 +97,7 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
         raise ValueError(f"log format must be text or json, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

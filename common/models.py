@@ -190,5 +190,28 @@ class BlobMismatch(Model):
 
 
 class PreheatRequest(Model):
+    """`{"image": "host/repo:tag"}` (or `http://host:port/repo:tag` for a plain-http
+    registry), or `{"url": ...}` with an optional `digest`."""
+
     image: str | None = Field(None, max_length=1024)
     url: str | None = Field(None, max_length=4096)
+    digest: str | None = None
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        return None if v is None else ids.parse_blob_digest(v)
+
+
+class WorkItem(Model):
+    """A blob or file a seed peer should hold, for a preheat job."""
+
+    job: str
+    task_id: TaskId
+    url: str = Field(max_length=4096)
+    registry: str = Field(max_length=1024)
+    digest: str | None = None
+
+
+class Work(Model):
+    items: list[WorkItem] = Field(default_factory=list, max_length=MAX_BATCH)

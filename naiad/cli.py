@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ COMMON = [
     Option("insecure", False, "allow a non-loopback listener without a cluster secret",
            switch=True),
     Option("log_format", "text", "text or json"),
+    Option("log_level", "info", "debug, info, warning or error"),
 ]
 SCHEDULER_OPTIONS = [
     Option("listen", "127.0.0.1:8002", "HTTP API address", metavar="HOST:PORT"),
@@ -145,6 +147,51 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preheat(args: argparse.Namespace) -> int:
+    """Start a preheat job; wait until every blob is on a seed peer (exit 0) or it fails."""
+    body: dict[str, str] = {"url": args.ref} if args.url else {"image": args.ref}
+    if args.digest:
+        body["digest"] = args.digest
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    base = args.scheduler.rstrip("/")
+
+    async def run() -> int:
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.post(f"{base}/api/v1/preheat", json=body) as r:
+                job = await r.json()
+                if r.status >= 400:
+                    print(f"naiad preheat: {job.get('error', r.status)}", file=sys.stderr)
+                    return 1
+            if args.no_wait:
+                print(job["id"])
+                return 0
+            deadline = asyncio.get_running_loop().time() + args.timeout
+            while job["state"] in ("resolving", "running"):
+                if asyncio.get_running_loop().time() > deadline:
+                    print(f"naiad preheat: job {job['id']} not done after {args.timeout} s",
+                          file=sys.stderr)
+                    return 2
+                await asyncio.sleep(0.5)
+                async with s.get(f"{base}/api/v1/jobs/{job['id']}") as r:
+                    job = await r.json()
+                if sys.stderr.isatty():
+                    sys.stderr.write(f"\r{job['state']} {100 * job['progress']:5.1f}%")
+            if job["state"] != "done":
+                print(f"naiad preheat: job {job['id']} {job['state']}: {job.get('error')}",
+                      file=sys.stderr)
+                return 1
+            held = sum(i["size"] or 0 for i in job["items"])
+            print(f"job {job['id']} done: {len(job['items'])} blobs, {format_size(held)} on "
+                  f"{', '.join(sorted({s for i in job['items'] for s in i['held_by']}))}")
+            return 0
+
+    try:
+        return asyncio.run(run())
+    except (aiohttp.ClientError, OSError) as e:
+        print(f"naiad preheat: scheduler {args.scheduler} unreachable: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     async def fetch() -> tuple[dict, dict]:
         base = args.scheduler.rstrip("/")
@@ -211,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--peer", default="http://127.0.0.1:65001", metavar="URL")
     p.add_argument("--digest", default=None, metavar="sha256:HEX")
+    p = sub.add_parser("preheat", help="warm the seed peers with an image or a URL")
+    p.add_argument("ref", help="host/repo:tag, http://host:port/repo:tag, or a URL with --url")
+    p.add_argument("--url", action="store_true", help="REF is a plain URL, not an image")
+    p.add_argument("--digest", default=None, metavar="sha256:HEX",
+                   help="with --url: the file's digest")
+    p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
+    p.add_argument("--token", default=os.environ.get("NAIAD_TOKEN"),
+                   help="operator token (default: $NAIAD_TOKEN)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and exit")
+    p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS")
     p = sub.add_parser("status", help="cluster summary")
     p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -228,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("scheduler", "peer"):
             options = SCHEDULER_OPTIONS if args.command == "scheduler" else PEER_OPTIONS
             opts = resolve(options, args, args.command)
-            logsetup.setup(opts["log_format"])
+            logsetup.setup(opts["log_format"], opts["log_level"].upper())
             return (cmd_scheduler if args.command == "scheduler" else cmd_peer)(opts)
         logsetup.setup("text", "WARNING")
-        return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo,
+        return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo, "preheat": cmd_preheat,
                 "check-store": cmd_check_store}[args.command](args)
     except ConfigError as e:
         print(f"naiad {args.command}: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from peer.origin import OriginClient
 from peer.parents import ParentClient
 from peer.scheduler_client import SchedulerClient
 from peer.scrub import Scrubber
+from peer.seed import Seeder
 from peer.store import ChunkStore
 from peer.upload import UploadServer
 from peer.upstream import AllowList, Registry
@@ -85,8 +86,8 @@ class PeerDaemon:
         self._origin_session = aiohttp.ClientSession(
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
-        self._peer_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
+        self._peer_session = aiohttp.ClientSession(  # chunks may arrive zstd: peer/wire.py
+            auto_decompress=False, connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
         self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret)
         self.upload_server = Server(self.upload.app(), c.upload)
         await self.upload_server.start()
@@ -102,7 +103,8 @@ class PeerDaemon:
             parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
-        mirror = Mirror(engine=self.engine, origin=origin, access=AccessCache(origin),
+        access = AccessCache(origin)
+        mirror = Mirror(engine=self.engine, origin=origin, access=access,
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)
         self.mirror = mirror
@@ -111,8 +113,12 @@ class PeerDaemon:
         await self.scheduler.start()
         self.metrics.cache_bytes.set(self.store.cache_bytes())
         self._tasks.spawn(self._gauges(), "peer-gauges")
+        if c.seed:
+            self.seeder = Seeder(self.scheduler, self.engine, access, self.allow)
+            self._tasks.spawn(self.seeder.run(), "peer-seeder")
         if c.scrub_rate > 0:
-            self.scrubber = Scrubber(self.store, self.engine, c.scrub_rate)
+            self.scrubber = Scrubber(self.store, self.engine, c.scrub_rate,
+                                     [self.engine.idle, self.upload.idle])
             self._tasks.spawn(self.scrubber.run(), "peer-scrubber")
         log.info("peer %s ready: mirror %s, upload %s (advertised %s)", c.peer_id,
                  self.mirror_server.address, self.upload_server.address,

@@ -24,6 +24,7 @@ import asyncio
 import errno
 import hashlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 QUOTA_HIGH, QUOTA_LOW = 0.95, 0.85  # --disk-quota watermarks: evict above high, down to low
 FULL_BACKOFF = 5  # seconds without caching after the disk filled up
 PARENT_ROUNDS = 3
+# Parents all busy: retry every ~BUSY_BACKOFF, for up to this long, before the origin.
+BUSY_BACKOFF = 0.05
+BUSY_PATIENCE, BUSY_PATIENCE_ON_DEMAND = 10.0, 1.0
 ORIGIN_ATTEMPTS = 3
 PROGRESS_EVERY = 0.5
 PLAN_WAIT = 2.0
@@ -94,6 +98,7 @@ class TaskRun:
     sealing: bool = False
     prefetching: bool = False
     readers: int = 0
+    hashing: int = 0  # whole-blob readers hashing as they go: one of them seals the task
 
     @property
     def busy(self) -> bool:
@@ -218,6 +223,8 @@ class Engine:
         self.fetch_slots = PrioritySlots(PARENT_FETCHES)
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
         self.runs: dict[str, TaskRun] = {}
+        self.idle = asyncio.Event()  # no piece being fetched
+        self.idle.set()
         self._opening: dict[str, asyncio.Future[TaskRun]] = {}
         self.tasks = TaskSet("engine")
 
@@ -299,7 +306,12 @@ class Engine:
         return fut
 
     def _update_active(self) -> None:
-        self.metrics.tasks_active.set(sum(1 for r in self.runs.values() if r.inflight))
+        active = sum(1 for r in self.runs.values() if r.inflight)
+        self.metrics.tasks_active.set(active)
+        if active:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
     async def _work(self, run: TaskRun, index: int, fut: asyncio.Future[bytes],
                     decided: asyncio.Future[tuple[str, str | None]]) -> None:
@@ -329,6 +341,7 @@ class Engine:
         exclude: set[str] = set()
         rounds = origin_failures = 0
         waited_for_scheduler = False
+        busy_since: float | None = None
         assert run.batcher is not None
         while True:
             try:
@@ -356,6 +369,19 @@ class Engine:
                 data, failed = await self._from_parents(run, index, d.chunk, d.parents)
                 if data is not None:
                     return data
+                if not failed:
+                    # Every parent was at its upload slots: that is load, not failure. Back
+                    # off and ask again (maybe for other holders) rather than burn a round
+                    # and go to the origin, up to a bound.
+                    now = time.monotonic()
+                    busy_since = busy_since or now
+                    patience = BUSY_PATIENCE_ON_DEMAND \
+                        if run.priority.get(index, DEFAULT) >= ON_DEMAND else BUSY_PATIENCE
+                    if now - busy_since < patience:
+                        await asyncio.sleep(random.uniform(0.5, 1.5) * BUSY_BACKOFF)
+                        continue
+                    decide("origin", "parents-busy")
+                    return await self._from_origin(run, None, index, index)
                 exclude |= failed
                 rounds += 1
                 if rounds >= PARENT_ROUNDS:
@@ -493,7 +519,13 @@ class Engine:
             return
         run.have[index] = chunk
         self.scheduler.announce(run.task_id, index, chunk)
-        if run.complete and not run.meta.sealed and not run.sealing and run.meta.digest:
+        self._maybe_seal(run)
+
+    def _maybe_seal(self, run: TaskRun) -> None:
+        """Check a complete task's digest in the background, unless a whole-blob reader is
+        hashing it already (it seals as it finishes: one sha256 pass, not two)."""
+        if run.complete and run.meta.digest and not run.meta.sealed and not run.sealing \
+                and not run.hashing:
             run.sealing = True
             self.tasks.spawn(self._seal(run), f"seal-{run.task_id[:19]}")
 
@@ -636,35 +668,45 @@ class Engine:
         whole = rng.start == 0 and rng.end == run.meta.length - 1
         proven = run.meta.sealed and expect == run.meta.digest
         hasher = hashlib.sha256() if whole and expect and not proven else None
+        # A reader hashing the task's own digest seals it at the end: one sha256 pass, not a
+        # second one in the background (the seal job waits while such a reader runs).
+        sealing = hasher is not None and expect == run.meta.digest
+        run.hashing += sealing
         # Pieces this read waited for: their bytes come straight from the fetch (already
         # verified) and are counted where they came from, not as store reads.
         fetching: dict[int, asyncio.Future[bytes]] = {}
         ahead = 0  # pieces[:ahead] have been asked for
-        for k, i in enumerate(pieces):
-            # Refill the read-ahead half a window at a time, so the scheduler gets batches
-            # (and origin leases cover runs) rather than one piece per call.
-            if ahead <= k + window // 2:
-                for j in pieces[ahead:k + window]:
-                    fut = self._ensure(run, j, priority)
-                    if fut is not None:
-                        fetching[j] = fut
-                ahead = max(ahead, min(k + window, len(pieces)))
-            fut = fetching.pop(i, None)
-            data = await asyncio.shield(fut) if fut is not None \
-                else await self._piece(run, i, priority)
-            start, size = layout.span(i)
-            lo, hi = max(rng.start, start) - start, min(rng.end, start + size - 1) - start + 1
-            if hasher is not None:
-                hasher.update(data)
-                if k == len(pieces) - 1:
-                    got = ids.SHA256_PREFIX + hasher.hexdigest()
-                    if got != expect:
-                        if expect == run.meta.digest:
-                            self._corrupt_blob(run)
-                        raise BlobCorrupt(f"{run.task_id} is {got}, expected {expect}")
-                    if expect == run.meta.digest:
-                        self._sealed(run)
-            yield memoryview(data)[lo:hi]
+        try:
+            for k, i in enumerate(pieces):
+                # Refill the read-ahead half a window at a time, so the scheduler gets batches
+                # (and origin leases cover runs) rather than one piece per call.
+                if ahead <= k + window // 2:
+                    for j in pieces[ahead:k + window]:
+                        fut = self._ensure(run, j, priority)
+                        if fut is not None:
+                            fetching[j] = fut
+                    ahead = max(ahead, min(k + window, len(pieces)))
+                fut = fetching.pop(i, None)
+                data = await asyncio.shield(fut) if fut is not None \
+                    else await self._piece(run, i, priority)
+                start, size = layout.span(i)
+                lo = max(rng.start, start) - start
+                hi = min(rng.end, start + size - 1) - start + 1
+                if hasher is not None:
+                    hasher.update(data)
+                    if k == len(pieces) - 1:
+                        got = ids.SHA256_PREFIX + hasher.hexdigest()
+                        if got != expect:
+                            if sealing:
+                                self._corrupt_blob(run)
+                            raise BlobCorrupt(f"{run.task_id} is {got}, expected {expect}")
+                        if sealing:
+                            self._sealed(run)
+                yield memoryview(data)[lo:hi]
+        finally:
+            if sealing:
+                run.hashing -= 1
+                self._maybe_seal(run)  # a reader that stopped early leaves it to the job
 
     async def _piece(self, run: TaskRun, index: int, priority: int) -> bytes:
         """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from common import ids
 from common.limits import parse_priority
+from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
 from common.tasks import consume_exception
@@ -111,8 +112,8 @@ class Mirror:
         self.served = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors_as_json, self._connect],
-                              client_max_size=64 << 20)
+        app = request_ids(web.Application(middlewares=[errors_as_json, self._connect],
+                                          client_max_size=64 << 20))
         r = app.router
         r.add_get("/healthy", healthy)
         r.add_get("/server/ping", healthy)
@@ -268,4 +269,5 @@ class Mirror:
                 request.transport.abort()
             return resp
         await resp.write_eof()
+        log.info("served %s bytes %d-%d (%s)", task_id, target.start, target.end, plan.source)
         return resp

@@ -7,9 +7,13 @@ missing or truncated). Verifying the bytes is the engine's job, in one place.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from common import auth
+from common.log import outgoing
+from peer import wire
 
 STALL_SECONDS = 2.0
 
@@ -22,15 +26,18 @@ class ParentError(Exception):
 
 class ParentClient:
     def __init__(self, session: aiohttp.ClientSession, secret: bytes | None = None,
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 stall_seconds: float = STALL_SECONDS, compress: bool = True) -> None:
         self.session = session
+        self.compress = compress
         self.secret = secret
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall_seconds,
                                              sock_read=stall_seconds)
 
     async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
         path = f"/chunks/{chunk}"
-        headers = {}
+        headers = outgoing()
+        if self.compress:
+            headers["Accept-Encoding"] = wire.ENCODING
         if self.secret is not None:
             headers[auth.HEADER] = auth.sign(self.secret, "GET", path)
         try:
@@ -40,14 +47,37 @@ class ParentClient:
                     raise ParentError("busy", f"{addr} has no free upload slot")
                 if resp.status != 200:
                     raise ParentError("failed", f"{addr} answered {resp.status}")
-                if resp.content_length is not None and resp.content_length != size:
+                packed = resp.headers.get("Content-Encoding") == wire.ENCODING
+                if resp.content_length is not None and not packed \
+                        and resp.content_length != size:
                     raise ParentError("failed", f"{addr} offers {resp.content_length} bytes, "
                                                 f"piece has {size}")
-                data = await resp.read()
+                # Never more than the piece (or a compressed piece) is read into memory.
+                data = await _read_at_most(resp.content, size + (64 << 10 if packed else 0))
+                if packed:
+                    data = await _unpack(data, size)
         except TimeoutError as e:
             raise ParentError("slow", f"{addr} stalled") from e
         except (aiohttp.ClientError, OSError) as e:
             raise ParentError("failed", f"{addr}: {e!r}") from e
+        except wire.WireError as e:
+            raise ParentError("corrupt", f"{addr}: {e}") from e
         if len(data) != size:
             raise ParentError("failed", f"{addr} sent {len(data)} of {size} bytes")
         return data
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    parts, got = [], 0
+    while part := await stream.read(limit + 1 - got):
+        parts.append(part)
+        got += len(part)
+        if got > limit:
+            raise ParentError("failed", f"sent more than {limit} bytes")
+    return b"".join(parts)
+
+
+async def _unpack(data: bytes, size: int) -> bytes:
+    if size >= 1 << 20:  # the GIL is released while zstd works
+        return await asyncio.to_thread(wire.unpack, data, size)
+    return wire.unpack(data, size)

@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
+import asyncio_dgram
 from pydantic import BaseModel
 
-from common import auth
+from common import auth, datagram
+from common.log import outgoing
 from common.models import (
     Announce,
     AnnounceReply,
@@ -36,6 +40,8 @@ from common.models import (
     TaskMeta,
     TaskRequest,
     Withdraw,
+    Work,
+    WorkItem,
 )
 from common.tasks import TaskSet
 from peer.store import ChunkStore
@@ -83,6 +89,11 @@ class SchedulerClient:
         self.current = 0
         self.connected = asyncio.Event()
         self.lost_at: float | None = None
+        self._session_id = 0  # one more per registration
+        self.udp_target: tuple[str, int] | None = None
+        self._udp: asyncio_dgram.DatagramClient | None = None
+        self._udp_misses = 0
+        self.beats: Counter[str] = Counter()  # heartbeats sent, by transport
         self.interval = 2.0
         self._tasks = TaskSet("scheduler-client")
         self._pending: dict[str, _Pending] = {}
@@ -103,15 +114,20 @@ class SchedulerClient:
                 await self._post(f"{API}/peers/{self.registration.id}/leave", None, None,
                                  seconds=2.0)
         await self._tasks.close()
+        if self._udp is not None:
+            self._udp.close()
 
     # -- transport -------------------------------------------------------------------------
 
     async def _post(self, path: str, body: BaseModel | None, reply: type[R] | None,
                     seconds: float = 5.0, url: str | None = None) -> R | None:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **outgoing()}
         data = (body.model_dump_json() if body is not None else "{}").encode()
         if self.secret is not None:
             headers[auth.HEADER] = auth.sign(self.secret, "POST", path, data)
+        # A failure only condemns the session it was sent in: a late error from a replica
+        # already failed over from must not tear down the session with its successor.
+        session = self._session_id
         try:
             async with self.session.post((url or self.url) + path, data=data, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=seconds,
@@ -120,12 +136,13 @@ class SchedulerClient:
                 if resp.status >= 500:
                     raise SchedulerUnavailable(f"{resp.status} from {url or self.url}")
                 if resp.status >= 400:
-                    if resp.status == 404 and b"register first" in raw:
+                    if resp.status == 404 and b"register first" in raw \
+                            and session == self._session_id:
                         self._lost()
                     raise SchedulerRefused(resp.status, raw[:300].decode(errors="replace"))
                 return reply.model_validate_json(raw) if reply is not None else None
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            if url is None:
+            if url is None and session == self._session_id:
                 self._lost()
             raise SchedulerUnavailable(f"{url or self.url}: {e!r}") from e
 
@@ -177,6 +194,8 @@ class SchedulerClient:
                 continue
             assert reply is not None
             self.current, self.interval = i, reply.heartbeat_interval
+            self._session_id += 1
+            self._use_udp(reply, url)
             return True
         return False
 
@@ -198,8 +217,7 @@ class SchedulerClient:
             log.info("registered with scheduler %s", self.url)
             while not self._reconnect.is_set():
                 try:
-                    await self._post(f"{API}/peers/{self.registration.id}/heartbeat",
-                                     self._heartbeat_body(), None)
+                    await self._heartbeat()
                 except SchedulerUnavailable:
                     break
                 except SchedulerRefused as e:
@@ -208,6 +226,47 @@ class SchedulerClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reconnect.wait(), self.interval)
             self._disconnected()
+
+    async def _heartbeat(self) -> None:
+        """One heartbeat: a datagram when the scheduler offers UDP and answers it, else (or
+        when two datagrams in a row went unanswered) over HTTP."""
+        body = self._heartbeat_body()
+        if self.udp_target is not None and await self._udp_heartbeat(body):
+            return
+        await self._post(f"{API}/peers/{self.registration.id}/heartbeat", body, None)
+        self.beats["http"] += 1
+
+    async def _udp_heartbeat(self, body: Heartbeat) -> bool:
+        """Whether the datagram was answered (an `unknown` answer means register again)."""
+        try:
+            if self._udp is None:
+                self._udp = await asyncio_dgram.connect(self.udp_target)
+            await self._udp.send(datagram.encode(self.registration.id, body, self.secret))
+            ack, _ = await asyncio.wait_for(self._udp.recv(), min(1.0, self.interval / 2))
+        except (OSError, TimeoutError, asyncio_dgram.TransportClosed, datagram.DatagramError):
+            if self._udp is not None:
+                self._udp.close()
+                self._udp = None
+            self._udp_misses += 1
+            # One lost datagram is noise; two in a row and HTTP carries this heartbeat.
+            return self._udp_misses < 2
+        self._udp_misses = 0
+        self.beats["udp"] += 1
+        if ack == datagram.ACK_UNKNOWN:
+            self._lost()
+        return True
+
+    def _use_udp(self, reply: RegisterReply, url: str) -> None:
+        self.udp_target = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if reply.udp_addr:
+            host, _, port = reply.udp_addr.rpartition(":")
+            host = host.strip("[]")
+            if host in ("0.0.0.0", "::", ""):
+                host = urlsplit(url).hostname or "127.0.0.1"
+            self.udp_target = (host, int(port))
 
     async def _reannounce(self) -> None:
         """Tell a (new or restarted) scheduler every task and piece the store holds."""
@@ -262,6 +321,11 @@ class SchedulerClient:
                      piece=piece, kind=kind)
         self._fire(f"{API}/reports", rep)
 
+    async def work(self) -> list[WorkItem]:
+        """Preheat work for this (seed) peer."""
+        reply = await self._call(f"{API}/peers/{self.registration.id}/work", Heartbeat(), Work)
+        return reply.items
+
     def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
         """This peer no longer holds these pieces (None: the whole task) of a task."""
         self._fire(f"{API}/withdraw", Withdraw(peer_id=self.registration.id, task_id=task_id,
@@ -283,6 +347,13 @@ class SchedulerClient:
 
     # -- announcements, coalesced ----------------------------------------------------------
 
+    def _requeue(self, task_id: str, p: _Pending) -> None:
+        mine = self._pending.setdefault(task_id, _Pending())
+        mine.pieces = {**p.pieces, **mine.pieces}
+        mine.progress |= p.progress
+        mine.sealed |= p.sealed
+        self._flush_wanted.set()
+
     def announce(self, task_id: str, index: int, chunk: str) -> None:
         self._pending.setdefault(task_id, _Pending()).pieces[index] = chunk
         self._flush_wanted.set()
@@ -297,21 +368,23 @@ class SchedulerClient:
 
     async def _announce_loop(self) -> None:
         """Send what accumulated since the last send; one request in flight at a time, so a
-        burst of pieces becomes a few batches. Dropped when disconnected: the re-announce on
-        registration covers it from the store."""
+        burst of pieces becomes a few batches. While no scheduler answers, announcements wait
+        for one (a failover takes a moment; the pieces' leases should not lapse meanwhile)."""
         while True:
             await self._flush_wanted.wait()
             await asyncio.sleep(ANNOUNCE_COALESCE)  # a burst of pieces becomes one request
+            await self.connected.wait()
             self._flush_wanted.clear()
             pending, self._pending = self._pending, {}
-            if not self.connected.is_set():
-                continue
             for task_id, p in pending.items():
                 for ann in self._announcements(task_id, p.pieces, p.sealed, p.progress):
                     try:
                         reply = await self._post(f"{API}/announce", ann, AnnounceReply)
-                    except (SchedulerUnavailable, SchedulerRefused) as e:
-                        log.info("announcement dropped: %s", e)
+                    except SchedulerUnavailable:
+                        self._requeue(task_id, p)  # sent again once a scheduler answers
+                        break
+                    except SchedulerRefused as e:
+                        log.info("announcement refused: %s", e)
                         break
                     if reply is not None and reply.rejected:
                         log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10],

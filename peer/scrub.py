@@ -1,6 +1,7 @@
-"""The scrubber: re-hashes every stored chunk, over and over, at a bounded rate, so data that
-rots on disk after it was verified is found and dropped before anyone asks for it (serving
-re-hashes too, with --verify-on-serve; this catches what nobody reads)."""
+"""The scrubber: re-hashes every stored chunk, over and over, at a bounded rate and only while
+the peer is otherwise idle, so data that rots on disk after it was verified is found and dropped
+before anyone asks for it (serving re-hashes too, with --verify-on-serve; this catches what
+nobody reads) without taking CPU from transfers."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ IDLE_SECONDS = 5.0  # between passes over an empty store
 
 
 class Scrubber:
-    def __init__(self, store: ChunkStore, engine: Engine, rate: float) -> None:
+    def __init__(self, store: ChunkStore, engine: Engine, rate: float,
+                 idle: list[asyncio.Event]) -> None:
         self.store = store
         self.engine = engine
+        self.idle = idle
         self.bucket = TokenBucket(rate)
         self.checked = 0
         self.passes = 0
@@ -35,6 +38,8 @@ class Scrubber:
                 cursor = ""
                 continue
             for chunk, size in batch:
+                for event in self.idle:
+                    await event.wait()
                 await self.bucket.take(size)
                 try:
                     await self.store.read_chunk(chunk, verify=True)

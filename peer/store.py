@@ -118,7 +118,7 @@ class ChunkStore:
         removed = 0
         for sub in self.chunks_dir.iterdir():
             for entry in os.scandir(sub):
-                if entry.name not in known:
+                if entry.name.partition(".")[0] not in known:  # a chunk or its sidecars
                     os.unlink(entry.path)
                     removed += 1
         return removed
@@ -128,6 +128,22 @@ class ChunkStore:
     def chunk_path(self, chunk: str) -> Path:
         hexd = chunk.removeprefix(ids.BLAKE3_PREFIX)
         return self.chunks_dir / hexd[:2] / hexd
+
+    def packed_path(self, chunk: str) -> Path:
+        """The chunk zstd-compressed for the wire, kept beside it once made (peer/wire.py)."""
+        return self.chunk_path(chunk).with_suffix(".zst")
+
+    def raw_marker(self, chunk: str) -> Path:
+        """An empty file saying the chunk does not compress: do not try again."""
+        return self.chunk_path(chunk).with_suffix(".raw")
+
+    def write_sidecar(self, path: Path, data: bytes) -> None:
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def has_chunk(self, chunk: str) -> bool:
         return self.chunk_path(chunk).exists()
@@ -177,6 +193,8 @@ class ChunkStore:
         return [(r[0], r[1]) for r in rows]
 
     def _unlink(self, chunk: str, size: int) -> None:
+        self.packed_path(chunk).unlink(missing_ok=True)
+        self.raw_marker(chunk).unlink(missing_ok=True)
         try:
             self.chunk_path(chunk).unlink()
         except FileNotFoundError:

@@ -2,19 +2,27 @@
 
 It serves only chunks in the store, which are verified before they are written, by id, straight
 from disk (sendfile), at most `upload_slots` at a time: beyond that it answers 503 at once so the
-child moves on to another parent instead of queueing.
+child moves on to another parent instead of queueing. A child that accepts zstd gets the chunk
+compressed when that saves at least 10% (peer/wire.py), decided once per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 from aiohttp import web
 
 from common import auth, ids
+from common.log import request_ids
 from common.metrics import PeerMetrics
+from common.tasks import consume_exception
 from common.web import error, errors_as_json, healthy
+from peer import wire
 from peer.store import ChunkStore
+
+log = logging.getLogger("naiad.peer.upload")
 
 
 class _ChunkFile(web.FileResponse):
@@ -29,8 +37,10 @@ class _ChunkFile(web.FileResponse):
 
 class UploadServer:
     def __init__(self, store: ChunkStore, metrics: PeerMetrics, slots: int,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, compress: bool = True) -> None:
         self.store = store
+        self.compress = compress
+        self._packing: dict[str, asyncio.Future[Path | None]] = {}
         self.metrics = metrics
         self.slots = slots
         self.secret = secret
@@ -40,9 +50,9 @@ class UploadServer:
         self.idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[
+        app = request_ids(web.Application(middlewares=[
             errors_as_json,
-            auth.require_secret(self.secret, lambda r: r.path.startswith("/chunks/"))])
+            auth.require_secret(self.secret, lambda r: r.path.startswith("/chunks/"))]))
         app.router.add_get("/chunks/{chunk}", self.chunk)
         app.router.add_get("/healthy", healthy)
         return app
@@ -63,10 +73,17 @@ class UploadServer:
         self.active += 1
         self.idle.clear()
         try:
-            resp = _ChunkFile(path, headers={"Content-Type": "application/octet-stream"})
+            headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
+            if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
+                packed = await self._packed(chunk)
+                if packed is not None:
+                    path = packed
+                    headers["Content-Encoding"] = wire.ENCODING
+            resp = _ChunkFile(path, headers=headers)
             await resp.prepare(request)
             if request.method == "GET":
                 size = path.stat().st_size
+                log.debug("uploaded %s to %s", chunk, request.remote)
                 self.metrics.upload_bytes.inc(size)
                 self.uploaded += size
             return resp
@@ -74,3 +91,35 @@ class UploadServer:
             self.active -= 1
             if not self.active:
                 self.idle.set()
+
+    async def _packed(self, chunk: str) -> Path | None:
+        """The compressed sidecar of a chunk, made on first demand; None if it does not pay."""
+        packed = self.store.packed_path(chunk)
+        if packed.exists():
+            return packed
+        if self.store.raw_marker(chunk).exists():
+            return None
+        pending = self._packing.get(chunk)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Path | None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(consume_exception)
+        self._packing[chunk] = fut
+        try:
+            result = await asyncio.to_thread(self._pack, chunk)
+            fut.set_result(result)
+            return result
+        except OSError as e:  # the chunk went away (evicted, dropped): serve what exists
+            fut.set_result(None)
+            log.debug("cannot pack %s: %s", chunk, e)
+            return None
+        finally:
+            del self._packing[chunk]
+
+    def _pack(self, chunk: str) -> Path | None:
+        packed = wire.pack(self.store.chunk_path(chunk).read_bytes())
+        if packed is None:
+            self.store.write_sidecar(self.store.raw_marker(chunk), b"")
+            return None
+        self.store.write_sidecar(self.store.packed_path(chunk), packed)
+        return self.store.packed_path(chunk)

@@ -6,23 +6,32 @@ one is set; mutating operator calls need `Authorization: Bearer <token>` when `-
 
 from __future__ import annotations
 
+import functools
 import hmac
+import logging
 import time
+from importlib import resources
 
+import aiohttp
 from aiohttp import web
 
-from common import auth
+from common import auth, oci
+from common.log import request_ids
 from common.metrics import SchedulerMetrics, metrics_handler
 from common.models import (
+    MAX_BATCH,
     Announce,
     BlobMismatch,
     Heartbeat,
     PeerRegistration,
+    PreheatRequest,
     RegisterReply,
     Report,
     ScheduleReply,
     ScheduleRequest,
     TaskRequest,
+    Work,
+    WorkItem,
     split_hostport,
 )
 from common.web import (
@@ -33,16 +42,19 @@ from common.web import (
     model_response,
     parse_body,
 )
+from scheduler import openapi, preheat
 from scheduler.state import StateError
 from scheduler.store import Store
 
+log = logging.getLogger("naiad.scheduler.api")
 API = "/api/v1"
 # (method, route) pairs peers call: guarded by the cluster secret.
 INTERNAL = {
     ("POST", f"{API}/peers"), ("POST", f"{API}/peers/{{peer_id}}/heartbeat"),
     ("POST", f"{API}/peers/{{peer_id}}/leave"), ("POST", f"{API}/tasks"),
     ("POST", f"{API}/announce"), ("POST", f"{API}/schedule"), ("POST", f"{API}/reports"),
-    ("POST", f"{API}/mismatches"),
+    ("POST", f"{API}/mismatches"), ("POST", f"{API}/peers/{{peer_id}}/work"),
+    ("POST", f"{API}/withdraw"),
 }
 
 
@@ -57,15 +69,16 @@ class SchedulerAPI:
         self._snapshot: dict[str, int] = {"origin": 0, "peer": 0, "local": 0, "served": 0,
                                           "uploaded": 0}
         self.metrics = SchedulerMetrics(lambda: self._snapshot, self._ratio)
+        self.jobs = preheat.JobBook()
 
     def _ratio(self) -> float:
         c = self._snapshot
         return 1.0 - c["origin"] / c["served"] if c["served"] else 0.0
 
     def app(self) -> web.Application:
-        app = web.Application(
+        app = request_ids(web.Application(
             client_max_size=4 << 20,
-            middlewares=[errors_as_json, auth.require_secret(self.secret, self._internal)])
+            middlewares=[errors_as_json, auth.require_secret(self.secret, self._internal)]))
         r = app.router
         r.add_post(f"{API}/peers", self.register)
         r.add_get(f"{API}/peers", self.list_peers)
@@ -82,8 +95,15 @@ class SchedulerAPI:
         r.add_post(f"{API}/reports", self.report)
         r.add_post(f"{API}/mismatches", self.mismatch)
         r.add_get(f"{API}/stats", self.stats)
+        r.add_post(f"{API}/preheat", self.preheat)
+        r.add_get(f"{API}/jobs", self.list_jobs)
+        r.add_get(f"{API}/jobs/{{job_id}}", self.get_job)
+        r.add_post(f"{API}/peers/{{peer_id}}/work", self.work)
+        r.add_get(f"{API}/openapi.json", self.openapi)
         r.add_get("/metrics", self.metrics_endpoint)
         r.add_get("/healthy", healthy)
+        r.add_get("/", self.console_page)
+        r.add_get("/console/{file}", self.console_file)
         return app
 
     @staticmethod
@@ -142,6 +162,8 @@ class SchedulerAPI:
         decisions = await self._call(self.store.schedule(req))
         if req.wait_ms == 0:
             self.metrics.schedule_seconds.observe(time.perf_counter() - started)
+        log.debug("schedule %s for %s: %s", req.task_id, req.peer_id,
+                  " ".join(f"{d.piece}:{d.action}" for d in decisions[:16]))
         granted = sum(1 for d in decisions if d.action == "source" and d.first == d.piece)
         if granted:
             self.metrics.back_to_source.inc(granted)
@@ -200,8 +222,97 @@ class SchedulerAPI:
             "back_to_source": await self.store.back_to_source(),
         })
 
+    # -- preheat -------------------------------------------------------------------------
+
+    async def preheat(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        req = await parse_body(request, PreheatRequest)
+        if (req.image is None) == (req.url is None):
+            raise RequestError(400, 'give exactly one of "image" or "url"')
+        try:
+            if req.image is not None:
+                oci.parse_reference(req.image)
+                target, image = req.image, req.image
+
+                async def resolve() -> list[preheat.Item]:
+                    async with aiohttp.ClientSession(
+                            timeout=aiohttp.ClientTimeout(total=60)) as s:
+                        return await preheat.resolve_image(s, image)
+            else:
+                item = preheat.url_item(req.url, req.digest)
+                target = req.url
+
+                async def resolve() -> list[preheat.Item]:
+                    return [item]
+        except (ValueError, preheat.PreheatError) as e:
+            raise RequestError(400, str(e)) from None
+        job = self.jobs.create(target, resolve)
+        return web.json_response(job.view(), status=202)
+
+    async def _refreshed(self, job: preheat.Job) -> preheat.Job:
+        seeds = {p["id"] for p in await self.store.peers() if p["seed"]}
+        return await self.jobs.refresh(job, self.store.task, seeds)
+
+    async def list_jobs(self, _: web.Request) -> web.Response:
+        jobs = [await self._refreshed(j) for j in self.jobs.jobs.values()]
+        return web.json_response({"jobs": [j.view() for j in jobs]})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job = self.jobs.jobs.get(request.match_info["job_id"])
+        if job is None:
+            raise RequestError(404, f"unknown job {request.match_info['job_id']}")
+        return web.json_response((await self._refreshed(job)).view())
+
+    async def work(self, request: web.Request) -> web.Response:
+        """What a seed peer should fetch for the running preheat jobs."""
+        await parse_body(request, Heartbeat)
+        peer_id = request.match_info["peer_id"]
+        items = []
+        for job in list(self.jobs.jobs.values()):
+            await self._refreshed(job)
+            items += [WorkItem(job=job.id, task_id=i.task_id, url=i.url, registry=i.registry,
+                               digest=i.digest) for i in preheat.work_for(job, peer_id)]
+        return model_response(Work(items=items[:MAX_BATCH]))
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        return web.json_response(openapi.document())
+
+    # -- operator console (static files from scheduler/console, package data) ----------------
+
+    async def console_page(self, _: web.Request) -> web.Response:
+        return _console_response("index.html")
+
+    async def console_file(self, request: web.Request) -> web.Response:
+        return _console_response(request.match_info["file"])
+
     async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
         self._snapshot = await self.store.counters()
         self.metrics.peers.set(len(await self.store.peers()))
         self.metrics.tasks.set(len(await self.store.tasks()))
         return await metrics_handler(self.metrics.registry)(request)
+
+
+CONSOLE_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+# The page only talks to this scheduler and loads nothing from elsewhere.
+CONSOLE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.cache
+def _console_files() -> dict[str, bytes]:
+    """The console's files, read once from the package."""
+    folder = resources.files("scheduler") / "console"
+    return {f.name: f.read_bytes() for f in folder.iterdir()
+            if f.is_file() and f.name[f.name.rfind("."):] in CONSOLE_TYPES}
+
+
+def _console_response(name: str) -> web.Response:
+    """One of the console's files, by exact name (a fixed set: no path is ever built from the
+    request)."""
+    body = _console_files().get(name)
+    if body is None:
+        raise RequestError(404, f"no console file {name}")
+    return web.Response(body=body, content_type=CONSOLE_TYPES[name[name.rfind("."):]],
+                        charset="utf-8", headers={
+                            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                            "Content-Security-Policy": CONSOLE_CSP})

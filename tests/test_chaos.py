@@ -66,7 +66,8 @@ async def run_chaos(cluster: Cluster, registry_url: str, front: CountingProxy, r
                 if what == "restart":
                     fresh = await cluster.scheduler(port=node.extra["port"])
                     events.append(f"{loop.time() - start:.2f}s scheduler back")
-                    cluster.nodes.remove(fresh)  # the node object stays the one tracked
+                    cluster.nodes.remove(fresh)  # one node per role, now with the new process
+                    node.proc = fresh.proc
 
         url = f"/v2/{repo}/blobs/{digest}"
         results = await asyncio.gather(chaos(), *(_client(n, n.url + url, blob) for n in nodes))

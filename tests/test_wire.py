@@ -1,0 +1,67 @@
+"""zstd between peers: compressed only when it pays, verified after decompression, bombs and
+garbage refused; end to end, compressible chunks cross the wire smaller and arrive exact."""
+
+from __future__ import annotations
+
+import os
+
+import aiohttp
+import pytest
+import zstandard
+
+from peer import wire
+from tests.cluster import Cluster, CountingProxy, Registry, metric, push_blob
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("raw", "packed", "expected"), [
+    (1000, 900, True), (1000, 901, False), (1000, 100, True), (1000, 1000, False),
+    (1000, 1200, False)])
+def test_worth_it_at_ten_percent(raw: int, packed: int, expected: bool) -> None:
+    assert wire.worth_it(raw, packed) is expected
+
+
+def test_pack_round_trip_and_incompressible() -> None:
+    text = b"layer text " * 50_000
+    packed = wire.pack(text)
+    assert packed is not None and len(packed) < len(text) // 10
+    assert wire.unpack(packed, len(text)) == text
+    assert wire.pack(os.urandom(MiB)) is None
+
+
+def test_unpack_refuses_bombs_garbage_and_wrong_sizes() -> None:
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (256 * MiB))
+    assert len(bomb) < 64 * 1024
+    for data, size in ((bomb, MiB), (b"not zstd", 10),
+                       (wire.pack(b"x" * 10_000), 9_999), (wire.pack(b"x" * 10_000), 10_001)):
+        with pytest.raises(wire.WireError):
+            wire.unpack(data, size)
+
+
+async def test_compressible_chunks_cross_the_wire_compressed(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    text = (b"naiad " * 200_000)[:6 * MiB]
+    noise = os.urandom(3 * MiB)
+    digests = [await push_blob(registry.url, repo, b) for b in (text, noise)]
+    sched = await cluster.scheduler()
+    a = await cluster.peer("a", sched.url, origin.url)
+    b = await cluster.peer("b", sched.url, origin.url)
+    async with aiohttp.ClientSession() as s:
+        for digest, blob in zip(digests, (text, noise), strict=True):
+            async with s.get(f"{a.url}/v2/{repo}/blobs/{digest}") as r:
+                assert await r.read() == blob
+            before = await metric(a.url, "naiad_peer_upload_bytes_total")
+            async with s.get(f"{b.url}/v2/{repo}/blobs/{digest}") as r:
+                assert await r.read() == blob
+            sent = await metric(a.url, "naiad_peer_upload_bytes_total") - before
+            got = await metric(b.url, "naiad_peer_download_bytes_total", {"source": "peer"})
+            if blob is text:
+                assert sent < len(blob) / 20, f"text crossed as {sent} bytes"
+                assert got == len(blob)
+            else:
+                assert sent == len(blob), "random bytes travel as they are"
+    chunks = cluster.workdir / "a" / "chunks"
+    distinct_text = {text[i:i + MiB] for i in range(0, len(text), MiB)}  # pieces dedupe
+    assert len(list(chunks.glob("*/*.zst"))) == len(distinct_text)
+    assert len(list(chunks.glob("*/*.raw"))) == 3
