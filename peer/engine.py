@@ -581,8 +581,27 @@ class Engine:
             return
         if digest == run.meta.digest:
             self._sealed(run)
+            return
+        # A chunk that rotted on disk since it was verified also breaks the digest: drop only
+        # the chunks that fail their own id, and condemn the blob only if none does.
+        rotten = await asyncio.to_thread(self._rotten_of, chunks)
+        run.sealing = False
+        if rotten:
+            for chunk in rotten:
+                self.drop_chunk(chunk)
         else:
             self._corrupt_blob(run)
+
+    def _rotten_of(self, chunks: list[str]) -> list[str]:
+        rotten = []
+        for chunk in dict.fromkeys(chunks):
+            try:
+                ok = ids.chunk_id(self.store.chunk_path(chunk).read_bytes()) == chunk
+            except FileNotFoundError:
+                ok = False
+            if not ok:
+                rotten.append(chunk)
+        return rotten
 
     def _sha256_of(self, chunks: list[str]) -> str:
         h = hashlib.sha256()

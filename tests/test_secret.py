@@ -44,9 +44,15 @@ async def test_strangers_are_refused_members_distribute(
         for peer in (a, b):
             async with s.get(f"{peer.url}/v2/{repo}/blobs/{digest}") as r:
                 assert await r.read() == blob
-        async with s.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
-            task = await r.json()  # operators read without the secret
-        assert all(set(p["holders"]) == {"a", "b"} for p in task["piece_map"])
+        task: dict = {}
+
+        async def both_hold() -> bool:  # announcements travel after the pull answers
+            nonlocal task
+            async with s.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
+                task = await r.json()  # operators read without the secret
+            return all(set(p["holders"]) == {"a", "b"} for p in task["piece_map"])
+
+        await until(both_hold, what="a and b announced under the secret")
         chunk = task["piece_map"][0]["chunk"]
 
         api = f"{sched.url}/api/v1"
