@@ -74,6 +74,13 @@ class SchedulerMetrics:
                                           buckets=PIECE_BUCKETS, registry=r)
         self.back_to_source = Counter("naiad_scheduler_back_to_source",
                                       "Origin leases granted.", registry=r)
+        self.heartbeats = Counter("naiad_scheduler_heartbeats",
+                                  "Peer heartbeats received, by transport and outcome "
+                                  "(accepted, unknown peer, dropped as malformed or forged).",
+                                  ["transport", "result"], registry=r)
+        for transport in ("udp", "http"):
+            for result in ("accepted", "unknown", "dropped"):
+                self.heartbeats.labels(transport, result)  # present, at 0, from the start
         r.register(_ClusterCollector(counters, ratio))
 
 

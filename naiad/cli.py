@@ -38,11 +38,16 @@ COMMON = [
 ]
 SCHEDULER_OPTIONS = [
     Option("listen", "127.0.0.1:8002", "HTTP API address", metavar="HOST:PORT"),
+    Option("udp", "127.0.0.1:8003", "UDP heartbeat address; `off`: heartbeats over HTTP only",
+           metavar="HOST:PORT"),
+    Option("udp_advertise", None, "UDP address peers send heartbeats to, if not --udp",
+           metavar="HOST:PORT"),
     Option("token", None, "bearer token required by mutating operator calls"),
     Option("heartbeat_interval", 2.0, "seconds between peer heartbeats; 3 missed expire a peer",
            type=float, metavar="SECONDS"),
     Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
            type=float, metavar="SECONDS"),
+    Option("redis", None, "Redis URL for state shared by scheduler replicas", metavar="URL"),
     *COMMON,
 ]
 PEER_OPTIONS = [
@@ -104,10 +109,13 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
     from scheduler.server import SchedulerConfig, SchedulerService
 
     secret = _secret(opts)
-    _require_secret(opts, secret, opts["listen"])
+    udp = None if opts["udp"] == "off" else opts["udp"]
+    _require_secret(opts, secret, opts["listen"], *([udp] if udp else []))
     service = SchedulerService(SchedulerConfig(
-        listen=opts["listen"], heartbeat_interval=opts["heartbeat_interval"],
-        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret))
+        listen=opts["listen"], udp=udp, udp_advertise=opts["udp_advertise"],
+        heartbeat_interval=opts["heartbeat_interval"],
+        lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
+        redis=opts["redis"]))
 
     async def stop(_: float) -> None:
         await service.stop()

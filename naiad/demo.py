@@ -46,7 +46,7 @@ async def run_demo(peers: int = 4, sizes: tuple[int, ...] = (8 * MiB, 24 * MiB),
         registry = SampleRegistry()
         digests = [registry.add(os.urandom(size)) for size in sizes]
         await registry.start()
-        scheduler = SchedulerService(SchedulerConfig(listen="127.0.0.1:0",
+        scheduler = SchedulerService(SchedulerConfig(listen="127.0.0.1:0", udp="127.0.0.1:0",
                                                      heartbeat_interval=1.0))
         await scheduler.start()
         daemons = [PeerDaemon(PeerConfig(

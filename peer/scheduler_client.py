@@ -52,6 +52,7 @@ API = "/api/v1"
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # registration retries back off between these
 RECENT_SECONDS = 30.0  # a scheduler lost this recently is worth waiting for
 ANNOUNCE_BATCH = 4096
+UDP_RETRY_EVERY = 10
 ANNOUNCE_COALESCE = 0.005
 
 
@@ -69,9 +70,28 @@ class SchedulerRefused(Exception):
 
 @dataclass
 class _Pending:
+    """What a task's next messages say, in order: first what this peer no longer holds, then
+    what it holds (so a piece dropped and fetched again ends up held, never the reverse)."""
+
     pieces: dict[int, str] = field(default_factory=dict)
     progress: set[int] = field(default_factory=set)
     sealed: bool = False
+    withdrawn: set[int] = field(default_factory=set)
+    withdrawn_all: bool = False
+
+    def withdraw(self, pieces: list[int] | None) -> None:
+        if pieces is None:
+            self.withdrawn_all, self.withdrawn, self.pieces = True, set(), {}
+            self.sealed = False
+            return
+        if not self.withdrawn_all:
+            self.withdrawn.update(pieces)
+        for i in pieces:
+            self.pieces.pop(i, None)
+        self.sealed = False
+
+    def withdraws(self, index: int) -> bool:
+        return self.withdrawn_all or index in self.withdrawn
 
 
 class SchedulerClient:
@@ -93,6 +113,7 @@ class SchedulerClient:
         self.udp_target: tuple[str, int] | None = None
         self._udp: asyncio_dgram.DatagramClient | None = None
         self._udp_misses = 0
+        self._udp_skipped = 0
         self.beats: Counter[str] = Counter()  # heartbeats sent, by transport
         self.interval = 2.0
         self._tasks = TaskSet("scheduler-client")
@@ -213,6 +234,8 @@ class SchedulerClient:
             except (SchedulerUnavailable, SchedulerRefused) as e:
                 log.warning("re-announcing to %s failed: %s", self.url, e)
                 continue
+            # A loss signalled by the old session's calls while this one registered is stale.
+            self._reconnect.clear()
             self.connected.set()
             log.info("registered with scheduler %s", self.url)
             while not self._reconnect.is_set():
@@ -231,10 +254,18 @@ class SchedulerClient:
         """One heartbeat: a datagram when the scheduler offers UDP and answers it, else (or
         when two datagrams in a row went unanswered) over HTTP."""
         body = self._heartbeat_body()
-        if self.udp_target is not None and await self._udp_heartbeat(body):
+        if self.udp_target is not None and self._udp_due() and await self._udp_heartbeat(body):
             return
         await self._post(f"{API}/peers/{self.registration.id}/heartbeat", body, None)
         self.beats["http"] += 1
+
+    def _udp_due(self) -> bool:
+        """Once datagrams stopped getting through, UDP is tried again only every
+        `UDP_RETRY_EVERY` heartbeats: each try costs a wait for an answer that may not come."""
+        if self._udp_misses < 2:
+            return True
+        self._udp_skipped += 1
+        return self._udp_skipped % UDP_RETRY_EVERY == 0
 
     async def _udp_heartbeat(self, body: Heartbeat) -> bool:
         """Whether the datagram was answered (an `unknown` answer means register again)."""
@@ -250,7 +281,7 @@ class SchedulerClient:
             self._udp_misses += 1
             # One lost datagram is noise; two in a row and HTTP carries this heartbeat.
             return self._udp_misses < 2
-        self._udp_misses = 0
+        self._udp_misses = self._udp_skipped = 0
         self.beats["udp"] += 1
         if ack == datagram.ACK_UNKNOWN:
             self._lost()
@@ -258,6 +289,7 @@ class SchedulerClient:
 
     def _use_udp(self, reply: RegisterReply, url: str) -> None:
         self.udp_target = None
+        self._udp_misses = self._udp_skipped = 0
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -288,6 +320,22 @@ class SchedulerClient:
             for ann in self._announcements(meta.task_id, stored.pieces, stored.meta.sealed,
                                            set()):
                 await self._post(f"{API}/announce", ann, AnnounceReply)
+
+    def _messages(self, task_id: str, p: _Pending) -> list[tuple[str, BaseModel]]:
+        """A task's pending withdrawals, then its announcements."""
+        out: list[tuple[str, BaseModel]] = []
+        if p.withdrawn_all:
+            out.append((f"{API}/withdraw", Withdraw(peer_id=self.registration.id,
+                                                    task_id=task_id, pieces=None)))
+        gone = sorted(p.withdrawn)
+        for k in range(0, len(gone), ANNOUNCE_BATCH):
+            out.append((f"{API}/withdraw", Withdraw(peer_id=self.registration.id,
+                                                    task_id=task_id,
+                                                    pieces=gone[k:k + ANNOUNCE_BATCH])))
+        if p.pieces or p.sealed or p.progress:
+            out += [(f"{API}/announce", a)
+                    for a in self._announcements(task_id, p.pieces, p.sealed, p.progress)]
+        return out
 
     def _announcements(self, task_id: str, pieces: dict[int, str], sealed: bool,
                        progress: set[int]) -> list[Announce]:
@@ -326,11 +374,6 @@ class SchedulerClient:
         reply = await self._call(f"{API}/peers/{self.registration.id}/work", Heartbeat(), Work)
         return reply.items
 
-    def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
-        """This peer no longer holds these pieces (None: the whole task) of a task."""
-        self._fire(f"{API}/withdraw", Withdraw(peer_id=self.registration.id, task_id=task_id,
-                                              pieces=pieces))
-
     def blob_mismatch(self, task_id: str) -> None:
         self._fire(f"{API}/mismatches",
                    BlobMismatch(peer_id=self.registration.id, task_id=task_id))
@@ -348,10 +391,21 @@ class SchedulerClient:
     # -- announcements, coalesced ----------------------------------------------------------
 
     def _requeue(self, task_id: str, p: _Pending) -> None:
+        """Put back messages that could not be sent, before whatever queued since."""
         mine = self._pending.setdefault(task_id, _Pending())
-        mine.pieces = {**p.pieces, **mine.pieces}
+        kept = {i: c for i, c in p.pieces.items() if not mine.withdraws(i)}
+        mine.pieces = {**kept, **mine.pieces}
         mine.progress |= p.progress
-        mine.sealed |= p.sealed
+        mine.sealed |= p.sealed and not (mine.withdrawn or mine.withdrawn_all)
+        mine.withdrawn_all |= p.withdrawn_all
+        mine.withdrawn = set() if mine.withdrawn_all else mine.withdrawn | p.withdrawn
+        self._flush_wanted.set()
+
+    def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
+        """This peer no longer holds these pieces (None: the whole task) of a task. Queued with
+        the announcements, so the scheduler hears of drops and gains in the order they
+        happened."""
+        self._pending.setdefault(task_id, _Pending()).withdraw(pieces)
         self._flush_wanted.set()
 
     def announce(self, task_id: str, index: int, chunk: str) -> None:
@@ -377,15 +431,19 @@ class SchedulerClient:
             self._flush_wanted.clear()
             pending, self._pending = self._pending, {}
             for task_id, p in pending.items():
-                for ann in self._announcements(task_id, p.pieces, p.sealed, p.progress):
+                for path, ann in self._messages(task_id, p):
+                    announcing = isinstance(ann, Announce)
                     try:
-                        reply = await self._post(f"{API}/announce", ann, AnnounceReply)
+                        reply = await self._post(path, ann,
+                                                 AnnounceReply if announcing else None)
                     except SchedulerUnavailable:
                         self._requeue(task_id, p)  # sent again once a scheduler answers
                         break
                     except SchedulerRefused as e:
-                        log.info("announcement refused: %s", e)
-                        break
+                        log.info("%s refused: %s", path.rsplit("/", 1)[1], e)
+                        if announcing:
+                            break
+                        continue
                     if reply is not None and reply.rejected:
                         log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10],
                                     task_id)

@@ -30,6 +30,7 @@ from common.models import (
     ScheduleReply,
     ScheduleRequest,
     TaskRequest,
+    Withdraw,
     Work,
     WorkItem,
     split_hostport,
@@ -93,6 +94,7 @@ class SchedulerAPI:
         r.add_post(f"{API}/announce", self.announce)
         r.add_post(f"{API}/schedule", self.schedule)
         r.add_post(f"{API}/reports", self.report)
+        r.add_post(f"{API}/withdraw", self.withdraw)
         r.add_post(f"{API}/mismatches", self.mismatch)
         r.add_get(f"{API}/stats", self.stats)
         r.add_post(f"{API}/preheat", self.preheat)
@@ -141,7 +143,12 @@ class SchedulerAPI:
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         hb = await parse_body(request, Heartbeat)
-        await self._call(self.store.heartbeat(request.match_info["peer_id"], hb))
+        try:
+            await self._call(self.store.heartbeat(request.match_info["peer_id"], hb))
+        except RequestError:
+            self.metrics.heartbeats.labels("http", "unknown").inc()
+            raise
+        self.metrics.heartbeats.labels("http", "accepted").inc()
         return web.json_response({})
 
     async def leave(self, request: web.Request) -> web.Response:
@@ -172,6 +179,10 @@ class SchedulerAPI:
     async def report(self, request: web.Request) -> web.Response:
         rep = await parse_body(request, Report)
         await self._call(self.store.report(rep))
+        return web.json_response({})
+
+    async def withdraw(self, request: web.Request) -> web.Response:
+        await self._call(self.store.withdraw(await parse_body(request, Withdraw)))
         return web.json_response({})
 
     async def mismatch(self, request: web.Request) -> web.Response:

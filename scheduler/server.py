@@ -1,16 +1,22 @@
-"""The scheduler process: the HTTP API on `--listen` and the loop that expires silent peers."""
+"""The scheduler process: the HTTP API on `--listen`, heartbeats over UDP on `--udp`, and the
+loop that expires silent peers.
+
+State lives in this process (`MemoryStore`) unless `--redis` names a Redis, which any number of
+replicas then share (`RedisStore`): a peer may register with one and ask another."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import uuid
 from dataclasses import dataclass
 
+from common.tasks import TaskSet
 from common.web import Server
 from scheduler.api import SchedulerAPI
+from scheduler.liveness import HeartbeatListener
+from scheduler.redis_store import RedisStore
 from scheduler.store import MemoryStore, Store
 
 log = logging.getLogger("naiad.scheduler")
@@ -19,39 +25,60 @@ log = logging.getLogger("naiad.scheduler")
 @dataclass
 class SchedulerConfig:
     listen: str = "127.0.0.1:8002"
-    udp: str = "127.0.0.1:8003"
+    udp: str | None = "127.0.0.1:8003"  # None: heartbeats over HTTP only
+    udp_advertise: str | None = None  # what peers are told, if not `udp` (NAT, a proxy)
     heartbeat_interval: float = 2.0
     lease_timeout: float = 2.0
     token: str | None = None
     secret: bytes | None = None
+    redis: str | None = None  # redis://host:port/db: state shared by scheduler replicas
 
 
 class SchedulerService:
     def __init__(self, config: SchedulerConfig, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or MemoryStore(heartbeat_interval=config.heartbeat_interval,
-                                          lease_timeout=config.lease_timeout)
+        self._own_store = store is None
+        self.store = store or self._make_store(config)
         self.id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.api = SchedulerAPI(self.store, scheduler_id=self.id, token=config.token,
                                 secret=config.secret)
         self.server = Server(self.api.app(), config.listen)
-        self._expiry: asyncio.Task | None = None
+        self.udp = HeartbeatListener(self.store, config.udp, config.secret,
+                                     self.api.metrics.heartbeats) if config.udp else None
+        self._tasks = TaskSet("scheduler")
+
+    @staticmethod
+    def _make_store(config: SchedulerConfig) -> Store:
+        if config.redis:
+            return RedisStore.from_url(config.redis, heartbeat_interval=config.heartbeat_interval,
+                                       lease_timeout=config.lease_timeout)
+        return MemoryStore(heartbeat_interval=config.heartbeat_interval,
+                           lease_timeout=config.lease_timeout)
 
     @property
     def url(self) -> str:
         return self.server.url
 
     async def start(self) -> None:
+        await self.store.start()
+        if self.udp is not None:
+            await self.udp.start()
+            # Told to peers as they register (an unspecified host: the one they reached).
+            self.api.udp_addr = self.config.udp_advertise or self.udp.address
+            self._tasks.spawn(self.udp.run(), "scheduler-udp")
         await self.server.start()
-        self._expiry = asyncio.create_task(self._expire_loop(), name="scheduler-expiry")
-        log.info("scheduler ready", extra={"listen": self.server.address, "id": self.id})
+        self._tasks.spawn(self._expire_loop(), "scheduler-expiry")
+        log.info("scheduler ready", extra={"listen": self.server.address, "id": self.id,
+                                           "udp": self.api.udp_addr})
 
     async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        if self.udp is not None:
+            self.udp.stop()
+        await self._tasks.close()
         await self.server.stop()
+        await self.api.jobs.close()
+        if self._own_store:
+            await self.store.close()
 
     async def _expire_loop(self) -> None:
         interval = self.config.heartbeat_interval / 2

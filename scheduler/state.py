@@ -3,6 +3,13 @@
 Peers register, heartbeat and expire; tasks record which peer holds which piece as which chunk;
 leases give one peer at a time the right to fetch a run of pieces from the origin. Every method
 takes `now` so tests drive time by hand. The HTTP layer (`scheduler.api`) is a thin adapter.
+
+These methods are the only copy of the rules. `MemoryStore` keeps one `ClusterState` for the
+life of the process; `RedisStore` builds a small one for each call, holding just the peers, tasks
+and pieces that call touches (read from Redis), runs the same method on it and writes back what
+changed, atomically. So a rule reads and writes state only through `peers`, `tasks`,
+`cordoned`, `totals` and `back_to_source`, and looks up by key what it needs rather than
+scanning (a scan is fine where a store can load everything: leave, expire, blob mismatch).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from common.models import (
     ScheduleRequest,
     TaskMeta,
     TaskRequest,
+    Withdraw,
 )
 from common.pieces import MiB, PieceLayout, default_piece_size
 from scheduler import policy
@@ -32,6 +40,11 @@ PARENTS_PER_PIECE = 3
 MAX_LEASE_PIECES = 16
 MAX_LEASE_BYTES = 64 * MiB
 PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0}
+SILENT_HEARTBEATS = 3  # a peer silent for this many heartbeat intervals is gone
+
+
+def expiry_seconds(heartbeat_interval: float) -> float:
+    return SILENT_HEARTBEATS * heartbeat_interval
 
 
 class StateError(Exception):
@@ -100,8 +113,12 @@ class TaskState:
     def layout(self) -> PieceLayout:
         return PieceLayout(self.meta.length, self.meta.piece_size)
 
+    @property
+    def piece_count(self) -> int:  # layout.count, without building a layout on a hot path
+        return -(-self.meta.length // self.meta.piece_size)
+
     def complete_holders(self) -> set[str]:
-        n = self.layout.count
+        n = self.piece_count
         return {p for p, c in self.held.items() if c >= n}
 
 
@@ -109,30 +126,38 @@ class TaskState:
 class Totals:
     """Cluster byte counters that never go backwards and never count a byte twice.
 
-    Each peer process (a peer id and its start time) reports cumulative counters; the last
-    report of every process is kept, whether its peer is live, expired or gone, so a peer that
-    expires and comes back is not counted again. When a peer restarts, its previous process's
-    final counters fold into `base`.
+    Each peer process (a peer id and its start time) reports cumulative counters. The total grows
+    by what a report adds over the previous report of the same process; a new process counts from
+    zero (its predecessor's bytes stay counted); a report from a process already replaced, or a
+    lower value from the same process (reports reordered between scheduler replicas), adds
+    nothing. The last report of every peer is kept, whether it is live, expired or gone, so a
+    peer that expires and comes back is not counted again. The total is kept as a running sum so
+    that a store can apply one report knowing only that peer's previous one.
     """
 
-    base: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTER_FIELDS, 0))
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTER_FIELDS, 0))
     last: dict[str, PeerCounters] = field(default_factory=dict)  # peer id -> latest process
 
     def report(self, peer_id: str, counters: PeerCounters) -> None:
         prev = self.last.get(peer_id)
-        if prev is not None and counters.started_at != prev.started_at:
-            if counters.started_at < prev.started_at:
-                return  # a late report from a process already replaced
+        if prev is None or counters.started_at > prev.started_at:
+            self.last[peer_id] = counters
             for k in _COUNTER_FIELDS:
-                self.base[k] += getattr(prev, k)
-        self.last[peer_id] = counters
+                self.total[k] += getattr(counters, k)
+            return
+        if counters.started_at < prev.started_at:
+            return  # a late report from a process already replaced
+        grown = {}
+        for k in _COUNTER_FIELDS:
+            old, new = getattr(prev, k), getattr(counters, k)
+            if new > old:
+                self.total[k] += new - old
+                grown[k] = new
+        if grown:
+            self.last[peer_id] = prev.model_copy(update=grown)
 
     def sums(self) -> dict[str, int]:
-        out = dict(self.base)
-        for counters in self.last.values():
-            for k in _COUNTER_FIELDS:
-                out[k] += getattr(counters, k)
-        return out
+        return dict(self.total)
 
 
 _COUNTER_FIELDS = ("origin", "peer", "local", "served", "uploaded")
@@ -174,7 +199,7 @@ class ClusterState:
 
     def expire(self, now: float) -> list[str]:
         """Drop peers silent for three heartbeat intervals; their pieces stop being handed out."""
-        deadline = now - 3 * self.heartbeat_interval
+        deadline = now - expiry_seconds(self.heartbeat_interval)
         gone = [p for p in self.peers.values() if p.last_seen < deadline]
         for peer in gone:
             self._drop_peer(peer)
@@ -233,14 +258,17 @@ class ClusterState:
     def announce(self, ann: Announce, now: float) -> AnnounceReply:
         peer = self._peer(ann.peer_id)
         task = self._task(ann.task_id)
-        count = task.layout.count
+        count = task.piece_count
         peer.last_seen = now
         accepted, rejected, deferred = 0, [], []
+        gained = 0  # pieces newly held by the announcer, added to its count once
         for claim in ann.pieces:
             if claim.index >= count:
                 rejected.append(claim.index)
                 continue
-            piece = task.pieces.setdefault(claim.index, PieceState())
+            piece = task.pieces.get(claim.index)
+            if piece is None:
+                piece = task.pieces[claim.index] = PieceState()
             lease = task.leases.get(claim.index)
             if piece.chunk is None and lease is not None and lease.holder != ann.peer_id \
                     and self._lease_live(lease, now):
@@ -258,16 +286,21 @@ class ClusterState:
             elif piece.chunk != claim.chunk:
                 # The claimant assembled the blob and its sha256 matched: its chunk is right.
                 piece.chunk = claim.chunk
+                if gained:  # counts must be current before holders are taken away
+                    task.held[ann.peer_id] = task.held.get(ann.peer_id, 0) + gained
+                    gained = 0
                 for h in piece.holders:
                     task.held[h] -= 1
                 piece.holders.clear()
             if ann.peer_id not in piece.holders:
                 piece.holders.add(ann.peer_id)
-                task.held[ann.peer_id] = task.held.get(ann.peer_id, 0) + 1
+                gained += 1
             lease = task.leases.pop(claim.index, None)
             if lease is not None and lease.holder == ann.peer_id:
                 lease.progress_at = now
             accepted += 1
+        if gained:
+            task.held[ann.peer_id] = task.held.get(ann.peer_id, 0) + gained
         if rejected:
             self._penalise(peer, "conflict", now)
         if ann.pieces or ann.sealed:
@@ -279,6 +312,27 @@ class ClusterState:
         if ann.sealed and not rejected and task.held.get(ann.peer_id, 0) >= count:
             task.meta = task.meta.model_copy(update={"sealed": True})
         return AnnounceReply(accepted=accepted, rejected=rejected + deferred)
+
+    def withdraw(self, wd: Withdraw) -> None:
+        """A peer no longer holds some pieces (a chunk failed its digest at rest, an eviction):
+        stop handing it out for them. Unknown tasks and pieces are nothing to do."""
+        peer = self._peer(wd.peer_id)
+        task = self.tasks.get(wd.task_id)
+        if task is None:
+            return
+        indices = list(task.pieces) if wd.pieces is None else wd.pieces
+        dropped = 0
+        for i in indices:
+            piece = task.pieces.get(i)
+            if piece is not None and peer.id in piece.holders:
+                piece.holders.discard(peer.id)
+                dropped += 1
+        if dropped:
+            left = task.held.get(peer.id, 0) - dropped
+            if left > 0:
+                task.held[peer.id] = left
+            else:
+                task.held.pop(peer.id, None)
 
     def blob_mismatch(self, peer_id: str, task_id: str) -> None:
         """A peer assembled the blob and its sha256 did not match: the provisional piece map is
@@ -320,10 +374,9 @@ class ClusterState:
         requester = self._peer(req.peer_id)
         requester.last_seen = now
         task = self._task(req.task_id)
-        count = task.layout.count
+        count = task.piece_count
         exclude = set(req.exclude)
         exclude.add(req.peer_id)
-        complete = task.complete_holders()
         max_run = max(1, min(MAX_LEASE_PIECES, MAX_LEASE_BYTES // task.meta.piece_size))
         cold = not task.held and not any(self._lease_live(le, now)
                                          for le in task.leases.values())
@@ -334,7 +387,7 @@ class ClusterState:
         decisions: list[Decision] = []
         for index in wanted:
             piece = task.pieces.get(index)
-            parents = self._parents(task, piece, requester, exclude, complete, now)
+            parents = self._parents(task, piece, requester, exclude, now)
             if parents:
                 decisions.append(Decision(piece=index, action="parents", chunk=piece.chunk,
                                           parents=parents))
@@ -382,9 +435,10 @@ class ClusterState:
         return lease.holder in self.peers and now - lease.progress_at < self.lease_timeout
 
     def _parents(self, task: TaskState, piece: PieceState | None, requester: PeerState,
-                 exclude: set[str], complete: set[str], now: float) -> list[ParentRef]:
+                 exclude: set[str], now: float) -> list[ParentRef]:
         if piece is None or not piece.holders:
             return []
+        count = task.piece_count
         candidates = []
         for holder_id in piece.holders:
             holder = self.peers.get(holder_id)
@@ -396,7 +450,7 @@ class ClusterState:
                 upload_slots=holder.reg.upload_slots,
                 active_uploads=holder.load.active_uploads,
                 handouts=policy.decayed(holder.handouts, holder.handouts_at, now),
-                complete=holder_id in complete, seed=holder.reg.seed))
+                complete=task.held.get(holder_id, 0) >= count, seed=holder.reg.seed))
         ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,
                                      PARENTS_PER_PIECE, self.rng)
         if ranked:

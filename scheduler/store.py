@@ -1,7 +1,8 @@
 """The scheduler's state store: one async interface, so the API does not care where state lives.
 
-`MemoryStore` keeps a `ClusterState` in this process and wakes long-polling schedule requests
-when a task changes.
+`MemoryStore` keeps a `ClusterState` in this process. `RedisStore` (scheduler/redis_store.py)
+keeps the state in Redis for any number of replicas and runs the same `ClusterState` rules on the
+slice of it each call needs. Both long-poll `schedule` the same way (`Waiters`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from common.models import (
@@ -21,16 +23,20 @@ from common.models import (
     ScheduleRequest,
     TaskMeta,
     TaskRequest,
+    Withdraw,
 )
 from scheduler.state import ClusterState
 
-# While every wanted piece must wait, re-decide at least this often: leases time out by the clock.
-_RECHECK_SECONDS = 0.25
+# While every wanted piece must wait, re-decide at least this often: leases time out by the
+# clock, and a wake-up can be lost (a Redis pub/sub message is sent at most once).
+RECHECK_SECONDS = 0.25
 
 
 class Store(Protocol):
     heartbeat_interval: float
 
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
     async def register(self, reg: PeerRegistration) -> None: ...
     async def heartbeat(self, peer_id: str, hb: Heartbeat) -> None: ...
     async def leave(self, peer_id: str) -> None: ...
@@ -39,6 +45,7 @@ class Store(Protocol):
     async def announce(self, ann: Announce) -> AnnounceReply: ...
     async def schedule(self, req: ScheduleRequest) -> list[Decision]: ...
     async def report(self, rep: Report) -> None: ...
+    async def withdraw(self, wd: Withdraw) -> None: ...
     async def blob_mismatch(self, peer_id: str, task_id: str) -> None: ...
     async def cordon(self, peer_id: str) -> None: ...
     async def uncordon(self, peer_id: str) -> None: ...
@@ -50,19 +57,78 @@ class Store(Protocol):
     async def back_to_source(self) -> int: ...
 
 
+class Waiters:
+    """Long-polling schedule calls parked until their task changes.
+
+    A call that must wait registers (and `watch`es its task: a store that hears of changes
+    from elsewhere starts listening for it) and then decides again, so a change that landed
+    in between still counts; `RECHECK_SECONDS` bounds the wait if a wake-up never comes.
+    """
+
+    def __init__(self, watch: Callable[[str], Awaitable[None]] | None = None,
+                 unwatch: Callable[[str], None] | None = None) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._watch = watch
+        self._unwatch = unwatch
+
+    def waiting(self, task_id: str) -> int:
+        """How many schedule calls on this task are parked here."""
+        return len(self._events.get(task_id, ()))
+
+    def notify(self, task_id: str) -> None:
+        for event in self._events.get(task_id, ()):
+            event.set()
+
+    def notify_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    async def schedule(self, req: ScheduleRequest,
+                       decide: Callable[[ScheduleRequest], Awaitable[list[Decision]]]
+                       ) -> list[Decision]:
+        """`decide` until a piece is not `wait`, or `req.wait_ms` (real time) runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait_ms / 1000
+        decisions = await decide(req)
+        if req.wait_ms <= 0 or any(d.action != "wait" for d in decisions):
+            return decisions
+        event = asyncio.Event()
+        events = self._events.setdefault(req.task_id, set())
+        events.add(event)
+        try:
+            if self._watch is not None:
+                await self._watch(req.task_id)
+            while True:
+                event.clear()
+                decisions = await decide(req)
+                remaining = deadline - loop.time()
+                if remaining <= 0 or any(d.action != "wait" for d in decisions):
+                    return decisions
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, RECHECK_SECONDS))
+        finally:
+            events.discard(event)
+            if not events and self._events.get(req.task_id) is events:
+                del self._events[req.task_id]
+            if self._unwatch is not None:
+                self._unwatch(req.task_id)
+
+
 class MemoryStore:
     def __init__(self, heartbeat_interval: float = 2.0, lease_timeout: float = 2.0,
-                 clock: callable = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.state = ClusterState(heartbeat_interval=heartbeat_interval,
                                   lease_timeout=lease_timeout)
         self.heartbeat_interval = heartbeat_interval
         self._clock = clock
-        self._changed: dict[str, asyncio.Event] = {}
+        self.waiters = Waiters()
 
-    def _notify(self, task_id: str) -> None:
-        event = self._changed.pop(task_id, None)
-        if event is not None:
-            event.set()
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     async def register(self, reg: PeerRegistration) -> None:
         self.state.register(reg, self._clock())
@@ -72,12 +138,12 @@ class MemoryStore:
 
     async def leave(self, peer_id: str) -> None:
         self.state.leave(peer_id)
+        self.waiters.notify_all()  # waiters on a lease it held may take it over now
 
     async def expire(self) -> list[str]:
         gone = self.state.expire(self._clock())
         if gone:  # waiters on leases these peers held may now take them over
-            for task_id in list(self._changed):
-                self._notify(task_id)
+            self.waiters.notify_all()
         return gone
 
     async def ensure_task(self, req: TaskRequest) -> TaskMeta:
@@ -86,26 +152,24 @@ class MemoryStore:
     async def announce(self, ann: Announce) -> AnnounceReply:
         reply = self.state.announce(ann, self._clock())
         if ann.pieces or ann.sealed:
-            self._notify(ann.task_id)
+            self.waiters.notify(ann.task_id)
         return reply
 
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:
-        deadline = self._clock() + req.wait_ms / 1000
-        while True:
-            decisions = self.state.schedule(req, self._clock())
-            remaining = deadline - self._clock()
-            if remaining <= 0 or any(d.action != "wait" for d in decisions):
-                return decisions
-            event = self._changed.setdefault(req.task_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, _RECHECK_SECONDS))
+        return await self.waiters.schedule(req, self._decide)
+
+    async def _decide(self, req: ScheduleRequest) -> list[Decision]:
+        return self.state.schedule(req, self._clock())
 
     async def report(self, rep: Report) -> None:
         self.state.report(rep, self._clock())
 
+    async def withdraw(self, wd: Withdraw) -> None:
+        self.state.withdraw(wd)
+
     async def blob_mismatch(self, peer_id: str, task_id: str) -> None:
         self.state.blob_mismatch(peer_id, task_id)
-        self._notify(task_id)
+        self.waiters.notify(task_id)
 
     async def cordon(self, peer_id: str) -> None:
         self.state.cordon(peer_id)
@@ -115,14 +179,16 @@ class MemoryStore:
 
     async def peers(self) -> list[dict]:
         now = self._clock()
-        return [self.state.peer_view(p, now) for p in self.state.peers.values()]
+        return [self.state.peer_view(self.state.peers[pid], now)
+                for pid in sorted(self.state.peers)]
 
     async def peer(self, peer_id: str) -> dict | None:
         p = self.state.peers.get(peer_id)
         return None if p is None else self.state.peer_view(p, self._clock())
 
     async def tasks(self) -> list[dict]:
-        return [self.state.task_view(t, detail=False) for t in self.state.tasks.values()]
+        return [self.state.task_view(self.state.tasks[tid], detail=False)
+                for tid in sorted(self.state.tasks)]
 
     async def task(self, task_id: str) -> dict | None:
         t = self.state.tasks.get(task_id)

@@ -29,9 +29,10 @@ def free_port() -> int:
     for port in _ports:
         if port >= 32000:
             raise RuntimeError("out of test ports")
-        with socket.socket() as s:
-            try:
+        with socket.socket() as s, socket.socket(type=socket.SOCK_DGRAM) as u:
+            try:  # free for TCP and UDP alike: a scheduler takes both
                 s.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
@@ -241,13 +242,18 @@ class Cluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.nodes: list[Node] = []
+        self._udp_ports: dict[int, int] = {}
 
     async def scheduler(self, *args: str, name: str = "scheduler",
                         port: int | None = None) -> Node:
         port = port or free_port()
+        # A restarted scheduler keeps its UDP port too: peers remember it.
+        udp = self._udp_ports.setdefault(port, free_port())
+        if "--udp" not in args:
+            args = ("--udp", f"127.0.0.1:{udp}", *args)
         proc = spawn(name, naiad("scheduler", "--listen", f"127.0.0.1:{port}",
                                  "--heartbeat-interval", "0.5", *args), self.workdir)
-        node = Node(name, proc, f"http://127.0.0.1:{port}", {"port": port})
+        node = Node(name, proc, f"http://127.0.0.1:{port}", {"port": port, "udp": udp})
         self.nodes.append(node)
         await wait_http(f"{node.url}/healthy", proc=proc)
         return node

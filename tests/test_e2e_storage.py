@@ -22,6 +22,13 @@ async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[bytes, 
         return await r.read(), dict(r.headers)
 
 
+async def _held_pieces(scheduler: str, task_id: str, peer_id: str, count: int) -> bool:
+    """Whether the scheduler lists `peer_id` as the holder of exactly `count` pieces."""
+    async with aiohttp.ClientSession() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
+        task = await r.json()
+    return sum(peer_id in p["holders"] for p in task["piece_map"]) == count
+
+
 def _chunk_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in (data_dir / "chunks").glob("*/*") if p.is_file())
 
@@ -46,7 +53,10 @@ async def test_disk_quota_evicts_least_recently_used(
         body, _ = await _get(f"{peer.url}/v2/{repo}/blobs/{digest}")
         assert body == blob
         assert await metric(peer.url, "naiad_peer_cache_bytes") <= 10 * MiB
-    # The first blob was the least recently used: evicted, fetched again; the last is local.
+    # The first blob was the least recently used: evicted, and the scheduler told so.
+    await until(lambda: _held_pieces(sched.url, digests[0], "p", 0),
+                what="the evicted task withdrawn at the scheduler")
+    # Fetched again; the last is local.
     body, headers = await _get(f"{peer.url}/v2/{repo}/blobs/{digests[0]}")
     assert body == blobs[0] and headers["X-Naiad-Source"] != "local"
     body, headers = await _get(f"{peer.url}/v2/{repo}/blobs/{digests[2]}")
@@ -117,6 +127,8 @@ async def test_scrubber_finds_rot_nobody_reads(
         return await metric(peer.url, "naiad_peer_verify_failures_total") >= 1
     await until(found, 30, "the scrubber finding the rotten chunk")
     assert len(_chunk_files(cluster.workdir / "p")) == 2
+    await until(lambda: _held_pieces(sched.url, digest, "p", 2),
+                what="the rotten piece withdrawn at the scheduler")
     body, _ = await _get(f"{peer.url}/v2/{repo}/blobs/{digest}")
     assert body == blob
 

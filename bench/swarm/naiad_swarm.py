@@ -80,7 +80,8 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
     try:
         sched = await lab.spawn(origin, [
             opts.python, "-m", "naiad", "scheduler", "--listen", f"{origin.ip}:{SCHEDULER_PORT}",
-            "--cluster-secret", secret, *opts.scheduler_args], logs / "scheduler.log",
+            "--udp", f"{origin.ip}:{SCHEDULER_PORT + 1}", "--cluster-secret", secret,
+            *opts.scheduler_args], logs / "scheduler.log",
             env=env, cwd=opts.src)
         procs.append(sched)
         await lab.wait_http(origin, f"{sched_url}/healthy", proc=sched)

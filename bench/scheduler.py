@@ -1,0 +1,360 @@
+"""Scheduler state-store benchmark: a simulated cluster of 10,000 peers and 1,000,000 chunks
+(1,000 tasks x 1,000 pieces), calls made directly on the Store objects, in memory and in Redis.
+
+Phases, each timed on its own (calls/s, items/s, p50/p99 latency per call):
+
+* register   every peer registers;
+* announce   every chunk is announced once, in calls of 16 consecutive pieces (a lease run,
+             what a peer's coalesced announcements look like), by a peer of the task's swarm;
+* announce1  single-piece calls (a second holder for random pieces);
+* heartbeat  one heartbeat per peer;
+* schedule1  single-piece schedule calls: 90% on announced tasks (answers: parents), 10% on
+             tasks nobody holds (answers: an origin lease, or wait for it);
+* schedule8  the same with 8 consecutive pieces per call (a peer's read-ahead refill).
+
+"Announcements" are piece claims and "decisions" per-piece answers. A memory run is one
+coroutine calling in sequence (its latency is the call's own cost); a Redis run keeps
+--concurrency calls in flight, as a replica serving many peers would. Each figure is the median
+over --runs fresh clusters. With --http, schedule1 and announce are also measured through one
+`naiad scheduler` process and its HTTP API, with --concurrency clients.
+
+    python bench/scheduler.py --runs 3                  # both stores, full size
+    python bench/scheduler.py --store memory --runs 1 --tasks 100 --peers 1000   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+import redis
+import redis.asyncio as aioredis
+
+from common.models import (
+    Announce,
+    Heartbeat,
+    PeerCounters,
+    PeerLoad,
+    PeerRegistration,
+    PieceClaim,
+    ScheduleRequest,
+    TaskRequest,
+)
+from common.pieces import MiB
+from scheduler.redis_store import RedisStore
+from scheduler.store import MemoryStore, Store
+from tests.cluster import free_port
+
+RUN = 16  # pieces per announce call
+SWARM = 30  # peers per task that announce its pieces
+COLD = 0.1  # share of schedule calls on tasks nobody holds
+
+
+def task_id(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+def chunk_id(t: int, i: int) -> str:
+    return f"blake3:{t:032x}{i:032x}"
+
+
+@dataclass
+class Phase:
+    calls: int
+    items: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def calls_per_s(self) -> float:
+        return self.calls / self.seconds
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds
+
+    def pct(self, q: float) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+
+
+async def drive(calls: list[Callable[[], Awaitable[Any]]], items: int,
+                concurrency: int) -> Phase:
+    """Run the calls with `concurrency` in flight; time each."""
+    latencies: list[float] = []
+    it = iter(calls)
+
+    async def worker() -> None:
+        for call in it:
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Phase(len(calls), items, time.perf_counter() - started, latencies)
+
+
+def quiet_gc() -> None:
+    """The workload's million prebuilt requests are the bench's, not the store's: keep them out
+    of the garbage collector's full passes, which would otherwise be timed as the store's."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+class Workload:
+    """The requests of one run, built before any timing."""
+
+    def __init__(self, peers: int, tasks: int, pieces: int, calls: int, seed: int) -> None:
+        rng = random.Random(seed)
+        self.peer_ids = [f"peer-{n:05d}" for n in range(peers)]
+        self.regs = [PeerRegistration(id=pid, upload_addr=f"10.{n >> 16}.{(n >> 8) & 255}."
+                                      f"{n & 255}:65002", idc=f"idc{n % 4}",
+                                      location=f"r{n % 2}|z{n % 8}", upload_slots=8)
+                     for n, pid in enumerate(self.peer_ids)]
+        self.tasks = [TaskRequest(task_id=task_id(t), length=pieces * MiB, piece_size=MiB)
+                      for t in range(tasks + max(1, tasks // 10))]  # the last tenth stay cold
+        swarms = [rng.sample(self.peer_ids, SWARM) for _ in range(tasks)]
+        self.announce = [
+            Announce(peer_id=rng.choice(swarms[t]), task_id=task_id(t),
+                     pieces=[PieceClaim(index=i, chunk=chunk_id(t, i))
+                             for i in range(first, min(pieces, first + RUN))])
+            for t in range(tasks) for first in range(0, pieces, RUN)]
+        rng.shuffle(self.announce)
+        self.announce1 = []
+        for _ in range(calls):
+            t, i = rng.randrange(tasks), rng.randrange(pieces)
+            self.announce1.append(Announce(peer_id=rng.choice(swarms[t]), task_id=task_id(t),
+                                           pieces=[PieceClaim(index=i, chunk=chunk_id(t, i))]))
+        self.heartbeats = [(pid, Heartbeat(load=PeerLoad(active_uploads=rng.randrange(4)),
+                                           counters=PeerCounters(started_at=1.0, origin=n,
+                                                                 served=2 * n)))
+                           for n, pid in enumerate(self.peer_ids)]
+
+        def schedules(batch: int) -> list[ScheduleRequest]:
+            out = []
+            for _ in range(calls):
+                cold = rng.random() < COLD
+                t = rng.randrange(tasks, len(self.tasks)) if cold else rng.randrange(tasks)
+                first = rng.randrange(pieces - batch + 1)
+                out.append(ScheduleRequest(peer_id=rng.choice(self.peer_ids),
+                                           task_id=task_id(t),
+                                           pieces=list(range(first, first + batch))))
+            return out
+        self.schedule1 = schedules(1)
+        self.schedule8 = schedules(8)
+
+
+async def run_store(store: Store, w: Workload, concurrency: int) -> dict[str, Phase]:
+    out: dict[str, Phase] = {}
+    out["register"] = await drive([lambda r=r: store.register(r) for r in w.regs],
+                                  len(w.regs), concurrency)
+    for t in w.tasks:
+        await store.ensure_task(t)
+    out["announce"] = await drive([lambda a=a: store.announce(a) for a in w.announce],
+                                  sum(len(a.pieces) for a in w.announce), concurrency)
+    out["announce1"] = await drive([lambda a=a: store.announce(a) for a in w.announce1],
+                                   len(w.announce1), concurrency)
+    out["heartbeat"] = await drive([lambda p=p, hb=hb: store.heartbeat(p, hb)
+                                    for p, hb in w.heartbeats], len(w.heartbeats), concurrency)
+    for name, reqs in (("schedule1", w.schedule1), ("schedule8", w.schedule8)):
+        out[name] = await drive([lambda r=r: store.schedule(r) for r in reqs],
+                                sum(len(r.pieces) for r in reqs), concurrency)
+    return out
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        self.log.close()
+
+
+async def flush(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    await client.aclose()
+
+
+async def http_run(url: str, w: Workload, concurrency: int) -> dict[str, Phase]:
+    """The same calls through the HTTP API of a `naiad scheduler --redis` process (or not)."""
+    out: dict[str, Phase] = {}
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def post(path: str, body: Any) -> None:
+            async with s.post(url + "/api/v1" + path, data=body.model_dump_json(),
+                              headers={"Content-Type": "application/json"}) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{path}: {r.status} {await r.text()}")
+                await r.read()
+
+        out["register"] = await drive([lambda r=r: post("/peers", r) for r in w.regs],
+                                      len(w.regs), concurrency)
+        for t in w.tasks:
+            await post("/tasks", t)
+        out["announce"] = await drive([lambda a=a: post("/announce", a) for a in w.announce],
+                                      sum(len(a.pieces) for a in w.announce), concurrency)
+        out["schedule1"] = await drive([lambda r=r: post("/schedule", r) for r in w.schedule1],
+                                       len(w.schedule1), concurrency)
+    return out
+
+
+def spawn_scheduler(port: int, redis_url: str | None, workdir: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "naiad", "scheduler", "--listen", f"127.0.0.1:{port}",
+            "--udp", "off", "--heartbeat-interval", "60"]
+    if redis_url:
+        argv += ["--redis", redis_url]
+    log = open(workdir / f"scheduler-{port}.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthy", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError((workdir / f"scheduler-{port}.log").read_text())
+        time.sleep(0.05)
+
+
+def median_table(runs: list[dict[str, Phase]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name in runs[0]:
+        phases = [r[name] for r in runs]
+        out[name] = {
+            "calls/s": statistics.median(p.calls_per_s for p in phases),
+            "items/s": statistics.median(p.items_per_s for p in phases),
+            "p50 ms": statistics.median(p.pct(0.50) for p in phases),
+            "p99 ms": statistics.median(p.pct(0.99) for p in phases),
+            "items/call": phases[0].items / phases[0].calls,
+        }
+    return out
+
+
+def print_table(title: str, table: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print("| phase | per call | calls/s | announcements or decisions/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, row in table.items():
+        print(f"| {name} | {row['items/call']:.0f} | {row['calls/s']:,.0f} | "
+              f"{row['items/s']:,.0f} | {row['p50 ms']:.2f} | {row['p99 ms']:.2f} |")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", choices=["memory", "redis", "both", "none"], default="both",
+                    help="stores measured directly (none: only --http)")
+    ap.add_argument("--peers", type=int, default=10_000)
+    ap.add_argument("--tasks", type=int, default=1_000)
+    ap.add_argument("--pieces", type=int, default=1_000)
+    ap.add_argument("--calls", type=int, default=20_000, help="calls per single/schedule phase")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=32, help="Redis and HTTP runs")
+    ap.add_argument("--http", action="store_true", help="also measure through the HTTP API")
+    args = ap.parse_args()
+
+    print(f"# {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{args.peers} peers, {args.tasks} tasks x {args.pieces} pieces, "
+          f"{args.calls} calls per single-call phase, {args.runs} runs, "
+          f"{time.strftime('%Y-%m-%d')}")
+    with tempfile.TemporaryDirectory(prefix="naiad-bench-") as tmp:
+        workdir = Path(tmp)
+        server = RedisServer(workdir) if args.store in ("redis", "both") or args.http else None
+        try:
+            kinds = {"both": ["memory", "redis"], "none": []}.get(args.store, [args.store])
+            for kind in kinds:
+                runs = []
+                for r in range(args.runs):
+                    w = Workload(args.peers, args.tasks, args.pieces, args.calls, seed=r)
+                    quiet_gc()
+                    if kind == "memory":
+                        store: Store = MemoryStore(heartbeat_interval=60.0)
+                        concurrency = 1
+                    else:
+                        assert server is not None
+                        await flush(server.url)
+                        store = RedisStore.from_url(server.url, heartbeat_interval=60.0)
+                        concurrency = args.concurrency
+                    await store.start()
+                    try:
+                        runs.append(await run_store(store, w, concurrency))
+                    finally:
+                        await store.close()
+                    print(f"  {kind} run {r + 1}: " + ", ".join(
+                        f"{n} {p.items_per_s:,.0f}/s" for n, p in runs[-1].items()),
+                        flush=True)
+                print_table(f"{kind} store (median of {args.runs}, {concurrency} in flight)",
+                            median_table(runs))
+            if args.http:
+                for kind in ("memory", "redis"):
+                    runs = []
+                    for r in range(args.runs):
+                        w = Workload(args.peers, args.tasks, args.pieces, args.calls, seed=r)
+                        quiet_gc()
+                        url = None
+                        if kind == "redis":
+                            assert server is not None
+                            await flush(server.url)
+                            url = server.url
+                        port = free_port()
+                        proc = spawn_scheduler(port, url, workdir)
+                        try:
+                            runs.append(await http_run(f"http://127.0.0.1:{port}", w,
+                                                       args.concurrency))
+                        finally:
+                            proc.send_signal(signal.SIGINT)
+                            proc.wait()
+                    print_table(f"HTTP API, {kind} store (median of {args.runs}, "
+                                f"{args.concurrency} clients)", median_table(runs))
+        finally:
+            if server is not None:
+                server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,72 @@
+"""Peer liveness over UDP: heartbeat datagrams (common/datagram.py) in, `ok` or `unknown` out.
+
+Anything that does not decode (random bytes, oversized, a bad or missing signature, a stale
+timestamp) is dropped without an answer; a well-formed heartbeat from a peer the store does not
+know is answered `unknown`, which makes the peer register again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncio_dgram
+from prometheus_client import Counter
+
+from common import datagram
+from scheduler.state import UnknownPeer
+from scheduler.store import Store
+
+log = logging.getLogger("naiad.scheduler.udp")
+
+
+class HeartbeatListener:
+    def __init__(self, store: Store, listen: str, secret: bytes | None,
+                 heartbeats: Counter) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]") or "0.0.0.0", int(port)
+        self.store = store
+        self.secret = secret
+        self._counts = {result: heartbeats.labels("udp", result)
+                        for result in ("accepted", "unknown", "dropped")}
+        self._stream: asyncio_dgram.DatagramServer | None = None
+
+    async def start(self) -> None:
+        self._stream = await asyncio_dgram.bind((self.host, self.port))
+        self.port = self._stream.sockname[1]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def run(self) -> None:
+        assert self._stream is not None
+        while True:
+            try:
+                data, addr = await self._stream.recv()
+            except asyncio_dgram.TransportClosed:
+                return
+            try:
+                peer_id, hb = datagram.decode(data, self.secret)
+            except datagram.DatagramError as e:
+                self._counts["dropped"].inc()
+                log.debug("dropped a datagram from %s: %s", addr, e)
+                continue
+            try:
+                await self.store.heartbeat(peer_id, hb)
+            except UnknownPeer:
+                self._counts["unknown"].inc()
+                await self._answer(datagram.ACK_UNKNOWN, addr)
+                continue
+            self._counts["accepted"].inc()
+            await self._answer(datagram.ACK_OK, addr)
+
+    async def _answer(self, ack: bytes, addr: tuple[str, int]) -> None:
+        assert self._stream is not None
+        try:
+            await self._stream.send(ack, addr)
+        except OSError as e:  # the peer's socket is gone: nothing to tell it
+            log.debug("cannot answer %s: %s", addr, e)
+
+    def stop(self) -> None:
+        if self._stream is not None:
+            self._stream.close()

@@ -1,0 +1,99 @@
+"""Issue 4, acceptance test 2: stateless scheduler replicas over one Redis. Two
+`naiad scheduler --redis` replicas, four peers given both; the replica the peers use is killed
+(SIGKILL) in the middle of a 64 MiB distribution. Every pull completes with the right sha256,
+and the registry still serves the blob about once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.cluster import Cluster, CountingProxy, Registry, push_blob
+from tests.test_store_behaviour import RedisServer
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def redis_server_e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-e2e"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_url(redis_server_e2e: RedisServer) -> AsyncIterator[str]:
+    client = aioredis.Redis.from_url(redis_server_e2e.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server_e2e.url
+
+
+async def _pull(url: str) -> str:
+    h = hashlib.sha256()
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, await r.text()
+        async for chunk in r.content.iter_chunked(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+async def _pieces_held(scheduler: str, task_id: str) -> int:
+    async with aiohttp.ClientSession() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
+        if r.status != 200:
+            return 0
+        view = await r.json()
+    return sum(1 for p in view["piece_map"] if p["holders"])
+
+
+async def _kill_the_replica_in_use(cluster: Cluster, registry: Registry,
+                                   origin: CountingProxy, repo: str, redis_url: str
+                                   ) -> tuple[list[str], str, float]:
+    """Run the scenario; the pulls' digests, the blob's, and what the registry sent (x blob)."""
+    blob = os.urandom(64 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    a = await cluster.scheduler("--redis", redis_url, name="scheduler-a")
+    b = await cluster.scheduler("--redis", redis_url, name="scheduler-b")
+    peers = await asyncio.gather(*(
+        cluster.peer(f"peer-{i}", a.url, origin.url, "--scheduler", b.url) for i in range(4)))
+    # They registered with a, the first URL given; the shared state shows them through b too.
+    async with aiohttp.ClientSession() as s, s.get(f"{b.url}/api/v1/peers") as r:
+        assert sorted(p["id"] for p in (await r.json())["peers"]) == [p.name for p in peers]
+    before = origin.bytes_down
+
+    pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}")) for p in peers]
+    # In the middle: some of the blob's 64 pieces are held somewhere, not all.
+    while (held := await _pieces_held(b.url, digest)) < 8:
+        assert not any(t.done() for t in pulls), "the pulls finished before the kill"
+        await asyncio.sleep(0.02)
+    assert held < 64, "too late to kill mid-distribution"
+    a.proc.kill()
+
+    results = await asyncio.wait_for(asyncio.gather(*pulls), 120)
+    return results, digest, (origin.bytes_down - before) / len(blob)
+
+
+async def test_every_pull_completes_when_the_replica_in_use_is_killed(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        redis_url: str) -> None:
+    results, digest, _ = await _kill_the_replica_in_use(cluster, registry, origin, repo,
+                                                        redis_url)
+    assert results == [digest] * 4
+
+
+async def test_registry_serves_the_blob_about_once_when_the_replica_in_use_is_killed(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        redis_url: str) -> None:
+    results, digest, sent = await _kill_the_replica_in_use(cluster, registry, origin, repo,
+                                                           redis_url)
+    assert results == [digest] * 4
+    assert sent <= 1.1, f"registry sent {sent:.2f}x the blob"

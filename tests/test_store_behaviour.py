@@ -1,0 +1,832 @@
+"""One behaviour suite for every state store: `MemoryStore`, and `RedisStore` over a real
+redis-server started here. Then what only Redis promises: several stores (replicas) over one
+Redis behave as one.
+
+Time is an injected clock wherever the rules read it (leases, penalties); only Redis key expiry
+runs on real time, and the tests that need it use a short heartbeat interval and poll, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+import scheduler.store as store_module
+from common.models import (
+    Announce,
+    Decision,
+    Heartbeat,
+    LeaseProgress,
+    PeerCounters,
+    PeerLoad,
+    PeerRegistration,
+    PieceClaim,
+    Report,
+    ScheduleRequest,
+    TaskRequest,
+    Withdraw,
+)
+from common.pieces import MiB
+from scheduler.redis_store import NotLoaded, Partial, RedisStore
+from scheduler.state import PENALTY_SECONDS, Conflict, StateError, UnknownPeer, UnknownTask
+from scheduler.store import MemoryStore, Store
+from tests.cluster import Proc, free_port, spawn
+
+TASK = "sha256:" + "a" * 64
+OTHER = "sha256:" + "c" * 64
+URL_TASK = "url:" + "b" * 64
+HB = 2.0
+LEASE = 2.0
+
+
+def chunk(n: int) -> str:
+    return f"blake3:{n:064x}"
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, without persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Proc = spawn("redis", [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no"], workdir)
+
+    def wait_ready(self, seconds: float = 10.0) -> None:
+        """Until it answers PING (a readiness check: returns on the first PONG)."""
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                if self.proc.popen.poll() is not None:
+                    raise RuntimeError(f"redis-server exited:\n{self.proc.logs()}")
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server not ready:\n{self.proc.logs()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class Harness:
+    """A store under test, its clock, and (Redis) more stores over the same state."""
+
+    def __init__(self, kind: str, clock: Clock, url: str | None) -> None:
+        self.kind = kind
+        self.clock = clock
+        self.url = url
+        self.stores: list[Store] = []
+        self.n = 0
+
+    async def new_store(self, heartbeat_interval: float = HB, clock: Clock | None = None
+                        ) -> Store:
+        clock = clock or self.clock
+        if self.kind == "memory":
+            s: Store = MemoryStore(heartbeat_interval=heartbeat_interval, lease_timeout=LEASE,
+                                   clock=clock)
+        else:
+            assert self.url is not None
+            s = RedisStore.from_url(self.url, heartbeat_interval=heartbeat_interval,
+                                    lease_timeout=LEASE, clock=clock,
+                                    rng=random.Random(len(self.stores)))
+        await s.start()
+        if isinstance(s, RedisStore):
+            await asyncio.wait_for(s.subscribed.wait(), 10)
+        self.stores.append(s)
+        return s
+
+    @property
+    def store(self) -> Store:
+        return self.stores[0]
+
+    async def close(self) -> None:
+        for s in self.stores:
+            await s.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    url = None
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        url = server.url
+        await _flush(url)
+    harness = Harness(request.param, Clock(), url)
+    await harness.new_store()
+    yield harness
+    await harness.close()
+
+
+@pytest.fixture
+async def redis_h(redis_server: RedisServer) -> AsyncIterator[Harness]:
+    """For what only Redis promises."""
+    await _flush(redis_server.url)
+    harness = Harness("redis", Clock(), redis_server.url)
+    await harness.new_store()
+    yield harness
+    await harness.close()
+
+
+async def _flush(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    await client.aclose()
+
+
+@pytest.fixture
+async def two(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores over one Redis, one clock."""
+    await _flush(redis_server.url)
+    harness = Harness("redis", Clock(), redis_server.url)
+    a = await harness.new_store()
+    b = await harness.new_store()
+    assert isinstance(a, RedisStore) and isinstance(b, RedisStore)
+    yield a, b
+    await harness.close()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+_addr = iter(range(1, 1 << 20))
+
+
+async def peer(s: Store, pid: str, **kw: object) -> None:
+    n = next(_addr)
+    kw.setdefault("upload_addr", f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}:65002")
+    await s.register(PeerRegistration(id=pid, **kw))
+
+
+async def task(s: Store, pieces: int = 8, task_id: str = TASK) -> None:
+    await s.ensure_task(TaskRequest(task_id=task_id, length=pieces * MiB, piece_size=MiB))
+
+
+async def setup(s: Store, *pids: str, pieces: int = 8) -> None:
+    for pid in pids or ("A", "B", "C", "D"):
+        await peer(s, pid)
+    await task(s, pieces)
+
+
+async def announce(s: Store, pid: str, pieces: dict[int, str] | list[int] | range, *,
+                   sealed: bool = False, progress: tuple[int, ...] = (), task_id: str = TASK):
+    claims = pieces.items() if isinstance(pieces, dict) else ((i, chunk(i)) for i in pieces)
+    return await s.announce(Announce(
+        peer_id=pid, task_id=task_id, sealed=sealed,
+        pieces=[PieceClaim(index=i, chunk=c) for i, c in claims],
+        progress=[LeaseProgress(epoch=e) for e in progress]))
+
+
+async def schedule(s: Store, pid: str, pieces: list[int] | range, *, wait_ms: int = 0,
+                   exclude: tuple[str, ...] = (), task_id: str = TASK) -> list[Decision]:
+    return await s.schedule(ScheduleRequest(peer_id=pid, task_id=task_id, pieces=list(pieces),
+                                            exclude=list(exclude), wait_ms=wait_ms))
+
+
+async def one(s: Store, pid: str, piece: int, **kw: object) -> Decision:
+    (d,) = await schedule(s, pid, [piece], **kw)
+    return d
+
+
+async def parents(s: Store, pid: str, piece: int, **kw: object) -> list[str]:
+    d = await one(s, pid, piece, **kw)
+    return [p.id for p in d.parents] if d.action == "parents" else []
+
+
+async def holders(s: Store, piece: int, task_id: str = TASK) -> list[str]:
+    view = await s.task(task_id)
+    assert view is not None
+    for p in view["piece_map"]:
+        if p["index"] == piece:
+            return p["holders"]
+    return []
+
+
+async def heartbeat(s: Store, pid: str, started_at: float = 1.0, active: int = 0,
+                    **counters: int) -> None:
+    await s.heartbeat(pid, Heartbeat(load=PeerLoad(active_uploads=active),
+                                     counters=PeerCounters(started_at=started_at, **counters)))
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0,
+                what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {seconds} s")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def no_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long polls re-decide only when woken: a missed wake-up fails the test."""
+    monkeypatch.setattr(store_module, "RECHECK_SECONDS", 60.0)
+
+
+# -- peers -------------------------------------------------------------------------------------
+
+async def test_register_and_heartbeat(h: Harness) -> None:
+    s = h.store
+    await peer(s, "A", idc="i1", location="a|b", upload_slots=3, seed=True)
+    view = await s.peer("A")
+    assert view is not None
+    assert (view["idc"], view["location"], view["upload_slots"], view["seed"]) == \
+        ("i1", "a|b", 3, True)
+    assert view["cordoned"] is False and view["penalised"] is False
+    assert view["registered_at"] == h.clock()
+    h.clock.advance(1.5)
+    await heartbeat(s, "A", active=5)
+    view = await s.peer("A")
+    assert view["load"]["active_uploads"] == 5
+    assert view["last_heartbeat_age"] == 0.0
+    assert [p["id"] for p in await s.peers()] == ["A"]
+    with pytest.raises(UnknownPeer):
+        await heartbeat(s, "nobody")
+    assert await s.peer("nobody") is None
+
+
+async def test_reregistration_keeps_holdings_and_updates_address(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", [0])
+    await s.register(PeerRegistration(id="A", upload_addr="192.168.1.9:7000", idc="new"))
+    d = await one(s, "B", 0)
+    assert d.action == "parents"
+    assert [(p.id, p.addr) for p in d.parents] == [("A", "192.168.1.9:7000")]
+    assert (await s.peer("A"))["idc"] == "new"
+
+
+async def test_leave_drops_holdings_and_frees_leases(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", [0, 1])
+    lease = await one(s, "A", 5)
+    assert lease.action == "source"
+    await s.leave("A")
+    assert await s.peer("A") is None
+    assert await holders(s, 0) == []
+    assert (await one(s, "B", 0)).action == "source"
+    taken = await one(s, "B", 5)
+    assert taken.action == "source" and taken.epoch > lease.epoch
+    with pytest.raises(UnknownPeer):
+        await s.leave("A")
+
+
+async def test_silent_peer_expires_and_its_pieces_stop_being_handed_out(h: Harness) -> None:
+    """Three missed heartbeats: gone. Memory expires by its clock; Redis keys by real time
+    (a 0.25 s interval here), so the loop polls, keeping B alive, until A is swept."""
+    s = await h.new_store(heartbeat_interval=0.25)
+    await setup(s, "A", "B")
+    await announce(s, "A", [0])
+    assert await parents(s, "B", 0) == ["A"]
+    gone: list[str] = []
+
+    async def a_swept() -> bool:
+        h.clock.advance(0.05)
+        await heartbeat(s, "B")
+        gone.extend(await s.expire())
+        return "A" in gone
+
+    await until(a_swept, seconds=10, what="A expired")
+    assert gone == ["A"]
+    assert [p["id"] for p in await s.peers()] == ["B"]
+    assert await s.peer("A") is None
+    assert await holders(s, 0) == []
+    d = await one(s, "B", 0)
+    assert d.action == "source"
+    # It may come back, as a new peer without its old holdings.
+    await peer(s, "A")
+    assert await holders(s, 0) == []
+
+
+# -- tasks and announcements -------------------------------------------------------------------
+
+async def test_ensure_task_fixes_layout_and_refuses_another_length(h: Harness) -> None:
+    s = h.store
+    meta = await s.ensure_task(TaskRequest(task_id=TASK, length=3 << 30))
+    assert meta.piece_size == 4 * MiB and meta.digest == TASK and not meta.sealed
+    again = await s.ensure_task(TaskRequest(task_id=TASK, length=3 << 30, piece_size=64 << 10))
+    assert again == meta
+    with pytest.raises(Conflict):
+        await s.ensure_task(TaskRequest(task_id=TASK, length=5))
+    url = await s.ensure_task(TaskRequest(task_id=URL_TASK, length=10, piece_size=64 << 10))
+    assert url.piece_size == 64 << 10 and url.digest is None
+    assert sorted(t["task_id"] for t in await s.tasks()) == [TASK, URL_TASK]
+    assert await s.task(OTHER) is None
+
+
+async def test_announce_records_holders(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    reply = await announce(s, "A", [0, 1, 2])
+    assert (reply.accepted, reply.rejected) == (3, [])
+    await announce(s, "B", [1])
+    await announce(s, "B", [1])  # twice counts once
+    assert await holders(s, 1) == ["A", "B"]
+    view = await s.task(TASK)
+    assert view["pieces_known"] == 3 and view["holders"] == 2
+    assert view["piece_map"][0]["chunk"] == chunk(0)
+    assert (await s.peer("A"))["tasks"] == 1
+    with pytest.raises(UnknownPeer):
+        await announce(s, "nobody", [0])
+    with pytest.raises(UnknownTask):
+        await announce(s, "A", [0], task_id=URL_TASK)
+
+
+async def test_conflicting_claim_is_rejected_and_its_maker_penalised(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", {0: chunk(100)})
+    reply = await announce(s, "B", {0: chunk(999), 1: chunk(1), 9: chunk(9)})
+    assert reply.rejected == [0, 9] and reply.accepted == 1
+    assert await holders(s, 0) == ["A"]
+    b = await s.peer("B")
+    assert b["penalised"] is True and b["penalty_reason"] == "conflict"
+    assert (await one(s, "C", 1)).action == "source"  # a flagged peer is not handed out
+    h.clock.advance(PENALTY_SECONDS["conflict"])
+    assert await parents(s, "C", 1) == ["B"]
+
+
+async def test_sealing(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", {0: chunk(500), 1: chunk(1)})  # piece 0 provisional and wrong
+    await announce(s, "B", {0: chunk(500)})
+    reply = await announce(s, "C", range(8), sealed=True)
+    assert reply.rejected == [] and reply.accepted == 8
+    view = await s.task(TASK)
+    assert view["sealed"] is True
+    assert view["piece_map"][0]["chunk"] == chunk(0)
+    assert await holders(s, 0) == ["C"]  # holders of the wrong chunk are dropped
+    assert await holders(s, 1) == ["A", "C"]
+    assert view["complete_holders"] == 1
+    # Once sealed, a conflicting claim is refused even with a seal of its own.
+    reply = await announce(s, "D", {0: chunk(777)}, sealed=True)
+    assert reply.rejected == [0]
+    assert (await s.peer("D"))["penalised"] is True
+    # and a blob mismatch reported against a sealed map changes nothing
+    await s.blob_mismatch("D", TASK)
+    assert await holders(s, 0) == ["C"]
+
+
+async def test_blob_mismatch_clears_a_provisional_map(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await schedule(s, "A", range(4))
+    await announce(s, "A", range(4))
+    await schedule(s, "B", range(4, 8))
+    await s.blob_mismatch("C", TASK)
+    view = await s.task(TASK)
+    assert view["piece_map"] == [] and view["leases"] == [] and view["holders"] == 0
+    ds = await schedule(s, "D", range(8))
+    assert {d.action for d in ds} == {"source"} and {d.reason for d in ds} == {"new-task"}
+    assert (await announce(s, "D", {0: chunk(4242)})).rejected == []
+    with pytest.raises(UnknownTask):
+        await s.blob_mismatch("A", URL_TASK)
+
+
+async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await schedule(s, "A", range(8))
+    await announce(s, "A", range(8), sealed=True)
+    await announce(s, "B", [0, 1])
+    assert sorted(await holders(s, 0)) == ["A", "B"]
+    assert (await s.task(TASK))["complete_holders"] == 1
+
+    await s.withdraw(Withdraw(peer_id="A", task_id=TASK, pieces=[0, 7]))
+    assert await holders(s, 0) == ["B"] and await holders(s, 7) == []
+    assert await parents(s, "C", 0) == ["B"]
+    assert await parents(s, "C", 1) != [] and "A" in await parents(s, "C", 3)
+    view = await s.task(TASK)
+    assert view["complete_holders"] == 0 and view["sealed"] is True
+
+    await s.withdraw(Withdraw(peer_id="A", task_id=TASK, pieces=None))  # the whole task
+    assert all("A" not in p["holders"] for p in (await s.task(TASK))["piece_map"])
+    assert await parents(s, "D", 1) == ["B"]
+    assert await holders(s, 0) == ["B"]  # another peer's holdings untouched
+    await announce(s, "A", [3])  # fetched again: held again
+    assert await holders(s, 3) == ["A"]
+
+    # Idempotent, and unknown tasks or pieces are nothing to do; unknown peers register first.
+    await s.withdraw(Withdraw(peer_id="A", task_id=TASK, pieces=[0, 0, 6]))
+    await s.withdraw(Withdraw(peer_id="A", task_id=OTHER, pieces=None))
+    assert await holders(s, 3) == ["A"]
+    with pytest.raises(UnknownPeer):
+        await s.withdraw(Withdraw(peer_id="nobody", task_id=TASK, pieces=None))
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+async def test_lease_single_flight(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    a, b = await asyncio.gather(schedule(s, "A", range(4)), schedule(s, "B", range(4)))
+    actions = sorted({d.action for d in a} | {"/"} | {d.action for d in b})
+    assert actions == ["/", "source", "wait"], (a, b)
+    winner = a if a[0].action == "source" else b
+    assert {(d.first, d.last) for d in winner} == {(0, 3)}
+    assert {d.reason for d in winner} == {"new-task"}
+    assert await s.back_to_source() == 1
+
+
+async def test_lease_runs_and_their_holder(h: Harness) -> None:
+    s = h.store
+    await setup(s, "A", "B", pieces=40)
+    ds = await schedule(s, "A", range(40))
+    assert sorted({(d.first, d.last) for d in ds}) == [(0, 15), (16, 31), (32, 39)]
+    again = await schedule(s, "A", [1, 2])
+    assert {d.reason for d in again} == {"lease"} and {d.epoch for d in again} == {ds[0].epoch}
+    partial = await schedule(s, "B", [14, 15])
+    assert [d.action for d in partial] == ["wait", "wait"]
+    assert await s.back_to_source() == 3
+    with pytest.raises(StateError):
+        await schedule(s, "B", [0, 40])
+
+
+async def test_lease_taken_over_after_the_timeout_with_a_higher_epoch(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    first = await schedule(s, "A", range(4))
+    await announce(s, "C", {7: chunk(7)})  # not cold
+    h.clock.advance(LEASE - 0.01)
+    assert (await one(s, "B", 1)).action == "wait"
+    h.clock.advance(0.02)
+    ds = await schedule(s, "B", range(4))
+    assert [d.action for d in ds] == ["source"] * 4
+    assert {d.reason for d in ds} == {"lease-expired"}
+    assert ds[0].epoch > first[0].epoch
+    assert (await one(s, "A", 0)).action == "wait"  # the old holder now waits
+
+
+async def test_progress_renews_a_lease(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    (d,) = await schedule(s, "A", [0])
+    for _ in range(3):
+        h.clock.advance(1.5)
+        await announce(s, "A", [], progress=(d.epoch,))
+    assert (await one(s, "B", 0)).action == "wait"
+    # progress for another epoch, or from another peer, does not count
+    h.clock.advance(1.5)
+    await announce(s, "A", [], progress=(d.epoch + 100,))
+    await announce(s, "B", [], progress=(d.epoch,))
+    h.clock.advance(LEASE - 1.5 + 0.01)
+    taken = await one(s, "B", 0)
+    assert taken.action == "source" and taken.epoch > d.epoch
+
+
+async def test_lease_holder_sets_the_provisional_chunk(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    assert (await one(s, "A", 0)).action == "source"
+    deferred = await announce(s, "B", {0: chunk(666)})  # B never fetched it under a lease
+    assert deferred.rejected == [0] and deferred.accepted == 0
+    assert (await s.peer("B"))["penalised"] is False  # deferred, not blamed
+    reply = await announce(s, "A", {0: chunk(0)})
+    assert reply.rejected == []
+    assert (await s.task(TASK))["piece_map"][0]["chunk"] == chunk(0)
+    assert await parents(s, "B", 0) == ["A"]
+
+
+# -- reports, cordon ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["failed", "slow", "corrupt"])
+async def test_reports_penalise_the_parent(h: Harness, kind: str) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", [0, 1])
+    await announce(s, "B", [0, 1])
+    await s.report(Report(peer_id="C", parent_id="A", task_id=TASK, piece=0, kind=kind))
+    a = await s.peer("A")
+    assert a["penalised"] is True and a["penalty_reason"] == kind
+    for pid in ("C", "D"):
+        assert await parents(s, pid, 1) == ["B"]
+    assert await holders(s, 0) == (["B"] if kind == "corrupt" else ["A", "B"])
+    h.clock.advance(PENALTY_SECONDS[kind])
+    assert "A" in await parents(s, "D", 1)
+    with pytest.raises(UnknownPeer):
+        await s.report(Report(peer_id="nobody", parent_id="A", task_id=TASK, kind=kind))
+
+
+async def test_a_shorter_penalty_does_not_cut_a_longer_one(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", [0])
+    await s.report(Report(peer_id="B", parent_id="A", task_id=TASK, kind="corrupt"))
+    h.clock.advance(1.0)
+    await s.report(Report(peer_id="B", parent_id="A", task_id=TASK, kind="failed"))
+    h.clock.advance(PENALTY_SECONDS["failed"])
+    assert await parents(s, "C", 0) == []
+
+
+async def test_cordon_and_uncordon(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await announce(s, "A", [0])
+    await s.cordon("A")
+    assert (await s.peer("A"))["cordoned"] is True
+    d = await one(s, "B", 0)
+    assert d.action == "source" and d.reason == "parents-unusable"
+    await peer(s, "A")  # survives re-registration
+    assert (await s.peer("A"))["cordoned"] is True
+    await s.uncordon("A")
+    assert (await s.peer("A"))["cordoned"] is False
+    assert await parents(s, "C", 0) == ["A"]
+    await s.cordon("later")  # before it ever registered
+    await peer(s, "later")
+    assert (await s.peer("later"))["cordoned"] is True
+    with pytest.raises(UnknownPeer):
+        await s.uncordon("nobody")
+
+
+# -- counters ----------------------------------------------------------------------------------
+
+async def test_counters_never_go_backwards_nor_count_twice(h: Harness) -> None:
+    s = h.store
+    await setup(s, "A", "B")
+    await heartbeat(s, "A", started_at=1.0, origin=100, served=400)
+    await heartbeat(s, "B", started_at=1.0, peer=300, local=50, served=100, uploaded=7)
+    assert await s.counters() == {"origin": 100, "peer": 300, "local": 50, "served": 500,
+                                  "uploaded": 7}
+    await heartbeat(s, "A", started_at=1.0, origin=150, served=500)  # cumulative
+    await heartbeat(s, "A", started_at=1.0, origin=120, served=450)  # reordered: adds nothing
+    assert (await s.counters())["origin"] == 150
+    await peer(s, "A")  # A restarts ...
+    await heartbeat(s, "A", started_at=2.0, origin=5, served=5)  # ... and counts from zero
+    assert (await s.counters())["origin"] == 155
+    await heartbeat(s, "A", started_at=1.0, origin=999)  # late, from the old process
+    assert (await s.counters())["origin"] == 155
+    await s.leave("A")
+    assert (await s.counters())["origin"] == 155
+    await peer(s, "A")
+    await heartbeat(s, "A", started_at=2.0, origin=5, served=5)  # same process: not again
+    assert (await s.counters())["origin"] == 155
+    assert (await s.counters())["served"] == 605
+
+
+async def test_counters_and_state_survive_a_scheduler_restart(redis_h: Harness) -> None:
+    """Redis only: in-memory state dies with its process by design."""
+    h = redis_h
+    s = h.store
+    await setup(s)
+    await heartbeat(s, "A", origin=100, served=300)
+    await announce(s, "A", [0])
+    await schedule(s, "B", [1])
+    await s.close()
+    h.stores.remove(s)
+    again = await h.new_store()
+    assert await again.counters() == {"origin": 100, "peer": 0, "local": 0, "served": 300,
+                                      "uploaded": 0}
+    assert await parents(again, "C", 0) == ["A"]
+    assert (await one(again, "C", 1)).action == "wait"
+    assert await again.back_to_source() == 1
+
+
+# -- long polls --------------------------------------------------------------------------------
+
+async def _parked(s: Store, task_id: str = TASK) -> None:
+    await until(lambda: _waiting(s, task_id), what="a parked schedule call")
+
+
+async def _waiting(s: Store, task_id: str) -> bool:
+    return s.waiters.waiting(task_id) > 0  # type: ignore[attr-defined]
+
+
+async def test_long_poll_wakes_on_announce(h: Harness, no_recheck: None) -> None:
+    s = h.store
+    await setup(s)
+    await schedule(s, "A", range(4))
+    waiting = asyncio.create_task(schedule(s, "B", [2], wait_ms=20_000))
+    await _parked(s)
+    started = time.monotonic()
+    await announce(s, "A", [2])
+    (d,) = await asyncio.wait_for(waiting, 10)
+    assert d.action == "parents" and [p.id for p in d.parents] == ["A"]
+    assert time.monotonic() - started < 5
+
+
+async def test_long_poll_wakes_when_the_lease_holder_leaves(h: Harness, no_recheck: None
+                                                            ) -> None:
+    s = h.store
+    await setup(s)
+    first = await one(s, "A", 0)
+    waiting = asyncio.create_task(schedule(s, "B", [0], wait_ms=20_000))
+    await _parked(s)
+    await s.leave("A")
+    (d,) = await asyncio.wait_for(waiting, 10)
+    assert d.action == "source" and d.epoch > first.epoch
+
+
+async def test_long_poll_answers_wait_when_time_runs_out(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    await one(s, "A", 0)
+    started = time.monotonic()
+    d = await one(s, "B", 0, wait_ms=300)
+    assert d.action == "wait"
+    assert 0.3 <= time.monotonic() - started < 5
+
+
+# -- Redis: replicas behave as one -------------------------------------------------------------
+
+async def test_register_on_one_replica_schedule_on_another(
+        two: tuple[RedisStore, RedisStore]) -> None:
+    a, b = two
+    await setup(a)
+    await announce(a, "A", [0, 1])
+    assert await parents(b, "B", 0) == ["A"]
+    await heartbeat(b, "A", origin=10)  # the peer failed over to b
+    assert (await a.counters())["origin"] == 10
+    assert [p["id"] for p in await b.peers()] == ["A", "B", "C", "D"]
+    await a.cordon("A")
+    assert (await one(b, "C", 1)).action == "source"
+    assert await a.task(TASK) == await b.task(TASK)
+
+
+async def test_long_poll_on_one_replica_woken_by_announce_on_another(
+        two: tuple[RedisStore, RedisStore], no_recheck: None) -> None:
+    a, b = two
+    await setup(a)
+    await schedule(a, "A", range(4))
+    waiting = asyncio.create_task(schedule(b, "B", [3], wait_ms=20_000))
+    await _parked(b)
+    await announce(a, "A", [3])
+    (d,) = await asyncio.wait_for(waiting, 10)
+    assert d.action == "parents" and [p.id for p in d.parents] == ["A"]
+
+
+async def test_concurrent_lease_requests_on_two_replicas_one_source(
+        two: tuple[RedisStore, RedisStore]) -> None:
+    a, b = two
+    pids = [f"p{i}" for i in range(10)]
+    for pid in pids:
+        await peer(a, pid)
+    for round_ in range(20):
+        tid = f"sha256:{round_:064x}"
+        await task(a, 4, task_id=tid)
+        results = await asyncio.gather(*(
+            schedule(a if i % 2 else b, pid, range(4), task_id=tid)
+            for i, pid in enumerate(pids)))
+        for piece in range(4):
+            actions = sorted(r[piece].action for r in results)
+            assert actions == ["source"] + ["wait"] * 9, (round_, piece, results)
+        epochs = {d.epoch for r in results for d in r if d.action == "source"}
+        assert len(epochs) == 1
+    assert await a.back_to_source() == 20
+
+
+async def test_concurrent_announcements_on_two_replicas_lose_nothing(
+        two: tuple[RedisStore, RedisStore]) -> None:
+    a, b = two
+    pids = [f"p{i}" for i in range(8)]
+    for pid in pids:
+        await peer(a, pid)
+    await task(a, 64)
+    await asyncio.gather(*(
+        announce(a if piece % 2 else b, pid, [piece])  # each peer through both replicas
+        for piece in range(64) for i, pid in enumerate(pids) if (piece + i) % 3 == 0))
+    view = await b.task(TASK)
+    for p in view["piece_map"]:
+        expected = sorted(pid for i, pid in enumerate(pids) if (p["index"] + i) % 3 == 0)
+        assert p["holders"] == expected
+    assert len(view["piece_map"]) == 64
+    per_peer = {pid: sum(1 for piece in range(64) if (piece + i) % 3 == 0)
+                for i, pid in enumerate(pids)}
+    held = await b.redis.hgetall(b.k_held(TASK))
+    assert {k: int(v) for k, v in held.items()} == per_peer
+
+
+async def test_concurrent_heartbeats_on_two_replicas_count_once(
+        two: tuple[RedisStore, RedisStore]) -> None:
+    a, b = two
+    await peer(a, "A")
+    await asyncio.gather(*(heartbeat(a if n % 2 else b, "A", origin=n) for n in range(1, 41)))
+    assert (await a.counters())["origin"] == 40
+
+
+async def test_an_expired_peer_is_not_handed_out_even_before_the_sweep(
+        redis_server: RedisServer) -> None:
+    """Redis: the peer's key expires by itself, whichever replica sweeps (or none yet)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    harness = Harness("redis", Clock(), redis_server.url)
+    try:
+        s = await harness.new_store(heartbeat_interval=0.25)
+        await setup(s, "A", "B")
+        await announce(s, "A", [0])
+        assert await parents(s, "B", 0) == ["A"]
+
+        async def a_gone() -> bool:
+            await heartbeat(s, "B")
+            return await s.peer("A") is None
+
+        await until(a_gone, seconds=10, what="A's key expired")
+        assert (await one(s, "B", 0)).action == "source"  # any call keeps B alive
+        assert await holders(s, 0) == ["A"]  # not swept yet ...
+        assert await s.expire() == ["A"]  # ... until a replica sweeps
+        assert await holders(s, 0) == []
+    finally:
+        await harness.close()
+
+
+async def test_memory_and_redis_give_the_same_answers(redis_server: RedisServer) -> None:
+    """One scripted history, both stores: the same decisions and the same piece maps."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    mem = Harness("memory", Clock(), None)
+    red = Harness("redis", Clock(), redis_server.url)
+    stores = [await mem.new_store(), await red.new_store()]
+
+    async def history(s: Store, clock: Clock) -> list:
+        out: list = []
+        await setup(s, "A", "B", "C", "D", pieces=24)
+        out += await schedule(s, "A", range(20))
+        out += await schedule(s, "B", range(10, 24))
+        out.append(await announce(s, "A", range(0, 16, 2)))
+        out.append(await announce(s, "B", {16: chunk(16), 3: chunk(999)}))
+        clock.advance(1.0)
+        out.append(await announce(s, "A", [], progress=(1,)))
+        clock.advance(1.5)
+        out += [(d.action, d.epoch, d.first, d.last, d.reason)
+                for d in await schedule(s, "C", range(24))]
+        await s.report(Report(peer_id="C", parent_id="A", task_id=TASK, piece=2, kind="corrupt"))
+        out.append(await s.task(TASK))
+        out.append([(p["id"], p["penalised"], p["penalty_reason"], p["tasks"])
+                    for p in await s.peers()])
+        out.append(await s.tasks())
+        return out
+
+    try:
+        mem_out, red_out = [await history(s, h.clock) for s, h in zip(stores, (mem, red),
+                                                                          strict=True)]
+        # parents are ranked with a random tie-break: compare holders, not their order
+        for x, y in zip(mem_out, red_out, strict=True):
+            if isinstance(x, Decision) and x.action == "parents":
+                assert {p.id for p in x.parents} == {p.id for p in y.parents}
+                continue
+            assert x == y
+    finally:
+        await mem.close()
+        await red.close()
+
+
+# -- Partial: a plan that misses data fails loudly ---------------------------------------------
+
+def test_partial_map_refuses_what_was_not_loaded() -> None:
+    m = Partial({1: "a"}, [1, 2], unloaded=3)
+    assert m.get(1) == "a" and m.get(2) is None and 2 not in m
+    assert len(m) == 4 and m
+    with pytest.raises(NotLoaded):
+        m.get(7)
+    with pytest.raises(NotLoaded):
+        m[7] = "x"
+    with pytest.raises(NotLoaded):
+        list(m.values())
+    m.extend({7: "z"}, [7])
+    assert m[7] == "z" and len(m) == 4
+    m.clear()
+    assert not m and m.get(99) is None and list(m.items()) == []
+    uncounted = Partial({}, [1], unloaded=None)  # its size was not read: `not m` is unknown
+    with pytest.raises(NotLoaded):
+        bool(uncounted)
