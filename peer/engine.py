@@ -184,7 +184,8 @@ class DecisionBatcher:
                 continue
             if d.action != "wait":
                 ask.fut.set_result(d)
-            elif self.priority_of(d.piece) >= ON_DEMAND and now - ask.since >= ON_DEMAND_WAIT:
+            elif self.priority_of(d.piece) >= ON_DEMAND and now - ask.since >= ON_DEMAND_WAIT \
+                    and d.reason != "holders-busy":  # holders exist: never worth the origin
                 ask.fut.set_result(Decision(piece=d.piece, action="source",
                                             reason="on-demand-wait"))
             else:

@@ -318,8 +318,21 @@ def _f(value: float) -> str:
     return repr(float(value))
 
 
-def _holders(raw: str | None) -> set[str]:
-    return set(raw.split(",")) if raw else set()
+def encode_piece(piece: PieceState) -> str:
+    """A piece's field in the holders hash: `a,b`, then `|c=t,d=t` while children are in
+    flight (peer ids cannot hold `,`, `|` or `=`)."""
+    out = ",".join(sorted(piece.holders))
+    if piece.children:
+        out += "|" + ",".join(f"{c}={_f(t)}" for c, t in sorted(piece.children.items()))
+    return out
+
+
+def decode_piece(chunk: str | None, raw: str) -> PieceState:
+    holders, _, children = raw.partition("|")
+    return PieceState(chunk=chunk, holders=set(holders.split(",")) if holders else set(),
+                      children={c: float(t) for c, _, t in
+                                (kv.partition("=") for kv in children.split(","))}
+                      if children else None)
 
 
 def encode_leases(leases: dict[int, Lease]) -> str:
@@ -405,7 +418,7 @@ class _TaskBase:
     meta: TaskMeta | None = None
     next_epoch: int = 1
     leases: str = ""
-    pieces: dict[int, tuple[str | None, frozenset[str]] | None] = field(default_factory=dict)
+    pieces: dict[int, tuple[str | None, str] | None] = field(default_factory=dict)  # encoded
     held: dict[str, int | None] = field(default_factory=dict)
 
 
@@ -735,13 +748,14 @@ class RedisStore:
                     chunk_del.append(str(index))
                     holders_del.append(str(index))
                 continue
-            if old is not None and old[0] == piece.chunk and old[1] == piece.holders:
+            encoded = encode_piece(piece)
+            if old is not None and old[0] == piece.chunk and old[1] == encoded:
                 continue
             if piece.chunk is not None:
                 chunk_set += [str(index), piece.chunk]
             elif old is not None and old[0] is not None:
                 chunk_del.append(str(index))
-            holders_set += [str(index), ",".join(sorted(piece.holders))]
+            holders_set += [str(index), encoded]
         held_set: list[str] = []
         held_del: list[str] = []
         held = task.held
@@ -1155,9 +1169,8 @@ class _Loader:
                 if raw is None:  # a piece exists while it has a holders field
                     base.pieces[i] = None
                     continue
-                hs = _holders(raw)
-                dict.__setitem__(piece_map, i, PieceState(chunk=chunk, holders=hs))
-                base.pieces[i] = (chunk, frozenset(hs))
+                dict.__setitem__(piece_map, i, decode_piece(chunk, raw))
+                base.pieces[i] = (chunk, raw)
             if pieces is not None:
                 piece_map.unloaded = None if total is None else \
                     max(0, total - dict.__len__(piece_map))

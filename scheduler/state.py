@@ -37,6 +37,10 @@ from common.pieces import MiB, PieceLayout, default_piece_size
 from scheduler import policy
 
 PARENTS_PER_PIECE = 3
+# Children in flight per usable holder of a piece. When many peers want a piece few hold, the
+# rest wait for the first children to finish and become holders themselves: the piece spreads
+# as a tree (1, 3, 9, ... holders), every uplink busy, instead of a star on its first holder.
+CHILDREN_PER_HOLDER = 2
 MAX_LEASE_PIECES = 16
 MAX_LEASE_BYTES = 64 * MiB
 PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0}
@@ -98,6 +102,9 @@ class Lease:
 class PieceState:
     chunk: str | None = None
     holders: set[str] = field(default_factory=set)
+    # Peers sent to fetch this piece from a holder, and when: children in flight, who will be
+    # holders soon. None until the first (most pieces of a big cluster never need it).
+    children: dict[str, float] | None = None
 
 
 @dataclass
@@ -388,6 +395,9 @@ class ClusterState:
         for index in wanted:
             piece = task.pieces.get(index)
             parents = self._parents(task, piece, requester, exclude, now)
+            if parents is None:
+                decisions.append(Decision(piece=index, action="wait", reason="holders-busy"))
+                continue
             if parents:
                 decisions.append(Decision(piece=index, action="parents", chunk=piece.chunk,
                                           parents=parents))
@@ -435,7 +445,9 @@ class ClusterState:
         return lease.holder in self.peers and now - lease.progress_at < self.lease_timeout
 
     def _parents(self, task: TaskState, piece: PieceState | None, requester: PeerState,
-                 exclude: set[str], now: float) -> list[ParentRef]:
+                 exclude: set[str], now: float) -> list[ParentRef] | None:
+        """The holders to fetch from, best first; [] if none is usable; None if every usable
+        holder has its share of children in flight for this piece (wait for them)."""
         if piece is None or not piece.holders:
             return []
         count = task.piece_count
@@ -451,6 +463,8 @@ class ClusterState:
                 active_uploads=holder.load.active_uploads,
                 handouts=policy.decayed(holder.handouts, holder.handouts_at, now),
                 complete=task.held.get(holder_id, 0) >= count, seed=holder.reg.seed))
+        if candidates and not self._admit_child(piece, requester.id, len(candidates), now):
+            return None
         ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,
                                      PARENTS_PER_PIECE, self.rng)
         if ranked:
@@ -459,6 +473,19 @@ class ClusterState:
             first.handouts_at = now
         return [ParentRef(id=c.peer_id, addr=self.peers[c.peer_id].reg.upload_addr)
                 for c in ranked]
+
+    def _admit_child(self, piece: PieceState, requester: str, holders: int,
+                     now: float) -> bool:
+        """Whether `requester` may fetch `piece` now: it is already one of its children, or
+        the children in flight (handed out within a lease timeout, not yet holders) are fewer
+        than CHILDREN_PER_HOLDER per usable holder."""
+        children = {c: t for c, t in (piece.children or {}).items()
+                    if now - t < self.lease_timeout and c not in piece.holders}
+        admitted = requester in children or len(children) < CHILDREN_PER_HOLDER * holders
+        if admitted:
+            children[requester] = now
+        piece.children = children or None
+        return admitted
 
     # -- views -----------------------------------------------------------------------------
 

@@ -454,6 +454,32 @@ async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
         await s.withdraw(Withdraw(peer_id="nobody", task_id=TASK, pieces=None))
 
 
+async def test_children_in_flight_are_capped_per_holder(h: Harness) -> None:
+    s = h.store
+    await setup(s, "H", "A", "B", "C")
+    await schedule(s, "H", [0])
+    await announce(s, "H", [0])
+    assert await parents(s, "A", 0) == ["H"]
+    assert await parents(s, "B", 0) == ["H"]
+    d = await one(s, "C", 0)
+    assert (d.action, d.reason) == ("wait", "holders-busy")
+    assert await s.back_to_source() == 1  # H's lease only: a busy piece is never re-sourced
+    assert await parents(s, "A", 0) == ["H"]  # a child asking again keeps its place
+    await announce(s, "A", [0])
+    assert sorted(await parents(s, "C", 0)) == ["A", "H"]
+    # Children that never finish stop counting after a lease timeout.
+    await peer(s, "D")
+    assert (await one(s, "D", 0)).action == "parents"
+    await peer(s, "E")
+    assert (await one(s, "E", 0)).action == "parents"
+    await peer(s, "F")
+    assert (await one(s, "F", 0)).action == "wait"
+    h.clock.advance(LEASE + 0.01)
+    for pid in ("H", "A"):
+        await heartbeat(s, pid)
+    assert (await one(s, "F", 0)).action == "parents"
+
+
 # -- leases ------------------------------------------------------------------------------------
 
 async def test_lease_single_flight(h: Harness) -> None:
