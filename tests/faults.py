@@ -117,3 +117,59 @@ class CorruptParent:
         self.heartbeats.cancel()
         await self.session.close()
         await self.runner.cleanup()
+
+
+class FlakyRegistry:
+    """An HTTP front for a real registry that fails on purpose: the first `fail` blob GETs
+    answer 503, and blob bodies trickle out at `rate` bytes/s (None: full speed). Counts the
+    blob bytes it sent."""
+
+    RELAYED = ("Content-Type", "Content-Length", "Content-Range", "Docker-Content-Digest",
+               "Location", "WWW-Authenticate", "Accept-Ranges")
+
+    def __init__(self, registry_url: str, fail: int = 0, rate: int | None = None) -> None:
+        self.registry = registry_url.rstrip("/")
+        self.fail = fail
+        self.rate = rate
+        self.failed = 0
+        self.blob_bytes = 0
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> FlakyRegistry:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+        await self.session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        blob = "/blobs/sha256:" in request.path and request.method == "GET"
+        if blob and self.failed < self.fail:
+            self.failed += 1
+            return web.Response(status=503, text="registry overloaded, try again")
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("range", "authorization", "accept")}
+        async with self.session.request(request.method, self.registry + request.path_qs,
+                                        headers=headers, data=await request.read(),
+                                        allow_redirects=False) as up:
+            resp = web.StreamResponse(status=up.status, headers={
+                k: up.headers[k] for k in self.RELAYED if k in up.headers})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_chunked(64 << 10):
+                if blob:
+                    self.blob_bytes += len(chunk)
+                await resp.write(chunk)
+                if blob and self.rate:
+                    await asyncio.sleep(len(chunk) / self.rate)
+            await resp.write_eof()
+            return resp
