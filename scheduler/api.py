@@ -14,6 +14,7 @@ from importlib import resources
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from common import auth, oci
 from common.log import request_ids
@@ -36,6 +37,7 @@ from common.models import (
     split_hostport,
 )
 from common.web import (
+    Handler,
     RequestError,
     errors_as_json,
     healthy,
@@ -44,6 +46,7 @@ from common.web import (
     parse_body,
 )
 from scheduler import openapi, preheat
+from scheduler.redis_store import StoreBusy
 from scheduler.state import StateError
 from scheduler.store import Store
 
@@ -57,6 +60,17 @@ INTERNAL = {
     ("POST", f"{API}/mismatches"), ("POST", f"{API}/peers/{{peer_id}}/work"),
     ("POST", f"{API}/withdraw"),
 }
+
+
+@web.middleware
+async def store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis down or restarting: a 503 peers treat as "scheduler unavailable" (they fall back
+    and retry), not a 500 with a traceback."""
+    try:
+        return await handler(request)
+    except (RedisError, StoreBusy) as e:
+        log.warning("%s %s: state store unavailable: %r", request.method, request.path, e)
+        raise RequestError(503, f"scheduler state store unavailable: {e}") from None
 
 
 class SchedulerAPI:
@@ -79,7 +93,8 @@ class SchedulerAPI:
     def app(self) -> web.Application:
         app = request_ids(web.Application(
             client_max_size=4 << 20,
-            middlewares=[errors_as_json, auth.require_secret(self.secret, self._internal)]))
+            middlewares=[errors_as_json, store_unavailable,
+                         auth.require_secret(self.secret, self._internal)]))
         r = app.router
         r.add_post(f"{API}/peers", self.register)
         r.add_get(f"{API}/peers", self.list_peers)

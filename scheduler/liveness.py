@@ -57,6 +57,9 @@ class HeartbeatListener:
                 self._counts["unknown"].inc()
                 await self._answer(datagram.ACK_UNKNOWN, addr)
                 continue
+            except Exception as e:  # the state store is down: no answer, the peer uses HTTP
+                log.warning("heartbeat from %s not recorded: %r", peer_id, e)
+                continue
             self._counts["accepted"].inc()
             await self._answer(datagram.ACK_OK, addr)
 

@@ -9,12 +9,13 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster import Cluster, CountingProxy, Registry, push_blob
+from tests.cluster import Cluster, CountingProxy, Registry, push_blob, spawn, until
 from tests.test_store_behaviour import RedisServer
 
 MiB = 1 << 20
@@ -97,3 +98,40 @@ async def test_registry_serves_the_blob_about_once_when_the_replica_in_use_is_ki
                                                            redis_url)
     assert results == [digest] * 4
     assert sent <= 1.1, f"registry sent {sent:.2f}x the blob"
+
+
+async def test_redis_restarted_mid_distribution(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        tmp_path: Path) -> None:
+    """Redis SIGKILLed and restarted empty (no persistence) while four peers pull: the
+    scheduler answers 503 meanwhile, every pull completes exactly, and the peers register and
+    announce their holdings again once Redis is back."""
+    server = RedisServer(tmp_path / "redis")
+    server.wait_ready()
+    try:
+        blob = os.urandom(32 * MiB)
+        digest = await push_blob(registry.url, repo, blob)
+        sched = await cluster.scheduler("--redis", server.url)
+        peers = await asyncio.gather(*(cluster.peer(f"peer-{i}", sched.url, origin.url)
+                                       for i in range(4)))
+        pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}"))
+                 for p in peers]
+        while await _pieces_held(sched.url, digest) < 4:
+            assert not any(t.done() for t in pulls), "the pulls finished before the restart"
+            await asyncio.sleep(0.02)
+        server.proc.kill()
+        server.proc.popen.wait()
+        server.proc = spawn("redis", [server.binary, *server.args], tmp_path / "redis")
+        server.wait_ready()
+        assert await asyncio.wait_for(asyncio.gather(*pulls), 120) == [digest] * 4
+
+        async def everyone_back() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(f"{sched.url}/api/v1/peers") as r:
+                if r.status != 200:
+                    return False
+                listed = {p["id"] for p in (await r.json())["peers"]}
+            return listed == {p.name for p in peers} \
+                and await _pieces_held(sched.url, digest) == 32
+        await until(everyone_back, 30, "peers registered and announced again")
+    finally:
+        server.stop()

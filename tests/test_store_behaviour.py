@@ -61,8 +61,10 @@ class RedisServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Proc = spawn("redis", [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"], workdir)
+        self.binary = binary
+        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no"]
+        self.proc: Proc = spawn("redis", [binary, *self.args], workdir)
 
     def wait_ready(self, seconds: float = 10.0) -> None:
         """Until it answers PING (a readiness check: returns on the first PONG)."""
