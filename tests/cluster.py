@@ -313,6 +313,16 @@ async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> f
     raise KeyError(name)
 
 
+async def pull_digest(url: str) -> str:
+    """GET a blob, streamed; the sha256 digest of what arrived."""
+    h = hashlib.sha256()
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, await r.text()
+        async for chunk in r.content.iter_chunked(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 async def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as r:
         return r.status, dict(r.headers), await r.read()

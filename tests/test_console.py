@@ -5,7 +5,6 @@ scheduler's own JSON API. The screenshot is kept in tests/artifacts/console.png.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.cluster import Cluster, CountingProxy, Registry, fetch, push_blob, until
+from tests.cluster import Cluster, CountingProxy, Registry, fetch, pull_digest, push_blob, until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE = ROOT / "scheduler" / "console"
@@ -100,15 +99,6 @@ class Dom(HTMLParser):
             self._open[-1][2].append(data)
 
 
-async def _pull(url: str) -> str:
-    h = hashlib.sha256()
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        assert r.status == 200, await r.text()
-        async for chunk in r.content.iter_chunked(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 async def _stats(scheduler: str) -> dict:
     async with aiohttp.ClientSession() as s, s.get(f"{scheduler}/api/v1/stats") as r:
         assert r.status == 200
@@ -131,7 +121,7 @@ async def test_console_shows_every_peer_and_the_saving_the_api_reports(
                      *(["--seed"] if i == 0 else []), "--idc", f"idc-{i % 2}")
         for i in range(3)))
     for p in peers:  # one after another: the first from the origin, the others from peers
-        assert await _pull(f"{p.url}/v2/{repo}/blobs/{digest}") == digest
+        assert await pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}") == digest
 
     async def reported() -> bool:  # peers report their counters with each heartbeat
         status, _, body = await fetch(f"{sched.url}/api/v1/tasks/{digest}")

@@ -6,7 +6,6 @@ and the registry still serves the blob about once."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster import Cluster, CountingProxy, Registry, push_blob, spawn, until
+from tests.cluster import Cluster, CountingProxy, Registry, pull_digest, push_blob, spawn, until
 from tests.test_store_behaviour import RedisServer
 
 MiB = 1 << 20
@@ -37,15 +36,6 @@ async def redis_url(redis_server_e2e: RedisServer) -> AsyncIterator[str]:
     await client.flushall()
     await client.aclose()
     yield redis_server_e2e.url
-
-
-async def _pull(url: str) -> str:
-    h = hashlib.sha256()
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        assert r.status == 200, await r.text()
-        async for chunk in r.content.iter_chunked(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 async def _pieces_held(scheduler: str, task_id: str) -> int:
@@ -71,7 +61,7 @@ async def _kill_the_replica_in_use(cluster: Cluster, registry: Registry,
         assert sorted(p["id"] for p in (await r.json())["peers"]) == [p.name for p in peers]
     before = origin.bytes_down
 
-    pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}")) for p in peers]
+    pulls = [asyncio.create_task(pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}")) for p in peers]
     # In the middle: some of the blob's 64 pieces are held somewhere, not all.
     while (held := await _pieces_held(b.url, digest)) < 8:
         assert not any(t.done() for t in pulls), "the pulls finished before the kill"
@@ -114,7 +104,7 @@ async def test_redis_restarted_mid_distribution(
         sched = await cluster.scheduler("--redis", server.url)
         peers = await asyncio.gather(*(cluster.peer(f"peer-{i}", sched.url, origin.url)
                                        for i in range(4)))
-        pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}"))
+        pulls = [asyncio.create_task(pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}"))
                  for p in peers]
         while await _pieces_held(sched.url, digest) < 4:
             assert not any(t.done() for t in pulls), "the pulls finished before the restart"

@@ -5,7 +5,6 @@ by source — is checked against what the registry really sent, counted outside 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from tests.cluster import (
     Proc,
     Registry,
     free_port,
+    pull_digest,
     push_blob,
     spawn,
     until,
@@ -114,15 +114,6 @@ async def prometheus(tmp_path: Path, cluster3: tuple[Node, list[Node]]):
         prom.stop()
 
 
-async def _pull(url: str) -> str:
-    h = hashlib.sha256()
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        assert r.status == 200, await r.text()
-        async for chunk in r.content.iter_chunked(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 async def test_prometheus_reports_the_saving_the_registry_really_saw(
         cluster3: tuple[Node, list[Node]], prometheus: Prometheus, registry: Registry,
         origin: CountingProxy, repo: str) -> None:
@@ -137,7 +128,7 @@ async def test_prometheus_reports_the_saving_the_registry_really_saw(
     digest = await push_blob(registry.url, repo, blob)
     before = origin.bytes_down
     for p in peers:  # one after another: the first pays the origin, the others get it from peers
-        assert await _pull(f"{p.url}/v2/{repo}/blobs/{digest}") == digest
+        assert await pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}") == digest
     registry_bytes = origin.bytes_down - before
     served = 3 * len(blob)
 

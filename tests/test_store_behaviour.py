@@ -12,7 +12,7 @@ import asyncio
 import random
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ from common.pieces import MiB
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import PENALTY_SECONDS, Conflict, StateError, UnknownPeer, UnknownTask
 from scheduler.store import MemoryStore, Store
-from tests.cluster import Proc, free_port, spawn
+from tests.cluster import Proc, free_port, spawn, until
 
 TASK = "sha256:" + "a" * 64
 OTHER = "sha256:" + "c" * 64
@@ -246,15 +246,6 @@ async def heartbeat(s: Store, pid: str, started_at: float = 1.0, active: int = 0
                     **counters: int) -> None:
     await s.heartbeat(pid, Heartbeat(load=PeerLoad(active_uploads=active),
                                      counters=PeerCounters(started_at=started_at, **counters)))
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0,
-                what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached after {seconds} s")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
