@@ -13,6 +13,7 @@ import heapq
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 ON_DEMAND = 6  # nydusd: X-Dragonfly-Priority for a read a container is blocked on
 PREFETCH = 3  # nydusd: its own prefetch
@@ -93,3 +94,27 @@ class TokenBucket:
         wait = self.delay(n)
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+class Readable(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Paced:
+    """A stream whose reads are paced by a token bucket (None: not paced). Reading slower than
+    the sender sends lets TCP's flow control slow the sender: the link itself is limited."""
+
+    def __init__(self, stream: Readable, bucket: TokenBucket | None) -> None:
+        self.stream = stream
+        self.bucket = bucket
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.stream.read(n)
+        if self.bucket is not None and data:
+            await self.bucket.take(len(data))
+        return data
+
+
+def bucket(rate: int | None) -> TokenBucket | None:
+    """A bucket for a `--*-rate` option (None or 0: unlimited)."""
+    return TokenBucket(rate) if rate else None

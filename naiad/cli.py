@@ -78,6 +78,12 @@ PEER_OPTIONS = [
            "tasks are evicted above 95%, down to 85%", type=_size_or_none, metavar="SIZE"),
     Option("scrub_rate", 16 << 20, "bytes/s at which stored chunks are re-hashed in the "
            "background (0: never)", type=parse_size, metavar="SIZE"),
+    Option("upload_rate", None, "most bytes/s uploaded to other peers (unlimited if unset)",
+           type=_size_or_none, metavar="SIZE"),
+    Option("download_rate", None, "most bytes/s downloaded from other peers",
+           type=_size_or_none, metavar="SIZE"),
+    Option("origin_rate", None, "most bytes/s downloaded from origin registries",
+           type=_size_or_none, metavar="SIZE"),
     *COMMON,
 ]
 
@@ -137,7 +143,9 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         advertise=opts["advertise"], piece_size=opts["piece_size"],
         upload_slots=opts["upload_slots"], origin_concurrency=opts["origin_concurrency"],
         verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
-        disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"], secret=secret))
+        disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"],
+        upload_rate=opts["upload_rate"], download_rate=opts["download_rate"],
+        origin_rate=opts["origin_rate"], secret=secret))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from common.limits import bucket
 from common.metrics import SOURCES, PeerMetrics
 from common.models import Heartbeat, PeerCounters, PeerLoad, PeerRegistration
 from common.tasks import TaskSet
@@ -52,6 +53,9 @@ class PeerConfig:
     prefetch: bool = True
     disk_quota: int | None = None
     scrub_rate: int = 16 << 20  # bytes/s; 0 turns the scrubber off
+    upload_rate: int | None = None  # bytes/s to other peers; None: unlimited
+    download_rate: int | None = None  # bytes/s from other peers
+    origin_rate: int | None = None  # bytes/s from origins
     secret: bytes | None = None
 
 
@@ -88,7 +92,8 @@ class PeerDaemon:
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
         self._peer_session = aiohttp.ClientSession(  # chunks may arrive zstd: peer/wire.py
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
-        self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret)
+        self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret,
+                                   rate=bucket(c.upload_rate))
         self.upload_server = Server(self.upload.app(), c.upload)
         await self.upload_server.start()
         registration = PeerRegistration(
@@ -97,10 +102,11 @@ class PeerDaemon:
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
                                          self.store, self._heartbeat, c.secret)
         origin = OriginClient(self._origin_session, c.origin_concurrency,
-                              allowed=self.allow.__contains__)
+                              allowed=self.allow.__contains__, rate=bucket(c.origin_rate))
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
-            parents=ParentClient(self._peer_session, c.secret), metrics=self.metrics,
+            parents=ParentClient(self._peer_session, c.secret, rate=bucket(c.download_rate)),
+            metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
         access = AccessCache(origin)

@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from common.limits import DEFAULT, PrioritySlots
+from common.limits import DEFAULT, Paced, PrioritySlots, TokenBucket
 
 REDIRECT_TTL = 600.0
 MAX_REDIRECTS = 5
@@ -62,8 +62,10 @@ class OriginError(Exception):
 class OriginClient:
     def __init__(self, session: aiohttp.ClientSession, concurrency: int = 4,
                  read_timeout: float = 30.0,
-                 allowed: Callable[[str], bool] = lambda _: False) -> None:
+                 allowed: Callable[[str], bool] = lambda _: False,
+                 rate: TokenBucket | None = None) -> None:
         self.session = session
+        self.rate = rate  # --origin-rate: blob bytes from origins, all registries together
         self.allowed = allowed
         self.concurrency = concurrency
         self.read_timeout = read_timeout
@@ -160,7 +162,7 @@ class OriginClient:
 
     @contextlib.asynccontextmanager
     async def open_range(self, req: OriginRequest, start: int, end: int,
-                         priority: int = DEFAULT) -> AsyncIterator[aiohttp.StreamReader]:
+                         priority: int = DEFAULT) -> AsyncIterator[Paced]:
         """A stream of exactly bytes start..end (inclusive) of the blob; at most
         `concurrency` per registry, the most urgent first."""
         async with self._slot(req.registry).hold(priority), \
@@ -179,7 +181,7 @@ class OriginClient:
                     remaining -= len(skipped)
             else:
                 raise OriginError(f"origin answered {resp.status} for {req.url}", resp.status)
-            yield resp.content
+            yield Paced(resp.content, self.rate)
 
 
 async def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

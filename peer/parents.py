@@ -12,6 +12,7 @@ import asyncio
 import aiohttp
 
 from common import auth
+from common.limits import Paced, TokenBucket
 from common.log import outgoing
 from peer import wire
 
@@ -26,8 +27,10 @@ class ParentError(Exception):
 
 class ParentClient:
     def __init__(self, session: aiohttp.ClientSession, secret: bytes | None = None,
-                 stall_seconds: float = STALL_SECONDS, compress: bool = True) -> None:
+                 stall_seconds: float = STALL_SECONDS, compress: bool = True,
+                 rate: TokenBucket | None = None) -> None:
         self.session = session
+        self.rate = rate  # --download-rate: bytes from other peers
         self.compress = compress
         self.secret = secret
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall_seconds,
@@ -53,7 +56,8 @@ class ParentClient:
                     raise ParentError("failed", f"{addr} offers {resp.content_length} bytes, "
                                                 f"piece has {size}")
                 # Never more than the piece (or a compressed piece) is read into memory.
-                data = await _read_at_most(resp.content, size + (64 << 10 if packed else 0))
+                data = await _read_at_most(Paced(resp.content, self.rate),
+                                           size + (64 << 10 if packed else 0))
                 if packed:
                     data = await _unpack(data, size)
         except TimeoutError as e:
@@ -67,7 +71,7 @@ class ParentClient:
         return data
 
 
-async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+async def _read_at_most(stream: Paced, limit: int) -> bytes:
     parts, got = [], 0
     while part := await stream.read(limit + 1 - got):
         parts.append(part)

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from common import auth, ids
+from common.limits import TokenBucket
 from common.log import request_ids
 from common.metrics import PeerMetrics
 from common.tasks import consume_exception
@@ -23,6 +24,7 @@ from peer import wire
 from peer.store import ChunkStore
 
 log = logging.getLogger("naiad.peer.upload")
+PACED_SLICE = 64 << 10
 
 
 class _ChunkFile(web.FileResponse):
@@ -37,8 +39,10 @@ class _ChunkFile(web.FileResponse):
 
 class UploadServer:
     def __init__(self, store: ChunkStore, metrics: PeerMetrics, slots: int,
-                 secret: bytes | None = None, compress: bool = True) -> None:
+                 secret: bytes | None = None, compress: bool = True,
+                 rate: TokenBucket | None = None) -> None:
         self.store = store
+        self.rate = rate  # --upload-rate: bytes to other peers
         self.compress = compress
         self._packing: dict[str, asyncio.Future[Path | None]] = {}
         self.metrics = metrics
@@ -79,8 +83,11 @@ class UploadServer:
                 if packed is not None:
                     path = packed
                     headers["Content-Encoding"] = wire.ENCODING
-            resp = _ChunkFile(path, headers=headers)
-            await resp.prepare(request)
+            if self.rate is not None and request.method == "GET":
+                resp = await self._paced(request, path, headers)
+            else:
+                resp = _ChunkFile(path, headers=headers)
+                await resp.prepare(request)
             if request.method == "GET":
                 size = path.stat().st_size
                 log.debug("uploaded %s to %s", chunk, request.remote)
@@ -91,6 +98,23 @@ class UploadServer:
             self.active -= 1
             if not self.active:
                 self.idle.set()
+
+    async def _paced(self, request: web.Request, path: Path,
+                     headers: dict[str, str]) -> web.StreamResponse:
+        """A chunk sent at --upload-rate: written in slices as the bucket allows (not
+        sendfile), so every child sees bytes flowing and none mistakes the wait for a stall."""
+        data = await asyncio.to_thread(path.read_bytes)  # at most one piece
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        view = memoryview(data)
+        for k in range(0, len(data), PACED_SLICE):
+            part = view[k:k + PACED_SLICE]
+            assert self.rate is not None
+            await self.rate.take(len(part))
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
 
     async def _packed(self, chunk: str) -> Path | None:
         """The compressed sidecar of a chunk, made on first demand; None if it does not pay."""
