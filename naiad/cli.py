@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,8 @@ COMMON = [
     Option("cluster_secret_file", None, "file holding the cluster secret", metavar="FILE"),
     Option("insecure", False, "allow a non-loopback listener without a cluster secret",
            switch=True),
+    Option("tls_cert", None, "certificate (PEM) to serve HTTPS with on --listen", metavar="FILE"),
+    Option("tls_key", None, "private key (PEM) of --tls-cert", metavar="FILE"),
     Option("log_format", "text", "text or json"),
     Option("log_level", "info", "debug, info, warning or error"),
 ]
@@ -92,6 +95,21 @@ def _secret(opts: dict[str, Any]) -> bytes | None:
     return auth.load_secret(opts["cluster_secret"], opts["cluster_secret_file"])
 
 
+def _tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
+    """The server TLS context of --tls-cert and --tls-key (both or neither)."""
+    cert, key = opts["tls_cert"], opts["tls_key"]
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load --tls-cert {cert} / --tls-key {key}: {e}") from None
+    return context
+
+
 def _require_secret(opts: dict[str, Any], secret: bytes | None, *listens: str) -> None:
     exposed = [a for a in listens if not is_loopback(split_listen(a)[0])]
     if exposed and secret is None and not opts["insecure"]:
@@ -121,7 +139,7 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
         listen=opts["listen"], udp=udp, udp_advertise=opts["udp_advertise"],
         heartbeat_interval=opts["heartbeat_interval"],
         lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
-        redis=opts["redis"]))
+        redis=opts["redis"], tls=_tls(opts)))
 
     async def stop(_: float) -> None:
         await service.stop()
@@ -145,7 +163,7 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
         disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"],
         upload_rate=opts["upload_rate"], download_rate=opts["download_rate"],
-        origin_rate=opts["origin_rate"], secret=secret))
+        origin_rate=opts["origin_rate"], secret=secret, tls=_tls(opts)))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 

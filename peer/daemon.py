@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import shutil
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +54,9 @@ class PeerConfig:
     prefetch: bool = True
     disk_quota: int | None = None
     scrub_rate: int = 16 << 20  # bytes/s; 0 turns the scrubber off
+    # HTTPS on the mirror port. The upload port stays HTTP: chunks are verified by their id
+    # and, with a cluster secret, every read is signed.
+    tls: ssl.SSLContext | None = None
     upload_rate: int | None = None  # bytes/s to other peers; None: unlimited
     download_rate: int | None = None  # bytes/s from other peers
     origin_rate: int | None = None  # bytes/s from origins
@@ -114,7 +118,7 @@ class PeerDaemon:
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)
         self.mirror = mirror
-        self.mirror_server = Server(mirror.app(), c.listen)
+        self.mirror_server = Server(mirror.app(), c.listen, c.tls)
         await self.mirror_server.start()
         await self.scheduler.start()
         self.metrics.cache_bytes.set(self.store.cache_bytes())

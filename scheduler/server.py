@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import uuid
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class SchedulerConfig:
     token: str | None = None
     secret: bytes | None = None
     redis: str | None = None  # redis://host:port/db: state shared by scheduler replicas
+    tls: ssl.SSLContext | None = None  # HTTPS on `listen`
 
 
 class SchedulerService:
@@ -42,7 +44,7 @@ class SchedulerService:
         self.id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.api = SchedulerAPI(self.store, scheduler_id=self.id, token=config.token,
                                 secret=config.secret)
-        self.server = Server(self.api.app(), config.listen)
+        self.server = Server(self.api.app(), config.listen, config.tls)
         self.udp = HeartbeatListener(self.store, config.udp, config.secret,
                                      self.api.metrics.heartbeats) if config.udp else None
         self._tasks = TaskSet("scheduler")

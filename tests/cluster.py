@@ -243,19 +243,21 @@ class Cluster:
         self.workdir = workdir
         self.nodes: list[Node] = []
         self._udp_ports: dict[int, int] = {}
+        self.ssl: object = None  # a client SSL context trusting the certificates of `tls=`
 
-    async def scheduler(self, *args: str, name: str = "scheduler",
-                        port: int | None = None) -> Node:
+    async def scheduler(self, *args: str, name: str = "scheduler", port: int | None = None,
+                        tls: tuple[Path, Path] | None = None) -> Node:
         port = port or free_port()
         # A restarted scheduler keeps its UDP port too: peers remember it.
         udp = self._udp_ports.setdefault(port, free_port())
         if "--udp" not in args:
             args = ("--udp", f"127.0.0.1:{udp}", *args)
+        args = (*args, *_tls_args(tls))
         proc = spawn(name, naiad("scheduler", "--listen", f"127.0.0.1:{port}",
                                  "--heartbeat-interval", "0.5", *args), self.workdir)
-        node = Node(name, proc, f"http://127.0.0.1:{port}", {"port": port, "udp": udp})
+        node = Node(name, proc, f"{_scheme(tls)}://127.0.0.1:{port}", {"port": port, "udp": udp})
         self.nodes.append(node)
-        await wait_http(f"{node.url}/healthy", proc=proc)
+        await wait_http(f"{node.url}/healthy", proc=proc, ssl=self.ssl if tls else None)
         return node
 
     def peer_args(self, name: str, scheduler: str, registry: str, *args: str) -> tuple:
@@ -267,15 +269,17 @@ class Cluster:
         return argv, listen, upload
 
     async def peer(self, name: str, scheduler: str, registry: str, *args: str,
-                   wait_registered: bool = True, env: dict[str, str] | None = None) -> Node:
-        argv, listen, upload = self.peer_args(name, scheduler, registry, *args)
+                   wait_registered: bool = True, env: dict[str, str] | None = None,
+                   tls: tuple[Path, Path] | None = None) -> Node:
+        argv, listen, upload = self.peer_args(name, scheduler, registry, *args,
+                                              *_tls_args(tls))
         proc = spawn(name, argv, self.workdir, env)
-        node = Node(name, proc, f"http://127.0.0.1:{listen}",
+        node = Node(name, proc, f"{_scheme(tls)}://127.0.0.1:{listen}",
                     {"upload": upload, "argv": argv, "scheduler": scheduler})
         self.nodes.append(node)
-        await wait_http(f"{node.url}/healthy", proc=proc)
+        await wait_http(f"{node.url}/healthy", proc=proc, ssl=self.ssl if tls else None)
         if wait_registered:
-            await wait_registered_peer(scheduler, name)
+            await wait_registered_peer(scheduler, name, ssl=self.ssl)
         return node
 
     async def restart(self, node: Node) -> None:
@@ -291,10 +295,21 @@ class Cluster:
         return "\n".join(f"===== {n.name} =====\n{n.proc.logs()}" for n in self.nodes)
 
 
-async def wait_registered_peer(scheduler: str, peer_id: str, seconds: float = 20.0) -> None:
+def _tls_args(tls: tuple[Path, Path] | None) -> tuple[str, ...]:
+    return ("--tls-cert", str(tls[0]), "--tls-key", str(tls[1])) if tls else ()
+
+
+def _scheme(tls: tuple[Path, Path] | None) -> str:
+    return "https" if tls else "http"
+
+
+async def wait_registered_peer(scheduler: str, peer_id: str, seconds: float = 20.0,
+                               ssl: object = None) -> None:
     async def registered() -> bool:
         async with aiohttp.ClientSession() as s, \
-                s.get(f"{scheduler}/api/v1/peers/{peer_id}") as r:
+                s.get(f"{scheduler}/api/v1/peers/{peer_id}",
+                      ssl=ssl if ssl is not None and scheduler.startswith("https") else True
+                      ) as r:
             return r.status == 200
     await until(registered, seconds, f"peer {peer_id} registered at {scheduler}")
 
