@@ -28,6 +28,10 @@ from common.limits import DEFAULT, Paced, PrioritySlots, TokenBucket
 
 REDIRECT_TTL = 600.0
 MAX_REDIRECTS = 5
+# An origin that sends no byte for this long is abandoned (the piece is asked for again, and by
+# then another peer may hold it or have taken over the lease). Generous for a registry or a
+# signed object-store URL; short enough that a hung connection does not hang a pull.
+ORIGIN_STALL_SECONDS = 10.0
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 
 
@@ -61,7 +65,7 @@ class OriginError(Exception):
 
 class OriginClient:
     def __init__(self, session: aiohttp.ClientSession, concurrency: int = 4,
-                 read_timeout: float = 30.0,
+                 read_timeout: float = ORIGIN_STALL_SECONDS,
                  allowed: Callable[[str], bool] = lambda _: False,
                  rate: TokenBucket | None = None) -> None:
         self.session = session

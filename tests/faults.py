@@ -121,16 +121,20 @@ class CorruptParent:
 
 class FlakyRegistry:
     """An HTTP front for a real registry that fails on purpose: the first `fail` blob GETs
-    answer 503, and blob bodies trickle out at `rate` bytes/s (None: full speed). Counts the
-    blob bytes it sent."""
+    answer 503, the next `stall` send half their body and hang, and blob bodies trickle out at
+    `rate` bytes/s (None: full speed). Counts the blob bytes it sent."""
 
     RELAYED = ("Content-Type", "Content-Length", "Content-Range", "Docker-Content-Digest",
                "Location", "WWW-Authenticate", "Accept-Ranges")
 
-    def __init__(self, registry_url: str, fail: int = 0, rate: int | None = None) -> None:
+    def __init__(self, registry_url: str, fail: int = 0, rate: int | None = None,
+                 stall: int = 0) -> None:
         self.registry = registry_url.rstrip("/")
         self.fail = fail
         self.rate = rate
+        self.stall = stall  # the first `stall` blob GETs send half their body, then hang
+        self.stalled = 0
+        self._released = asyncio.Event()  # set on exit: hung responses end
         self.failed = 0
         self.blob_bytes = 0
         self.port = free_port()
@@ -149,6 +153,7 @@ class FlakyRegistry:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._released.set()
         await self.runner.cleanup()
         await self.session.close()
 
@@ -165,7 +170,16 @@ class FlakyRegistry:
             resp = web.StreamResponse(status=up.status, headers={
                 k: up.headers[k] for k in self.RELAYED if k in up.headers})
             await resp.prepare(request)
+            hang_after = None
+            if blob and up.status in (200, 206) and self.stalled < self.stall:
+                self.stalled += 1
+                hang_after = (up.content_length or 0) // 2
+            sent = 0
             async for chunk in up.content.iter_chunked(64 << 10):
+                if hang_after is not None and sent >= hang_after:
+                    await self._released.wait()  # hung until the test ends
+                    break
+                sent += len(chunk)
                 if blob:
                     self.blob_bytes += len(chunk)
                 await resp.write(chunk)

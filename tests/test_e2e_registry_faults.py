@@ -1,5 +1,6 @@
-"""A registry that fails: blob GETs answered 503, bodies that trickle. Every pull still
-completes with the exact bytes, and the registry's egress stays bounded."""
+"""A registry that fails: blob GETs answered 503, a body that hangs halfway, bodies that
+trickle. Every pull still completes with the exact bytes, in bounded time, and the registry's
+egress stays bounded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import aiohttp
 
+from peer.origin import ORIGIN_STALL_SECONDS
 from tests.cluster import Cluster, Registry, push_blob
 from tests.faults import FlakyRegistry
 
@@ -32,6 +34,21 @@ async def test_registry_503s_are_retried(cluster: Cluster, registry: Registry,
         assert await asyncio.gather(_pull(a.url + path), _pull(b.url + path)) == [blob, blob]
     assert flaky.failed == 2
     assert flaky.blob_bytes <= 1.1 * len(blob), flaky.blob_bytes / len(blob)
+
+
+async def test_a_registry_that_hangs_mid_body_is_abandoned(
+        cluster: Cluster, registry: Registry, repo: str) -> None:
+    blob = os.urandom(4 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    async with FlakyRegistry(registry.url, stall=1) as flaky:
+        sched = await cluster.scheduler()
+        a = await cluster.peer("a", sched.url, flaky.url)
+        started = asyncio.get_running_loop().time()
+        assert await _pull(f"{a.url}/v2/{repo}/blobs/{digest}") == blob
+        took = asyncio.get_running_loop().time() - started
+    assert flaky.stalled == 1
+    # Abandoned after ORIGIN_STALL_SECONDS without a byte, then fetched again: bounded.
+    assert took < ORIGIN_STALL_SECONDS + 20, took
 
 
 async def test_a_trickling_registry_is_not_fetched_twice(cluster: Cluster, registry: Registry,
