@@ -21,6 +21,7 @@ byte goes out before the last piece is fetched and memory stays flat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -28,6 +29,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common import ids
 from common.limits import BACKGROUND, DEFAULT, ON_DEMAND, PrioritySlots
@@ -532,8 +534,9 @@ class Engine:
 
     async def _store(self, run: TaskRun, index: int, chunk: str, data: bytes) -> bool:
         quota = self.disk_quota
-        if quota is not None and self.store.bytes + self._writing > QUOTA_HIGH * quota:
-            self._evict()
+        if quota is not None and \
+                self.store.bytes + self._writing + len(data) > QUOTA_HIGH * quota:
+            self._evict(reserve=self._writing + len(data))
         if time.monotonic() < self._store_full_until or (
                 quota is not None and self.store.bytes + self._writing + len(data) > quota):
             return False
@@ -552,13 +555,14 @@ class Engine:
         self.metrics.cache_bytes.set(self.store.bytes)
         return True
 
-    def _evict(self) -> None:
-        """Drop least recently used tasks down to the low watermark (to a quarter of the
-        store after a full disk), never a task being read or fetched."""
+    def _evict(self, reserve: int = 0) -> None:
+        """Drop least recently used tasks down to the low watermark less `reserve` (bytes being
+        written, which will count once stored), or to a quarter of the store after a full
+        disk; never a task being read or fetched."""
         if self._evicting:
             return
-        target = int(QUOTA_LOW * self.disk_quota) if self.disk_quota is not None \
-            else self.store.bytes * 3 // 4
+        target = max(0, int(QUOTA_LOW * self.disk_quota) - reserve) \
+            if self.disk_quota is not None else self.store.bytes * 3 // 4
         busy = {t for t, r in self.runs.items() if r.busy}
         self._evicting = True
         try:
@@ -677,6 +681,39 @@ class Engine:
             self.store.touch(run.task_id, time.time())
             async for view in self._read(run, rng, expect, priority):
                 yield view
+        finally:
+            run.readers -= 1
+
+    @contextlib.asynccontextmanager
+    async def local_files(self, run: TaskRun, rng: ByteRange, expect: str | None
+                          ) -> AsyncIterator[list[tuple[Path, int, int]] | None]:
+        """`rng` of a sealed task as (chunk file, offset, count) spans, for sendfile: only with
+        --no-verify-on-serve (verifying means reading the bytes anyway), only when every piece
+        is stored and the blob is already proven against `expect`; else None (use `read`).
+        The task counts as being read meanwhile, so eviction leaves it alone."""
+        proven = run.meta.sealed and expect in (None, run.meta.digest)
+        if self.verify_on_serve or not proven or run.meta.length == 0:
+            yield None
+            return
+        layout = run.layout
+        spans = []
+        for i in layout.covering(rng.start, rng.end):
+            chunk = run.have.get(i)
+            if chunk is None:
+                spans = None
+                break
+            start, size = layout.span(i)
+            lo = max(rng.start, start) - start
+            hi = min(rng.end, start + size - 1) - start + 1
+            spans.append((self.store.chunk_path(chunk), lo, hi - lo))
+        if spans is None:
+            yield None
+            return
+        run.readers += 1
+        try:
+            self.store.touch(run.task_id, time.time())
+            yield spans
+            self.metrics.download_bytes.labels("local").inc(rng.size)
         finally:
             run.readers -= 1
 

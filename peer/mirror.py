@@ -15,6 +15,7 @@ import hashlib
 import logging
 import re
 import time
+from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
@@ -42,6 +43,13 @@ _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _MAX_REPO = 255
 # A registry API path naming a repository: /v2/<name>/manifests|blobs|tags/...
 _NAMED_RE = re.compile(r"^/v2/(.+)/(?:manifests|blobs|tags)/")
+
+
+# A manifest is named by a tag or a digest (sha256/sha512 in lowercase hex, as registries
+# check them); anything else some registries answer with a 500.
+_MANIFEST_RE = re.compile(r"^/v2/.+/manifests/(.*)$")
+_REFERENCE_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|sha256:[a-f0-9]{64}"
+                           r"|sha512:[a-f0-9]{128})$")
 
 
 def _valid_repo(name: str) -> bool:
@@ -168,6 +176,10 @@ class Mirror:
         named = _NAMED_RE.match(request.path)
         if named and not _valid_repo(named.group(1)):
             return error(400, f"invalid repository name {named.group(1)[:100]!r}")
+        manifest = _MANIFEST_RE.match(request.path)
+        if manifest and not _REFERENCE_RE.fullmatch(manifest.group(1)):
+            return error(400, f"invalid manifest reference {manifest.group(1)[:100]!r}: "
+                              "a tag or a lowercase sha256/sha512 digest")
         try:
             registry = self._registry(request)
         except UpstreamRefused as e:
@@ -206,6 +218,19 @@ class Mirror:
                             authorization=request.headers.get("Authorization"))
         return await self._serve(request, req, scope=ids.strip_signature(url),
                                  task_id=ids.task_id_for_url(url), digest=None, expect=digest)
+
+    @staticmethod
+    async def _sendfile(request: web.Request, spans: list[tuple[Path, int, int]]) -> None:
+        """Stored chunk files straight to the socket (kernel sendfile), after the headers."""
+        loop = asyncio.get_running_loop()
+        for path, offset, count in spans:
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            f = await asyncio.to_thread(open, path, "rb")
+            try:
+                await loop.sendfile(request.transport, f, offset, count)
+            finally:
+                f.close()
 
     async def _serve(self, request: web.Request, req: OriginRequest, *, scope: str,
                      task_id: str, digest: str | None,
@@ -253,12 +278,18 @@ class Mirror:
         resp.content_length = target.size
         await resp.prepare(request)
         try:
-            async with contextlib.aclosing(self.engine.read(run, target, expect,
-                                                            priority)) as views:
-                async for view in views:
-                    await resp.write(view)
-                    self.metrics.served_bytes.inc(len(view))
-                    self.served += len(view)
+            async with self.engine.local_files(run, target, expect) as spans:
+                if spans is not None:
+                    await self._sendfile(request, spans)
+                    self.metrics.served_bytes.inc(target.size)
+                    self.served += target.size
+            if spans is None:
+                async with contextlib.aclosing(self.engine.read(run, target, expect,
+                                                                priority)) as views:
+                    async for view in views:
+                        await resp.write(view)
+                        self.metrics.served_bytes.inc(len(view))
+                        self.served += len(view)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as e:

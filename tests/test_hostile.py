@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import Cluster, CountingProxy, Node, Registry, free_port, push_blob
@@ -90,6 +90,9 @@ async def test_v2_paths_and_methods(target: tuple) -> None:
 
     @given(segments=st.lists(_SEGMENT, min_size=0, max_size=8),
            method=st.sampled_from(["GET", "HEAD", "DELETE", "PUT", "POST", "PATCH", "OPTIONS"]))
+    # Found by the fuzz: distribution answers an upper-case "digest" as a tag with a 500.
+    @example(segments=["blobs", "manifests", "%2E%2E%2F", "..", "sha256:" + "A" * 64],
+             method="GET")
     @FUZZ
     def fuzz(segments: list[str], method: str) -> None:
         path = "/v2/" + "/".join(segments)
