@@ -275,27 +275,30 @@ class SchedulerAPI:
         job = self.jobs.create(target, resolve)
         return web.json_response(job.view(), status=202)
 
-    async def _refreshed(self, job: preheat.Job) -> preheat.Job:
-        seeds = {p["id"] for p in await self.store.peers() if p["seed"]}
-        return await self.jobs.refresh(job, self.store.task, seeds)
+    async def _seeds(self) -> set[str]:
+        return {p["id"] for p in await self.store.peers() if p["seed"]}
+
+    async def _refreshed(self, jobs: list[preheat.Job]) -> list[preheat.Job]:
+        """Jobs brought up to date; the seed list is read once for all of them."""
+        seeds = await self._seeds() if jobs else set()
+        return [await self.jobs.refresh(j, self.store.task, seeds) for j in jobs]
 
     async def list_jobs(self, _: web.Request) -> web.Response:
-        jobs = [await self._refreshed(j) for j in self.jobs.jobs.values()]
+        jobs = await self._refreshed(list(self.jobs.jobs.values()))
         return web.json_response({"jobs": [j.view() for j in jobs]})
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self.jobs.jobs.get(request.match_info["job_id"])
         if job is None:
             raise RequestError(404, f"unknown job {request.match_info['job_id']}")
-        return web.json_response((await self._refreshed(job)).view())
+        return web.json_response((await self._refreshed([job]))[0].view())
 
     async def work(self, request: web.Request) -> web.Response:
         """What a seed peer should fetch for the running preheat jobs."""
         await parse_body(request, Heartbeat)
         peer_id = request.match_info["peer_id"]
         items = []
-        for job in list(self.jobs.jobs.values()):
-            await self._refreshed(job)
+        for job in await self._refreshed(list(self.jobs.jobs.values())):
             items += [WorkItem(job=job.id, task_id=i.task_id, url=i.url, registry=i.registry,
                                digest=i.digest) for i in preheat.work_for(job, peer_id)]
         return model_response(Work(items=items[:MAX_BATCH]))
