@@ -29,6 +29,11 @@ def valid_piece_size(size: int) -> bool:
     return 64 * KiB <= size <= 64 * MiB and size & (size - 1) == 0
 
 
+def piece_count(length: int, piece_size: int) -> int:
+    """How many pieces of `piece_size` hold `length` bytes."""
+    return -(-length // piece_size)
+
+
 @dataclass(frozen=True, slots=True)
 class PieceLayout:
     length: int
@@ -42,7 +47,7 @@ class PieceLayout:
 
     @property
     def count(self) -> int:
-        return -(-self.length // self.piece_size)
+        return piece_count(self.length, self.piece_size)
 
     def span(self, index: int) -> tuple[int, int]:
         """(offset, size) of piece `index`."""
@@ -50,6 +55,12 @@ class PieceLayout:
             raise IndexError(f"piece {index} out of range 0..{self.count - 1}")
         start = index * self.piece_size
         return start, min(self.piece_size, self.length - start)
+
+    def clip(self, index: int, start: int, end: int) -> tuple[int, int]:
+        """The part of piece `index` inside bytes start..end (inclusive), as offsets within
+        the piece: [lo, hi)."""
+        first, size = self.span(index)
+        return max(start, first) - first, min(end, first + size - 1) - first + 1
 
     def covering(self, start: int, end: int) -> range:
         """Indices of the pieces that hold bytes start..end (inclusive)."""

@@ -90,6 +90,11 @@ def split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def join_hostport(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Server:
     """One aiohttp app bound to one address, with an explicit start/stop."""
 
@@ -110,8 +115,7 @@ class Server:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_hostport(self.host, self.port)
 
     @property
     def url(self) -> str:

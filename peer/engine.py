@@ -598,15 +598,7 @@ class Engine:
             self._corrupt_blob(run)
 
     def _rotten_of(self, chunks: list[str]) -> list[str]:
-        rotten = []
-        for chunk in dict.fromkeys(chunks):
-            try:
-                ok = ids.chunk_id(self.store.chunk_path(chunk).read_bytes()) == chunk
-            except FileNotFoundError:
-                ok = False
-            if not ok:
-                rotten.append(chunk)
-        return rotten
+        return [c for c in dict.fromkeys(chunks) if not self.store.intact(c)]
 
     def _sha256_of(self, chunks: list[str]) -> str:
         h = hashlib.sha256()
@@ -702,9 +694,7 @@ class Engine:
             if chunk is None:
                 spans = None
                 break
-            start, size = layout.span(i)
-            lo = max(rng.start, start) - start
-            hi = min(rng.end, start + size - 1) - start + 1
+            lo, hi = layout.clip(i, rng.start, rng.end)
             spans.append((self.store.chunk_path(chunk), lo, hi - lo))
         if spans is None:
             yield None
@@ -746,9 +736,7 @@ class Engine:
                 fut = fetching.pop(i, None)
                 data = await asyncio.shield(fut) if fut is not None \
                     else await self._piece(run, i, priority)
-                start, size = layout.span(i)
-                lo = max(rng.start, start) - start
-                hi = min(rng.end, start + size - 1) - start + 1
+                lo, hi = layout.clip(i, rng.start, rng.end)
                 if hasher is not None:
                     hasher.update(data)
                     if k == len(pieces) - 1:

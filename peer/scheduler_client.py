@@ -44,6 +44,7 @@ from common.models import (
     WorkItem,
 )
 from common.tasks import TaskSet
+from common.web import split_listen
 from peer.store import ChunkStore
 
 log = logging.getLogger("naiad.peer.scheduler")
@@ -294,11 +295,10 @@ class SchedulerClient:
             self._udp.close()
             self._udp = None
         if reply.udp_addr:
-            host, _, port = reply.udp_addr.rpartition(":")
-            host = host.strip("[]")
-            if host in ("0.0.0.0", "::", ""):
+            host, port = split_listen(reply.udp_addr)
+            if host in ("0.0.0.0", "::"):  # the scheduler listens everywhere: use its host
                 host = urlsplit(url).hostname or "127.0.0.1"
-            self.udp_target = (host, int(port))
+            self.udp_target = (host, port)
 
     async def _reannounce(self) -> None:
         """Tell a (new or restarted) scheduler every task and piece the store holds."""
@@ -323,15 +323,12 @@ class SchedulerClient:
 
     def _messages(self, task_id: str, p: _Pending) -> list[tuple[str, BaseModel]]:
         """A task's pending withdrawals, then its announcements."""
-        out: list[tuple[str, BaseModel]] = []
-        if p.withdrawn_all:
-            out.append((f"{API}/withdraw", Withdraw(peer_id=self.registration.id,
-                                                    task_id=task_id, pieces=None)))
         gone = sorted(p.withdrawn)
-        for k in range(0, len(gone), ANNOUNCE_BATCH):
-            out.append((f"{API}/withdraw", Withdraw(peer_id=self.registration.id,
-                                                    task_id=task_id,
-                                                    pieces=gone[k:k + ANNOUNCE_BATCH])))
+        batches = [None] if p.withdrawn_all else \
+            [gone[k:k + ANNOUNCE_BATCH] for k in range(0, len(gone), ANNOUNCE_BATCH)]
+        out: list[tuple[str, BaseModel]] = [
+            (f"{API}/withdraw", Withdraw(peer_id=self.registration.id, task_id=task_id,
+                                         pieces=batch)) for batch in batches]
         if p.pieces or p.sealed or p.progress:
             out += [(f"{API}/announce", a)
                     for a in self._announcements(task_id, p.pieces, p.sealed, p.progress)]

@@ -162,6 +162,14 @@ class ChunkStore:
             tmp.unlink(missing_ok=True)
         return True
 
+    def intact(self, chunk: str) -> bool:
+        """Whether the chunk's file is there and hashes to its id."""
+        try:
+            self._read_verified(chunk)
+        except (FileNotFoundError, ChunkCorrupt):
+            return False
+        return True
+
     def _read_verified(self, chunk: str) -> bytes:
         data = self.chunk_path(chunk).read_bytes()
         if ids.chunk_id(data) != chunk:

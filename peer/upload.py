@@ -84,7 +84,7 @@ class UploadServer:
                     path = packed
                     headers["Content-Encoding"] = wire.ENCODING
             if self.rate is not None and request.method == "GET":
-                resp = await self._paced(request, path, headers)
+                resp = await self._paced(request, path, headers, self.rate)
             else:
                 resp = _ChunkFile(path, headers=headers)
                 await resp.prepare(request)
@@ -99,8 +99,9 @@ class UploadServer:
             if not self.active:
                 self.idle.set()
 
-    async def _paced(self, request: web.Request, path: Path,
-                     headers: dict[str, str]) -> web.StreamResponse:
+    @staticmethod
+    async def _paced(request: web.Request, path: Path, headers: dict[str, str],
+                     bucket: TokenBucket) -> web.StreamResponse:
         """A chunk sent at --upload-rate: written in slices as the bucket allows (not
         sendfile), so every child sees bytes flowing and none mistakes the wait for a stall."""
         data = await asyncio.to_thread(path.read_bytes)  # at most one piece
@@ -110,8 +111,7 @@ class UploadServer:
         view = memoryview(data)
         for k in range(0, len(data), PACED_SLICE):
             part = view[k:k + PACED_SLICE]
-            assert self.rate is not None
-            await self.rate.take(len(part))
+            await bucket.take(len(part))
             await resp.write(part)
         await resp.write_eof()
         return resp

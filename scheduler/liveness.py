@@ -13,6 +13,7 @@ import asyncio_dgram
 from prometheus_client import Counter
 
 from common import datagram
+from common.web import join_hostport, split_listen
 from scheduler.state import UnknownPeer
 from scheduler.store import Store
 
@@ -22,8 +23,7 @@ log = logging.getLogger("naiad.scheduler.udp")
 class HeartbeatListener:
     def __init__(self, store: Store, listen: str, secret: bytes | None,
                  heartbeats: Counter) -> None:
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host.strip("[]") or "0.0.0.0", int(port)
+        self.host, self.port = split_listen(listen)
         self.store = store
         self.secret = secret
         self._counts = {result: heartbeats.labels("udp", result)
@@ -36,7 +36,7 @@ class HeartbeatListener:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return join_hostport(self.host, self.port)
 
     async def run(self) -> None:
         assert self._stream is not None

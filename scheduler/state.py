@@ -33,7 +33,7 @@ from common.models import (
     TaskRequest,
     Withdraw,
 )
-from common.pieces import MiB, PieceLayout, default_piece_size
+from common.pieces import MiB, PieceLayout, default_piece_size, piece_count
 from scheduler import policy
 
 PARENTS_PER_PIECE = 3
@@ -122,7 +122,7 @@ class TaskState:
 
     @property
     def piece_count(self) -> int:  # layout.count, without building a layout on a hot path
-        return -(-self.meta.length // self.meta.piece_size)
+        return piece_count(self.meta.length, self.meta.piece_size)
 
     def complete_holders(self) -> set[str]:
         n = self.piece_count

@@ -231,3 +231,10 @@ def test_reader_first_order_is_a_permutation(pieces: set[int], offset: int) -> N
     ahead = [p for p in order if p >= offset]
     assert order[:len(ahead)] == sorted(ahead)
     assert order[len(ahead):] == sorted(p for p in pieces if p < offset)
+
+
+def test_clip_gives_a_range_s_part_of_each_piece() -> None:
+    layout = PieceLayout(10, 4)  # pieces 0-3, 4-7, 8-9
+    assert [layout.clip(i, 3, 8) for i in layout.covering(3, 8)] == [(3, 4), (0, 4), (0, 1)]
+    assert layout.clip(1, 5, 5) == (1, 2)
+    assert layout.clip(2, 0, 9) == (0, 2)  # the short last piece
