@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from common.sizes import format_size, parse_size
 from common.web import is_loopback, split_listen
 
 log = logging.getLogger("naiad")
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
 def _size_or_none(text: str) -> int | None:
@@ -124,6 +126,11 @@ async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None
     for sig, drain in ((signal.SIGTERM, 10.0), (signal.SIGINT, 2.0)):
         loop.add_signal_handler(sig, lambda d=drain: stopping.done() or stopping.set_result(d))
     await start()
+    # Everything built so far (modules, apps, sessions) lives as long as the process: keep it
+    # out of every collection, and collect the young generation less often — the daemons
+    # allocate many short-lived objects per piece and the collector cost ~3 % of their CPU.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     drain = await stopping
     log.info("stopping (drain %.0f s)", drain)
     await stop(drain)
