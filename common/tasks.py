@@ -1,16 +1,39 @@
 """An owner for background tasks: every task it spawns is cancelled when it closes, and every
-exception a task dies of is logged, never swallowed."""
+exception a task dies of is logged, never swallowed. And `Activity`: whether some work is under
+way, for the work that must only run when none is (the scrubber, draining)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("naiad.tasks")
+
+
+class Activity:
+    """Busy or idle, and for how long idle: a peer that goes idle between two pieces for a
+    moment is not idle in the sense that background work may take the CPU."""
+
+    def __init__(self) -> None:
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._idle_since = time.monotonic()
+
+    def set_busy(self, busy: bool) -> None:
+        if busy:
+            self.idle.clear()
+        elif not self.idle.is_set():
+            self.idle.set()
+            self._idle_since = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the work ended; 0 while there is work."""
+        return time.monotonic() - self._idle_since if self.idle.is_set() else 0.0
 
 
 class TaskSet:

@@ -128,7 +128,7 @@ class PeerDaemon:
             self._tasks.spawn(self.seeder.run(), "peer-seeder")
         if c.scrub_rate > 0:
             self.scrubber = Scrubber(self.store, self.engine, c.scrub_rate,
-                                     [self.engine.idle, self.upload.idle])
+                                     [self.engine.activity, self.upload.activity])
             self._tasks.spawn(self.scrubber.run(), "peer-scrubber")
         log.info("peer %s ready: mirror %s, upload %s (advertised %s)", c.peer_id,
                  self.mirror_server.address, self.upload_server.address,
@@ -168,7 +168,7 @@ class PeerDaemon:
         `drain` seconds, then close everything."""
         await self.scheduler.stop(leave=True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.upload.idle.wait(), drain)
+            await asyncio.wait_for(self.upload.activity.idle.wait(), drain)
         await self._tasks.close()
         await self.mirror_server.stop()
         await self.upload_server.stop()

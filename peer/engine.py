@@ -37,7 +37,7 @@ from common.metrics import PeerMetrics
 from common.models import Decision, ParentRef, TaskMeta, TaskRequest
 from common.pieces import MiB, PieceLayout, default_piece_size
 from common.ranges import ByteRange
-from common.tasks import TaskSet, consume_exception
+from common.tasks import Activity, TaskSet, consume_exception
 from peer.origin import OriginClient, OriginError, OriginRequest
 from peer.parents import ParentClient, ParentError
 from peer.scheduler_client import SchedulerClient, SchedulerRefused, SchedulerUnavailable
@@ -226,8 +226,7 @@ class Engine:
         self.fetch_slots = PrioritySlots(PARENT_FETCHES)
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
         self.runs: dict[str, TaskRun] = {}
-        self.idle = asyncio.Event()  # no piece being fetched
-        self.idle.set()
+        self.activity = Activity()  # pieces being fetched or tasks being read
         self._opening: dict[str, asyncio.Future[TaskRun]] = {}
         self.tasks = TaskSet("engine")
 
@@ -311,10 +310,7 @@ class Engine:
     def _update_active(self) -> None:
         active = sum(1 for r in self.runs.values() if r.inflight)
         self.metrics.tasks_active.set(active)
-        if active:
-            self.idle.clear()
-        else:
-            self.idle.set()
+        self.activity.set_busy(bool(active) or any(r.readers for r in self.runs.values()))
 
     async def _work(self, run: TaskRun, index: int, fut: asyncio.Future[bytes],
                     decided: asyncio.Future[tuple[str, str | None]]) -> None:
@@ -669,12 +665,14 @@ class Engine:
         if run.meta.length == 0:
             return
         run.readers += 1
+        self._update_active()
         try:
             self.store.touch(run.task_id, time.time())
             async for view in self._read(run, rng, expect, priority):
                 yield view
         finally:
             run.readers -= 1
+            self._update_active()
 
     @contextlib.asynccontextmanager
     async def local_files(self, run: TaskRun, rng: ByteRange, expect: str | None
@@ -700,12 +698,14 @@ class Engine:
             yield None
             return
         run.readers += 1
+        self._update_active()
         try:
             self.store.touch(run.task_id, time.time())
             yield spans
             self.metrics.download_bytes.labels("local").inc(rng.size)
         finally:
             run.readers -= 1
+            self._update_active()
 
     async def _read(self, run: TaskRun, rng: ByteRange, expect: str | None,
                     priority: int) -> AsyncIterator[memoryview]:

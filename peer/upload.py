@@ -18,7 +18,7 @@ from common import auth, ids
 from common.limits import TokenBucket
 from common.log import request_ids
 from common.metrics import PeerMetrics
-from common.tasks import consume_exception
+from common.tasks import Activity, consume_exception
 from common.web import error, errors_as_json, healthy
 from peer import wire
 from peer.store import ChunkStore
@@ -50,8 +50,7 @@ class UploadServer:
         self.secret = secret
         self.active = 0
         self.uploaded = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.activity = Activity()
 
     def app(self) -> web.Application:
         app = request_ids(web.Application(middlewares=[
@@ -75,7 +74,7 @@ class UploadServer:
             resp.headers["Retry-After"] = "1"
             return resp
         self.active += 1
-        self.idle.clear()
+        self.activity.set_busy(True)
         try:
             headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
             if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
@@ -96,8 +95,7 @@ class UploadServer:
             return resp
         finally:
             self.active -= 1
-            if not self.active:
-                self.idle.set()
+            self.activity.set_busy(bool(self.active))
 
     @staticmethod
     async def _paced(request: web.Request, path: Path, headers: dict[str, str],
