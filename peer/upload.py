@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -19,22 +21,12 @@ from common.limits import TokenBucket
 from common.log import request_ids
 from common.metrics import PeerMetrics
 from common.tasks import Activity, consume_exception
-from common.web import error, errors_as_json, healthy
+from common.web import error, errors_as_json, healthy, send_file
 from peer import wire
 from peer.store import ChunkStore
 
 log = logging.getLogger("naiad.peer.upload")
 PACED_SLICE = 64 << 10
-
-
-class _ChunkFile(web.FileResponse):
-    """A FileResponse the handler sends itself (to hold an upload slot for the whole transfer);
-    aiohttp's second `prepare` after the handler returns must then do nothing."""
-
-    async def prepare(self, request: web.BaseRequest) -> object:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
 
 
 class UploadServer:
@@ -66,43 +58,58 @@ class UploadServer:
             ids.parse_chunk_id(chunk)
         except ids.InvalidIdentifier as e:
             return error(400, str(e))
-        path = self.store.chunk_path(chunk)
-        if not path.exists():
+        f = _open_or_none(self.store.chunk_path(chunk))
+        if f is None:
             return error(404, f"chunk {chunk} is not held here")
-        if self.active >= self.slots:
-            resp = error(503, "no free upload slot")
-            resp.headers["Retry-After"] = "1"
-            return resp
-        self.active += 1
-        self.activity.set_busy(True)
-        try:
-            headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
-            if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
-                packed = await self._packed(chunk)
-                if packed is not None:
-                    path = packed
+        with f:
+            if self.active >= self.slots:
+                resp = error(503, "no free upload slot")
+                resp.headers["Retry-After"] = "1"
+                return resp
+            self.active += 1
+            self.activity.set_busy(True)
+            try:
+                return await self._send(request, chunk, f)
+            finally:
+                self.active -= 1
+                self.activity.set_busy(bool(self.active))
+
+    async def _send(self, request: web.Request, chunk: str,
+                    f: BinaryIO) -> web.StreamResponse:
+        headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
+        if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
+            packed = await self._packed(chunk)
+            pf = _open_or_none(packed) if packed is not None else None
+            if pf is not None:  # else dropped meanwhile: the raw chunk still serves
+                with pf:
                     headers["Content-Encoding"] = wire.ENCODING
-            if self.rate is not None and request.method == "GET":
-                resp = await self._paced(request, path, headers, self.rate)
-            else:
-                resp = _ChunkFile(path, headers=headers)
-                await resp.prepare(request)
+                    return await self._send_file(request, chunk, pf, headers)
+        return await self._send_file(request, chunk, f, headers)
+
+    async def _send_file(self, request: web.Request, chunk: str, f: BinaryIO,
+                         headers: dict[str, str]) -> web.StreamResponse:
+        size = os.fstat(f.fileno()).st_size
+        if self.rate is not None and request.method == "GET":
+            resp = await self._paced(request, f, size, headers, self.rate)
+        else:
+            resp = web.StreamResponse(headers=headers)
+            resp.content_length = size
+            await resp.prepare(request)
             if request.method == "GET":
-                size = path.stat().st_size
-                log.debug("uploaded %s to %s", chunk, request.remote)
-                self.metrics.upload_bytes.inc(size)
-                self.uploaded += size
-            return resp
-        finally:
-            self.active -= 1
-            self.activity.set_busy(bool(self.active))
+                await send_file(request, f, 0, size)
+            await resp.write_eof()
+        if request.method == "GET":
+            log.debug("uploaded %s to %s", chunk, request.remote)
+            self.metrics.upload_bytes.inc(size)
+            self.uploaded += size
+        return resp
 
     @staticmethod
-    async def _paced(request: web.Request, path: Path, headers: dict[str, str],
+    async def _paced(request: web.Request, f: BinaryIO, size: int, headers: dict[str, str],
                      bucket: TokenBucket) -> web.StreamResponse:
         """A chunk sent at --upload-rate: written in slices as the bucket allows (not
         sendfile), so every child sees bytes flowing and none mistakes the wait for a stall."""
-        data = await asyncio.to_thread(path.read_bytes)  # at most one piece
+        data = await asyncio.to_thread(f.read)  # at most one piece
         resp = web.StreamResponse(headers=headers)
         resp.content_length = len(data)
         await resp.prepare(request)
@@ -145,3 +152,12 @@ class UploadServer:
             return None
         self.store.write_sidecar(self.store.packed_path(chunk), packed)
         return self.store.packed_path(chunk)
+
+
+def _open_or_none(path: Path) -> BinaryIO | None:
+    """A stored file opened for sendfile (on the loop: a local open takes microseconds), or None
+    if it is not there."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
