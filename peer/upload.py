@@ -146,9 +146,9 @@ class UploadServer:
             del self._packing[chunk]
 
     def _pack(self, chunk: str) -> Path | None:
-        packed = wire.pack(self.store.chunk_path(chunk).read_bytes())
+        packed = wire.pack_file(self.store.chunk_path(chunk))
         if packed is None:
-            self.store.write_sidecar(self.store.raw_marker(chunk), b"")
+            self.store.raw_marker(chunk).touch()  # empty: nothing to tear, no temp file needed
             return None
         self.store.write_sidecar(self.store.packed_path(chunk), packed)
         return self.store.packed_path(chunk)

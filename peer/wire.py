@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import zstandard
 
 ENCODING = "zstd"
@@ -23,11 +26,26 @@ def worth_it(raw: int, packed: int) -> bool:
 def pack(data: bytes) -> bytes | None:
     """The compressed chunk, or None when compressing does not pay. Layers are mostly gzip or
     zstd already: a 64 KiB sample that does not shrink spares compressing the whole chunk."""
-    compressor = zstandard.ZstdCompressor(level=LEVEL)
-    if len(data) > 2 * SAMPLE and not worth_it(SAMPLE,
-                                               len(compressor.compress(data[:SAMPLE]))):
+    if len(data) > 2 * SAMPLE and not _sample_shrinks(data[:SAMPLE]):
         return None
-    packed = compressor.compress(data)
+    return _compress(data)
+
+
+def pack_file(path: Path) -> bytes | None:
+    """`pack` for a stored chunk, reading only the sample when the sample does not shrink."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > 2 * SAMPLE and not _sample_shrinks(f.read(SAMPLE)):
+            return None
+        f.seek(0)
+        return _compress(f.read())
+
+
+def _sample_shrinks(sample: bytes) -> bool:
+    return worth_it(len(sample), len(zstandard.ZstdCompressor(level=LEVEL).compress(sample)))
+
+
+def _compress(data: bytes) -> bytes | None:
+    packed = zstandard.ZstdCompressor(level=LEVEL).compress(data)
     return packed if worth_it(len(data), len(packed)) else None
 
 

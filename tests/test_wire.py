@@ -4,6 +4,7 @@ garbage refused; end to end, compressible chunks cross the wire smaller and arri
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -65,3 +66,15 @@ async def test_compressible_chunks_cross_the_wire_compressed(
     distinct_text = {text[i:i + MiB] for i in range(0, len(text), MiB)}  # pieces dedupe
     assert len(list(chunks.glob("*/*.zst"))) == len(distinct_text)
     assert len(list(chunks.glob("*/*.raw"))) == 3
+
+
+def test_pack_file_decides_as_pack_does(tmp_path: Path) -> None:
+    cases = {"text": b"layer of text " * 100_000, "random": os.urandom(MiB),
+             "random head": os.urandom(wire.SAMPLE) + b"\0" * MiB,  # the sample decides
+             "small": b"y" * 1000}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert wire.pack_file(path) == wire.pack(data), name
+    assert wire.pack_file(tmp_path / "text") is not None
+    assert wire.pack_file(tmp_path / "random head") is None
