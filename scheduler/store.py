@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from common.models import (
@@ -67,7 +67,8 @@ class Waiters:
 
     def __init__(self, watch: Callable[[str], Awaitable[None]] | None = None,
                  unwatch: Callable[[str], None] | None = None) -> None:
-        self._events: dict[str, set[asyncio.Event]] = {}
+        # Per task, each parked call's event and the pieces it asks for.
+        self._events: dict[str, dict[asyncio.Event, frozenset[int]]] = {}
         self._watch = watch
         self._unwatch = unwatch
 
@@ -75,9 +76,17 @@ class Waiters:
         """How many schedule calls on this task are parked here."""
         return len(self._events.get(task_id, ()))
 
-    def notify(self, task_id: str) -> None:
-        for event in self._events.get(task_id, ()):
-            event.set()
+    def notify(self, task_id: str, pieces: Iterable[int] | None = None) -> None:
+        """Wake the calls parked on a task; given the `pieces` an announcement added, only the
+        calls asking for one of them: for the others nothing changed, and waking every parked
+        call on every announcement made the scheduler re-decide ~16 calls per announcement."""
+        parked = self._events.get(task_id)
+        if not parked:
+            return
+        changed = None if pieces is None else set(pieces)
+        for event, wanted in parked.items():
+            if changed is None or not changed.isdisjoint(wanted):
+                event.set()
 
     def notify_all(self) -> None:
         for events in self._events.values():
@@ -94,8 +103,8 @@ class Waiters:
         if req.wait_ms <= 0 or any(d.action != "wait" for d in decisions):
             return decisions
         event = asyncio.Event()
-        events = self._events.setdefault(req.task_id, set())
-        events.add(event)
+        events = self._events.setdefault(req.task_id, {})
+        events[event] = frozenset(req.pieces)
         try:
             if self._watch is not None:
                 await self._watch(req.task_id)
@@ -108,7 +117,7 @@ class Waiters:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, RECHECK_SECONDS))
         finally:
-            events.discard(event)
+            events.pop(event, None)
             if not events and self._events.get(req.task_id) is events:
                 del self._events[req.task_id]
             if self._unwatch is not None:
@@ -152,7 +161,8 @@ class MemoryStore:
     async def announce(self, ann: Announce) -> AnnounceReply:
         reply = self.state.announce(ann, self._clock())
         if ann.pieces or ann.sealed:
-            self.waiters.notify(ann.task_id)
+            self.waiters.notify(ann.task_id,
+                                None if ann.sealed else (p.index for p in ann.pieces))
         return reply
 
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:
