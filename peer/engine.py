@@ -46,6 +46,7 @@ from peer.store import ChunkCorrupt, ChunkStore
 log = logging.getLogger("naiad.peer.engine")
 
 READAHEAD_BYTES = 16 * MiB
+LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
 LONG_POLL_MS = 2000
 ON_DEMAND_WAIT = 1.0  # DESIGN: an on-demand read waits ~1 s for a lease holder
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
@@ -723,6 +724,10 @@ class Engine:
         # verified) and are counted where they came from, not as store reads.
         fetching: dict[int, asyncio.Future[bytes]] = {}
         ahead = 0  # pieces[:ahead] have been asked for
+        # Stored pieces are read (and re-hashed) a few ahead in worker threads, so the disk and
+        # blake3 work overlaps with writing the previous piece to the client.
+        reading: dict[int, asyncio.Task[bytes]] = {}
+        local_ahead = max(1, LOCAL_AHEAD_BYTES // run.meta.piece_size)
         try:
             for k, i in enumerate(pieces):
                 # Refill the read-ahead half a window at a time, so the scheduler gets batches
@@ -733,7 +738,12 @@ class Engine:
                         if fut is not None:
                             fetching[j] = fut
                     ahead = max(ahead, min(k + window, len(pieces)))
-                fut = fetching.pop(i, None)
+                for j in pieces[k:k + local_ahead]:
+                    if j not in fetching and j not in reading and j in run.have:
+                        task = asyncio.create_task(self._piece(run, j, priority))
+                        task.add_done_callback(consume_exception)
+                        reading[j] = task
+                fut = fetching.pop(i, None) or reading.pop(i, None)
                 data = await asyncio.shield(fut) if fut is not None \
                     else await self._piece(run, i, priority)
                 lo, hi = layout.clip(i, rng.start, rng.end)
@@ -749,6 +759,8 @@ class Engine:
                             self._sealed(run)
                 yield memoryview(data)[lo:hi]
         finally:
+            for task in reading.values():  # the reader stopped early
+                task.cancel()
             if sealing:
                 run.hashing -= 1
                 self._maybe_seal(run)  # a reader that stopped early leaves it to the job
