@@ -27,7 +27,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -665,12 +665,19 @@ class Engine:
         """
         if run.meta.length == 0:
             return
+        with self._reading(run):
+            async for view in self._read(run, rng, expect, priority):
+                yield view
+
+    @contextlib.contextmanager
+    def _reading(self, run: TaskRun) -> Iterator[None]:
+        """A read of the task under way: it counts as the peer's work (no scrubbing) and keeps
+        the task from eviction; the task becomes the most recently used."""
         run.readers += 1
         self._update_active()
         try:
             self.store.touch(run.task_id, time.time())
-            async for view in self._read(run, rng, expect, priority):
-                yield view
+            yield
         finally:
             run.readers -= 1
             self._update_active()
@@ -698,15 +705,9 @@ class Engine:
         if spans is None:
             yield None
             return
-        run.readers += 1
-        self._update_active()
-        try:
-            self.store.touch(run.task_id, time.time())
+        with self._reading(run):
             yield spans
             self.metrics.download_bytes.labels("local").inc(rng.size)
-        finally:
-            run.readers -= 1
-            self._update_active()
 
     async def _read(self, run: TaskRun, rng: ByteRange, expect: str | None,
                     priority: int) -> AsyncIterator[memoryview]:
