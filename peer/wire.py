@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -26,22 +28,20 @@ def worth_it(raw: int, packed: int) -> bool:
 def pack(data: bytes) -> bytes | None:
     """The compressed chunk, or None when compressing does not pay. Layers are mostly gzip or
     zstd already: a 64 KiB sample that does not shrink spares compressing the whole chunk."""
-    if len(data) > 2 * SAMPLE and not _sample_shrinks(data[:SAMPLE]):
-        return None
-    return _compress(data)
+    return _pack(io.BytesIO(data), len(data))
 
 
 def pack_file(path: Path) -> bytes | None:
     """`pack` for a stored chunk, reading only the sample when the sample does not shrink."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size > 2 * SAMPLE and not _sample_shrinks(f.read(SAMPLE)):
-            return None
-        f.seek(0)
-        return _compress(f.read())
+        return _pack(f, os.fstat(f.fileno()).st_size)
 
 
-def _sample_shrinks(sample: bytes) -> bool:
-    return worth_it(len(sample), len(zstandard.ZstdCompressor(level=LEVEL).compress(sample)))
+def _pack(f: BinaryIO, size: int) -> bytes | None:
+    if size > 2 * SAMPLE and _compress(f.read(SAMPLE)) is None:
+        return None
+    f.seek(0)
+    return _compress(f.read())
 
 
 def _compress(data: bytes) -> bytes | None:
