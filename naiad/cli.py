@@ -128,7 +128,8 @@ async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None
     await start()
     # Everything built so far (modules, apps, sessions) lives as long as the process: keep it
     # out of every collection, and collect the young generation less often — the daemons
-    # allocate many short-lived objects per piece and the collector cost ~3 % of their CPU.
+    # allocate many short-lived objects per piece; this cut a receiving peer's user CPU by
+    # about a third (docs/benchmarks.md).
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     drain = await stopping

@@ -90,7 +90,7 @@ class UploadServer:
                          headers: dict[str, str]) -> web.StreamResponse:
         size = os.fstat(f.fileno()).st_size
         if self.rate is not None and request.method == "GET":
-            resp = await self._paced(request, f, size, headers, self.rate)
+            resp = await self._paced(request, f, headers, self.rate)
         else:
             resp = web.StreamResponse(headers=headers)
             resp.content_length = size
@@ -105,7 +105,7 @@ class UploadServer:
         return resp
 
     @staticmethod
-    async def _paced(request: web.Request, f: BinaryIO, size: int, headers: dict[str, str],
+    async def _paced(request: web.Request, f: BinaryIO, headers: dict[str, str],
                      bucket: TokenBucket) -> web.StreamResponse:
         """A chunk sent at --upload-rate: written in slices as the bucket allows (not
         sendfile), so every child sees bytes flowing and none mistakes the wait for a stall."""
