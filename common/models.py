@@ -22,6 +22,9 @@ ChunkId = Annotated[str, Field(pattern=r"^blake3:[0-9a-f]{64}$")]
 TaskId = Annotated[str, Field(pattern=r"^(sha256|url):[0-9a-f]{64}$")]
 Label = Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9._|/-]*$")]
 PieceIndex = Annotated[int, Field(ge=0, le=(1 << 24))]
+# Where a peer fetches a task from: an unsealed piece map is bound to its author's registry.
+Registry = Annotated[str, Field(max_length=300, pattern=r"^https?://[^\s/?#@]+$",
+                                description="scheme://host[:port] the peer fetches from")]
 MAX_BATCH = 4096
 
 
@@ -129,6 +132,7 @@ class Announce(Model):
     sealed: bool = Field(False, description="the peer assembled the blob and its sha256 matched")
     progress: list[LeaseProgress] = Field(default_factory=list, max_length=MAX_BATCH,
                                           description="leases whose origin fetch moved bytes")
+    registry: Registry | None = Field(None, description="where the pieces came from")
 
 
 class AnnounceReply(Model):
@@ -143,6 +147,7 @@ class ScheduleRequest(Model):
     exclude: list[PeerId] = Field(default_factory=list, max_length=256)
     wait_ms: int = Field(0, ge=0, le=30_000,
                          description="hold the answer this long while every piece must wait")
+    registry: Registry | None = Field(None, description="where the requester fetches from")
 
 
 class ParentRef(Model):
@@ -187,6 +192,7 @@ class Withdraw(Model):
 class BlobMismatch(Model):
     peer_id: PeerId
     task_id: TaskId
+    registry: Registry | None = Field(None, description="where the reporter fetched from")
 
 
 class PreheatRequest(Model):

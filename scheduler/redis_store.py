@@ -73,6 +73,7 @@ from scheduler.state import (
     PeerState,
     PieceState,
     TaskState,
+    TaskTrust,
     Totals,
     expiry_seconds,
 )
@@ -86,7 +87,7 @@ ALL = "*"  # wake-up payload: every waiter re-decides (a peer left: its leases a
 
 PEER_FIELDS = ("reg", "registered_at", "last_seen", "load", "counters", "penalty_until",
                "penalty_reason", "handouts", "handouts_at")
-TASK_FIELDS = ("meta", "created_at", "next_epoch", "v", "leases")
+TASK_FIELDS = ("meta", "created_at", "next_epoch", "v", "leases", "trust")
 
 # Writes, fenced. Each ARGV is one call's transaction, JSON: {"k": [keys], "f": [[kind, key#,
 # field, expected]...], "o": [[op, key#, args...]...], "p": [[channel, message]...]}. A fence is
@@ -379,6 +380,7 @@ _reg = _Parsed(PeerRegistration)
 _load = _Parsed(PeerLoad)
 _counters = _Parsed(PeerCounters)
 _meta = _Parsed(TaskMeta)
+_trust = _Parsed(TaskTrust)
 
 
 def _peer_values(peer: PeerState) -> tuple:
@@ -418,6 +420,7 @@ class _TaskBase:
     meta: TaskMeta | None = None
     next_epoch: int = 1
     leases: str = ""
+    trust: TaskTrust = field(default_factory=TaskTrust)
     pieces: dict[int, tuple[str | None, str] | None] = field(default_factory=dict)  # encoded
     held: dict[str, int | None] = field(default_factory=dict)
 
@@ -723,10 +726,13 @@ class RedisStore:
             tx.fence("eq", key, "v", None)  # created by one replica only
             tx.op("sadd", self.k_tasks, tid)
             writes += ["meta", task.meta.model_dump_json(), "created_at", _f(task.created_at),
-                       "next_epoch", str(task.next_epoch), "leases", leases]
+                       "next_epoch", str(task.next_epoch), "leases", leases,
+                       "trust", task.trust.model_dump_json()]
         else:
             if task.meta != before.meta:
                 writes += ["meta", task.meta.model_dump_json()]
+            if task.trust != before.trust:
+                writes += ["trust", task.trust.model_dump_json()]
             if task.next_epoch != before.next_epoch:
                 writes += ["next_epoch", str(task.next_epoch)]
             if leases != before.leases:
@@ -881,11 +887,6 @@ class RedisStore:
                 return
             # Whether a claimed piece's lease is live depends on its holder being alive.
             ld.peers(task.leases[i].holder for i in claimed if i in task.leases)
-            if ann.sealed and not task.meta.sealed:
-                # A sealing claim may replace a piece's chunk, taking it from its holders.
-                ld.held(ann.task_id, (h for i in claimed
-                                      if (p := dict.get(task.pieces, i)) is not None
-                                      for h in p.holders))
             await ld.run()
         return await self._transact(plan, lambda w: w.state.announce(ann, w.now),
                                     lock=ann.task_id, actor=ann.peer_id,
@@ -932,12 +933,18 @@ class RedisStore:
             await ld.run()
         await self._transact(plan, lambda w: w.state.withdraw(wd), lock=wd.task_id)
 
-    async def blob_mismatch(self, peer_id: str, task_id: str) -> None:
+    async def blob_mismatch(self, peer_id: str, task_id: str,
+                            registry: str | None = None) -> None:
         async def plan(ld: _Loader) -> None:
             ld.peer(peer_id)
             ld.task(task_id, pieces=(), held=())
             await ld.run()
-        await self._transact(plan, lambda w: w.state.blob_mismatch(peer_id, task_id),
+            task = dict.get(ld.world.state.tasks, task_id)
+            if task is not None:
+                ld.peers(task.trust.authors)  # flagged when the map is reset
+                await ld.run()
+        await self._transact(plan,
+                             lambda w: w.state.blob_mismatch(peer_id, task_id, w.now, registry),
                              lock=task_id, wake=task_id)
 
     # -- views -----------------------------------------------------------------------------
@@ -1149,14 +1156,15 @@ class _Loader:
             (1 if held is None else counted + (1 if held else 0))
 
         def parse(replies: list) -> None:
-            meta_raw, created_at, next_epoch, version, leases_raw = replies[0]
+            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
             tasks = self.world.state.tasks
             if meta_raw is None:
                 tasks.extend({}, [tid])
                 self.world.tasks[tid] = _TaskBase(version=None)
                 return
             base = _TaskBase(version=version, meta=_meta(meta_raw),
-                             next_epoch=int(next_epoch), leases=leases_raw or "")
+                             next_epoch=int(next_epoch), leases=leases_raw or "",
+                             trust=_trust(trust_raw) if trust_raw else TaskTrust())
             r = iter(replies[1:])
             piece_map = Partial({}, pieces)
             if pieces is None:
@@ -1188,7 +1196,7 @@ class _Loader:
                 base.held.update({pid: counts.get(pid) for pid in held})
             task = TaskState(meta=base.meta, created_at=float(created_at), pieces=piece_map,
                              leases=decode_leases(leases_raw), held=held_map,
-                             next_epoch=base.next_epoch)
+                             next_epoch=base.next_epoch, trust=base.trust)
             tasks.extend({tid: task}, [tid])
             self.world.tasks[tid] = base
 

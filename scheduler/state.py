@@ -18,6 +18,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict
+
 from common.models import (
     Announce,
     AnnounceReply,
@@ -43,7 +45,13 @@ PARENTS_PER_PIECE = 3
 CHILDREN_PER_HOLDER = 2
 MAX_LEASE_PIECES = 16
 MAX_LEASE_BYTES = 64 * MiB
-PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0}
+# "mismatch": authored chunk ids of a map whose assembled blob failed its digest.
+PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0,
+                   "mismatch": 60.0}
+# A map is sealed once this many distinct peers announced that the blob they assembled from it
+# matched its sha256: one member alone cannot forge a seal.
+CONFIRMATIONS_TO_SEAL = 2
+RESET_EVERY = 60.0  # a reporter's blob mismatch resets a task's map at most this often
 SILENT_HEARTBEATS = 3  # a peer silent for this many heartbeat intervals is gone
 
 
@@ -107,6 +115,27 @@ class PieceState:
     children: dict[str, float] | None = None
 
 
+class TaskTrust(BaseModel):
+    """Who vouches for a task's piece map; kept with the task (in Redis, one JSON field).
+
+    `registry`: the registry an unsealed map is bound to, set by its first lease or chunk id
+    ("": peers that name none); None: unbound. `authors`: the peers whose claims first set a
+    piece's chunk id. `confirmed`: the peers that announced the blob's sha256 matched while
+    holding every piece of this map. `resets`: reporter -> when its mismatch last reset the map.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    registry: str | None = None
+    authors: tuple[str, ...] = ()
+    confirmed: tuple[str, ...] = ()
+    resets: dict[str, float] = {}
+
+    def foreign(self, registry: str | None, sealed: bool) -> bool:
+        """Whether a peer of `registry` is outside this map: an unsealed map bound elsewhere."""
+        return not sealed and self.registry is not None and self.registry != (registry or "")
+
+
 @dataclass
 class TaskState:
     meta: TaskMeta
@@ -115,6 +144,7 @@ class TaskState:
     leases: dict[int, Lease] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)  # peer -> number of pieces it holds
     next_epoch: int = 1
+    trust: TaskTrust = field(default_factory=TaskTrust)
 
     @property
     def layout(self) -> PieceLayout:
@@ -267,13 +297,20 @@ class ClusterState:
         task = self._task(ann.task_id)
         count = task.piece_count
         peer.last_seen = now
+        # A peer of another registry than an unsealed map's holds bytes of its own origin:
+        # where they agree with the map it is a holder; where not, neither recorded nor blamed.
+        foreign = task.trust.foreign(ann.registry, task.meta.sealed)
         accepted, rejected, deferred = 0, [], []
         gained = 0  # pieces newly held by the announcer, added to its count once
+        authored = False
         for claim in ann.pieces:
             if claim.index >= count:
                 rejected.append(claim.index)
                 continue
             piece = task.pieces.get(claim.index)
+            if piece is None and foreign:
+                deferred.append(claim.index)
+                continue
             if piece is None:
                 piece = task.pieces[claim.index] = PieceState()
             lease = task.leases.get(claim.index)
@@ -283,22 +320,18 @@ class ClusterState:
                 # made before it is not recorded (nor blamed).
                 deferred.append(claim.index)
                 continue
+            if piece.chunk is None and foreign:
+                deferred.append(claim.index)
+                continue
             if piece.chunk is None:
                 piece.chunk = claim.chunk
-            elif piece.chunk != claim.chunk and not (ann.sealed and not task.meta.sealed):
-                # A sealed map is proven by the blob digest; a provisional one was set by the
-                # first origin fetch. A claim against either is refused and its maker flagged.
-                rejected.append(claim.index)
-                continue
+                authored = True
             elif piece.chunk != claim.chunk:
-                # The claimant assembled the blob and its sha256 matched: its chunk is right.
-                piece.chunk = claim.chunk
-                if gained:  # counts must be current before holders are taken away
-                    task.held[ann.peer_id] = task.held.get(ann.peer_id, 0) + gained
-                    gained = 0
-                for h in piece.holders:
-                    task.held[h] -= 1
-                piece.holders.clear()
+                # A sealed map was confirmed by several peers' blob digests; a provisional one
+                # was set by the first origin fetch. A claim against either, sealed or not, is
+                # refused and its maker flagged: only a blob mismatch resets a map.
+                (deferred if foreign else rejected).append(claim.index)
+                continue
             if ann.peer_id not in piece.holders:
                 piece.holders.add(ann.peer_id)
                 gained += 1
@@ -316,8 +349,18 @@ class ClusterState:
             for lease in task.leases.values():
                 if lease.epoch == p.epoch and lease.holder == ann.peer_id:
                     lease.progress_at = now
-        if ann.sealed and not rejected and task.held.get(ann.peer_id, 0) >= count:
-            task.meta = task.meta.model_copy(update={"sealed": True})
+        trust = task.trust
+        if authored and ann.peer_id not in trust.authors:
+            trust = trust.model_copy(update={
+                "authors": tuple(sorted((*trust.authors, ann.peer_id))),
+                "registry": (ann.registry or "") if trust.registry is None else trust.registry})
+        if ann.sealed and not rejected and not task.meta.sealed \
+                and ann.peer_id not in trust.confirmed and task.held.get(ann.peer_id, 0) >= count:
+            trust = trust.model_copy(update={
+                "confirmed": tuple(sorted((*trust.confirmed, ann.peer_id)))})
+            if len(trust.confirmed) >= CONFIRMATIONS_TO_SEAL:
+                task.meta = task.meta.model_copy(update={"sealed": True})
+        task.trust = trust
         return AnnounceReply(accepted=accepted, rejected=rejected + deferred)
 
     def withdraw(self, wd: Withdraw) -> None:
@@ -341,16 +384,32 @@ class ClusterState:
             else:
                 task.held.pop(peer.id, None)
 
-    def blob_mismatch(self, peer_id: str, task_id: str) -> None:
-        """A peer assembled the blob and its sha256 did not match: the provisional piece map is
-        wrong somewhere, so forget it and let the origin be the judge again."""
+    def blob_mismatch(self, peer_id: str, task_id: str, now: float,
+                      registry: str | None = None) -> None:
+        """A peer assembled the blob and its sha256 did not match: the piece map, sealed or
+        not, is wrong somewhere, so forget it, flag the peers that authored its chunk ids and
+        let the origin be the judge again. A reporter resets a task at most every
+        RESET_EVERY seconds; one of another registry than an unsealed map's fetched its bytes
+        elsewhere, so its report says nothing about this map."""
         self._peer(peer_id)
         task = self._task(task_id)
-        if task.meta.sealed:
+        trust = task.trust
+        if trust.foreign(registry, task.meta.sealed):
             return
+        last = trust.resets.get(peer_id)
+        if last is not None and now - last < RESET_EVERY:
+            return
+        for author in trust.authors:
+            peer = self.peers.get(author)
+            if peer is not None and author != peer_id:  # a reporter is not its own suspect
+                self._penalise(peer, "mismatch", now)
         task.pieces.clear()
         task.leases.clear()
         task.held.clear()
+        resets = {r: t for r, t in trust.resets.items() if now - t < RESET_EVERY}
+        task.trust = TaskTrust(resets={**resets, peer_id: now})
+        if task.meta.sealed:
+            task.meta = task.meta.model_copy(update={"sealed": False})
 
     def report(self, rep: Report, now: float) -> None:
         self._peer(rep.peer_id)
@@ -390,6 +449,18 @@ class ClusterState:
         wanted = list(dict.fromkeys(req.pieces))
         if wanted and max(wanted) >= count:  # refuse before any lease is granted
             raise StateError(f"piece {max(wanted)} out of range: task has {count} pieces")
+        if task.trust.foreign(req.registry, task.meta.sealed):
+            if not cold:
+                # The provisional chunk ids and holders came from another registry: this
+                # requester reads its own registry directly, without a lease, until sealed.
+                return [Decision(piece=i, action="source", reason="other-registry")
+                        for i in wanted]
+            # Nobody holds or fetches the map any more: forget it, bind to this registry.
+            task.pieces.clear()
+            task.leases.clear()
+            task.trust = TaskTrust(resets=task.trust.resets)
+        if task.trust.registry is None and not task.meta.sealed and wanted:
+            task.trust = task.trust.model_copy(update={"registry": req.registry or ""})
         grant: Lease | None = None
         decisions: list[Decision] = []
         for index in wanted:

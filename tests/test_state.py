@@ -29,6 +29,7 @@ from scheduler.state import (
     MAX_LEASE_PIECES,
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
+    RESET_EVERY,
     ClusterState,
     Conflict,
     StateError,
@@ -65,19 +66,20 @@ class Cluster:
                                        piece_size=piece_size), 0.0)
 
     def schedule(self, pid: str, pieces: Iterable[int], now: float, exclude: Iterable[str] = (),
-                 task_id: str = TASK) -> list[Decision]:
+                 task_id: str = TASK, registry: str | None = None) -> list[Decision]:
         return self.s.schedule(ScheduleRequest(peer_id=pid, task_id=task_id, pieces=list(pieces),
-                                               exclude=list(exclude)), now)
+                                               exclude=list(exclude), registry=registry), now)
 
     def one(self, pid: str, piece: int, now: float, **kw: object) -> Decision:
         (d,) = self.schedule(pid, [piece], now, **kw)
         return d
 
     def announce(self, pid: str, pieces: dict[int, str] | Iterable[int], now: float, *,
-                 sealed: bool = False, progress: Iterable[int] = (), task_id: str = TASK):
+                 sealed: bool = False, progress: Iterable[int] = (), task_id: str = TASK,
+                 registry: str | None = None):
         claims = pieces.items() if isinstance(pieces, dict) else ((i, chunk(i)) for i in pieces)
         return self.s.announce(Announce(
-            peer_id=pid, task_id=task_id, sealed=sealed,
+            peer_id=pid, task_id=task_id, sealed=sealed, registry=registry,
             pieces=[PieceClaim(index=i, chunk=c) for i, c in claims],
             progress=[LeaseProgress(epoch=e) for e in progress]), now)
 
@@ -230,55 +232,69 @@ def test_conflicting_chunk_on_provisional_map_rejected_and_penalised(c: Cluster)
     assert c.parents("C", 1, 2.0 + PENALTY_SECONDS["conflict"]) == ["B"]
 
 
-def test_sealed_announcement_with_matching_pieces_seals(c: Cluster) -> None:
-    c.announce("A", range(8), 1.0)
-    assert not c.s.tasks[TASK].meta.sealed
-    reply = c.announce("B", range(8), 2.0, sealed=True)
+def test_one_sealed_announcement_is_not_a_seal(c: Cluster) -> None:
+    # A forged seal: one member announces chunk ids of its own choosing as proven.
+    reply = c.announce("A", range(8), 1.0, sealed=True)
     assert reply.rejected == []
-    assert c.s.tasks[TASK].meta.sealed
-    assert c.s.task_view(c.s.tasks[TASK], detail=False)["sealed"] is True
-
-
-def test_sealed_flag_alone_after_pieces_seals(c: Cluster) -> None:
-    c.announce("A", range(8), 1.0)
-    c.announce("A", [], 2.0, sealed=True)
-    assert c.s.tasks[TASK].meta.sealed
-
-
-def test_sealed_without_all_pieces_does_not_seal(c: Cluster) -> None:
-    c.announce("A", range(7), 1.0, sealed=True)
+    task = c.s.tasks[TASK]
+    assert not task.meta.sealed
+    assert task.trust.confirmed == ("A",)
+    c.announce("A", [], 2.0, sealed=True)  # saying it again is not a second confirmation
     assert not c.s.tasks[TASK].meta.sealed
 
 
-def test_sealed_with_a_rejected_claim_does_not_seal(c: Cluster) -> None:
+def test_two_confirmations_seal(c: Cluster) -> None:
+    c.announce("A", range(8), 1.0)
+    c.announce("B", range(8), 2.0, sealed=True)
+    assert not c.s.tasks[TASK].meta.sealed
+    c.announce("A", [], 3.0, sealed=True)  # the flag alone, once it holds every piece
+    task = c.s.tasks[TASK]
+    assert task.meta.sealed and task.trust.confirmed == ("A", "B")
+    assert c.s.task_view(task, detail=False)["sealed"] is True
+
+
+def test_sealed_without_all_pieces_does_not_confirm(c: Cluster) -> None:
+    c.announce("A", range(7), 1.0, sealed=True)
+    c.announce("B", range(7), 1.0, sealed=True)
+    assert c.s.tasks[TASK].trust.confirmed == ()
+    assert not c.s.tasks[TASK].meta.sealed
+
+
+def test_sealed_with_a_rejected_claim_does_not_confirm(c: Cluster) -> None:
     reply = c.announce("A", [*range(8), 9], 1.0, sealed=True)
     assert reply.rejected == [9]
-    assert not c.s.tasks[TASK].meta.sealed
+    assert c.s.tasks[TASK].trust.confirmed == ()
 
 
-def test_sealing_peer_replaces_a_conflicting_provisional_map(c: Cluster) -> None:
-    c.announce("A", {0: chunk(500), 1: chunk(1)}, 1.0)  # piece 0 provisional and wrong
-    c.announce("B", {0: chunk(500)}, 1.0)
-    reply = c.announce("C", {i: chunk(i) for i in range(8)}, 2.0, sealed=True)
-    assert reply.rejected == [] and reply.accepted == 8
+def test_conflicting_sealed_claim_never_overrides_a_provisional_map(c: Cluster) -> None:
+    c.announce("A", range(8), 1.0)  # the lease holder's honest map
+    forged = {i: chunk(500 + i) for i in range(8)}
+    reply = c.announce("D", forged, 2.0, sealed=True)
+    assert sorted(reply.rejected) == list(range(8)) and reply.accepted == 0
     task = c.s.tasks[TASK]
-    assert task.meta.sealed
-    assert task.pieces[0].chunk == chunk(0)
-    assert c.holders(0) == {"C"}  # holders of the wrong chunk are dropped
-    assert c.holders(1) == {"A", "C"}
-    assert task.held["A"] == 1 and task.held["B"] == 0 and task.held["C"] == 8
-    assert c.parents("D", 0, 2.0) == ["C"]
-    assert not c.s.peers["C"].penalised(2.0)
+    assert [task.pieces[i].chunk for i in range(8)] == [chunk(i) for i in range(8)]
+    assert c.holders(0) == {"A"} and task.trust.confirmed == ()
+    x = c.s.peers["D"]
+    assert x.penalty_reason == "conflict" and x.penalised(2.0)
+    assert c.parents("C", 0, 2.0) == ["A"]
 
 
 def test_conflict_against_sealed_map_rejected_even_if_sealed(c: Cluster) -> None:
     c.announce("A", range(8), 1.0, sealed=True)
+    c.announce("B", range(8), 1.0, sealed=True)
     assert c.s.tasks[TASK].meta.sealed
-    reply = c.announce("B", {0: chunk(777)}, 2.0, sealed=True)
+    reply = c.announce("C", {0: chunk(777)}, 2.0, sealed=True)
     assert reply.rejected == [0]
     assert c.s.tasks[TASK].pieces[0].chunk == chunk(0)
-    assert c.s.peers["B"].penalised(2.0)
-    assert c.holders(0) == {"A"}
+    assert c.s.peers["C"].penalised(2.0)
+    assert c.holders(0) == {"A", "B"}
+
+
+def test_authors_are_the_peers_that_first_set_chunk_ids(c: Cluster) -> None:
+    c.announce("A", range(4), 1.0)
+    c.announce("B", range(8), 1.0)  # agrees on 0-3, authors 4-7
+    c.announce("C", range(8), 1.0)  # only agrees
+    assert c.s.tasks[TASK].trust.authors == ("A", "B")
 
 
 def test_lease_holder_sets_the_provisional_chunk(c: Cluster) -> None:
@@ -629,7 +645,7 @@ def test_blob_mismatch_clears_an_unsealed_map(c: Cluster) -> None:
     c.schedule("A", range(4), 0.0)
     c.announce("A", range(4), 0.5)
     c.schedule("B", range(4, 8), 0.5)
-    c.s.blob_mismatch("C", TASK)
+    c.s.blob_mismatch("C", TASK, 0.5)
     task = c.s.tasks[TASK]
     assert task.pieces == {} and task.leases == {} and task.held == {}
     ds = c.schedule("D", range(8), 0.6)
@@ -639,19 +655,106 @@ def test_blob_mismatch_clears_an_unsealed_map(c: Cluster) -> None:
     assert c.announce("D", {0: chunk(4242)}, 0.7).rejected == []
 
 
-def test_blob_mismatch_leaves_a_sealed_map(c: Cluster) -> None:
-    c.announce("A", range(8), 0.0, sealed=True)
-    c.s.blob_mismatch("C", TASK)
-    assert c.holders(0) == {"A"}
+def test_blob_mismatch_resets_a_sealed_map_and_flags_its_authors(c: Cluster) -> None:
+    forged = {i: chunk(900 + i) for i in range(8)}
+    c.announce("A", forged, 0.0, sealed=True)  # two colluders confirm each other
+    c.announce("B", forged, 0.0, sealed=True)
     assert c.s.tasks[TASK].meta.sealed
-    assert c.parents("C", 0, 0.1) == ["A"]
+    c.s.blob_mismatch("C", TASK, 1.0)
+    task = c.s.tasks[TASK]
+    assert not task.meta.sealed
+    assert task.pieces == {} and task.leases == {} and task.held == {}
+    assert task.trust.confirmed == () and task.trust.authors == ()
+    a = c.s.peers["A"]
+    assert a.penalty_reason == "mismatch" and a.penalised(1.0 + PENALTY_SECONDS["mismatch"] - 1)
+    assert not c.s.peers["B"].penalised(1.0)  # agreed only: the author is A
+    assert not c.s.peers["C"].penalised(1.0)
+    assert c.one("C", 0, 1.5).action == "source"
+    assert c.announce("C", {0: chunk(0)}, 1.6).rejected == []  # the origin judges again
+
+
+def test_blob_mismatch_is_rate_limited_per_reporter(c: Cluster) -> None:
+    c.announce("A", range(8), 0.0)
+    c.s.blob_mismatch("C", TASK, 1.0)
+    c.announce("A", range(8), 2.0)
+    c.s.blob_mismatch("C", TASK, 2.0 + RESET_EVERY / 2)  # too soon: ignored
+    assert c.holders(0) == {"A"}
+    c.s.blob_mismatch("D", TASK, 3.0)  # another reporter may
+    assert c.holders(0) == set()
+    c.announce("A", range(8), 4.0)
+    c.s.blob_mismatch("C", TASK, 1.0 + RESET_EVERY)
+    assert c.holders(0) == set()
+    assert set(c.s.tasks[TASK].trust.resets) == {"C", "D"}
+
+
+def test_a_reporter_is_not_flagged_for_its_own_map(c: Cluster) -> None:
+    c.announce("A", range(8), 0.0)
+    c.s.blob_mismatch("A", TASK, 1.0)
+    assert not c.s.peers["A"].penalised(1.0)
+    assert c.holders(0) == set()
+
+
+# --- registries -------------------------------------------------------------------------------
+
+REG_A, REG_B = "https://a.example", "http://b.example:5000"
+
+
+def test_a_map_is_bound_to_its_first_requesters_registry(c: Cluster) -> None:
+    assert {d.action for d in c.schedule("A", range(8), 0.0, registry=REG_A)} == {"source"}
+    assert c.s.tasks[TASK].trust.registry == REG_A
+    c.announce("A", range(8), 0.5, registry=REG_A)
+    # A requester of another registry reads its own origin directly: no lease, no holders.
+    ds = c.schedule("B", range(8), 1.0, registry=REG_B)
+    assert {(d.action, d.epoch, d.reason) for d in ds} == {("source", None, "other-registry")}
+    assert c.parents("C", 0, 1.0, registry=REG_A) == ["A"]
+    assert c.s.tasks[TASK].leases == {}
+
+
+def test_another_registrys_claims_are_not_blamed(c: Cluster) -> None:
+    c.announce("A", {0: chunk(0), 1: chunk(1)}, 0.0, registry=REG_A)
+    reply = c.announce("B", {0: chunk(0), 1: chunk(111), 2: chunk(2)}, 1.0, registry=REG_B)
+    assert reply.accepted == 1 and sorted(reply.rejected) == [1, 2]
+    assert not c.s.peers["B"].penalised(1.0)
+    assert c.holders(0) == {"A", "B"}  # agreeing bytes: a holder like any other
+    assert c.holders(1) == {"A"} and 2 not in c.s.tasks[TASK].pieces
+    assert c.s.tasks[TASK].trust.authors == ("A",)
+    # ...but a conflicting claim of the map's own registry is
+    assert c.announce("C", {1: chunk(111)}, 1.0, registry=REG_A).rejected == [1]
+    assert c.s.peers["C"].penalised(1.0)
+
+
+def test_another_registrys_mismatch_does_not_reset_the_map(c: Cluster) -> None:
+    c.announce("A", range(8), 0.0, registry=REG_A)
+    c.s.blob_mismatch("B", TASK, 1.0, REG_B)
+    assert c.holders(0) == {"A"}
+    c.s.blob_mismatch("B", TASK, 1.0, REG_A)
+    assert c.holders(0) == set()
+
+
+def test_a_sealed_map_is_for_every_registry(c: Cluster) -> None:
+    c.announce("A", range(8), 0.0, registry=REG_A, sealed=True)
+    c.announce("B", range(8), 0.0, registry=REG_B, sealed=True)  # agrees: confirms
+    assert c.s.tasks[TASK].meta.sealed
+    assert set(c.parents("C", 0, 1.0, registry=REG_B)) == {"A", "B"}
+    assert c.announce("D", {0: chunk(5)}, 1.0, registry=REG_B).rejected == [0]
+    assert c.s.peers["D"].penalised(1.0)
+
+
+def test_a_map_nobody_holds_is_rebound(c: Cluster) -> None:
+    c.schedule("A", [0], 0.0, registry=REG_A)
+    c.announce("A", {0: chunk(999)}, 0.1, registry=REG_A)
+    c.s.leave("A")
+    d = c.one("B", 0, 5.0, registry=REG_B)  # cold: B's registry takes the map over
+    assert d.action == "source" and d.epoch is not None
+    assert c.s.tasks[TASK].trust.registry == REG_B
+    assert c.announce("B", {0: chunk(0)}, 5.1, registry=REG_B).rejected == []
 
 
 def test_blob_mismatch_unknown(c: Cluster) -> None:
     with pytest.raises(UnknownPeer):
-        c.s.blob_mismatch("nobody", TASK)
+        c.s.blob_mismatch("nobody", TASK, 0.0)
     with pytest.raises(UnknownTask):
-        c.s.blob_mismatch("A", URL_TASK)
+        c.s.blob_mismatch("A", URL_TASK, 0.0)
 
 
 # --- cluster counters -------------------------------------------------------------------------

@@ -209,18 +209,21 @@ async def setup(s: Store, *pids: str, pieces: int = 8) -> None:
 
 
 async def announce(s: Store, pid: str, pieces: dict[int, str] | list[int] | range, *,
-                   sealed: bool = False, progress: tuple[int, ...] = (), task_id: str = TASK):
+                   sealed: bool = False, progress: tuple[int, ...] = (), task_id: str = TASK,
+                   registry: str | None = None):
     claims = pieces.items() if isinstance(pieces, dict) else ((i, chunk(i)) for i in pieces)
     return await s.announce(Announce(
-        peer_id=pid, task_id=task_id, sealed=sealed,
+        peer_id=pid, task_id=task_id, sealed=sealed, registry=registry,
         pieces=[PieceClaim(index=i, chunk=c) for i, c in claims],
         progress=[LeaseProgress(epoch=e) for e in progress]))
 
 
 async def schedule(s: Store, pid: str, pieces: list[int] | range, *, wait_ms: int = 0,
-                   exclude: tuple[str, ...] = (), task_id: str = TASK) -> list[Decision]:
+                   exclude: tuple[str, ...] = (), task_id: str = TASK,
+                   registry: str | None = None) -> list[Decision]:
     return await s.schedule(ScheduleRequest(peer_id=pid, task_id=task_id, pieces=list(pieces),
-                                            exclude=list(exclude), wait_ms=wait_ms))
+                                            exclude=list(exclude), wait_ms=wait_ms,
+                                            registry=registry))
 
 
 async def one(s: Store, pid: str, piece: int, **kw: object) -> Decision:
@@ -378,26 +381,97 @@ async def test_conflicting_claim_is_rejected_and_its_maker_penalised(h: Harness)
     assert await parents(s, "C", 1) == ["B"]
 
 
-async def test_sealing(h: Harness) -> None:
+async def test_sealing_takes_two_confirmations(h: Harness) -> None:
     s = h.store
     await setup(s)
-    await announce(s, "A", {0: chunk(500), 1: chunk(1)})  # piece 0 provisional and wrong
-    await announce(s, "B", {0: chunk(500)})
-    reply = await announce(s, "C", range(8), sealed=True)
-    assert reply.rejected == [] and reply.accepted == 8
+    await announce(s, "A", range(8))  # the honest provisional map
+    # A forged seal: chunk ids of its own choosing, "sealed", from one member.
+    reply = await announce(s, "D", {i: chunk(500 + i) for i in range(8)}, sealed=True)
+    assert sorted(reply.rejected) == list(range(8))
+    d = await s.peer("D")
+    assert d["penalised"] is True and d["penalty_reason"] == "conflict"
     view = await s.task(TASK)
-    assert view["sealed"] is True
-    assert view["piece_map"][0]["chunk"] == chunk(0)
-    assert await holders(s, 0) == ["C"]  # holders of the wrong chunk are dropped
-    assert await holders(s, 1) == ["A", "C"]
-    assert view["complete_holders"] == 1
+    assert view["sealed"] is False and view["piece_map"][0]["chunk"] == chunk(0)
+    assert await holders(s, 0) == ["A"]
+    reply = await announce(s, "B", range(8), sealed=True)  # one confirmation: not yet
+    assert reply.rejected == [] and (await s.task(TASK))["sealed"] is False
+    await announce(s, "B", [], sealed=True)  # the same peer again is not a second
+    assert (await s.task(TASK))["sealed"] is False
+    await announce(s, "A", [], sealed=True)
+    view = await s.task(TASK)
+    assert view["sealed"] is True and view["complete_holders"] == 2
     # Once sealed, a conflicting claim is refused even with a seal of its own.
-    reply = await announce(s, "D", {0: chunk(777)}, sealed=True)
+    reply = await announce(s, "C", {0: chunk(777)}, sealed=True)
     assert reply.rejected == [0]
-    assert (await s.peer("D"))["penalised"] is True
-    # and a blob mismatch reported against a sealed map changes nothing
-    await s.blob_mismatch("D", TASK)
-    assert await holders(s, 0) == ["C"]
+    assert (await s.peer("C"))["penalised"] is True
+
+
+async def test_blob_mismatch_resets_a_sealed_map_rate_limited(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    forged = {i: chunk(900 + i) for i in range(8)}
+    await announce(s, "A", forged, sealed=True)  # two colluders confirm each other
+    await announce(s, "B", forged, sealed=True)
+    assert (await s.task(TASK))["sealed"] is True
+    await s.blob_mismatch("C", TASK)
+    view = await s.task(TASK)
+    assert view["sealed"] is False and view["piece_map"] == [] and view["holders"] == 0
+    a = await s.peer("A")
+    assert a["penalised"] is True and a["penalty_reason"] == "mismatch"  # the author
+    assert (await s.peer("B"))["penalised"] is False  # it only agreed
+    assert (await one(s, "D", 0)).action == "source"
+    # The same reporter again within the minute changes nothing; another reporter may.
+    await announce(s, "D", range(8))
+    h.clock.advance(30)
+    await s.blob_mismatch("C", TASK)
+    assert await holders(s, 0) == ["D"]
+    await s.blob_mismatch("B", TASK)
+    assert await holders(s, 0) == []
+    await announce(s, "D", range(8))
+    h.clock.advance(31)
+    await s.blob_mismatch("C", TASK)
+    assert await holders(s, 0) == []
+    with pytest.raises(UnknownTask):
+        await s.blob_mismatch("A", URL_TASK)
+
+
+async def test_a_provisional_map_is_bound_to_its_registry(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    reg_a, reg_b = "https://a.example", "http://b.example:5000"
+    assert {d.action for d in await schedule(s, "A", range(8), registry=reg_a)} == {"source"}
+    await announce(s, "A", range(8), registry=reg_a)
+    # Another registry's requester reads its own origin: no lease, no chunk ids, no holders.
+    ds = await schedule(s, "B", range(8), registry=reg_b)
+    assert {(d.action, d.epoch, d.chunk, d.reason) for d in ds} == \
+        {("source", None, None, "other-registry")}
+    assert await parents(s, "C", 0, registry=reg_a) == ["A"]
+    # Its claims: agreeing ones make it a holder, differing ones are not blamed.
+    reply = await announce(s, "B", {0: chunk(0), 1: chunk(111)}, registry=reg_b)
+    assert reply.accepted == 1 and reply.rejected == [1]
+    assert (await s.peer("B"))["penalised"] is False
+    assert sorted(await holders(s, 0)) == ["A", "B"]
+    # Its registry's mismatch says nothing about this map.
+    await s.blob_mismatch("B", TASK, reg_b)
+    assert sorted(await holders(s, 0)) == ["A", "B"]
+    # Two confirmations seal it, and a sealed map is for every registry.
+    await announce(s, "A", [], sealed=True, registry=reg_a)
+    await announce(s, "D", range(8), sealed=True, registry=reg_a)
+    assert (await s.task(TASK))["sealed"] is True
+    assert (await one(s, "B", 1, registry=reg_b)).action == "parents"
+
+
+async def test_a_map_nobody_holds_is_bound_again(h: Harness) -> None:
+    s = h.store
+    await setup(s)
+    reg_a, reg_b = "https://a.example", "https://b.example"
+    await schedule(s, "A", [0], registry=reg_a)
+    await announce(s, "A", {0: chunk(999)}, registry=reg_a)
+    await s.leave("A")
+    d = await one(s, "B", 0, registry=reg_b)
+    assert d.action == "source" and d.epoch is not None
+    assert (await announce(s, "B", {0: chunk(0)}, registry=reg_b)).rejected == []
+    assert await parents(s, "C", 0, registry=reg_b) == ["B"]
 
 
 async def test_blob_mismatch_clears_a_provisional_map(h: Harness) -> None:
@@ -412,8 +486,6 @@ async def test_blob_mismatch_clears_a_provisional_map(h: Harness) -> None:
     ds = await schedule(s, "D", range(8))
     assert {d.action for d in ds} == {"source"} and {d.reason for d in ds} == {"new-task"}
     assert (await announce(s, "D", {0: chunk(4242)})).rejected == []
-    with pytest.raises(UnknownTask):
-        await s.blob_mismatch("A", URL_TASK)
 
 
 async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
@@ -430,7 +502,7 @@ async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
     assert await parents(s, "C", 0) == ["B"]
     assert await parents(s, "C", 1) != [] and "A" in await parents(s, "C", 3)
     view = await s.task(TASK)
-    assert view["complete_holders"] == 0 and view["sealed"] is True
+    assert view["complete_holders"] == 0
 
     await s.withdraw(Withdraw(peer_id="A", task_id=TASK, pieces=None))  # the whole task
     assert all("A" not in p["holders"] for p in (await s.task(TASK))["piece_map"])
@@ -638,6 +710,18 @@ async def test_counters_and_state_survive_a_scheduler_restart(redis_h: Harness) 
     assert await parents(again, "C", 0) == ["A"]
     assert (await one(again, "C", 1)).action == "wait"
     assert await again.back_to_source() == 1
+    # What vouches for a map is kept too: one confirmation (a second seals), the resets.
+    await announce(again, "A", range(8), sealed=True)
+    await again.blob_mismatch("D", TASK)
+    await announce(again, "A", range(8), sealed=True)
+    await announce(again, "B", range(8))
+    await again.close()
+    h.stores.remove(again)
+    third = await h.new_store()
+    await third.blob_mismatch("D", TASK)  # within the minute: ignored
+    assert await holders(third, 0) == ["A", "B"]
+    await announce(third, "B", [], sealed=True)
+    assert (await third.task(TASK))["sealed"] is True
 
 
 # -- long polls --------------------------------------------------------------------------------
@@ -814,6 +898,16 @@ async def test_memory_and_redis_give_the_same_answers(redis_server: RedisServer)
         out.append([(p["id"], p["penalised"], p["penalty_reason"], p["tasks"])
                     for p in await s.peers()])
         out.append(await s.tasks())
+        other = "https://other.example"
+        out += await schedule(s, "D", range(4), registry=other)
+        out.append(await announce(s, "D", {0: chunk(0), 5: chunk(55), 22: chunk(22)},
+                                  registry=other))
+        out.append(await announce(s, "A", range(24), sealed=True))
+        out.append(await announce(s, "C", range(24), sealed=True))
+        out.append(await s.task(TASK))
+        await s.blob_mismatch("B", TASK)
+        out.append(await s.task(TASK))
+        out.append([(p["id"], p["penalised"], p["penalty_reason"]) for p in await s.peers()])
         return out
 
     try:
