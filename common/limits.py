@@ -1,8 +1,10 @@
-"""Concurrency limits that serve the most urgent first.
+"""Concurrency limits that serve the most urgent first, and bounds on what one client holds.
 
 `PrioritySlots` is a semaphore whose waiters are admitted by priority (higher first), then in
 arrival order: nydusd's on-demand reads (priority 6) overtake its prefetch (3) and the peer's
-own background prefetch (1) for parent and origin connections.
+own background prefetch (1) for parent and origin connections. `PerAddress` counts what each
+remote address holds against a cap; `Throttle` keeps a repeated log line to one per interval;
+`raise_open_files_limit` lifts the soft descriptor limit to the hard one at start.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
+import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+log = logging.getLogger("naiad.limits")
 ON_DEMAND = 6  # nydusd: X-Dragonfly-Priority for a read a container is blocked on
 PREFETCH = 3  # nydusd: its own prefetch
 DEFAULT = 4  # a client that names no priority (containerd, docker, skopeo pulls)
@@ -118,3 +123,69 @@ class Paced:
 def bucket(rate: int | None) -> TokenBucket | None:
     """A bucket for a `--*-rate` option (None or 0: unlimited)."""
     return TokenBucket(rate) if rate else None
+
+
+class PerAddress:
+    """How many of something (connections) each remote address holds, against a cap."""
+
+    def __init__(self, cap: int) -> None:
+        if cap < 1:
+            raise ValueError("the cap must be at least 1")
+        self.cap = cap
+        self.held: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        n = self.held.get(address, 0)
+        if n >= self.cap:
+            return False
+        self.held[address] = n + 1
+        return True
+
+    def release(self, address: str) -> None:
+        n = self.held.get(address, 0) - 1
+        if n > 0:
+            self.held[address] = n
+        else:
+            self.held.pop(address, None)
+
+
+class Throttle:
+    """At most one event per `interval` seconds: `ready()` answers None while an event would
+    be too soon (counting it), else how many were dropped since the last one that went."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._dropped = 0
+
+    def ready(self) -> int | None:
+        now = self._clock()
+        if now < self._next:
+            self._dropped += 1
+            return None
+        self._next = now + self.interval
+        dropped, self._dropped = self._dropped, 0
+        return dropped
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft RLIMIT_NOFILE raised to the hard one (a socket per client, parent and
+    registry connection; the usual soft default of 1024 is a few hundred slow clients). The
+    limits after the attempt."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _nr_open() if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, e)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)

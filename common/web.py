@@ -1,5 +1,6 @@
 """aiohttp helpers shared by every server: JSON bodies through the wire models, errors as JSON
-with a reason, readiness, files by sendfile, and running an app on a host:port."""
+with a reason, readiness, files by sendfile, and running an app on a host:port with bounds on
+what one client may hold (`ClientLimits`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import BinaryIO, TypeVar
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+
+from common.limits import PerAddress, Throttle
 
 log = logging.getLogger("naiad.http")
 M = TypeVar("M", bound=BaseModel)
@@ -106,23 +110,124 @@ def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client may hold on a server. `header_timeout`: seconds a connection has to
+    send complete request headers, from connecting (TLS handshake included) or from the end
+    of its previous response — idle keep-alive ends there too. `per_address`: connections one
+    remote address may hold at once; the excess is closed at once. On one host every peer
+    shares 127.0.0.1, and a peer keeps up to 32 piece fetches in flight, hence 512."""
+
+    header_timeout: float = 10.0
+    per_address: int = 512
+
+
+ACCEPT_ERROR = "socket.accept() out of system resource"
+REPORT_EVERY = 10.0  # seconds between two log lines about the same kind of refusal
+
+
+class _Counted(asyncio.Protocol):
+    """One connection, counted against its remote address: over the cap it is closed before
+    aiohttp ever sees it; otherwise every event goes to aiohttp's handler."""
+
+    __slots__ = ("_address", "_inner", "_server")
+
+    def __init__(self, inner: asyncio.Protocol, server: Server) -> None:
+        self._inner = inner
+        self._server = server
+        self._address: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else ""
+        if not self._server.connections.admit(address):
+            transport.abort()
+            self._server.refused(address)
+            return
+        self._address = address
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._address is not None:
+            self._server.connections.release(self._address)
+            self._address = None
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Out of descriptors, asyncio logs a traceback for every failed accept() — hundreds per
+    tick, megabytes a second. Keep that to one plain line per REPORT_EVERY seconds."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_accept_errors", False):
+        return
+    throttle = Throttle(REPORT_EVERY)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != ACCEPT_ERROR:
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        dropped = throttle.ready()
+        if dropped is not None:
+            log.warning("accept() failed: %s (%d more like it not logged)",
+                        context.get("exception"), dropped)
+
+    handler.quiets_accept_errors = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
+
+
 class Server:
-    """One aiohttp app bound to one address, with an explicit start/stop."""
+    """One aiohttp app bound to one address, with an explicit start/stop and `ClientLimits`."""
 
     def __init__(self, app: web.Application, listen: str,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 limits: ClientLimits | None = None) -> None:
         self.app = app
         self.host, self.port = split_listen(listen)
         self.ssl_context = ssl_context
+        self.limits = limits or ClientLimits()
+        self.connections = PerAddress(self.limits.per_address)
+        self._refusals = Throttle(REPORT_EVERY)
+        # aiohttp's keep-alive timer runs from the connection's start and from each response's
+        # end, and closes a connection still waiting for a complete request: the header
+        # deadline.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0,
+                                     keepalive_timeout=self.limits.header_timeout)
+        self._listener: asyncio.Server | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
-                           reuse_address=True, backlog=1024)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the real port when asked for port 0
+        loop = asyncio.get_running_loop()
+        quiet_accept_errors(loop)
+        handlers = self._runner.server
+        assert handlers is not None
+        self._listener = await loop.create_server(
+            lambda: _Counted(handlers(), self), self.host, self.port, ssl=self.ssl_context,
+            backlog=1024, reuse_address=True,
+            ssl_handshake_timeout=self.limits.header_timeout if self.ssl_context else None)
+        self.port = self._listener.sockets[0].getsockname()[1]  # the real port for port 0
+
+    def refused(self, address: str) -> None:
+        dropped = self._refusals.ready()
+        if dropped is not None:
+            log.warning("%s: %s already holds %d connections; closed a new one (%d more "
+                        "refusals not logged)", self.address, address,
+                        self.limits.per_address, dropped)
 
     @property
     def address(self) -> str:
@@ -133,4 +238,9 @@ class Server:
         return f"{'https' if self.ssl_context else 'http'}://{self.address}"
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
         await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
