@@ -11,10 +11,11 @@ import logging
 import socket
 import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from common.registries import AllowList, Registry
 from common.tasks import TaskSet
-from common.web import Server
+from common.web import ClientLimits, Server
 from scheduler.api import SchedulerAPI
 from scheduler.liveness import HeartbeatListener
 from scheduler.redis_store import RedisStore
@@ -34,6 +35,8 @@ class SchedulerConfig:
     secret: bytes | None = None
     redis: str | None = None  # redis://host:port/db: state shared by scheduler replicas
     tls: ssl.SSLContext | None = None  # HTTPS on `listen`
+    allow_registries: list[Registry] = field(default_factory=list)  # what preheat may reach
+    limits: ClientLimits | None = None  # per client on `listen` (None: the defaults)
 
 
 class SchedulerService:
@@ -43,8 +46,9 @@ class SchedulerService:
         self.store = store or self._make_store(config)
         self.id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.api = SchedulerAPI(self.store, scheduler_id=self.id, token=config.token,
-                                secret=config.secret)
-        self.server = Server(self.api.app(), config.listen, config.tls)
+                                secret=config.secret,
+                                allow=AllowList(config.allow_registries, owner="scheduler"))
+        self.server = Server(self.api.app(), config.listen, config.tls, config.limits)
         self.udp = HeartbeatListener(self.store, config.udp, config.secret,
                                      self.api.metrics.heartbeats) if config.udp else None
         self._tasks = TaskSet("scheduler")

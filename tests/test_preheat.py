@@ -39,7 +39,7 @@ async def test_preheat_an_image_then_pulls_take_nothing_from_the_registry(
             f"{registry.url}/v2/{repo}/manifests/multi", data=index,
             headers={"Content-Type": "application/vnd.oci.image.index.v1+json"}) as r:
         assert r.status == 201, await r.text()
-    sched = await cluster.scheduler("--token", "op-token")
+    sched = await cluster.scheduler("--token", "op-token", "--allow-registry", origin.url)
     await cluster.peer("seed", sched.url, origin.url, "--seed")
     a, b = await asyncio.gather(cluster.peer("a", sched.url, origin.url),
                                 cluster.peer("b", sched.url, origin.url))
@@ -78,7 +78,9 @@ async def test_preheat_a_url_and_refuse_registries_off_the_seeds_allow_list(
         cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
     blob = b"x" * (3 * MiB + 1)
     digest = await push_blob(registry.url, repo, blob)
-    sched = await cluster.scheduler()
+    # The scheduler may direct seeds at 127.0.0.1:9; the seed's own allow-list still says no.
+    sched = await cluster.scheduler("--allow-registry", origin.url,
+                                    "--allow-registry", "http://127.0.0.1:9")
     seed = await cluster.peer("seed", sched.url, origin.url, "--seed")
     url = f"{origin.url}/v2/{repo}/blobs/{digest}?token=abc"
     rc, out = await _naiad("preheat", "--url", url, "--digest", digest, "--scheduler",
