@@ -14,6 +14,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -34,8 +35,8 @@ def _size_or_none(text: str) -> int | None:
 COMMON = [
     Option("cluster_secret", None, "shared secret peers and schedulers sign requests with"),
     Option("cluster_secret_file", None, "file holding the cluster secret", metavar="FILE"),
-    Option("insecure", False, "allow a non-loopback listener without a cluster secret",
-           switch=True),
+    Option("insecure", False, "run without a cluster secret unless one is given: requests "
+           "unsigned, a non-loopback listener allowed", switch=True),
     Option("tls_cert", None, "certificate (PEM) to serve HTTPS with on --listen", metavar="FILE"),
     Option("tls_key", None, "private key (PEM) of --tls-cert", metavar="FILE"),
     Option("log_format", "text", "text or json"),
@@ -93,8 +94,21 @@ PEER_OPTIONS = [
 ]
 
 
-def _secret(opts: dict[str, Any]) -> bytes | None:
-    return auth.load_secret(opts["cluster_secret"], opts["cluster_secret_file"])
+def _secret(opts: dict[str, Any], *listens: str) -> bytes | None:
+    """--cluster-secret(-file); with neither, the per-user secret the first daemon generates
+    (one host, no flags). That one never reaches another host, so a non-loopback listener
+    needs a secret given, or --insecure, which runs unsigned."""
+    try:
+        given = auth.load_secret(opts["cluster_secret"], opts["cluster_secret_file"])
+        if given is not None or opts["insecure"]:
+            return given
+        exposed = [a for a in listens if not is_loopback(split_listen(a)[0])]
+        if exposed:
+            raise ConfigError(f"{', '.join(exposed)} is not loopback: set --cluster-secret or "
+                              "--cluster-secret-file (or --insecure to run without one)")
+        return auth.user_secret()
+    except auth.SecretError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
@@ -110,13 +124,6 @@ def _tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load --tls-cert {cert} / --tls-key {key}: {e}") from None
     return context
-
-
-def _require_secret(opts: dict[str, Any], secret: bytes | None, *listens: str) -> None:
-    exposed = [a for a in listens if not is_loopback(split_listen(a)[0])]
-    if exposed and secret is None and not opts["insecure"]:
-        raise ConfigError(f"{', '.join(exposed)} is not loopback: set --cluster-secret or "
-                          "--cluster-secret-file (or --insecure to run without one)")
 
 
 async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None:
@@ -140,9 +147,8 @@ async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None
 def cmd_scheduler(opts: dict[str, Any]) -> int:
     from scheduler.server import SchedulerConfig, SchedulerService
 
-    secret = _secret(opts)
     udp = None if opts["udp"] == "off" else opts["udp"]
-    _require_secret(opts, secret, opts["listen"], *([udp] if udp else []))
+    secret = _secret(opts, opts["listen"], *([udp] if udp else []))
     service = SchedulerService(SchedulerConfig(
         listen=opts["listen"], udp=udp, udp_advertise=opts["udp_advertise"],
         heartbeat_interval=opts["heartbeat_interval"],
@@ -159,8 +165,7 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
 def cmd_peer(opts: dict[str, Any]) -> int:
     from peer.daemon import PeerConfig, PeerDaemon
 
-    secret = _secret(opts)
-    _require_secret(opts, secret, opts["listen"], opts["upload"])
+    secret = _secret(opts, opts["listen"], opts["upload"])
     daemon = PeerDaemon(PeerConfig(
         data_dir=opts["data_dir"], schedulers=opts["scheduler"], listen=opts["listen"],
         upload=opts["upload"], registry=opts["registry"],
@@ -189,21 +194,55 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Operator:
+    """`naiad status` and `naiad preheat` as an operator: the token when given, and a signature
+    with --cluster-secret-file (or $NAIAD_CLUSTER_SECRET) or, for a scheduler on this host, the
+    per-user secret the daemons share — so both work with no flags on one host."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.base = args.scheduler.rstrip("/")
+        self.token = args.token
+        try:
+            self.secret = auth.load_secret(os.environ.get("NAIAD_CLUSTER_SECRET"),
+                                           args.cluster_secret_file)
+            if self.secret is None and is_loopback(urlsplit(self.base).hostname or ""):
+                self.secret = auth.user_secret(create=False)
+        except auth.SecretError as e:
+            raise ConfigError(str(e)) from None
+
+    async def call(self, s: aiohttp.ClientSession, method: str, path: str,
+                   body: dict | None = None) -> tuple[int, dict]:
+        """(status, JSON reply) of one call, signed afresh (every signature is good once)."""
+        url = self.base + path
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if self.secret is not None:
+            headers[auth.HEADER] = auth.sign(self.secret, method, urlsplit(url).path, data)
+        async with s.request(method, url, data=data or None, headers=headers) as r:
+            try:
+                reply = await r.json(content_type=None)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
+                reply = {"error": f"HTTP {r.status}, not a JSON object"}
+            return r.status, reply
+
+
 def cmd_preheat(args: argparse.Namespace) -> int:
     """Start a preheat job; wait until every blob is on a seed peer (exit 0) or it fails."""
     body: dict[str, str] = {"url": args.ref} if args.url else {"image": args.ref}
     if args.digest:
         body["digest"] = args.digest
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    base = args.scheduler.rstrip("/")
+    op = _Operator(args)
 
     async def run() -> int:
-        async with aiohttp.ClientSession(headers=headers) as s:
-            async with s.post(f"{base}/api/v1/preheat", json=body) as r:
-                job = await r.json()
-                if r.status >= 400:
-                    print(f"naiad preheat: {job.get('error', r.status)}", file=sys.stderr)
-                    return 1
+        async with aiohttp.ClientSession() as s:
+            status, job = await op.call(s, "POST", "/api/v1/preheat", body)
+            if status >= 400:
+                print(f"naiad preheat: {job.get('error', status)}", file=sys.stderr)
+                return 1
             if args.no_wait:
                 print(job["id"])
                 return 0
@@ -214,8 +253,10 @@ def cmd_preheat(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     return 2
                 await asyncio.sleep(0.5)
-                async with s.get(f"{base}/api/v1/jobs/{job['id']}") as r:
-                    job = await r.json()
+                status, job = await op.call(s, "GET", f"/api/v1/jobs/{job['id']}")
+                if status >= 400:
+                    print(f"naiad preheat: {job.get('error', status)}", file=sys.stderr)
+                    return 1
                 if sys.stderr.isatty():
                     sys.stderr.write(f"\r{job['state']} {100 * job['progress']:5.1f}%")
             if job["state"] != "done":
@@ -235,22 +276,26 @@ def cmd_preheat(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    async def fetch() -> tuple[dict, dict]:
-        base = args.scheduler.rstrip("/")
+    op = _Operator(args)
+
+    async def fetch() -> tuple[dict, dict] | str:
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"{base}/api/v1/stats") as r:
-                r.raise_for_status()
-                stats = await r.json()
-            async with s.get(f"{base}/api/v1/peers") as r:
-                r.raise_for_status()
-                peers = await r.json()
-        return stats, peers
+            replies = [await op.call(s, "GET", path) for path in ("/api/v1/stats",
+                                                                  "/api/v1/peers")]
+        for status, reply in replies:
+            if status != 200:
+                return f"scheduler {args.scheduler} answered {status}: {reply.get('error')}"
+        return replies[0][1], replies[1][1]
 
     try:
-        stats, peers = asyncio.run(fetch())
+        result = asyncio.run(fetch())
     except (aiohttp.ClientError, OSError) as e:
         print(f"naiad status: scheduler {args.scheduler} unreachable: {e}", file=sys.stderr)
         return 1
+    if isinstance(result, str):
+        print(f"naiad status: {result}", file=sys.stderr)
+        return 1
+    stats, peers = result
     if args.json:
         print(json.dumps({"stats": stats, **peers}, indent=2))
         return 0
@@ -262,7 +307,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in peers["peers"]:
         flags = " ".join(f for f, on in (("seed", p["seed"]), ("cordoned", p["cordoned"]),
                                          ("penalised", p["penalised"])) if on)
-        print(f"  {p['id']:<24} {p['upload_addr']:<22} uploads {p['load']['active_uploads']:>3}"
+        # No upload address without a signature or the token (the scheduler keeps it back).
+        print(f"  {p['id']:<24} {p.get('upload_addr', '-'):<22} "
+              f"uploads {p['load']['active_uploads']:>3}"
               f"  heartbeat {p['last_heartbeat_age']:.1f}s ago {flags}")
     return 0
 
@@ -288,6 +335,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(peers=args.peers))
 
 
+def _operator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=os.environ.get("NAIAD_TOKEN"),
+                   help="operator token (default: $NAIAD_TOKEN)")
+    p.add_argument("--cluster-secret-file", default=os.environ.get("NAIAD_CLUSTER_SECRET_FILE"),
+                   metavar="FILE", help="sign with this cluster secret (default: "
+                   "$NAIAD_CLUSTER_SECRET(_FILE), else for a scheduler on this host the "
+                   "per-user secret)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="naiad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", default=None, metavar="sha256:HEX",
                    help="with --url: the file's digest")
     p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
-    p.add_argument("--token", default=os.environ.get("NAIAD_TOKEN"),
-                   help="operator token (default: $NAIAD_TOKEN)")
+    _operator_options(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and exit")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS")
     p = sub.add_parser("status", help="cluster summary")
     p.add_argument("--scheduler", default="http://127.0.0.1:8002", metavar="URL")
+    _operator_options(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p = sub.add_parser("check-store", help="re-hash every chunk of a stopped peer's store, "
                        "dropping those that fail (exit 1 if any did)")

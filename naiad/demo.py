@@ -1,11 +1,15 @@
 """`naiad demo`: a whole cluster on loopback in one process (a sample registry, a scheduler,
-several peers), every blob pulled through every peer at once, and what the backbone saved."""
+several peers), every blob pulled through every peer at once, and what the backbone saved.
+
+Its daemons share a secret of their own, made for the run: every internal call is signed, as in
+a real cluster, and nothing is written outside the run's temporary directory."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,13 +50,14 @@ async def run_demo(peers: int = 4, sizes: tuple[int, ...] = (8 * MiB, 24 * MiB),
         registry = SampleRegistry()
         digests = [registry.add(os.urandom(size)) for size in sizes]
         await registry.start()
+        secret = secrets.token_hex(32).encode()
         scheduler = SchedulerService(SchedulerConfig(listen="127.0.0.1:0", udp="127.0.0.1:0",
-                                                     heartbeat_interval=1.0))
+                                                     heartbeat_interval=1.0, secret=secret))
         await scheduler.start()
         daemons = [PeerDaemon(PeerConfig(
             data_dir=os.path.join(workdir, f"peer-{i}"), schedulers=[scheduler.url],
             listen="127.0.0.1:0", upload="127.0.0.1:0", registry=registry.url,
-            peer_id=f"demo-peer-{i}")) for i in range(1, peers + 1)]
+            peer_id=f"demo-peer-{i}", secret=secret)) for i in range(1, peers + 1)]
         started: list[PeerDaemon] = []
         try:
             for d in daemons:

@@ -47,7 +47,8 @@ class UploadServer:
     def app(self) -> web.Application:
         app = request_ids(web.Application(middlewares=[
             errors_as_json,
-            auth.require_secret(self.secret, lambda r: r.path.startswith("/chunks/"))]))
+            auth.authenticate(auth.Verifier(self.secret) if self.secret is not None else None,
+                              lambda r: r.path.startswith("/chunks/"))]))
         app.router.add_get("/chunks/{chunk}", self.chunk)
         app.router.add_get("/healthy", healthy)
         return app

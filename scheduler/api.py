@@ -1,13 +1,17 @@
 """The scheduler's HTTP API: thin handlers that parse a wire model, call the store, answer JSON.
 
-Internal calls (peers registering, announcing, asking for parents) need the cluster secret when
-one is set; mutating operator calls need `Authorization: Bearer <token>` when `--token` is set.
+Internal calls (peers registering, announcing, asking for parents) need the cluster secret's
+signature when one is set. Mutating operator calls need `Authorization: Bearer <token>` when
+`--token` is set, else a signature (`naiad status` and `naiad preheat` sign with the per-user
+secret); they are open only with neither a token nor a secret (`--insecure`). The views show
+what could reassemble a private blob or leak a credential (chunk ids, holders, leases, upload
+addresses, preheat URLs and errors) only to a signed caller or the operator token; others get
+the summary the console shows.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import time
 from importlib import resources
@@ -81,6 +85,7 @@ class SchedulerAPI:
         self.udp_addr = udp_addr
         self.token = token
         self.secret = secret
+        self._verifier = auth.Verifier(secret) if secret is not None else None
         self._snapshot: dict[str, int] = {"origin": 0, "peer": 0, "local": 0, "served": 0,
                                           "uploaded": 0}
         self.metrics = SchedulerMetrics(lambda: self._snapshot, self._ratio)
@@ -94,7 +99,7 @@ class SchedulerAPI:
         app = request_ids(web.Application(
             client_max_size=4 << 20,
             middlewares=[errors_as_json, store_unavailable,
-                         auth.require_secret(self.secret, self._internal)]))
+                         auth.authenticate(self._verifier, self._internal)]))
         r = app.router
         r.add_post(f"{API}/peers", self.register)
         r.add_get(f"{API}/peers", self.list_peers)
@@ -130,11 +135,25 @@ class SchedulerAPI:
         return (request.method, canonical) in INTERNAL
 
     def _operator(self, request: web.Request) -> None:
-        if self.token is None:
-            return
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise RequestError(401, "operator token required: Authorization: Bearer <token>")
+        """Mutating operator calls: the token when there is one, else a member's signature."""
+        if self.token is not None:
+            if not auth.bearer_matches(request.headers.get("Authorization"), self.token):
+                raise RequestError(401, "operator token required: Authorization: Bearer "
+                                        "<token>")
+        elif not auth.is_member(request):
+            raise RequestError(401, f"operator call: sign it with the cluster secret "
+                                    f"({auth.HEADER}; naiad status and preheat do) or start "
+                                    f"the scheduler with --token")
+
+    def _privileged(self, request: web.Request) -> bool:
+        """May this caller see chunk ids, holders, addresses and URLs? A signed caller or the
+        operator token; a wrong token is refused rather than quietly given less."""
+        given = request.headers.get("Authorization")
+        if self.token is not None and given is not None:
+            if not auth.bearer_matches(given, self.token):
+                raise RequestError(401, "wrong operator token")
+            return True
+        return auth.is_member(request)
 
     @staticmethod
     async def _call(coro):
@@ -207,14 +226,17 @@ class SchedulerAPI:
 
     # -- operators -------------------------------------------------------------------------
 
-    async def list_peers(self, _: web.Request) -> web.Response:
-        return web.json_response({"peers": await self.store.peers()})
+    async def list_peers(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
+        return web.json_response({"peers": [p if full else _public_peer(p)
+                                            for p in await self.store.peers()]})
 
     async def get_peer(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
         peer = await self.store.peer(request.match_info["peer_id"])
         if peer is None:
             raise RequestError(404, f"unknown peer {request.match_info['peer_id']}")
-        return web.json_response(peer)
+        return web.json_response(peer if full else _public_peer(peer))
 
     async def cordon(self, request: web.Request) -> web.Response:
         self._operator(request)
@@ -226,14 +248,17 @@ class SchedulerAPI:
         await self._call(self.store.uncordon(request.match_info["peer_id"]))
         return web.json_response({"uncordoned": request.match_info["peer_id"]})
 
-    async def list_tasks(self, _: web.Request) -> web.Response:
-        return web.json_response({"tasks": await self.store.tasks()})
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
+        return web.json_response({"tasks": [t if full else _public_task(t)
+                                            for t in await self.store.tasks()]})
 
     async def get_task(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
         task = await self.store.task(request.match_info["task_id"])
         if task is None:
             raise RequestError(404, f"unknown task {request.match_info['task_id']}")
-        return web.json_response(task)
+        return web.json_response(task if full else _public_task(task))
 
     async def stats(self, _: web.Request) -> web.Response:
         counters = await self.store.counters()
@@ -283,15 +308,19 @@ class SchedulerAPI:
         seeds = await self._seeds() if jobs else set()
         return [await self.jobs.refresh(j, self.store.task, seeds) for j in jobs]
 
-    async def list_jobs(self, _: web.Request) -> web.Response:
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
         jobs = await self._refreshed(list(self.jobs.jobs.values()))
-        return web.json_response({"jobs": [j.view() for j in jobs]})
+        return web.json_response({"jobs": [j.view() if full else _public_job(j.view())
+                                           for j in jobs]})
 
     async def get_job(self, request: web.Request) -> web.Response:
+        full = self._privileged(request)
         job = self.jobs.jobs.get(request.match_info["job_id"])
         if job is None:
             raise RequestError(404, f"unknown job {request.match_info['job_id']}")
-        return web.json_response((await self._refreshed([job]))[0].view())
+        view = (await self._refreshed([job]))[0].view()
+        return web.json_response(view if full else _public_job(view))
 
     async def work(self, request: web.Request) -> web.Response:
         """What a seed peer should fetch for the running preheat jobs."""
@@ -319,6 +348,28 @@ class SchedulerAPI:
         self.metrics.peers.set(len(await self.store.peers()))
         self.metrics.tasks.set(len(await self.store.tasks()))
         return await metrics_handler(self.metrics.registry)(request)
+
+
+# What an unsigned caller is not shown: enough to reassemble a private blob from the upload
+# ports (chunk ids, holders, addresses), or a preheat URL's credentials and what preheat reached.
+PRIVATE_PEER = frozenset({"upload_addr"})
+PRIVATE_TASK = frozenset({"piece_map", "leases"})
+PRIVATE_JOB = frozenset({"target", "error"})
+PRIVATE_JOB_ITEM = frozenset({"url"})
+
+
+def _public_peer(view: dict) -> dict:
+    return {k: v for k, v in view.items() if k not in PRIVATE_PEER}
+
+
+def _public_task(view: dict) -> dict:
+    return {k: v for k, v in view.items() if k not in PRIVATE_TASK}
+
+
+def _public_job(view: dict) -> dict:
+    return {**{k: v for k, v in view.items() if k not in PRIVATE_JOB},
+            "items": [{k: v for k, v in i.items() if k not in PRIVATE_JOB_ITEM}
+                      for i in view.get("items", [])]}
 
 
 CONSOLE_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}

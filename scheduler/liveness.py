@@ -1,18 +1,21 @@
 """Peer liveness over UDP: heartbeat datagrams (common/datagram.py) in, `ok` or `unknown` out.
 
 Anything that does not decode (random bytes, oversized, a bad or missing signature, a stale
-timestamp) is dropped without an answer; a well-formed heartbeat from a peer the store does not
-know is answered `unknown`, which makes the peer register again.
+timestamp) or repeats a nonce already accepted (a replay) is dropped without an answer; a
+well-formed heartbeat from a peer the store does not know is answered `unknown`, which makes the
+peer register again. The nonces are this process's: see `auth.Verifier`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import asyncio_dgram
 from prometheus_client import Counter
 
-from common import datagram
+from common import auth, datagram
+from common.models import Heartbeat
 from common.web import join_hostport, split_listen
 from scheduler.state import UnknownPeer
 from scheduler.store import Store
@@ -26,6 +29,8 @@ class HeartbeatListener:
         self.host, self.port = split_listen(listen)
         self.store = store
         self.secret = secret
+        # Unsigned datagrams (no secret) can be forged at will: replays are no extra harm.
+        self.nonces = auth.NonceCache() if secret is not None else None
         self._counts = {result: heartbeats.labels("udp", result)
                         for result in ("accepted", "unknown", "dropped")}
         self._stream: asyncio_dgram.DatagramServer | None = None
@@ -46,8 +51,8 @@ class HeartbeatListener:
             except asyncio_dgram.TransportClosed:
                 return
             try:
-                peer_id, hb = datagram.decode(data, self.secret)
-            except datagram.DatagramError as e:
+                peer_id, hb = self._accept(data)
+            except (datagram.DatagramError, auth.AuthError) as e:
                 self._counts["dropped"].inc()
                 log.debug("dropped a datagram from %s: %s", addr, e)
                 continue
@@ -62,6 +67,13 @@ class HeartbeatListener:
                 continue
             self._counts["accepted"].inc()
             await self._answer(datagram.ACK_OK, addr)
+
+    def _accept(self, data: bytes) -> tuple[str, Heartbeat]:
+        now = time.time()
+        beat = datagram.decode(data, self.secret, now)
+        if self.nonces is not None:
+            self.nonces.admit(beat.nonce, beat.ts, now)
+        return beat.peer_id, beat.heartbeat
 
     async def _answer(self, ack: bytes, addr: tuple[str, int]) -> None:
         assert self._stream is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from common import models as m
 
@@ -21,9 +21,12 @@ class Error(_View):
     error: str
 
 
+MEMBERS_ONLY = "only for a signed caller or the operator token"
+
+
 class PeerView(_View):
     id: str
-    upload_addr: str
+    upload_addr: str = Field("", description=MEMBERS_ONLY)
     idc: str
     location: str
     seed: bool
@@ -69,8 +72,8 @@ class TaskSummary(_View):
 
 
 class TaskDetail(TaskSummary):
-    piece_map: list[PieceView]
-    leases: list[LeaseView]
+    piece_map: list[PieceView] = Field(default_factory=list, description=MEMBERS_ONLY)
+    leases: list[LeaseView] = Field(default_factory=list, description=MEMBERS_ONLY)
 
 
 class TaskList(_View):
@@ -95,7 +98,7 @@ class Stats(_View):
 
 class JobItem(_View):
     task_id: str
-    url: str
+    url: str = Field("", description=MEMBERS_ONLY)
     size: int | None
     held_by: list[str]
     pieces: int
@@ -104,9 +107,9 @@ class JobItem(_View):
 
 class JobView(_View):
     id: str
-    target: str
+    target: str = Field("", description=MEMBERS_ONLY)
     state: str
-    error: str | None
+    error: str | None = Field(None, description=MEMBERS_ONLY)
     progress: float
     created: float
     finished: float | None
@@ -208,10 +211,13 @@ def document() -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {
                 "operatorToken": {"type": "http", "scheme": "bearer",
-                                  "description": "required when the scheduler has --token"},
+                                  "description": "operator calls need it when the scheduler "
+                                                 "has --token"},
                 "clusterSecret": {"type": "apiKey", "in": "header", "name": "X-Naiad-Auth",
-                                  "description": "HMAC of time, method, path and body under "
-                                                 "the cluster secret, when one is set"},
+                                  "description": "<ts>.<nonce>.<hmac> of time, nonce, method, "
+                                                 "path and body under the cluster secret, "
+                                                 "good once; operator calls take it when "
+                                                 "there is no --token"},
             },
         },
     }

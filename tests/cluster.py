@@ -21,6 +21,8 @@ from pathlib import Path
 
 import aiohttp
 
+from common import auth
+
 # Ports below Linux's ephemeral range (32768+), so outgoing connections never take them.
 _ports = itertools.count(random.Random(os.getpid()).randrange(20000, 28000, 100))
 
@@ -312,6 +314,36 @@ async def wait_registered_peer(scheduler: str, peer_id: str, seconds: float = 20
                       ) as r:
             return r.status == 200
     await until(registered, seconds, f"peer {peer_id} registered at {scheduler}")
+
+
+def member_secret() -> bytes:
+    """The per-user cluster secret this test's daemons share: conftest points XDG_CONFIG_HOME
+    at a directory of the test's own, and the first daemon started generated it there."""
+    secret = auth.user_secret(create=False)
+    assert secret is not None, "no daemon has generated the per-user secret yet"
+    return secret
+
+
+def signed(method: str, url: str, body: bytes = b"", secret: bytes | None = None
+           ) -> dict[str, str]:
+    """The X-Naiad-Auth header a member would send with this request (good once)."""
+    from yarl import URL
+
+    return {auth.HEADER: auth.sign(secret or member_secret(), method, URL(url).path, body)}
+
+
+def member_session(secret: bytes | None = None, **kwargs: object) -> aiohttp.ClientSession:
+    """A client session that signs every request like a member of the cluster (the per-user
+    secret unless given): what the scheduler's full views and the upload ports need."""
+
+    async def sign(request: aiohttp.ClientRequest,
+                   handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+        body = request.body
+        raw = await body.as_bytes() if not isinstance(body, bytes) else body
+        request.headers.update(signed(request.method, str(request.url), raw, secret))
+        return await handler(request)
+
+    return aiohttp.ClientSession(middlewares=(sign,), **kwargs)
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -32,6 +32,19 @@ def _wait_sync(url: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture(autouse=True)
+def user_config(tmp_path_factory: pytest.TempPathFactory,
+                monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config directory of this test's own: the per-user cluster secret the daemons it starts
+    generate and share (common/auth.py) lands there, never in the real home, and each test's
+    cluster has a secret of its own. Spawned daemons inherit it through the environment."""
+    config = tmp_path_factory.mktemp("config")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    for name in ("NAIAD_CLUSTER_SECRET", "NAIAD_CLUSTER_SECRET_FILE", "NAIAD_INSECURE"):
+        monkeypatch.delenv(name, raising=False)
+    return config
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """One real docker-registry for the session; tests use their own repositories."""

@@ -9,7 +9,15 @@ import time
 
 import aiohttp
 
-from tests.cluster import Cluster, CountingProxy, Registry, metric, push_blob, until
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    member_session,
+    metric,
+    push_blob,
+    until,
+)
 
 MiB = 1 << 20
 INTERVAL = 0.5  # tests/cluster.py starts schedulers with --heartbeat-interval 0.5
@@ -39,9 +47,9 @@ async def test_killed_peer_expires_within_three_intervals_and_is_never_handed_ou
     took = time.monotonic() - killed
     # Expired after 3 silent intervals, noticed by an expiry pass every half interval.
     assert took <= 3 * INTERVAL + INTERVAL / 2 + 0.5, f"{took:.2f} s"
+    async with member_session() as m, m.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
+        task = await r.json()
     async with aiohttp.ClientSession() as s:
-        async with s.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
-            task = await r.json()
         assert all("a" not in p["holders"] for p in task["piece_map"])
         async with s.get(f"{b.url}/v2/{repo}/blobs/{digest}") as r:
             assert await r.read() == blob

@@ -75,9 +75,12 @@ HB = Heartbeat(load=PeerLoad(active_uploads=2, upload_rate=1.5, free_disk=10**12
 
 @pytest.mark.parametrize("secret", [None, b"s3cret"])
 def test_datagram_round_trip(secret: bytes | None) -> None:
-    data = datagram.encode("peer-1", HB, secret, now=1000)
+    data = datagram.encode("peer-1", HB, secret, now=1000, nonce="ab" * 16)
     assert len(data) <= datagram.MAX_DATAGRAM
-    assert datagram.decode(data, secret, now=1000) == ("peer-1", HB)
+    assert datagram.decode(data, secret, now=1000) == ("peer-1", HB, 1000, "ab" * 16)
+    # Every datagram has a nonce of its own, inside the signature: a replay is recognisable.
+    again = datagram.encode("peer-1", HB, secret, now=1000)
+    assert datagram.decode(again, secret, now=1000).nonce not in ("ab" * 16, "")
 
 
 def test_datagram_refusals() -> None:
@@ -88,6 +91,7 @@ def test_datagram_refusals() -> None:
         payload + b"\n",  # unsigned, secret expected
         datagram.encode("peer-1", HB, b"other", now=1000),  # signed with another secret
         good.replace(b'"peer-1"', b'"peer-2"'),  # spoofed id: signature breaks
+        good.replace(b'"n":"', b'"n":"0'),  # another nonce: signature breaks
         b"x" * (datagram.MAX_DATAGRAM + 1),
         b"",
     ]
@@ -97,9 +101,15 @@ def test_datagram_refusals() -> None:
     with pytest.raises(datagram.DatagramError):
         datagram.decode(good, b"k", now=1000 + datagram.MAX_SKEW_SECONDS + 1)
     unsigned = datagram.encode("peer-1", HB, None, now=1000)
-    for payload in (b"[1,2]", b'{"v":2}', b'{"v":1,"id":"../x","ts":1000,"hb":{}}',
-                    b'{"v":1,"id":"p","ts":true,"hb":{}}',
-                    b'{"v":1,"id":"p","ts":1000,"hb":{"load":{"active_uploads":-1}}}',
+    n = '"n":"' + "ab" * 16 + '"'
+    for payload in (b"[1,2]", b'{"v":2}', b'{"v":2,"id":"../x","ts":1000,"hb":{}}',
+                    b'{"v":2,"id":"p","ts":true,"hb":{}}',
+                    f'{{"v":2,"id":"p","ts":1000,{n},"hb":{{"load":{{"active_uploads":-1}}}}}}'
+                    .encode(),
+                    b'{"v":1,"id":"p","ts":1000,"hb":{}}',  # before nonces: refused
+                    b'{"v":2,"id":"p","ts":1000,"hb":{}}',  # no nonce
+                    b'{"v":2,"id":"p","ts":1000,"n":"xyz","hb":{}}',
+                    b'{"v":2,"id":"p","ts":1000,"n":7,"hb":{}}',
                     b"\xff\xfe"):
         with pytest.raises(datagram.DatagramError):
             datagram.decode(payload + b"\n", None, now=1000)
