@@ -21,8 +21,10 @@ import aiohttp
 from common import auth
 from common import log as logsetup
 from common.config import ConfigError, Option, add_options, resolve
+from common.limits import raise_open_files_limit
+from common.registries import Registry, UpstreamRefused
 from common.sizes import format_size, parse_size
-from common.web import is_loopback, split_listen
+from common.web import ClientLimits, is_loopback, split_listen
 
 log = logging.getLogger("naiad")
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -39,6 +41,11 @@ COMMON = [
            "unsigned, a non-loopback listener allowed", switch=True),
     Option("tls_cert", None, "certificate (PEM) to serve HTTPS with on --listen", metavar="FILE"),
     Option("tls_key", None, "private key (PEM) of --tls-cert", metavar="FILE"),
+    Option("header_timeout", 10.0, "seconds a client has to send its request headers, from "
+           "connecting or from its previous response (idle keep-alive ends there too)",
+           type=float, metavar="SECONDS"),
+    Option("connections_per_address", 512, "connections one remote address may hold on each "
+           "listener; more are closed at once", type=int, metavar="N"),
     Option("log_format", "text", "text or json"),
     Option("log_level", "info", "debug, info, warning or error"),
 ]
@@ -48,7 +55,10 @@ SCHEDULER_OPTIONS = [
            metavar="HOST:PORT"),
     Option("udp_advertise", None, "UDP address peers send heartbeats to, if not --udp",
            metavar="HOST:PORT"),
-    Option("token", None, "bearer token required by mutating operator calls"),
+    Option("token", None, "bearer token required by mutating operator calls; a --listen "
+           "beyond loopback needs one (or --insecure)"),
+    Option("allow_registry", [], "registry preheat may reach (repeatable, as a peer's "
+           "--allow-registry); none: preheat is refused", repeat=True, metavar="URL"),
     Option("heartbeat_interval", 2.0, "seconds between peer heartbeats; 3 missed expire a peer",
            type=float, metavar="SECONDS"),
     Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
@@ -126,8 +136,32 @@ def _tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
     return context
 
 
+def _require_token(opts: dict[str, Any]) -> None:
+    """Operator calls reach cordon and preheat: beyond loopback they need a token."""
+    if not is_loopback(split_listen(opts["listen"])[0]) and not opts["token"] \
+            and not opts["insecure"]:
+        raise ConfigError(f"{opts['listen']} is not loopback: set --token (or --insecure to "
+                          "run the operator API without one)")
+
+
+def _allow_registries(opts: dict[str, Any]) -> list[Registry]:
+    try:
+        return [Registry.parse(u) for u in opts["allow_registry"]]
+    except UpstreamRefused as e:
+        raise ConfigError(f"--allow-registry: {e}") from None
+
+
+def _client_limits(opts: dict[str, Any]) -> ClientLimits:
+    if opts["header_timeout"] <= 0 or opts["connections_per_address"] < 1:
+        raise ConfigError("--header-timeout must be positive and --connections-per-address "
+                          "at least 1")
+    return ClientLimits(header_timeout=opts["header_timeout"],
+                        per_address=opts["connections_per_address"])
+
+
 async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None:
     """Run until SIGTERM (drain for up to 10 s) or SIGINT (drain for up to 2 s)."""
+    raise_open_files_limit()  # a socket per client: the soft default is a few hundred
     loop = asyncio.get_running_loop()
     stopping: asyncio.Future[float] = loop.create_future()
     for sig, drain in ((signal.SIGTERM, 10.0), (signal.SIGINT, 2.0)):
@@ -149,11 +183,13 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
 
     udp = None if opts["udp"] == "off" else opts["udp"]
     secret = _secret(opts, opts["listen"], *([udp] if udp else []))
+    _require_token(opts)
     service = SchedulerService(SchedulerConfig(
         listen=opts["listen"], udp=udp, udp_advertise=opts["udp_advertise"],
         heartbeat_interval=opts["heartbeat_interval"],
         lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
-        redis=opts["redis"], tls=_tls(opts)))
+        redis=opts["redis"], tls=_tls(opts), allow_registries=_allow_registries(opts),
+        limits=_client_limits(opts)))
 
     async def stop(_: float) -> None:
         await service.stop()
@@ -176,7 +212,8 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
         disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"],
         upload_rate=opts["upload_rate"], download_rate=opts["download_rate"],
-        origin_rate=opts["origin_rate"], secret=secret, tls=_tls(opts)))
+        origin_rate=opts["origin_rate"], secret=secret, tls=_tls(opts),
+        limits=_client_limits(opts)))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 

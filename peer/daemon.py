@@ -19,7 +19,7 @@ from common.limits import bucket
 from common.metrics import SOURCES, PeerMetrics
 from common.models import Heartbeat, PeerCounters, PeerLoad, PeerRegistration
 from common.tasks import TaskSet
-from common.web import Server, split_listen
+from common.web import ClientLimits, Server, split_listen
 from peer.engine import Engine
 from peer.mirror import AccessCache, Mirror
 from peer.origin import OriginClient
@@ -61,6 +61,7 @@ class PeerConfig:
     download_rate: int | None = None  # bytes/s from other peers
     origin_rate: int | None = None  # bytes/s from origins
     secret: bytes | None = None
+    limits: ClientLimits | None = None  # per client on both ports (None: the defaults)
 
 
 def _unspecified(host: str) -> bool:
@@ -98,7 +99,7 @@ class PeerDaemon:
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
         self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret,
                                    rate=bucket(c.upload_rate))
-        self.upload_server = Server(self.upload.app(), c.upload)
+        self.upload_server = Server(self.upload.app(), c.upload, limits=c.limits)
         await self.upload_server.start()
         registration = PeerRegistration(
             id=c.peer_id, upload_addr=self._advertised(), idc=c.idc, location=c.location,
@@ -118,7 +119,7 @@ class PeerDaemon:
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)
         self.mirror = mirror
-        self.mirror_server = Server(mirror.app(), c.listen, c.tls)
+        self.mirror_server = Server(mirror.app(), c.listen, c.tls, c.limits)
         await self.mirror_server.start()
         await self.scheduler.start()
         self.metrics.cache_bytes.set(self.store.cache_bytes())

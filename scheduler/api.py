@@ -16,11 +16,10 @@ import logging
 import time
 from importlib import resources
 
-import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from common import auth, oci
+from common import auth
 from common.log import request_ids
 from common.metrics import SchedulerMetrics, metrics_handler
 from common.models import (
@@ -40,6 +39,7 @@ from common.models import (
     WorkItem,
     split_hostport,
 )
+from common.registries import AllowList
 from common.web import (
     Handler,
     RequestError,
@@ -79,7 +79,8 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
 
 class SchedulerAPI:
     def __init__(self, store: Store, *, scheduler_id: str, udp_addr: str | None = None,
-                 token: str | None = None, secret: bytes | None = None) -> None:
+                 token: str | None = None, secret: bytes | None = None,
+                 allow: AllowList | None = None) -> None:
         self.store = store
         self.scheduler_id = scheduler_id
         self.udp_addr = udp_addr
@@ -89,6 +90,7 @@ class SchedulerAPI:
         self._snapshot: dict[str, int] = {"origin": 0, "peer": 0, "local": 0, "served": 0,
                                           "uploaded": 0}
         self.metrics = SchedulerMetrics(lambda: self._snapshot, self._ratio)
+        self.allow = allow or AllowList([], owner="scheduler")  # what preheat may reach
         self.jobs = preheat.JobBook()
 
     def _ratio(self) -> float:
@@ -280,23 +282,11 @@ class SchedulerAPI:
         req = await parse_body(request, PreheatRequest)
         if (req.image is None) == (req.url is None):
             raise RequestError(400, 'give exactly one of "image" or "url"')
-        try:
-            if req.image is not None:
-                oci.parse_reference(req.image)
-                target, image = req.image, req.image
-
-                async def resolve() -> list[preheat.Item]:
-                    async with aiohttp.ClientSession(
-                            timeout=aiohttp.ClientTimeout(total=60)) as s:
-                        return await preheat.resolve_image(s, image)
-            else:
-                item = preheat.url_item(req.url, req.digest)
-                target = req.url
-
-                async def resolve() -> list[preheat.Item]:
-                    return [item]
-        except (ValueError, preheat.PreheatError) as e:
-            raise RequestError(400, str(e)) from None
+        # Refused here (4xx) unless on --allow-registry; 429 when too many jobs are under way.
+        if req.image is not None:
+            target, resolve = req.image, preheat.image_resolver(req.image, self.allow)
+        else:
+            target, resolve = req.url, preheat.url_resolver(req.url, req.digest, self.allow)
         job = self.jobs.create(target, resolve)
         return web.json_response(job.view(), status=202)
 
