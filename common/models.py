@@ -37,7 +37,8 @@ def valid_peer_id(value: str) -> bool:
 
 
 def split_hostport(value: str) -> tuple[str, int]:
-    m = _HOSTPORT_RE.match(value)
+    """`host:port`, or an upload address `https://host:port` (its upload port speaks TLS)."""
+    m = _HOSTPORT_RE.match(value.removeprefix("https://"))
     if not m or not 0 < int(m.group(2)) < 65536:
         raise ValueError(f"not host:port: {value[:100]!r}")
     return m.group(1).strip("[]"), int(m.group(2))
@@ -45,7 +46,8 @@ def split_hostport(value: str) -> tuple[str, int]:
 
 class PeerRegistration(Model):
     id: PeerId
-    upload_addr: str = Field(description="host:port other peers dial for chunks")
+    upload_addr: str = Field(description="host:port other peers dial for chunks (plain HTTP), "
+                                         "or https://host:port for a TLS upload port")
     idc: Label = ""
     location: Label = Field("", description="a|b|c, most general first")
     upload_slots: int = Field(8, ge=1, le=4096)

@@ -34,12 +34,17 @@ def _size_or_none(text: str) -> int | None:
     return parse_size(text) if text else None
 
 
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text else None
+
+
 COMMON = [
     Option("cluster_secret", None, "shared secret peers and schedulers sign requests with"),
     Option("cluster_secret_file", None, "file holding the cluster secret", metavar="FILE"),
     Option("insecure", False, "run without a cluster secret unless one is given: requests "
            "unsigned, a non-loopback listener allowed", switch=True),
-    Option("tls_cert", None, "certificate (PEM) to serve HTTPS with on --listen", metavar="FILE"),
+    Option("tls_cert", None, "certificate (PEM) to serve HTTPS with on --listen (a peer: on "
+           "--upload too, and its client certificate to other peers)", metavar="FILE"),
     Option("tls_key", None, "private key (PEM) of --tls-cert", metavar="FILE"),
     Option("header_timeout", 10.0, "seconds a client has to send its request headers, from "
            "connecting or from its previous response (idle keep-alive ends there too)",
@@ -84,6 +89,14 @@ PEER_OPTIONS = [
     Option("piece_size", None, "piece size proposed for new tasks", type=_size_or_none,
            metavar="SIZE"),
     Option("upload_slots", 8, "concurrent uploads to other peers", type=int, metavar="N"),
+    Option("upload_slots_per_address", None, "concurrent uploads to one remote address "
+           "(default: half of --upload-slots, at least 1)", type=_int_or_none, metavar="N"),
+    Option("upload_min_rate", 64 << 10, "bytes/s a child must read an upload at; one slower "
+           "for about 5 s is cut off and its slot freed (0: never)", type=parse_size,
+           metavar="SIZE"),
+    Option("tls_ca", None, "CA certificates (PEM) other peers' https upload ports are verified "
+           "against (default: the system store); with --tls-cert, the upload port also "
+           "requires client certificates it signed (mutual TLS)", metavar="FILE"),
     Option("origin_concurrency", 4, "concurrent origin requests per registry", type=int,
            metavar="N"),
     Option("no_verify_on_serve", False, "do not re-hash stored chunks served to clients",
@@ -133,6 +146,34 @@ def _tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load --tls-cert {cert} / --tls-key {key}: {e}") from None
+    return context
+
+
+def _upload_tls(opts: dict[str, Any]) -> ssl.SSLContext | None:
+    """The upload port's server context: that of --tls-cert, asking for and verifying client
+    certificates against --tls-ca when it is given."""
+    context = _tls(opts)
+    if context is not None and opts["tls_ca"]:
+        _load_ca(context, opts["tls_ca"])
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _peer_tls(opts: dict[str, Any]) -> ssl.SSLContext:
+    """How this peer dials https parents: their certificate verified against --tls-ca only
+    (else the system store), presenting --tls-cert as its client certificate when it has one."""
+    context = _load_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), opts["tls_ca"]) \
+        if opts["tls_ca"] else ssl.create_default_context()
+    if opts["tls_cert"] and opts["tls_key"]:
+        context.load_cert_chain(opts["tls_cert"], opts["tls_key"])  # checked by _tls already
+    return context
+
+
+def _load_ca(context: ssl.SSLContext, ca: str) -> ssl.SSLContext:
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load --tls-ca {ca}: {e}") from None
     return context
 
 
@@ -209,11 +250,13 @@ def cmd_peer(opts: dict[str, Any]) -> int:
         idc=opts["idc"], location=opts["location"], seed=opts["seed"],
         advertise=opts["advertise"], piece_size=opts["piece_size"],
         upload_slots=opts["upload_slots"], origin_concurrency=opts["origin_concurrency"],
+        upload_slots_per_address=opts["upload_slots_per_address"],
+        upload_min_rate=opts["upload_min_rate"],
         verify_on_serve=not opts["no_verify_on_serve"], prefetch=not opts["no_prefetch"],
         disk_quota=opts["disk_quota"], scrub_rate=opts["scrub_rate"],
         upload_rate=opts["upload_rate"], download_rate=opts["download_rate"],
         origin_rate=opts["origin_rate"], secret=secret, tls=_tls(opts),
-        limits=_client_limits(opts)))
+        upload_tls=_upload_tls(opts), peer_tls=_peer_tls(opts), limits=_client_limits(opts)))
     asyncio.run(_serve(daemon.start, daemon.stop))
     return 0
 

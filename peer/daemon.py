@@ -28,7 +28,7 @@ from peer.scheduler_client import SchedulerClient
 from peer.scrub import Scrubber
 from peer.seed import Seeder
 from peer.store import ChunkStore
-from peer.upload import UploadServer
+from peer.upload import MIN_RATE, UploadServer
 from peer.upstream import AllowList, Registry
 
 log = logging.getLogger("naiad.peer")
@@ -49,14 +49,18 @@ class PeerConfig:
     advertise: str | None = None
     piece_size: int | None = None
     upload_slots: int = 8
+    upload_slots_per_address: int | None = None  # None: half of upload_slots, at least 1
+    upload_min_rate: int | None = MIN_RATE  # bytes/s a child must read at; None or 0: no minimum
     origin_concurrency: int = 4
     verify_on_serve: bool = True
     prefetch: bool = True
     disk_quota: int | None = None
     scrub_rate: int = 16 << 20  # bytes/s; 0 turns the scrubber off
-    # HTTPS on the mirror port. The upload port stays HTTP: chunks are verified by their id
-    # and, with a cluster secret, every read is signed.
-    tls: ssl.SSLContext | None = None
+    tls: ssl.SSLContext | None = None  # HTTPS on the mirror port
+    # TLS on the upload port (registered as https://host:port); it may require client
+    # certificates (--tls-ca), unlike the mirror, whose clients are container runtimes.
+    upload_tls: ssl.SSLContext | None = None
+    peer_tls: ssl.SSLContext | None = None  # dialling https parents: trust and client cert
     upload_rate: int | None = None  # bytes/s to other peers; None: unlimited
     download_rate: int | None = None  # bytes/s from other peers
     origin_rate: int | None = None  # bytes/s from origins
@@ -98,8 +102,10 @@ class PeerDaemon:
         self._peer_session = aiohttp.ClientSession(  # chunks may arrive zstd: peer/wire.py
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
         self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret,
-                                   rate=bucket(c.upload_rate))
-        self.upload_server = Server(self.upload.app(), c.upload, limits=c.limits)
+                                   rate=bucket(c.upload_rate),
+                                   per_address=c.upload_slots_per_address,
+                                   min_rate=c.upload_min_rate)
+        self.upload_server = Server(self.upload.app(), c.upload, c.upload_tls, c.limits)
         await self.upload_server.start()
         registration = PeerRegistration(
             id=c.peer_id, upload_addr=self._advertised(), idc=c.idc, location=c.location,
@@ -110,7 +116,8 @@ class PeerDaemon:
                               allowed=self.allow.__contains__, rate=bucket(c.origin_rate))
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
-            parents=ParentClient(self._peer_session, c.secret, rate=bucket(c.download_rate)),
+            parents=ParentClient(self._peer_session, c.secret, rate=bucket(c.download_rate),
+                                 tls=c.peer_tls),
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
@@ -136,13 +143,15 @@ class PeerDaemon:
                  registration.upload_addr)
 
     def _advertised(self) -> str:
+        """The upload address registered for other peers to dial; `https://` says it is TLS."""
+        scheme = "https://" if self.config.upload_tls else ""
         if self.config.advertise:
-            return self.config.advertise
+            return scheme + self.config.advertise.removeprefix("https://")
         host, port = split_listen(self.upload_server.address)
         if _unspecified(host):
             host = socket.gethostbyname(socket.gethostname())
         host = f"[{host}]" if ":" in host else host
-        return f"{host}:{self.upload_server.port or port}"
+        return f"{scheme}{host}:{self.upload_server.port or port}"
 
     def _heartbeat(self) -> Heartbeat:
         r = self.metrics.registry

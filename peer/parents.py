@@ -8,6 +8,7 @@ missing or truncated). Verifying the bytes is the engine's job, in one place.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import aiohttp
 
@@ -28,8 +29,12 @@ class ParentError(Exception):
 class ParentClient:
     def __init__(self, session: aiohttp.ClientSession, secret: bytes | None = None,
                  stall_seconds: float = STALL_SECONDS, compress: bool = True,
-                 rate: TokenBucket | None = None) -> None:
+                 rate: TokenBucket | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.session = session
+        # How `https://` parents are verified (--tls-ca, else the system store) and the client
+        # certificate this peer presents to them (--tls-cert).
+        self.tls: ssl.SSLContext | bool = tls if tls is not None else True
         self.rate = rate  # --download-rate: bytes from other peers
         self.compress = compress
         self.secret = secret
@@ -44,8 +49,8 @@ class ParentClient:
         if self.secret is not None:
             headers[auth.HEADER] = auth.sign(self.secret, "GET", path)
         try:
-            async with self.session.get(f"http://{addr}{path}", headers=headers,
-                                        timeout=self.timeout) as resp:
+            async with self.session.get(f"{upload_url(addr)}{path}", headers=headers,
+                                        timeout=self.timeout, ssl=self.tls) as resp:
                 if resp.status == 503:
                     raise ParentError("busy", f"{addr} has no free upload slot")
                 if resp.status != 200:
@@ -69,6 +74,12 @@ class ParentClient:
         if len(data) != size:
             raise ParentError("failed", f"{addr} sent {len(data)} of {size} bytes")
         return data
+
+
+def upload_url(addr: str) -> str:
+    """The base URL of a registered upload address: `https://host:port` as given (a TLS upload
+    port), `host:port` over plain HTTP (peers before TLS, or without certificates)."""
+    return addr if addr.startswith("https://") else f"http://{addr}"
 
 
 async def _read_at_most(stream: Paced, limit: int) -> bytes:

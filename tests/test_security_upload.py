@@ -1,0 +1,182 @@
+"""Finding 8: upload slots held by clients that never read. An upload that falls below the
+minimum send rate (64 KiB/s for about 5 s) is cut off and its slot freed, and one remote address
+holds at most half the slots; the rest answer 503 busy at once. Attacks run against live peers
+from other loopback addresses (127.0.0.2, ...), with the bytes a neighbour pulls checked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from common import auth, ids
+from peer.upload import STALL_WINDOW, SendDeadline
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Node,
+    Registry,
+    metric,
+    pull_digest,
+    push_blob,
+    until,
+)
+
+MiB = 1 << 20
+PIECE = 4 * MiB  # far more than a non-reading client's socket buffers take in
+SECRET = "upload slots are for readers"
+
+
+def test_deadline_moves_with_what_is_sent() -> None:
+    d = SendDeadline(min_rate=1000, window=5.0, now=0.0)
+    assert d.at == 5.0
+    d.sent(2000, now=1.0)  # 2 s earned, capped at a window ahead of now
+    assert d.at == 6.0
+    d.sent(100_000, now=2.0)  # reading fast earns no more than a window of credit
+    assert d.at == 7.0
+    d.paused(3.0)  # our own --upload-rate wait is not the child's fault
+    assert d.at == 10.0
+    slow = SendDeadline(min_rate=1000, window=5.0, now=0.0)
+    for t in range(1, 20):  # 500 bytes/s: half the minimum runs out
+        slow.sent(500, now=float(t))
+        if slow.at < t:
+            break
+    assert slow.at < 20.0 and t < 20
+
+
+class Stalled:
+    """A client that asks for a chunk and never reads the body: a tiny receive buffer, bound
+    to its own loopback address."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, port: int, chunk: str, source: str) -> Stalled:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        path = f"/chunks/{chunk}"
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                   f"{auth.HEADER}: {auth.sign(SECRET.encode(), 'GET', path)}\r\n\r\n")
+        await loop.sock_sendall(sock, request.encode())
+        return cls(sock)
+
+    async def status(self) -> int:
+        """The status line's code: reads 12 bytes, no more."""
+        got = b""
+        while len(got) < 12:
+            part = await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(self.sock, 12 - len(got)), 10)
+            assert part, "closed before a status line"
+            got += part
+        return int(got[9:12])
+
+    async def rest(self) -> int:
+        """Everything still readable until the server closes or resets; how many bytes."""
+        total = 0
+        with contextlib.suppress(ConnectionResetError):
+            while part := await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(self.sock, 1 << 16), 10):
+                total += len(part)
+        return total
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _cut_off(node: Node, n: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the peer has logged at least n uploads cut off below the minimum rate."""
+    async def logged() -> bool:
+        return node.proc.logs().count("cut off: below") >= n
+    return logged
+
+
+async def _holder(cluster: Cluster, registry: Registry, origin: CountingProxy,
+                  repo: str) -> tuple[Node, bytes, str, list[str]]:
+    """A scheduler and a peer holding a three-piece blob, and the blob's chunk ids."""
+    blob = os.urandom(3 * PIECE)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler("--cluster-secret", SECRET)
+    a = await cluster.peer("a", sched.url, origin.url, "--cluster-secret", SECRET,
+                           "--piece-size", "4MiB")
+    assert await pull_digest(f"{a.url}/v2/{repo}/blobs/{digest}") == digest
+    chunks = [ids.chunk_id(blob[k:k + PIECE]) for k in range(0, len(blob), PIECE)]
+    return a, blob, digest, chunks
+
+
+async def _neighbour_pull(cluster: Cluster, a: Node, origin: CountingProxy, repo: str,
+                          digest: str) -> tuple[float, float]:
+    """A second peer pulls the blob: how long it took, and how many bytes came from peers."""
+    b = await cluster.peer("b", a.extra["scheduler"], origin.url, "--cluster-secret", SECRET)
+    started = time.monotonic()
+    assert await pull_digest(f"{b.url}/v2/{repo}/blobs/{digest}") == digest
+    took = time.monotonic() - started
+    return took, await metric(b.url, "naiad_peer_download_bytes_total", {"source": "peer"})
+
+
+async def test_one_address_holds_at_most_half_the_slots(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    a, blob, digest, chunks = await _holder(cluster, registry, origin, repo)
+    # 8 stalled requests from one address: the default per-address cap is 4 of the 8 slots.
+    stalled = [await Stalled.open(a.extra["upload"], chunks[0], "127.0.0.2") for _ in range(8)]
+    try:
+        codes = [await s.status() for s in stalled]
+        assert sorted(codes) == [200] * 4 + [503] * 4, codes
+        # A neighbour on another address still gets its pieces from a, without waiting for
+        # the stalled uploads to be cut off.
+        took, from_peers = await _neighbour_pull(cluster, a, origin, repo, digest)
+        assert from_peers == len(blob)
+        assert took < STALL_WINDOW, took
+        # The four held uploads are cut off within a few windows, short of the whole chunk.
+        await until(_cut_off(a, 4), 3 * STALL_WINDOW, "stalled uploads cut off")
+        held = [s for s, code in zip(stalled, codes, strict=True) if code == 200]
+        for s in held:
+            assert await s.rest() < PIECE
+    finally:
+        for s in stalled:
+            s.close()
+
+
+async def test_stalled_uploads_free_every_slot(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str) -> None:
+    a, blob, digest, chunks = await _holder(cluster, registry, origin, repo)
+    # Eight addresses, one stalled request each: every one of the 8 slots is taken.
+    stalled = [await Stalled.open(a.extra["upload"], chunks[k % 3], f"127.0.0.{2 + k}")
+               for k in range(8)]
+    extra = None
+    try:
+        assert [await s.status() for s in stalled] == [200] * 8
+        extra = await Stalled.open(a.extra["upload"], chunks[1], "127.0.0.20")
+        assert await extra.status() == 503
+        started = time.monotonic()
+        # The neighbour's pieces wait on busy parents, not the origin: the slots come free
+        # when the stalled uploads are cut off, about a window after they stopped moving
+        # (not the 20-40 s the attack held them before).
+        took, from_peers = await _neighbour_pull(cluster, a, origin, repo, digest)
+        assert from_peers == len(blob)
+        assert time.monotonic() - started < 3 * STALL_WINDOW, took
+        await until(_cut_off(a, 8), 3 * STALL_WINDOW, "stalled uploads cut off")
+        for s in stalled:
+            assert await s.rest() < PIECE
+    finally:
+        for s in stalled + ([extra] if extra else []):
+            s.close()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_aliases() -> None:
+    """The attacks bind to 127.0.0.x: Linux routes all of 127/8 to lo."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            pytest.skip("127.0.0.2 is not usable here")
