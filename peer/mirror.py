@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import time
@@ -29,7 +28,7 @@ from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_ran
 from common.tasks import consume_exception
 from common.web import Handler, bodiless, error, errors_as_json, healthy, send_file
 from peer.engine import Engine
-from peer.origin import OriginClient, OriginError, OriginRequest, Probe
+from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
 from peer.proxy import passthrough, tunnel
 from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
 
@@ -68,8 +67,9 @@ class AccessCache:
 
     @staticmethod
     def key(req: OriginRequest, scope: str) -> tuple[str, ...]:
-        cred = hashlib.sha256((req.authorization or "").encode()).hexdigest()
-        return cred, req.registry, scope
+        """An answer is bound to its evidence: the credential, the registry that was asked,
+        and the scope (repository@digest, or a URL with its signature)."""
+        return credential_key(req.authorization), req.registry, scope
 
     async def probe(self, req: OriginRequest, scope: str) -> Probe:
         key = self.key(req, scope)
@@ -210,13 +210,21 @@ class Mirror:
             return error(400, "url must be an absolute http(s) URL")
         if parts.username or parts.password or "@" in parts.netloc:
             return error(400, "url must not carry userinfo")
-        if parts.netloc not in self.allow:
-            return error(403, f"{parts.netloc} is not on this peer's allow-list")
+        try:
+            registry = self.allow.registry_for_host(parts.netloc)
+        except UpstreamRefused as e:
+            return error(403, str(e))
+        if parts.scheme != registry.scheme:
+            # The allow-list entry says how to reach the host: never credentials in clear.
+            return error(403, f"{registry.host} is allow-listed as {registry.base}: "
+                              f"use {registry.scheme}, not {parts.scheme}")
         if digest is not None and not ids.is_blob_digest(digest):
             return error(400, f"invalid digest {digest[:100]!r}")
-        req = OriginRequest(url=url, registry=f"{parts.scheme}://{parts.netloc.lower()}",
+        req = OriginRequest(url=url, registry=registry.base,
                             authorization=request.headers.get("Authorization"))
-        return await self._serve(request, req, scope=ids.strip_signature(url),
+        # Access is asked for this exact URL, signature included (a presigned URL is its own
+        # credential); only the task id, which names the bytes, drops the signature.
+        return await self._serve(request, req, scope=url,
                                  task_id=ids.task_id_for_url(url), digest=None, expect=digest)
 
     @staticmethod
