@@ -157,13 +157,18 @@ async def test_a_parent_the_ca_does_not_vouch_for_gets_no_trust(
             s.get(f"{a.url}/v2/{repo}/blobs/{digest}", ssl=cluster.ssl) as r:
         assert r.status == 200 and await r.read() == blob
     # d trusts ca: its pieces come from a. c trusts only another CA: it takes nothing from a
-    # and gets the exact bytes from the origin.
+    # and gets the exact bytes from the origin (d, a plain-HTTP holder, has left by then).
     d = await cluster.peer("d", sched.url, origin.url, "--tls-ca", str(ca.cert))
     assert await pull_digest(f"{d.url}/v2/{repo}/blobs/{digest}") == digest
     assert await metric(d.url, "naiad_peer_download_bytes_total",
                         {"source": "peer"}) == len(blob)
+    assert d.proc.stop() == 0  # SIGTERM: it leaves the scheduler
     c = await cluster.peer("c", sched.url, origin.url, "--tls-ca", str(stranger.cert))
-    assert await pull_digest(f"{c.url}/v2/{repo}/blobs/{digest}") == digest
+    async with aiohttp.ClientSession() as s, s.get(f"{c.url}/v2/{repo}/blobs/{digest}") as r:
+        assert r.status == 200 and await r.read() == blob
+    # c was sent to a and refused it (its report is what marks a), not merely never sent.
+    async with member_session() as s, s.get(f"{sched.url}/api/v1/peers/a") as r:
+        assert (await r.json())["penalty_reason"] == "failed"
     assert await metric(c.url, "naiad_peer_download_bytes_total", {"source": "peer"}) == 0
     assert await metric(c.url, "naiad_peer_download_bytes_total",
                         {"source": "origin"}) == len(blob)
