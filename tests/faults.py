@@ -10,7 +10,7 @@ from aiohttp import web
 
 from common import ids
 from common.pieces import PieceLayout, default_piece_size
-from tests.cluster import free_port
+from tests.cluster import free_port, member_session
 
 
 class FakePeer:
@@ -22,7 +22,7 @@ class FakePeer:
         self.port = port
 
     async def __aenter__(self) -> FakePeer:
-        self.session = aiohttp.ClientSession()
+        self.session = member_session()  # a member: the daemons' per-user secret
         await self.post("/peers", {"id": self.id, "upload_addr": f"127.0.0.1:{self.port}"})
         self.heartbeats = asyncio.create_task(self._heartbeat())
         return self
@@ -73,7 +73,7 @@ class CorruptParent:
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.session = aiohttp.ClientSession()
+        self.session = member_session()  # a member gone bad: it knows the secret
         for i in range(self.layout.count):
             start, size = self.layout.span(i)
             piece = self.blob[start:start + size]

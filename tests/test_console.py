@@ -17,7 +17,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.cluster import Cluster, CountingProxy, Registry, fetch, pull_digest, push_blob, until
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    fetch,
+    member_session,
+    pull_digest,
+    push_blob,
+    until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE = ROOT / "scheduler" / "console"
@@ -130,8 +139,8 @@ async def test_console_shows_every_peer_and_the_saving_the_api_reports(
     await until(reported, 20, "the task sealed and every served byte reported")
     stats = await _stats(sched.url)
     assert stats["savings_ratio"] > 0.5, stats
-    async with aiohttp.ClientSession() as s, \
-            s.delete(f"{sched.url}/api/v1/peers/console-peer-2") as r:  # cordon one
+    async with member_session() as s, \
+            s.delete(f"{sched.url}/api/v1/peers/console-peer-2") as r:  # cordon one (signed)
         assert r.status == 200, await r.text()
 
     dom = Dom(await chromium(f"{sched.url}/", "--dump-dom"))

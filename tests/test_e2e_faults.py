@@ -17,6 +17,7 @@ from tests.cluster import (
     CountingProxy,
     Registry,
     free_port,
+    member_session,
     metric,
     push_blob,
     until,
@@ -76,7 +77,7 @@ async def test_pulls_succeed_without_scheduler_and_it_relearns_on_return(
     await wait_registered_peer(sched_url, "lonely")
 
     async def announced() -> bool:
-        async with aiohttp.ClientSession() as s, \
+        async with member_session() as s, \
                 s.get(f"{sched_url}/api/v1/tasks/{digest}") as r:
             if r.status != 200:
                 return False

@@ -14,7 +14,16 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster import Cluster, CountingProxy, Registry, pull_digest, push_blob, spawn, until
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    member_session,
+    pull_digest,
+    push_blob,
+    spawn,
+    until,
+)
 from tests.test_store_behaviour import RedisServer
 
 MiB = 1 << 20
@@ -39,7 +48,7 @@ async def redis_url(redis_server_e2e: RedisServer) -> AsyncIterator[str]:
 
 
 async def _pieces_held(scheduler: str, task_id: str) -> int:
-    async with aiohttp.ClientSession() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
+    async with member_session() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
         if r.status != 200:
             return 0
         view = await r.json()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.cluster import Cluster, CountingProxy, Registry, metric, push_blob, until
+from tests.cluster import Cluster, CountingProxy, Registry, member_session, metric, push_blob, until
 
 MiB = 1 << 20
 
@@ -24,7 +24,7 @@ async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[bytes, 
 
 async def _held_pieces(scheduler: str, task_id: str, peer_id: str, count: int) -> bool:
     """Whether the scheduler lists `peer_id` as the holder of exactly `count` pieces."""
-    async with aiohttp.ClientSession() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
+    async with member_session() as s, s.get(f"{scheduler}/api/v1/tasks/{task_id}") as r:
         task = await r.json()
     return sum(peer_id in p["holders"] for p in task["piece_map"]) == count
 

@@ -17,7 +17,16 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.cluster import Cluster, CountingProxy, Node, Registry, free_port, push_blob
+from common import auth
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Node,
+    Registry,
+    free_port,
+    member_secret,
+    push_blob,
+)
 
 MiB = 1 << 20
 FUZZ_EXAMPLES = int(os.environ.get("NAIAD_FUZZ_EXAMPLES", "300"))
@@ -268,6 +277,7 @@ _FIELDS = ["id", "peer_id", "task_id", "pieces", "index", "chunk", "length", "pi
 async def test_scheduler_json_bodies(target: tuple) -> None:
     _, sched, _, _ = target
     port = _port(sched)
+    secret = member_secret()  # signed as a member: the bodies reach validation, not a 401
 
     @given(path=st.sampled_from([
         "/api/v1/peers", "/api/v1/peers/p/heartbeat", "/api/v1/peers/p/leave",
@@ -280,6 +290,7 @@ async def test_scheduler_json_bodies(target: tuple) -> None:
     def fuzz(path: str, body: object) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"{auth.HEADER}: {auth.sign(secret, 'POST', path, raw)}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
                 ).encode() + raw
         status, text = raw_request_sync(port, head)

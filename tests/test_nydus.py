@@ -13,6 +13,7 @@ from tests.cluster import (
     Cluster,
     CountingProxy,
     Registry,
+    member_session,
     metric,
     push_blob,
     self_signed_cert,
@@ -122,7 +123,7 @@ async def test_cold_range_read_fetches_only_its_pieces_then_prefetch_fills_in(
             assert await r.read() == blob[20000000:20000100]
 
     async def eager_holds_everything() -> bool:
-        async with aiohttp.ClientSession() as s, \
+        async with member_session() as s, \
                 s.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
             task = await r.json()
         return sum("eager" in p["holders"] for p in task["piece_map"]) == task["pieces"]

@@ -15,7 +15,7 @@ from referencing.jsonschema import DRAFT202012
 from scheduler.api import SchedulerAPI
 from scheduler.openapi import document
 from scheduler.store import MemoryStore
-from tests.cluster import Cluster, CountingProxy, Registry, push_blob
+from tests.cluster import Cluster, CountingProxy, Registry, member_session, push_blob
 from tests.images import push_image
 
 MiB = 1 << 20
@@ -50,17 +50,17 @@ async def test_live_responses_match_the_document(
     blob = os.urandom(2 * MiB)
     digest = await push_blob(registry.url, repo, blob)
     await push_image(registry.url, repo, "v1", [MiB])
-    sched = await cluster.scheduler()
+    sched = await cluster.scheduler("--allow-registry", origin.url)
     a, _ = await asyncio.gather(cluster.peer("a", sched.url, origin.url, "--seed"),
                                 cluster.peer("b", sched.url, origin.url))
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession() as s, member_session() as member:
         async with s.get(f"{a.url}/v2/{repo}/blobs/{digest}") as r:
             assert await r.read() == blob
         async with s.get(f"{sched.url}/api/v1/openapi.json") as r:
             spec = await r.json()
         assert spec["openapi"].startswith("3.1")
-        async with s.post(f"{sched.url}/api/v1/preheat",
-                          json={"image": f"http://{origin.host}/{repo}:v1"}) as r:
+        async with member.post(f"{sched.url}/api/v1/preheat",  # an operator call: signed
+                               json={"image": f"http://{origin.host}/{repo}:v1"}) as r:
             assert r.status == 202
             job = await r.json()
             _validator(spec, _response_schema(spec, "/api/v1/preheat", "post")).validate(job)
@@ -70,8 +70,9 @@ async def test_live_responses_match_the_document(
                   (f"/api/v1/tasks/{digest}", "/api/v1/tasks/{task_id}"),
                   ("/api/v1/stats", "/api/v1/stats"), ("/api/v1/jobs", "/api/v1/jobs"),
                   (f"/api/v1/jobs/{job['id']}", "/api/v1/jobs/{job_id}")]
-        for url, path in checks:
-            async with s.get(sched.url + url) as r:
+        # Both shapes: the summary anyone gets, and the full view of a signed caller.
+        for (url, path), client in [(c, client) for c in checks for client in (s, member)]:
+            async with client.get(sched.url + url) as r:
                 assert r.status == 200, url
                 body = await r.json()
             _validator(spec, _response_schema(spec, path, "get")).validate(body)
