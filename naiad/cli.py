@@ -282,17 +282,28 @@ class _Operator:
     def __init__(self, args: argparse.Namespace) -> None:
         self.base = args.scheduler.rstrip("/")
         self.token = args.token
+        self.guessed = False  # the per-user secret: perhaps not the one this scheduler has
         try:
             self.secret = auth.load_secret(os.environ.get("NAIAD_CLUSTER_SECRET"),
                                            args.cluster_secret_file)
             if self.secret is None and is_loopback(urlsplit(self.base).hostname or ""):
                 self.secret = auth.user_secret(create=False)
+                self.guessed = self.secret is not None
         except auth.SecretError as e:
             raise ConfigError(str(e)) from None
 
     async def call(self, s: aiohttp.ClientSession, method: str, path: str,
                    body: dict | None = None) -> tuple[int, dict]:
-        """(status, JSON reply) of one call, signed afresh (every signature is good once)."""
+        """(status, JSON reply) of one call, signed afresh (every signature is good once). A
+        read the guessed secret got refused is read again unsigned: the summary views."""
+        status, reply = await self._once(s, method, path, body)
+        if status == 401 and self.guessed and method == "GET":
+            self.secret = None
+            status, reply = await self._once(s, method, path, body)
+        return status, reply
+
+    async def _once(self, s: aiohttp.ClientSession, method: str, path: str,
+                    body: dict | None) -> tuple[int, dict]:
         url = self.base + path
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}

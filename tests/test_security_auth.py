@@ -361,8 +361,8 @@ async def _run(*args: str, seconds: float = 30) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def test_naiad_status_needs_no_flags_on_one_host(cluster: Cluster,
-                                                       registry: Registry) -> None:
+async def test_naiad_status_needs_no_flags_on_one_host(cluster: Cluster, registry: Registry,
+                                                       tmp_path: Path) -> None:
     sched = await cluster.scheduler()
     a = await cluster.peer("a", sched.url, registry.url)
     rc, out = await _run(*naiad("status", "--scheduler", sched.url, "--json"))
@@ -372,6 +372,21 @@ async def test_naiad_status_needs_no_flags_on_one_host(cluster: Cluster,
     assert [p["upload_addr"] for p in peers] == [f"127.0.0.1:{a.extra['upload']}"]
     rc, out = await _run(*naiad("status", "--scheduler", sched.url))
     assert rc == 0 and f"127.0.0.1:{a.extra['upload']}" in out, out
+
+    # A scheduler on this host with a secret of its own: the per-user one is refused, so
+    # status shows the summary; given the right secret file, everything.
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("another secret")
+    other = await cluster.scheduler("--cluster-secret-file", str(secret_file), name="other")
+    b = await cluster.peer("b", other.url, registry.url, "--cluster-secret-file",
+                           str(secret_file))
+    rc, out = await _run(*naiad("status", "--scheduler", other.url, "--json"))
+    assert rc == 0, out
+    assert [p["id"] for p in json.loads(out)["peers"]] == ["b"]
+    assert "upload_addr" not in json.loads(out)["peers"][0]
+    rc, out = await _run(*naiad("status", "--scheduler", other.url, "--cluster-secret-file",
+                                str(secret_file)))
+    assert rc == 0 and f"127.0.0.1:{b.extra['upload']}" in out, out
 
 
 async def test_a_secret_open_to_others_stops_start_up_with_one_line(user_config: Path) -> None:
