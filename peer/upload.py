@@ -72,12 +72,11 @@ class UploadServer:
         self.rate = rate  # --upload-rate: bytes to other peers
         self.per_address = per_address or per_address_default(slots)
         self.min_rate = min_rate or None  # None or 0: no minimum
-        # sendfile in slices a child at min_rate drains in half a window: the deadline is
-        # checked between slices (a whole chunk in one call would have no checkpoint).
+        # sendfile in slices a child at min_rate drains in half a window, so progress earns
+        # deadline credit as it goes (one call for a whole chunk reports progress only at its end).
         self._slice = max(PACED_SLICE, int(self.min_rate * STALL_WINDOW / 2)) \
             if self.min_rate else 0
-        self.by_address: Counter[str] = Counter()
-        self.cut_off = 0  # uploads aborted below min_rate
+        self.by_address: Counter[str] = Counter()  # uploads in flight by remote address
         self.compress = compress
         self._packing: dict[str, asyncio.Future[Path | None]] = {}
         self.metrics = metrics
@@ -151,7 +150,6 @@ class UploadServer:
             _cut_off(request)
             return resp
         if not sent:
-            self.cut_off += 1
             log.info("upload of %s to %s cut off: below %s/s for %.0f s", chunk,
                      request.remote, format_size(self.min_rate or 0), STALL_WINDOW)
             _cut_off(request)

@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from common import auth, ids
@@ -26,6 +29,7 @@ from tests.cluster import (
     push_blob,
     until,
 )
+from tests.test_tls import CertAuthority
 
 MiB = 1 << 20
 PIECE = 4 * MiB  # far more than a non-reading client's socket buffers take in
@@ -170,6 +174,47 @@ async def test_stalled_uploads_free_every_slot(
     finally:
         for s in stalled + ([extra] if extra else []):
             s.close()
+
+
+async def test_stalled_uploads_over_tls_are_cut_off_too(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        tmp_path: Path) -> None:
+    """Over TLS the chunk is written, not sent by sendfile: the same deadline holds."""
+    ca = CertAuthority(tmp_path / "ca")
+    cluster.ssl = ca.client()
+    blob = os.urandom(PIECE)
+    digest = await push_blob(registry.url, repo, blob)
+    sched = await cluster.scheduler("--cluster-secret", SECRET)
+    a = await cluster.peer("a", sched.url, origin.url, "--cluster-secret", SECRET,
+                           "--piece-size", "4MiB", tls=ca.leaf("a"))
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"{a.url}/v2/{repo}/blobs/{digest}", ssl=cluster.ssl) as r:
+        assert await r.read() == blob
+    path = f"/chunks/{ids.chunk_id(blob)}"
+    streams = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind(("127.0.0.2", 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", a.extra["upload"]))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=ca.client(),
+                                                       server_hostname="127.0.0.1")
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth.HEADER}: "
+                     f"{auth.sign(SECRET.encode(), 'GET', path)}\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        streams.append((reader, writer))  # and never read again
+    try:
+        await until(_cut_off(a, 2), 3 * STALL_WINDOW, "stalled TLS uploads cut off")
+        for reader, _ in streams:
+            got = 0
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                while part := await asyncio.wait_for(reader.read(1 << 16), 10):
+                    got += len(part)
+            assert got < PIECE
+    finally:
+        for _, writer in streams:
+            writer.close()
 
 
 @pytest.fixture(autouse=True)
