@@ -75,6 +75,35 @@ class BlobCorrupt(Exception):
     """The assembled blob does not match its digest."""
 
 
+class LengthConflict(OriginError):
+    """The origin gives a blob this peer verified against its digest another length."""
+
+
+class _Sha256:
+    """A whole-blob sha256 computed beside the stream: each update runs in a worker thread
+    (hashlib releases the GIL), in order, at most one piece behind the stream."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pending: asyncio.Task[None] | None = None
+
+    async def update(self, data: bytes) -> None:
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.create_task(asyncio.to_thread(self._hash.update, data))
+        self._pending.add_done_callback(consume_exception)
+
+    async def digest(self) -> str:
+        if self._pending is not None:
+            await self._pending
+            self._pending = None
+        return ids.SHA256_PREFIX + self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
 @dataclass
 class OriginRun:
     """One ranged origin request covering pieces first..last."""
@@ -87,11 +116,17 @@ class OriginRun:
 
 @dataclass
 class TaskRun:
-    """What the engine knows about one task while this process runs."""
+    """What the engine knows about one task while this process runs.
+
+    `origin`: the registry the run fetches from (and announces its pieces as coming from),
+    with the latest credentials one of its clients gave. `direct`: a read for a client of
+    another registry while this peer has not proven the blob: straight from that registry,
+    neither stored nor shared."""
 
     meta: TaskMeta
     origin: OriginRequest
     have: dict[int, str]
+    direct: bool = False
     inflight: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     decided: dict[int, asyncio.Future[tuple[str, str | None]]] = field(default_factory=dict)
     known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
@@ -139,11 +174,12 @@ class DecisionBatcher:
     """
 
     def __init__(self, client: SchedulerClient, task_id: str, tasks: TaskSet,
-                 priority_of: Callable[[int], int]) -> None:
+                 priority_of: Callable[[int], int], registry: Callable[[], str]) -> None:
         self.client = client
         self.task_id = task_id
         self.tasks = tasks
         self.priority_of = priority_of
+        self.registry = registry
         self._unsent: dict[int, _Ask] = {}
         self._flush_scheduled = False
 
@@ -174,7 +210,7 @@ class DecisionBatcher:
         try:
             decisions = await self.client.schedule(
                 self.task_id, list(batch), exclude,
-                int(ON_DEMAND_WAIT * 1000) if urgent else LONG_POLL_MS)
+                int(ON_DEMAND_WAIT * 1000) if urgent else LONG_POLL_MS, self.registry())
         except (SchedulerUnavailable, SchedulerRefused) as e:
             for ask in batch.values():
                 if not ask.fut.done():
@@ -242,11 +278,10 @@ class Engine:
         else (no scheduler) the default every peer computes alike."""
         run = self.runs.get(task_id)
         if run is not None and run.meta.length == length:
-            run.origin = origin  # the latest client's credentials
-            return run
+            return self._for_client(run, origin)
         pending = self._opening.get(task_id)
         if pending is not None:
-            return await asyncio.shield(pending)
+            return self._for_client(await asyncio.shield(pending), origin)
         fut: asyncio.Future[TaskRun] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(consume_exception)
         self._opening[task_id] = fut
@@ -260,19 +295,42 @@ class Engine:
         finally:
             del self._opening[task_id]
 
+    def _for_client(self, run: TaskRun, origin: OriginRequest) -> TaskRun:
+        """The run a client of `origin.registry` reads. A client of the run's own registry
+        refreshes its credentials (the newest token is the likeliest to work); a client of
+        another registry never changes where the run fetches from. Bytes fetched from one
+        registry reach another's clients only once this peer has proven the blob's sha256:
+        until then such a client reads its own registry directly."""
+        if origin.registry == run.origin.registry:
+            run.origin = origin
+            return run
+        if run.meta.sealed:
+            return run
+        if not run.have and not run.busy:  # nothing here from the other registry: rebind
+            run.origin = origin
+            return run
+        return TaskRun(meta=run.meta, origin=origin, have={}, direct=True)
+
     async def _open(self, task_id: str, length: int, digest: str | None,
                     origin: OriginRequest) -> TaskRun:
         meta = self.store.task(task_id)
         if meta is not None and meta.length != length:
+            if meta.sealed:
+                # Its digest fixes the content, and this copy matched it: the origin is wrong.
+                raise LengthConflict(f"{task_id} is {meta.length} bytes (verified here), "
+                                     f"but {origin.registry} says {length}")
             log.warning("task %s changed length (%d, now %d): dropping the local copy",
                         task_id, meta.length, length)
             self.store.drop_task(task_id)
+            self.scheduler.withdraw(task_id, None)
             meta = None
         if meta is None:
             request = TaskRequest(task_id=task_id, length=length, piece_size=self.piece_size,
                                   digest=digest)
             try:
-                meta = await self.scheduler.ensure_task(request)
+                # The scheduler's `sealed` is advice: proven here only once hashed here.
+                meta = (await self.scheduler.ensure_task(request)).model_copy(
+                    update={"sealed": False})
             except (SchedulerUnavailable, SchedulerRefused) as e:
                 log.info("task %s without the scheduler: %s", task_id, e)
                 meta = TaskMeta(task_id=task_id, length=length,
@@ -281,7 +339,8 @@ class Engine:
             self.store.put_task(meta)
         run = TaskRun(meta=meta, origin=origin, have=self.store.pieces(task_id))
         run.batcher = DecisionBatcher(self.scheduler, task_id, self.tasks,
-                                      lambda i: run.priority.get(i, DEFAULT))
+                                      lambda i: run.priority.get(i, DEFAULT),
+                                      lambda: run.origin.registry)
         self.runs[task_id] = run
         return run
 
@@ -518,7 +577,7 @@ class Engine:
         if not await self._store(run, index, chunk, data):
             return
         run.have[index] = chunk
-        self.scheduler.announce(run.task_id, index, chunk)
+        self.scheduler.announce(run.task_id, index, chunk, run.origin.registry)
         self._maybe_seal(run)
 
     def _maybe_seal(self, run: TaskRun) -> None:
@@ -608,7 +667,7 @@ class Engine:
             return
         run.meta = run.meta.model_copy(update={"sealed": True})
         self.store.mark_sealed(run.task_id)
-        self.scheduler.sealed(run.task_id)
+        self.scheduler.sealed(run.task_id, run.origin.registry)
         log.info("task %s assembled and verified", run.task_id)
 
     def _corrupt_blob(self, run: TaskRun) -> None:
@@ -619,7 +678,7 @@ class Engine:
         self.store.put_task(run.meta)
         run.have.clear()
         run.sealing = False
-        self.scheduler.blob_mismatch(run.task_id)
+        self.scheduler.blob_mismatch(run.task_id, run.origin.registry)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -630,6 +689,8 @@ class Engine:
         """Start fetching the first pieces of a read and say where they come from."""
         if run.meta.length == 0:
             return Plan("local", ())
+        if run.direct:
+            return Plan("origin", ("other-registry",))
         pieces = list(run.layout.covering(rng.start, rng.end))[: self._window(run)]
         sources: set[str] = set()
         reasons: list[str] = []
@@ -666,8 +727,11 @@ class Engine:
         if run.meta.length == 0:
             return
         with self._reading(run):
-            async for view in self._read(run, rng, expect, priority):
-                yield view
+            views = self._read_direct(run, rng, expect, priority) if run.direct \
+                else self._read(run, rng, expect, priority)
+            async with contextlib.aclosing(views):
+                async for view in views:
+                    yield view
 
     @contextlib.contextmanager
     def _reading(self, run: TaskRun) -> Iterator[None]:
@@ -715,8 +779,8 @@ class Engine:
         pieces = list(layout.covering(rng.start, rng.end))
         window = self._window(run)
         whole = rng.start == 0 and rng.end == run.meta.length - 1
-        proven = run.meta.sealed and expect == run.meta.digest
-        hasher = hashlib.sha256() if whole and expect and not proven else None
+        proven = run.meta.sealed and expect == run.meta.digest  # hashed here, never told
+        hasher = _Sha256() if whole and expect and not proven else None
         # A reader hashing the task's own digest seals it at the end: one sha256 pass, not a
         # second one in the background (the seal job waits while such a reader runs).
         sealing = hasher is not None and expect == run.meta.digest
@@ -749,9 +813,9 @@ class Engine:
                     else await self._piece(run, i, priority)
                 lo, hi = layout.clip(i, rng.start, rng.end)
                 if hasher is not None:
-                    hasher.update(data)
-                    if k == len(pieces) - 1:
-                        got = ids.SHA256_PREFIX + hasher.hexdigest()
+                    await hasher.update(data)
+                    if k == len(pieces) - 1:  # the last bytes go out only once they match
+                        got = await hasher.digest()
                         if got != expect:
                             if sealing:
                                 self._corrupt_blob(run)
@@ -762,9 +826,36 @@ class Engine:
         finally:
             for task in reading.values():  # the reader stopped early
                 task.cancel()
+            if hasher is not None:
+                hasher.cancel()
             if sealing:
                 run.hashing -= 1
                 self._maybe_seal(run)  # a reader that stopped early leaves it to the job
+
+    async def _read_direct(self, run: TaskRun, rng: ByteRange, expect: str | None,
+                           priority: int) -> AsyncIterator[memoryview]:
+        """`rng` straight from the client's own registry: a whole blob is checked against
+        `expect` before its last bytes go out, like any other read."""
+        whole = rng.start == 0 and rng.end == run.meta.length - 1
+        hasher = _Sha256() if whole and expect else None
+        left = rng.size
+        try:
+            async with self.origin.open_range(run.origin, rng.start, rng.end,
+                                              priority) as stream:
+                while left:
+                    part = await stream.read(min(_READ_SIZE, left))
+                    if not part:
+                        raise OriginError(f"origin body of {run.task_id} ended early")
+                    left -= len(part)
+                    self.metrics.download_bytes.labels("origin").inc(len(part))
+                    if hasher is not None:
+                        await hasher.update(part)
+                        if not left and (got := await hasher.digest()) != expect:
+                            raise BlobCorrupt(f"{run.task_id} is {got}, expected {expect}")
+                    yield memoryview(part)
+        finally:
+            if hasher is not None:
+                hasher.cancel()
 
     async def _piece(self, run: TaskRun, index: int, priority: int) -> bytes:
         """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
@@ -789,7 +880,8 @@ class Engine:
     def prefetch(self, run: TaskRun) -> None:
         """Fetch the rest of a task in the background, at the lowest priority and a few pieces
         at a time: a lazy reader (nydusd) finds later reads local."""
-        if self.prefetch_enabled and not run.complete and not run.prefetching:
+        if self.prefetch_enabled and not run.direct and not run.complete \
+                and not run.prefetching:
             run.prefetching = True
             self.tasks.spawn(self._prefetch(run), f"prefetch-{run.task_id[:19]}")
 

@@ -27,7 +27,7 @@ from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
 from common.tasks import consume_exception
 from common.web import Handler, bodiless, error, errors_as_json, healthy, send_file
-from peer.engine import Engine
+from peer.engine import Engine, LengthConflict
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
 from peer.proxy import passthrough, tunnel
 from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
@@ -269,7 +269,12 @@ class Mirror:
         if request.method == "HEAD" or target is None:
             return await bodiless(request, status, headers, target.size if target else 0)
         priority = parse_priority(request.headers.get("X-Dragonfly-Priority"))
-        run = await self.engine.open(task_id, length, digest, req)
+        try:
+            run = await self.engine.open(task_id, length, digest, req)
+        except LengthConflict as e:  # the registry contradicts a copy verified here
+            resp = error(502, str(e))
+            resp.headers["X-Dragonfly-Error-Type"] = "proxy"
+            return resp
         plan = await self.engine.plan(run, target, priority)
         if rng is not None:
             self.engine.prefetch(run)  # a ranged reader (nydusd) will likely want the rest

@@ -72,11 +72,15 @@ class SchedulerRefused(Exception):
 @dataclass
 class _Pending:
     """What a task's next messages say, in order: first what this peer no longer holds, then
-    what it holds (so a piece dropped and fetched again ends up held, never the reverse)."""
+    that the blob it assembled failed its digest, then what it holds (so a piece dropped and
+    fetched again ends up held, never the reverse, and a map reset for a mismatch is not
+    poisoned again by this peer's own late announcements of the bad pieces)."""
 
     pieces: dict[int, str] = field(default_factory=dict)
     progress: set[int] = field(default_factory=set)
     sealed: bool = False
+    registry: str | None = None  # where the pieces came from
+    mismatch: bool = False
     withdrawn: set[int] = field(default_factory=set)
     withdrawn_all: bool = False
 
@@ -119,6 +123,7 @@ class SchedulerClient:
         self.interval = 2.0
         self._tasks = TaskSet("scheduler-client")
         self._pending: dict[str, _Pending] = {}
+        self._registries: dict[str, str] = {}  # task -> registry, for re-announcing
         self._flush_wanted = asyncio.Event()
         self._reconnect = asyncio.Event()
 
@@ -318,7 +323,7 @@ class SchedulerClient:
                 self.store.drop_task(meta.task_id)
                 continue
             for ann in self._announcements(meta.task_id, stored.pieces, stored.meta.sealed,
-                                           set()):
+                                           set(), self._registries.get(meta.task_id)):
                 await self._post(f"{API}/announce", ann, AnnounceReply)
 
     def _messages(self, task_id: str, p: _Pending) -> list[tuple[str, BaseModel]]:
@@ -329,13 +334,16 @@ class SchedulerClient:
         out: list[tuple[str, BaseModel]] = [
             (f"{API}/withdraw", Withdraw(peer_id=self.registration.id, task_id=task_id,
                                          pieces=batch)) for batch in batches]
+        if p.mismatch:
+            out.append((f"{API}/mismatches", BlobMismatch(
+                peer_id=self.registration.id, task_id=task_id, registry=p.registry)))
         if p.pieces or p.sealed or p.progress:
-            out += [(f"{API}/announce", a)
-                    for a in self._announcements(task_id, p.pieces, p.sealed, p.progress)]
+            out += [(f"{API}/announce", a) for a in
+                    self._announcements(task_id, p.pieces, p.sealed, p.progress, p.registry)]
         return out
 
     def _announcements(self, task_id: str, pieces: dict[int, str], sealed: bool,
-                       progress: set[int]) -> list[Announce]:
+                       progress: set[int], registry: str | None) -> list[Announce]:
         """Announcements of `pieces`, cut to the batch limit; the seal rides on the last."""
         items = sorted(pieces.items())
         out = []
@@ -344,7 +352,7 @@ class SchedulerClient:
             out.append(Announce(
                 peer_id=self.registration.id, task_id=task_id,
                 pieces=[PieceClaim(index=i, chunk=c) for i, c in items[k:k + ANNOUNCE_BATCH]],
-                sealed=sealed and last,
+                sealed=sealed and last, registry=registry,
                 progress=[LeaseProgress(epoch=e) for e in sorted(progress)] if last else []))
         return out
 
@@ -354,9 +362,10 @@ class SchedulerClient:
         return await self._call(f"{API}/tasks", req, TaskMeta)
 
     async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
-                       wait_ms: int) -> list[Decision]:
+                       wait_ms: int, registry: str | None = None) -> list[Decision]:
         req = ScheduleRequest(peer_id=self.registration.id, task_id=task_id, pieces=pieces,
-                              exclude=sorted(exclude)[:256], wait_ms=wait_ms)
+                              exclude=sorted(exclude)[:256], wait_ms=wait_ms,
+                              registry=registry)
         reply = await self._call(f"{API}/schedule", req, ScheduleReply,
                                  seconds=wait_ms / 1000 + 5.0)
         return reply.decisions
@@ -371,9 +380,14 @@ class SchedulerClient:
         reply = await self._call(f"{API}/peers/{self.registration.id}/work", Heartbeat(), Work)
         return reply.items
 
-    def blob_mismatch(self, task_id: str) -> None:
-        self._fire(f"{API}/mismatches",
-                   BlobMismatch(peer_id=self.registration.id, task_id=task_id))
+    def blob_mismatch(self, task_id: str, registry: str | None = None) -> None:
+        """The blob assembled from these pieces failed its digest: every piece of it is
+        withdrawn, and the scheduler told after that, before anything held since."""
+        p = self._pending.setdefault(task_id, _Pending())
+        p.withdraw(None)
+        p.mismatch = True
+        self._registry(task_id, p, registry)
+        self._flush_wanted.set()
 
     def _fire(self, path: str, body: BaseModel) -> None:
         if self.connected.is_set():
@@ -393,6 +407,8 @@ class SchedulerClient:
         kept = {i: c for i, c in p.pieces.items() if not mine.withdraws(i)}
         mine.pieces = {**kept, **mine.pieces}
         mine.progress |= p.progress
+        mine.registry = mine.registry or p.registry
+        mine.mismatch |= p.mismatch
         mine.sealed |= p.sealed and not (mine.withdrawn or mine.withdrawn_all)
         mine.withdrawn_all |= p.withdrawn_all
         mine.withdrawn = set() if mine.withdrawn_all else mine.withdrawn | p.withdrawn
@@ -403,18 +419,29 @@ class SchedulerClient:
         the announcements, so the scheduler hears of drops and gains in the order they
         happened."""
         self._pending.setdefault(task_id, _Pending()).withdraw(pieces)
+        if pieces is None:
+            self._registries.pop(task_id, None)
         self._flush_wanted.set()
 
-    def announce(self, task_id: str, index: int, chunk: str) -> None:
-        self._pending.setdefault(task_id, _Pending()).pieces[index] = chunk
+    def announce(self, task_id: str, index: int, chunk: str,
+                 registry: str | None = None) -> None:
+        p = self._pending.setdefault(task_id, _Pending())
+        p.pieces[index] = chunk
+        self._registry(task_id, p, registry)
         self._flush_wanted.set()
+
+    def _registry(self, task_id: str, p: _Pending, registry: str | None) -> None:
+        if registry is not None:
+            p.registry = self._registries[task_id] = registry
 
     def progress(self, task_id: str, epoch: int) -> None:
         self._pending.setdefault(task_id, _Pending()).progress.add(epoch)
         self._flush_wanted.set()
 
-    def sealed(self, task_id: str) -> None:
-        self._pending.setdefault(task_id, _Pending()).sealed = True
+    def sealed(self, task_id: str, registry: str | None = None) -> None:
+        p = self._pending.setdefault(task_id, _Pending())
+        p.sealed = True
+        self._registry(task_id, p, registry)
         self._flush_wanted.set()
 
     async def _announce_loop(self) -> None:

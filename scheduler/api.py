@@ -223,7 +223,7 @@ class SchedulerAPI:
 
     async def mismatch(self, request: web.Request) -> web.Response:
         m = await parse_body(request, BlobMismatch)
-        await self._call(self.store.blob_mismatch(m.peer_id, m.task_id))
+        await self._call(self.store.blob_mismatch(m.peer_id, m.task_id, m.registry))
         return web.json_response({})
 
     # -- operators -------------------------------------------------------------------------

@@ -118,10 +118,11 @@ class PieceState:
 class TaskTrust(BaseModel):
     """Who vouches for a task's piece map; kept with the task (in Redis, one JSON field).
 
-    `registry`: the registry an unsealed map is bound to, set by its first lease or chunk id
-    ("": peers that name none); None: unbound. `authors`: the peers whose claims first set a
-    piece's chunk id. `confirmed`: the peers that announced the blob's sha256 matched while
-    holding every piece of this map. `resets`: reporter -> when its mismatch last reset the map.
+    `registry`: the registry an unsealed map is bound to, set by its first lease or chunk id;
+    None: unbound. A peer that names no registry (an older one) is bound by nothing and binds
+    nothing. `authors`: the peers whose claims first set a piece's chunk id. `confirmed`: the
+    peers that announced the blob's sha256 matched while holding every piece of this map.
+    `resets`: reporter -> when its mismatch last reset the map.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -133,7 +134,7 @@ class TaskTrust(BaseModel):
 
     def foreign(self, registry: str | None, sealed: bool) -> bool:
         """Whether a peer of `registry` is outside this map: an unsealed map bound elsewhere."""
-        return not sealed and self.registry is not None and self.registry != (registry or "")
+        return not sealed and None not in (registry, self.registry) and self.registry != registry
 
 
 @dataclass
@@ -352,8 +353,9 @@ class ClusterState:
         trust = task.trust
         if authored and ann.peer_id not in trust.authors:
             trust = trust.model_copy(update={
-                "authors": tuple(sorted((*trust.authors, ann.peer_id))),
-                "registry": (ann.registry or "") if trust.registry is None else trust.registry})
+                "authors": tuple(sorted((*trust.authors, ann.peer_id)))})
+        if authored and trust.registry is None and ann.registry is not None:
+            trust = trust.model_copy(update={"registry": ann.registry})
         if ann.sealed and not rejected and not task.meta.sealed \
                 and ann.peer_id not in trust.confirmed and task.held.get(ann.peer_id, 0) >= count:
             trust = trust.model_copy(update={
@@ -459,8 +461,9 @@ class ClusterState:
             task.pieces.clear()
             task.leases.clear()
             task.trust = TaskTrust(resets=task.trust.resets)
-        if task.trust.registry is None and not task.meta.sealed and wanted:
-            task.trust = task.trust.model_copy(update={"registry": req.registry or ""})
+        if task.trust.registry is None and req.registry is not None and not task.meta.sealed \
+                and wanted:
+            task.trust = task.trust.model_copy(update={"registry": req.registry})
         grant: Lease | None = None
         decisions: list[Decision] = []
         for index in wanted:

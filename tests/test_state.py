@@ -740,6 +740,16 @@ def test_a_sealed_map_is_for_every_registry(c: Cluster) -> None:
     assert c.s.peers["D"].penalised(1.0)
 
 
+def test_a_peer_naming_no_registry_is_bound_by_nothing(c: Cluster) -> None:
+    c.announce("A", range(4), 0.0)  # an older peer: the map stays unbound
+    assert c.s.tasks[TASK].trust.registry is None
+    assert c.parents("B", 0, 0.1, registry=REG_A) == ["A"]
+    c.announce("B", range(4, 8), 0.2, registry=REG_A)  # binds it
+    assert c.s.tasks[TASK].trust.registry == REG_A
+    assert c.parents("C", 5, 0.3) == ["B"]  # and an older peer still reads it
+    assert c.one("D", 5, 0.3, registry=REG_B).reason == "other-registry"
+
+
 def test_a_map_nobody_holds_is_rebound(c: Cluster) -> None:
     c.schedule("A", [0], 0.0, registry=REG_A)
     c.announce("A", {0: chunk(999)}, 0.1, registry=REG_A)
