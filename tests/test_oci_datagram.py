@@ -87,7 +87,7 @@ def test_datagram_refusals() -> None:
     good = datagram.encode("peer-1", HB, b"k", now=1000)
     payload = good.rpartition(b"\n")[0]
     cases = [
-        good[:-1] + b"0",  # tampered signature
+        good[:-1] + (b"1" if good.endswith(b"0") else b"0"),  # tampered signature
         payload + b"\n",  # unsigned, secret expected
         datagram.encode("peer-1", HB, b"other", now=1000),  # signed with another secret
         good.replace(b'"peer-1"', b'"peer-2"'),  # spoofed id: signature breaks
