@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS pieces (
 );
 CREATE INDEX IF NOT EXISTS pieces_by_chunk ON pieces (chunk);
 """
+# Index format. 2: `sealed` means this peer hashed the whole blob itself. Stores of version 0/1
+# may hold a seal copied from the scheduler's word, so opening one forgets its seals once: the
+# next whole read or the seal job proves them again.
+SCHEMA_VERSION = 2
 
 
 class ChunkCorrupt(Exception):
@@ -76,6 +80,10 @@ class ChunkStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version < SCHEMA_VERSION:
+            self._db.execute("UPDATE tasks SET sealed = 0")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         dropped = self.check(full=False)
         if dropped:
             log.warning("dropped %d index entries whose chunk file is missing or torn", dropped)

@@ -120,3 +120,25 @@ async def test_index_is_a_real_sqlite_database(store: ChunkStore) -> None:
     assert db.execute("SELECT COUNT(*) FROM pieces").fetchone()[0] == 2
     db.close()
     assert os.path.getsize(store.root / "index.db") > 0
+
+
+async def test_seals_of_an_older_index_are_forgotten_once_ours_kept(tmp_path: Path) -> None:
+    """Before index version 2 a peer copied `sealed` from the scheduler's word: an upgraded
+    peer must prove such a blob itself again, while its own later seals survive restarts."""
+    old = ChunkStore(tmp_path / "store")
+    old.open()
+    meta = _task(7)
+    await _fill(old, meta, seed=7)
+    old.mark_sealed(meta.task_id)
+    old.db.execute("PRAGMA user_version = 0")  # as an index written by an older naiad
+    old.close()
+    upgraded = ChunkStore(tmp_path / "store")
+    upgraded.open()
+    assert upgraded.task(meta.task_id).sealed is False
+    assert len(upgraded.pieces(meta.task_id)) == 2, "the chunks themselves are kept"
+    upgraded.mark_sealed(meta.task_id)
+    upgraded.close()
+    again = ChunkStore(tmp_path / "store")
+    again.open()
+    assert again.task(meta.task_id).sealed is True
+    again.close()
