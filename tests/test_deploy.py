@@ -25,7 +25,8 @@ def compose() -> dict:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is not installed (.ci/run installs it)"
     out = subprocess.run([binary, "config"], cwd=ROOT, capture_output=True, text=True,
-                         check=True, env={**os.environ, "NAIAD_CLUSTER_SECRET": "s3cret"})
+                         check=True, env={**os.environ, "NAIAD_CLUSTER_SECRET": "s3cret",
+                              "NAIAD_TOKEN": "t0ken"})
     return yaml.safe_load(out.stdout)
 
 
@@ -59,11 +60,13 @@ def _mounts(svc: dict) -> dict[str, str]:
     return out
 
 
-def test_compose_requires_the_cluster_secret() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "NAIAD_CLUSTER_SECRET"}
+@pytest.mark.parametrize("needed", ["NAIAD_CLUSTER_SECRET", "NAIAD_TOKEN"])
+def test_compose_requires_the_cluster_secret_and_token(needed: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != needed}
+    env.update({k: "x" for k in ("NAIAD_CLUSTER_SECRET", "NAIAD_TOKEN") if k != needed})
     out = subprocess.run(["docker-compose", "config", "-q"], cwd=ROOT, capture_output=True,
                          text=True, env=env)
-    assert out.returncode != 0 and "NAIAD_CLUSTER_SECRET" in out.stderr
+    assert out.returncode != 0 and needed in out.stderr
 
 
 def test_every_naiad_service_parses_with_the_real_cli(
@@ -71,9 +74,12 @@ def test_every_naiad_service_parses_with_the_real_cli(
     assert {"scheduler", "scheduler2", "peer1", "peer2", "peer3"} <= naiad_services.keys()
     for name, (command, opts) in naiad_services.items():
         svc = compose["services"][name]
-        secret = cli._secret(opts)
         listens = [opts["listen"]] + ([opts["upload"]] if command == "peer" else [])
-        cli._require_secret(opts, secret, *listens)  # raises if the stack would refuse to start
+        # Each raises if the stack would refuse to start.
+        assert cli._secret(opts, *listens) == b"s3cret"
+        if command == "scheduler":
+            cli._require_token(opts)
+            assert opts["allow_registry"], f"{name}: preheat needs the registry allow-listed"
         published = {int(p["target"]) for p in svc.get("ports", [])}
         assert _port(opts["listen"]) in published, name
         if command == "peer":
