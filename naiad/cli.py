@@ -187,6 +187,11 @@ def _require_token(opts: dict[str, Any]) -> None:
 
 def _allow_registries(opts: dict[str, Any]) -> list[Registry]:
     try:
+        if "registry" in opts:  # a peer's default upstream
+            Registry.parse(opts["registry"])
+    except UpstreamRefused as e:
+        raise ConfigError(f"--registry: {e}") from None
+    try:
         return [Registry.parse(u) for u in opts["allow_registry"]]
     except UpstreamRefused as e:
         raise ConfigError(f"--allow-registry: {e}") from None
@@ -243,6 +248,7 @@ def cmd_peer(opts: dict[str, Any]) -> int:
     from peer.daemon import PeerConfig, PeerDaemon
 
     secret = _secret(opts, opts["listen"], opts["upload"])
+    _allow_registries(opts)  # one line, not a traceback, for a registry URL that is not http(s)
     daemon = PeerDaemon(PeerConfig(
         data_dir=opts["data_dir"], schedulers=opts["scheduler"], listen=opts["listen"],
         upload=opts["upload"], registry=opts["registry"],

@@ -39,6 +39,12 @@ async def test_bad_option_values_are_refused_with_the_option_named() -> None:
     assert rc == 2 and "upload_slots" in out
 
 
+async def test_a_registry_url_that_is_not_http_is_one_line(tmp_path) -> None:
+    for flag in ("--registry", "--allow-registry"):
+        rc, out = await _run("peer", flag, "ftp://x", "--data-dir", str(tmp_path), seconds=30)
+        assert rc == 2 and out == f"naiad peer: {flag}: not an http(s) registry URL: 'ftp://x'\n"
+
+
 async def test_status_summarises_the_cluster(cluster: Cluster, origin: CountingProxy) -> None:
     sched = await cluster.scheduler()
     await cluster.peer("alpha", sched.url, origin.url, "--idc", "dc1")
