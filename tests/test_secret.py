@@ -33,8 +33,10 @@ def test_signature_binds_time_nonce_method_path_and_body() -> None:
     ts, nonce, mac = header.split(".")
     assert ts == "1000" and len(nonce) == 32 and len(mac) == 64
     assert auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":1}', now=1000)
-    assert auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":1}', now=1299)
-    assert not auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":1}', now=1301)
+    skew = auth.MAX_SKEW_SECONDS
+    assert auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":1}', now=1000 + skew)
+    assert not auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":1}',
+                           now=1000 + skew + 1)
     assert not auth.verify(key, header, "POST", "/api/v1/announce", b'{"a":2}', now=1000)
     assert not auth.verify(key, header, "POST", "/api/v1/schedule", b'{"a":1}', now=1000)
     assert not auth.verify(key, header, "GET", "/api/v1/announce", b'{"a":1}', now=1000)
