@@ -30,6 +30,7 @@ import gc
 import os
 import platform
 import random
+import secrets
 import shutil
 import signal
 import statistics
@@ -49,6 +50,7 @@ import aiohttp
 import redis
 import redis.asyncio as aioredis
 
+from common import auth
 from common.models import (
     Announce,
     Heartbeat,
@@ -218,14 +220,19 @@ async def flush(url: str) -> None:
     await client.aclose()
 
 
-async def http_run(url: str, w: Workload, concurrency: int) -> dict[str, Phase]:
-    """The same calls through the HTTP API of a `naiad scheduler --redis` process (or not)."""
+async def http_run(url: str, w: Workload, concurrency: int,
+                   secret: bytes | None) -> dict[str, Phase]:
+    """The same calls through the HTTP API of a `naiad scheduler --redis` process (or not),
+    each signed with the cluster secret as a peer signs it (none: an --insecure scheduler)."""
     out: dict[str, Phase] = {}
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as s:
         async def post(path: str, body: Any) -> None:
-            async with s.post(url + "/api/v1" + path, data=body.model_dump_json(),
-                              headers={"Content-Type": "application/json"}) as r:
+            data = body.model_dump_json().encode()
+            headers = {"Content-Type": "application/json"}
+            if secret is not None:
+                headers[auth.HEADER] = auth.sign(secret, "POST", "/api/v1" + path, data)
+            async with s.post(url + "/api/v1" + path, data=data, headers=headers) as r:
                 if r.status != 200:
                     raise RuntimeError(f"{path}: {r.status} {await r.text()}")
                 await r.read()
@@ -241,9 +248,11 @@ async def http_run(url: str, w: Workload, concurrency: int) -> dict[str, Phase]:
     return out
 
 
-def spawn_scheduler(port: int, redis_url: str | None, workdir: Path) -> subprocess.Popen:
+def spawn_scheduler(port: int, redis_url: str | None, workdir: Path,
+                    secret: bytes | None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "naiad", "scheduler", "--listen", f"127.0.0.1:{port}",
             "--udp", "off", "--heartbeat-interval", "60"]
+    argv += ["--cluster-secret", secret.decode()] if secret is not None else ["--insecure"]
     if redis_url:
         argv += ["--redis", redis_url]
     log = open(workdir / f"scheduler-{port}.log", "wb")  # noqa: SIM115 - handed to the child
@@ -296,6 +305,9 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32, help="Redis and HTTP runs")
     ap.add_argument("--http", action="store_true", help="also measure through the HTTP API")
+    ap.add_argument("--unsigned", action="store_true",
+                    help="HTTP runs against an --insecure scheduler, calls unsigned (the cost "
+                         "of signatures and nonces is the difference)")
     args = ap.parse_args()
 
     print(f"# {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -342,15 +354,18 @@ async def main() -> None:
                             await flush(server.url)
                             url = server.url
                         port = free_port()
-                        proc = spawn_scheduler(port, url, workdir)
+                        secret = None if args.unsigned else secrets.token_hex(16).encode()
+                        proc = spawn_scheduler(port, url, workdir, secret)
                         try:
                             runs.append(await http_run(f"http://127.0.0.1:{port}", w,
-                                                       args.concurrency))
+                                                       args.concurrency, secret))
                         finally:
                             proc.send_signal(signal.SIGINT)
                             proc.wait()
                     print_table(f"HTTP API, {kind} store (median of {args.runs}, "
-                                f"{args.concurrency} clients)", median_table(runs))
+                                f"{args.concurrency} clients, "
+                                f"{'unsigned' if args.unsigned else 'signed'})",
+                                median_table(runs))
         finally:
             if server is not None:
                 server.stop()

@@ -53,11 +53,12 @@ def _metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def _trace(lab: Lab, url: str, sink: list[dict[str, Any]], started: float) -> None:
+async def _trace(lab: Lab, url: str, sink: list[dict[str, Any]], started: float,
+                 operator: dict[str, str]) -> None:
     """Sample the piece map: how many pieces each peer holds, and the live leases."""
     while True:
         try:
-            task = json.loads(await lab.http_get(lab.origin, url))
+            task = json.loads(await lab.http_get(lab.origin, url, operator))
             held: dict[str, int] = {}
             for piece in task.get("piece_map", []):
                 for h in piece["holders"]:
@@ -73,6 +74,10 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
     lab = trial.lab
     origin = lab.origin
     secret = secrets.token_hex(16)
+    # The scheduler listens beyond loopback, so it needs an operator token; the token also
+    # shows the piece map (chunk ids and holders) that unsigned callers do not see.
+    token = secrets.token_hex(16)
+    operator = {"Authorization": f"Bearer {token}"}
     sched_url = f"http://{origin.ip}:{SCHEDULER_PORT}"
     env = {"PYTHONPATH": str(opts.src)} if opts.src else {}
     logs = trial.logdir / "naiad"
@@ -81,7 +86,7 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
         sched = await lab.spawn(origin, [
             opts.python, "-m", "naiad", "scheduler", "--listen", f"{origin.ip}:{SCHEDULER_PORT}",
             "--udp", f"{origin.ip}:{SCHEDULER_PORT + 1}", "--cluster-secret", secret,
-            *opts.scheduler_args], logs / "scheduler.log",
+            "--token", token, *opts.scheduler_args], logs / "scheduler.log",
             env=env, cwd=opts.src)
         procs.append(sched)
         await lab.wait_http(origin, f"{sched_url}/healthy", proc=sched)
@@ -96,13 +101,14 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
             procs.append(peers[host])
         await asyncio.gather(*(lab.wait_http(h, f"http://{h.ip}:{MIRROR_PORT}/healthy", proc=p)
                                for h, p in peers.items()))
-        await _registered(lab, sched_url, {h.name for h in lab.peers})
+        await _registered(lab, sched_url, {h.name for h in lab.peers}, operator)
         await asyncio.sleep(1.0)  # let start-up settle (first heartbeats, imports done)
 
         task_url = f"{sched_url}/api/v1/tasks/{trial.blob.digest}"
         timeline: list[dict[str, Any]] = []
-        tracer = (asyncio.create_task(_trace(lab, task_url, timeline, time.perf_counter()))
-                  if opts.trace else None)
+        tracer = (asyncio.create_task(
+            _trace(lab, task_url, timeline, time.perf_counter(), operator))
+            if opts.trace else None)
         pids = {"scheduler": sched.pid, **{h.name: p.pid for h, p in peers.items()}}
         urls = {h: f"http://{h.ip}:{MIRROR_PORT}{trial.blob.url_path}" for h in lab.peers}
         spies = await _py_spy(pids, logs) if opts.py_spy else []
@@ -115,7 +121,7 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
                 spy.send_signal(signal.SIGINT)
             await asyncio.gather(*(spy.wait() for spy in spies))
         await asyncio.sleep(0.5)  # the last announcements and counters reach the scheduler
-        result.notes.update(await _diagnostics(lab, sched_url, task_url, logs))
+        result.notes.update(await _diagnostics(lab, sched_url, task_url, logs, operator))
         if timeline:
             (logs / "timeline.json").write_text(json.dumps(timeline))
         return result
@@ -136,11 +142,13 @@ async def _py_spy(pids: dict[str, int], logs: Path) -> list[asyncio.subprocess.P
     return spies
 
 
-async def _registered(lab: Lab, sched_url: str, ids: set[str], seconds: float = 30.0) -> None:
+async def _registered(lab: Lab, sched_url: str, ids: set[str], operator: dict[str, str],
+                      seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
-            listed = json.loads(await lab.http_get(lab.origin, f"{sched_url}/api/v1/peers"))
+            listed = json.loads(await lab.http_get(lab.origin, f"{sched_url}/api/v1/peers",
+                                                   operator))
             if ids <= {p["id"] for p in listed["peers"]}:
                 return
         except (RuntimeError, ValueError, KeyError):
@@ -150,8 +158,8 @@ async def _registered(lab: Lab, sched_url: str, ids: set[str], seconds: float = 
         await asyncio.sleep(0.2)
 
 
-async def _diagnostics(lab: Lab, sched_url: str, task_url: str,
-                       logs: Path) -> dict[str, Any]:
+async def _diagnostics(lab: Lab, sched_url: str, task_url: str, logs: Path,
+                       operator: dict[str, str]) -> dict[str, Any]:
     """Per-peer counters, scheduler stats and the piece map (raw in `logs`, a summary back)."""
     peers: dict[str, dict[str, float]] = {}
     for host in lab.peers:
@@ -164,7 +172,7 @@ async def _diagnostics(lab: Lab, sched_url: str, task_url: str,
     for name, url in (("stats", f"{sched_url}/api/v1/stats"), ("task", task_url),
                       ("peers", f"{sched_url}/api/v1/peers")):
         try:
-            data = json.loads(await lab.http_get(lab.origin, url))
+            data = json.loads(await lab.http_get(lab.origin, url, operator))
         except (RuntimeError, ValueError):
             continue
         (logs / f"{name}.json").write_text(json.dumps(data, indent=1))

@@ -186,9 +186,11 @@ class Lab:
                 raise TimeoutError(f"{url} (from {host.ns}) not ready after {seconds} s")
             await asyncio.sleep(0.1)
 
-    async def http_get(self, host: Host, url: str) -> bytes:
+    async def http_get(self, host: Host, url: str, headers: dict[str, str] | None = None
+                       ) -> bytes:
+        extra = [arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")]
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", host.ns, "curl", "-sf", "--max-time", "10", url,
+            "ip", "netns", "exec", host.ns, "curl", "-sf", "--max-time", "10", *extra, url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await proc.communicate()
         if proc.returncode:
