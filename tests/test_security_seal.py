@@ -27,20 +27,19 @@ from tests.cluster import (
     push_blob,
     until,
 )
+from tests.faults import FakePeer
 
 MiB = 1 << 20
 API = "/api/v1"
 
 
-class ForgingPeer:
+class ForgingPeer(FakePeer):
     """A member of the cluster (it holds the secret) that registers, serves chunks of its own
     choosing from an upload server of its own, and announces them as a sealed map."""
 
     def __init__(self, scheduler: str, peer_id: str, evil: bytes) -> None:
-        self.scheduler = scheduler
-        self.id = peer_id
+        super().__init__(scheduler, peer_id, free_port())
         self.evil = evil
-        self.port = free_port()
         self.chunks: dict[str, bytes] = {}
         self.requests = 0
 
@@ -55,25 +54,12 @@ class ForgingPeer:
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.session = member_session()
-        await self.post("/peers", {"id": self.id, "upload_addr": f"127.0.0.1:{self.port}"})
-        self.heartbeats = asyncio.create_task(self._heartbeat())
+        await super().__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.heartbeats.cancel()
-        await self.session.close()
+        await super().__aexit__(*exc)
         await self.runner.cleanup()
-
-    async def post(self, path: str, body: dict) -> dict:
-        async with self.session.post(f"{self.scheduler}{API}{path}", json=body) as r:
-            assert r.status == 200, await r.text()
-            return await r.json()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await self.post(f"/peers/{self.id}/heartbeat", {})
-            await asyncio.sleep(0.2)
 
     async def forge(self, digest: str, registry: str, *, lease: bool = True) -> dict:
         """Create the task, take the lease over every piece, announce its own bytes' chunk
