@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from common import auth, ids
-from peer.upload import STALL_WINDOW, SendDeadline
+from common.metrics import PeerMetrics
+from common.models import TaskMeta
+from peer import upload
+from peer.store import ChunkStore
+from peer.upload import SAMPLES_PER_WINDOW, STALL_WINDOW, SendDeadline, tcp_bytes_acked
 from tests.cluster import (
     Cluster,
     CountingProxy,
@@ -51,6 +59,143 @@ def test_deadline_moves_with_what_is_sent() -> None:
         if slow.at < t:
             break
     assert slow.at < 20.0 and t < 20
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux")
+
+
+@linux_only
+async def test_bytes_acked_counts_what_the_other_end_received() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as sender:
+        receiver, _ = server.accept()
+        with receiver:
+            before = tcp_bytes_acked(sender)
+            assert before is not None
+            sender.sendall(b"x" * 100_000)
+            got = 0
+            while got < 100_000:
+                got += len(receiver.recv(1 << 16))
+
+            async def acked() -> bool:
+                return tcp_bytes_acked(sender) == before + 100_000
+            await until(acked, 5, "100,000 bytes acknowledged")
+    # Not TCP, or closed: None, and the upload falls back to sliced sends.
+    a, b = socket.socketpair()
+    with a, b:
+        assert tcp_bytes_acked(a) is None
+    assert tcp_bytes_acked(sender) is None
+    assert tcp_bytes_acked(None) is None
+
+
+WINDOW = 1.0  # the in-process server's STALL_WINDOW: the same rules, five times faster
+FLOOR = 512 << 10  # its --upload-min-rate
+
+
+@dataclass
+class Holder:
+    """An in-process upload server holding one 4 MiB chunk; `sends`: its sendfile calls."""
+    server: upload.UploadServer
+    port: int
+    chunk: str
+    sends: list[int]
+    sliced: bool  # TCP_INFO taken away
+
+
+@pytest.fixture(params=["tcp_info", "sliced"])
+async def holder(request: pytest.FixtureRequest, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Holder]:
+    """Both ways of measuring progress: the kernel's count, and (the fault: a kernel without
+    TCP_INFO) sliced sends."""
+    monkeypatch.setattr(upload, "STALL_WINDOW", WINDOW)
+    if request.param == "sliced":
+        monkeypatch.setattr(upload, "tcp_bytes_acked", lambda sock: None)
+    sends: list[int] = []
+    real_send = upload.send_file
+
+    async def counted(req: web.BaseRequest, f: object, offset: int, count: int) -> None:
+        sends.append(count)
+        await real_send(req, f, offset, count)  # type: ignore[arg-type]
+    monkeypatch.setattr(upload, "send_file", counted)
+    store = ChunkStore(tmp_path / "store")
+    store.open()
+    blob = os.urandom(PIECE)
+    chunk = ids.chunk_id(blob)
+    meta = TaskMeta(task_id=f"sha256:{1:064x}", length=PIECE, piece_size=PIECE)
+    store.put_task(meta)
+    await store.put_piece(meta.task_id, 0, chunk, blob)
+    server = upload.UploadServer(store, PeerMetrics(), 8, compress=False, min_rate=FLOOR)
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield Holder(server, runner.addresses[0][1], chunk, sends, request.param == "sliced")
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+async def _read_at(h: Holder, rate: float) -> tuple[int, float | None, float]:
+    """A child that reads the chunk at `rate` bytes/s (0: not at all) through a tiny receive
+    buffer, until the server finished sending, cut it off, or 4 windows passed: the bytes it
+    got, when the server finished (None if it did not), when it stopped."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    with sock:
+        await loop.sock_connect(sock, ("127.0.0.1", h.port))
+        await loop.sock_sendall(
+            sock, f"GET /chunks/{h.chunk} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        started = loop.time()
+        got = 0
+        while loop.time() - started < 4 * WINDOW and not h.server.uploaded:
+            if rate == 0:
+                await asyncio.sleep(0.05)
+                if not h.server.active:
+                    break
+                continue
+            await asyncio.sleep(max(0.0, started + got / rate - loop.time()))
+            try:
+                part = await asyncio.wait_for(loop.sock_recv(sock, 16 << 10), WINDOW)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            got += len(part)
+        finished = loop.time() - started if h.server.uploaded else None
+        return got, finished, loop.time() - started
+
+
+async def test_a_child_reading_at_twice_the_minimum_is_never_cut(holder: Holder) -> None:
+    got, finished, _ = await _read_at(holder, 2 * FLOOR)
+    # The server finished sending (what is left sits in its socket buffer), after the deadline
+    # had been in play for more than a window: earned, not a 4 MiB burst.
+    assert finished is not None and holder.server.uploaded == PIECE
+    assert finished > 1.2 * WINDOW, finished  # with no credit earned, cut at WINDOW
+    assert got > WINDOW * FLOOR
+    slices = -(-PIECE // holder.server._slice)
+    assert len(holder.sends) == (slices if holder.sliced else 1)
+
+
+async def test_a_child_reading_at_half_the_minimum_is_cut(
+        holder: Holder, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, upload.log.name)
+    got, finished, stopped = await _read_at(holder, FLOOR / 2)
+    assert finished is None and got < PIECE
+    # Half the rate earns half the time: the credit of a window runs out in about two.
+    assert WINDOW < stopped < 3.5 * WINDOW, stopped
+    assert "cut off: below 512.0 KiB/s" in caplog.text
+    assert holder.server.active == 0
+
+
+async def test_a_child_that_stops_reading_is_cut_within_a_window(holder: Holder) -> None:
+    got, finished, stopped = await _read_at(holder, 0)
+    assert finished is None and got == 0
+    # A window of credit, plus at most one sampling interval (and the poll's 50 ms).
+    assert 0.9 * WINDOW < stopped < WINDOW * (1 + 1 / SAMPLES_PER_WINDOW) + 0.3, stopped
+    assert holder.server.active == 0
 
 
 class Stalled:
