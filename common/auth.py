@@ -34,7 +34,8 @@ HEADER = "X-Naiad-Auth"
 # second; a short window keeps the nonce cache small at a fleet's call rates.
 MAX_SKEW_SECONDS = 60
 NONCE_CAPACITY = 1 << 20  # ~88 bytes each (measured): at most ~90 MB; ~17,000 calls/s sustained
-MEMBER = "naiad.member"  # request key: the caller proved membership (or there is no secret)
+# The caller proved membership (or there is no secret).
+MEMBER = web.RequestKey("naiad.member", bool)
 _HEADER_SHAPE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})")
 
 

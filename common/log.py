@@ -32,13 +32,16 @@ def outgoing() -> dict[str, str]:
     return {REQUEST_ID_HEADER: rid} if rid else {}
 
 
+REQUEST_ID = web.RequestKey("naiad.request_id", str)
+
+
 @web.middleware
 async def _with_request_id(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
     given = request.headers.get(REQUEST_ID_HEADER, "")
     rid = given if _ID_RE.match(given) else uuid.uuid4().hex[:16]
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     token = request_id.set(rid)
     try:
         return await handler(request)
@@ -47,8 +50,8 @@ async def _with_request_id(request: web.Request,
 
 
 async def _answer_with_id(request: web.Request, response: web.StreamResponse) -> None:
-    if "request_id" in request:
-        response.headers[REQUEST_ID_HEADER] = request["request_id"]
+    if REQUEST_ID in request:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
 
 def request_ids(app: web.Application) -> web.Application:
