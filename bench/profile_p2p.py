@@ -1,6 +1,7 @@
 """Profile one peer-to-peer stream: peer B pulls a blob cold from peer A on loopback (A took it
 from a real docker-registry first). Prints B's throughput per pull; with --py-spy FILE, records
-B's first pull with py-spy (raw format: `stack count` lines, one per distinct stack).
+B's first pull with py-spy (raw format: `stack count` lines, one per distinct stack), and the
+CPU (user + system ticks from /proc) that A, B and the scheduler spent on each pull.
 
     python bench/profile_p2p.py --size 256 --runs 3 --py-spy /tmp/b.txt
 """
@@ -22,6 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.cluster import Cluster, Registry, pull_digest, push_blob
 
 MiB = 1 << 20
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 async def run(size: int, runs: int, spy_out: str | None) -> list[float]:
@@ -47,9 +53,14 @@ async def run(size: int, runs: int, spy_out: str | None) -> list[float]:
                         "-p", str(b.proc.popen.pid),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     await asyncio.sleep(1)  # py-spy attaches
+                pids = {"a": a.proc.popen.pid, "b": b.proc.popen.pid,
+                        "scheduler": sched.proc.popen.pid}
+                before = {n: cpu_ticks(p) for n, p in pids.items()}
                 started = time.monotonic()
                 assert await pull_digest(b.url + path) == digest
                 rates.append(size / MiB / (time.monotonic() - started))
+                print(f"pull {k + 1}: CPU ticks " + ", ".join(
+                    f"{n} {cpu_ticks(p) - before[n]}" for n, p in pids.items()))
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     await spy.wait()
