@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -17,23 +17,25 @@ log = logging.getLogger("naiad.tasks")
 
 class Activity:
     """Busy or idle, and for how long idle: a peer that goes idle between two pieces for a
-    moment is not idle in the sense that background work may take the CPU."""
+    moment is not idle in the sense that background work may take the CPU. `clock` is
+    monotonic seconds (a test's own clock drives the quiet time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.idle = asyncio.Event()
         self.idle.set()
-        self._idle_since = time.monotonic()
+        self._clock = clock
+        self._idle_since = clock()
 
     def set_busy(self, busy: bool) -> None:
         if busy:
             self.idle.clear()
         elif not self.idle.is_set():
             self.idle.set()
-            self._idle_since = time.monotonic()
+            self._idle_since = self._clock()
 
     def quiet_for(self) -> float:
         """Seconds since the work ended; 0 while there is work."""
-        return time.monotonic() - self._idle_since if self.idle.is_set() else 0.0
+        return self._clock() - self._idle_since if self.idle.is_set() else 0.0
 
 
 class TaskSet:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from common.limits import TokenBucket
 from common.tasks import Activity
@@ -23,11 +24,14 @@ QUIET_SECONDS = 2.0
 
 class Scrubber:
     def __init__(self, store: ChunkStore, engine: Engine, rate: float,
-                 parts: list[Activity]) -> None:
+                 parts: list[Activity],
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.store = store
         self.engine = engine
         self.parts = parts
         self.bucket = TokenBucket(rate)
+        # The quiet and idle waits: on the clock of the parts' Activity (a test's own clock).
+        self._sleep = sleep
         self.checked = 0
         self.passes = 0
 
@@ -37,7 +41,7 @@ class Scrubber:
             batch = self.store.chunks_after(cursor, BATCH)
             if not batch:
                 if not cursor:
-                    await asyncio.sleep(IDLE_SECONDS)
+                    await self._sleep(IDLE_SECONDS)
                 self.passes += bool(cursor)
                 cursor = ""
                 continue
@@ -61,4 +65,4 @@ class Scrubber:
             quiet = min(part.quiet_for() for part in self.parts)
             if quiet >= QUIET_SECONDS:
                 return
-            await asyncio.sleep(QUIET_SECONDS - quiet)
+            await self._sleep(QUIET_SECONDS - quiet)
