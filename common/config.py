@@ -10,9 +10,11 @@ Repeatable options take a list in TOML and a comma-separated list in the environ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sqlite3
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ class Option:
     repeat: bool = False
     switch: bool = False  # a flag without a value
     metavar: str | None = None
+    at_least: float | None = None  # the smallest value allowed
+    above: float | None = None  # a bound the value must exceed
 
     @property
     def flag(self) -> str:
@@ -38,7 +42,25 @@ class Option:
 
 
 class ConfigError(ValueError):
-    pass
+    """A start-up mistake of the user's: `naiad <command>: <reason>` on stderr, exit status 2."""
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in a few words: `not a directory: /x/y`, `address already in use`."""
+    text = os.strerror(e.errno).lower() if e.errno else str(e)
+    return f"{text}: {e.filename}" if e.filename else text
+
+
+@contextlib.contextmanager
+def startup(what: str) -> Iterator[None]:
+    """A failure of the system calls in this block (a bind, a mkdir, opening the index) is the
+    user's start-up mistake about `what` (`--listen 127.0.0.1:8002`), not a crash."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"{what}: {os_reason(e)}") from None
+    except sqlite3.Error as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
@@ -46,8 +68,9 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
                         help="TOML file with options (flags and NAIAD_* variables win)")
     for opt in options:
         default_text = "" if opt.default in (None, [], False) else f" (default: {opt.default})"
+        # argparse %-formats help strings: a literal % ("above 95%") must be doubled.
         kwargs: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS,
-                                  "help": opt.help + default_text}
+                                  "help": (opt.help + default_text).replace("%", "%%")}
         if opt.switch:
             kwargs["action"] = "store_true"
         else:
@@ -76,15 +99,27 @@ def _convert(opt: Option, raw: Any, origin: str) -> Any:
             return [opt.type(str(i).strip()) for i in items]
         if isinstance(raw, list | dict):
             raise TypeError(f"expected one value, got {type(raw).__name__}")
-        return opt.type(raw if isinstance(raw, str) else str(raw))
+        return _in_range(opt, opt.type(raw if isinstance(raw, str) else str(raw)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{opt.name} from {origin}: {e}") from None
 
 
+def _in_range(opt: Option, value: Any) -> Any:
+    if value is not None and opt.at_least is not None and value < opt.at_least:
+        raise ValueError(f"must be at least {opt.at_least:g}, got {value}")
+    if value is not None and opt.above is not None and value <= opt.above:
+        raise ValueError(f"must be more than {opt.above:g}, got {value}")
+    return value
+
+
 def resolve(options: list[Option], args: argparse.Namespace, section: str,
-            environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The value of every option, from flags, environment, file and defaults in that order."""
+            environ: Mapping[str, str] | None = None,
+            commands: Mapping[str, list[Option]] | None = None) -> dict[str, Any]:
+    """The value of every option, from flags, environment, file and defaults in that order.
+    `commands`: every command sharing the file (default: this one), whose options and tables
+    the file's top level may hold; anything else there is a mistake."""
     environ = os.environ if environ is None else environ
+    commands = commands or {section: options}
     file_values: dict[str, Any] = {}
     config_path = getattr(args, "config", None) or environ.get("NAIAD_CONFIG")
     if config_path:
@@ -93,10 +128,15 @@ def resolve(options: list[Option], args: argparse.Namespace, section: str,
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {config_path}: {e}") from None
         known = {o.name for o in options}
-        table = data.get(section, {})
-        table = table if isinstance(table, dict) else {}
+        anyone = {o.name for opts in commands.values() for o in opts}
         # Top-level keys may belong to other commands sharing the file; the command's own
         # table may only hold its own options.
+        stray = sorted(k for k, v in data.items() if not (
+            (k in commands and isinstance(v, dict)) or k.replace("-", "_") in anyone))
+        if stray:
+            raise ConfigError(f"unknown option(s) or table(s) in {config_path}: "
+                              f"{', '.join(stray)}")
+        table = data.get(section, {})
         for key, value in data.items():
             if not isinstance(value, dict) and key.replace("-", "_") in known:
                 file_values[key.replace("-", "_")] = value

@@ -13,15 +13,17 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from common import auth
 from common import log as logsetup
-from common.config import ConfigError, Option, add_options, resolve
+from common.config import ConfigError, Option, add_options, resolve, startup
 from common.limits import raise_open_files_limit
+from common.pieces import valid_piece_size
 from common.registries import Registry, UpstreamRefused
 from common.sizes import format_size, parse_size
 from common.web import ClientLimits, is_loopback, split_listen
@@ -32,6 +34,43 @@ GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections 
 
 def _size_or_none(text: str) -> int | None:
     return parse_size(text) if text else None
+
+
+def _piece_size(text: str) -> int | None:
+    size = _size_or_none(text)
+    if size is not None and not valid_piece_size(size):
+        raise ValueError(f"a piece size is a power of two from 64 KiB to 64 MiB, got {text}")
+    return size
+
+
+def _address(text: str) -> str:
+    """HOST:PORT, checked here so a typo is one line at start-up, not a traceback."""
+    _, port = split_listen(text.removeprefix("https://"))  # --advertise may say https://
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return text
+
+
+def _udp_address(text: str) -> str:
+    return text if text == "off" else _address(text)
+
+
+def _choice(*values: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text.lower() not in values:
+            raise ValueError(f"expected {' or '.join(values)}, got {text!r}")
+        return text.lower()
+    return check
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        parts = urlsplit(text)
+        local = parts.scheme == "unix" and parts.path  # unix:///run/redis.sock
+        if parts.scheme not in schemes or not (parts.hostname or local):
+            raise ValueError(f"not a {'/'.join(schemes)} URL: {text!r}")
+        return text
+    return check
 
 
 def _int_or_none(text: str) -> int | None:
@@ -48,36 +87,40 @@ COMMON = [
     Option("tls_key", None, "private key (PEM) of --tls-cert", metavar="FILE"),
     Option("header_timeout", 10.0, "seconds a client has to send its request headers, from "
            "connecting or from its previous response (idle keep-alive ends there too)",
-           type=float, metavar="SECONDS"),
+           type=float, metavar="SECONDS", above=0),
     Option("connections_per_address", 512, "connections one remote address may hold on each "
-           "listener; more are closed at once", type=int, metavar="N"),
-    Option("log_format", "text", "text or json"),
-    Option("log_level", "info", "debug, info, warning or error"),
+           "listener; more are closed at once", type=int, metavar="N", at_least=1),
+    Option("log_format", "text", "text or json", type=_choice("text", "json")),
+    Option("log_level", "info", "debug, info, warning or error",
+           type=_choice("debug", "info", "warning", "error")),
 ]
 SCHEDULER_OPTIONS = [
-    Option("listen", "127.0.0.1:8002", "HTTP API address", metavar="HOST:PORT"),
+    Option("listen", "127.0.0.1:8002", "HTTP API address", type=_address, metavar="HOST:PORT"),
     Option("udp", "127.0.0.1:8003", "UDP heartbeat address; `off`: heartbeats over HTTP only",
-           metavar="HOST:PORT"),
+           type=_udp_address, metavar="HOST:PORT"),
     Option("udp_advertise", None, "UDP address peers send heartbeats to, if not --udp",
-           metavar="HOST:PORT"),
+           type=_address, metavar="HOST:PORT"),
     Option("token", None, "bearer token required by mutating operator calls; a --listen "
            "beyond loopback needs one (or --insecure)"),
     Option("allow_registry", [], "registry preheat may reach (repeatable, as a peer's "
            "--allow-registry); none: preheat is refused", repeat=True, metavar="URL"),
     Option("heartbeat_interval", 2.0, "seconds between peer heartbeats; 3 missed expire a peer",
-           type=float, metavar="SECONDS"),
+           type=float, metavar="SECONDS", above=0),
     Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
-           type=float, metavar="SECONDS"),
-    Option("redis", None, "Redis URL for state shared by scheduler replicas", metavar="URL"),
+           type=float, metavar="SECONDS", above=0),
+    Option("redis", None, "Redis URL for state shared by scheduler replicas",
+           type=_url("redis", "rediss", "unix"), metavar="URL"),
     *COMMON,
 ]
 PEER_OPTIONS = [
     Option("scheduler", ["http://127.0.0.1:8002"], "scheduler URL; repeat to fail over in order",
-           repeat=True, metavar="URL"),
-    Option("listen", "127.0.0.1:65001", "mirror/proxy address", metavar="HOST:PORT"),
-    Option("upload", "127.0.0.1:65002", "peer-to-peer upload address", metavar="HOST:PORT"),
-    Option("advertise", None, "upload address other peers dial, if not --upload",
+           type=_url("http", "https"), repeat=True, metavar="URL"),
+    Option("listen", "127.0.0.1:65001", "mirror/proxy address", type=_address,
            metavar="HOST:PORT"),
+    Option("upload", "127.0.0.1:65002", "peer-to-peer upload address", type=_address,
+           metavar="HOST:PORT"),
+    Option("advertise", None, "upload address other peers dial, if not --upload",
+           type=_address, metavar="HOST:PORT"),
     Option("data_dir", "~/.local/share/naiad", "chunk store directory", metavar="DIR"),
     Option("registry", "https://registry-1.docker.io", "default upstream registry", metavar="URL"),
     Option("allow_registry", [], "another registry reachable through this peer (repeatable)",
@@ -86,11 +129,13 @@ PEER_OPTIONS = [
     Option("idc", "", "IDC label"),
     Option("location", "", "location label, most general first: a|b|c"),
     Option("seed", False, "seed peer (fetches preheated content)", switch=True),
-    Option("piece_size", None, "piece size proposed for new tasks", type=_size_or_none,
+    Option("piece_size", None, "piece size proposed for new tasks", type=_piece_size,
            metavar="SIZE"),
-    Option("upload_slots", 8, "concurrent uploads to other peers", type=int, metavar="N"),
+    Option("upload_slots", 8, "concurrent uploads to other peers", type=int, metavar="N",
+           at_least=1),
     Option("upload_slots_per_address", None, "concurrent uploads to one remote address "
-           "(default: half of --upload-slots, at least 1)", type=_int_or_none, metavar="N"),
+           "(default: half of --upload-slots, at least 1)", type=_int_or_none, metavar="N",
+           at_least=1),
     Option("upload_min_rate", 64 << 10, "bytes/s a child must read an upload at; one slower "
            "for about 5 s is cut off and its slot freed (0: never)", type=parse_size,
            metavar="SIZE"),
@@ -98,21 +143,22 @@ PEER_OPTIONS = [
            "against (default: the system store); with --tls-cert, the upload port also "
            "requires client certificates it signed (mutual TLS)", metavar="FILE"),
     Option("origin_concurrency", 4, "concurrent origin requests per registry", type=int,
-           metavar="N"),
+           metavar="N", at_least=1),
     Option("no_verify_on_serve", False, "do not re-hash stored chunks served to clients",
            switch=True),
     Option("no_prefetch", False, "do not fetch the rest of a blob in the background after a "
            "range read", switch=True),
     Option("disk_quota", None, "most bytes the chunk store may hold; least recently used "
-           "tasks are evicted above 95%, down to 85%", type=_size_or_none, metavar="SIZE"),
+           "tasks are evicted above 95%, down to 85%", type=_size_or_none, metavar="SIZE",
+           above=0),
     Option("scrub_rate", 16 << 20, "bytes/s at which stored chunks are re-hashed in the "
            "background (0: never)", type=parse_size, metavar="SIZE"),
     Option("upload_rate", None, "most bytes/s uploaded to other peers (unlimited if unset)",
-           type=_size_or_none, metavar="SIZE"),
+           type=_size_or_none, metavar="SIZE", above=0),
     Option("download_rate", None, "most bytes/s downloaded from other peers",
-           type=_size_or_none, metavar="SIZE"),
+           type=_size_or_none, metavar="SIZE", above=0),
     Option("origin_rate", None, "most bytes/s downloaded from origin registries",
-           type=_size_or_none, metavar="SIZE"),
+           type=_size_or_none, metavar="SIZE", above=0),
     *COMMON,
 ]
 
@@ -198,9 +244,6 @@ def _allow_registries(opts: dict[str, Any]) -> list[Registry]:
 
 
 def _client_limits(opts: dict[str, Any]) -> ClientLimits:
-    if opts["header_timeout"] <= 0 or opts["connections_per_address"] < 1:
-        raise ConfigError("--header-timeout must be positive and --connections-per-address "
-                          "at least 1")
     return ClientLimits(header_timeout=opts["header_timeout"],
                         per_address=opts["connections_per_address"])
 
@@ -268,8 +311,9 @@ def cmd_peer(opts: dict[str, Any]) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from naiad.get import GetError, get
+    from naiad.get import GetError, check_args, get
 
+    check_args(args.url, args.output, args.peer, args.digest)
     try:
         result = asyncio.run(get(args.url, args.output, args.peer, args.digest))
     except (GetError, aiohttp.ClientError, OSError) as e:
@@ -415,9 +459,18 @@ def cmd_check_store(args: argparse.Namespace) -> int:
     """Re-hash every chunk of a (stopped) peer's store; drop what fails."""
     from peer.store import ChunkStore
 
-    store = ChunkStore(args.data_dir)
-    store.open()  # the cheap check: missing or torn files, orphans
+    what = f"--data-dir {args.data_dir}"
+    root = Path(args.data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"{what}: " + ("not a directory" if root.exists()
+                                         else "no such directory"))
+    if not (root / "index.db").is_file() and not (root / "chunks").is_dir():
+        # Opening would make a store of it: never in a directory the user merely mistyped.
+        raise ConfigError(f"{what}: not a peer's store (no index.db or chunks/ in it)")
+    store = ChunkStore(root)
     try:
+        with startup(what):
+            store.open()  # the cheap check: missing or torn files, orphans
         before = sum(len(t.pieces) for t in store.tasks())
         dropped = store.check(full=True)
     finally:
@@ -427,8 +480,10 @@ def cmd_check_store(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from naiad.demo import run_demo
+    from naiad.demo import MAX_PEERS, run_demo
 
+    if not 1 <= args.peers <= MAX_PEERS:
+        raise ConfigError(f"--peers must be from 1 to {MAX_PEERS}, got {args.peers}")
     return asyncio.run(run_demo(peers=args.peers))
 
 
@@ -441,8 +496,15 @@ def _operator_options(p: argparse.ArgumentParser) -> None:
                    "per-user secret)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other start-up mistake (not the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="naiad", description=__doc__)
+    parser = _Parser(prog="naiad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("scheduler", help="run the scheduler")
     add_options(p, SCHEDULER_OPTIONS)
@@ -478,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("scheduler", "peer"):
-            options = SCHEDULER_OPTIONS if args.command == "scheduler" else PEER_OPTIONS
-            opts = resolve(options, args, args.command)
+            commands = {"scheduler": SCHEDULER_OPTIONS, "peer": PEER_OPTIONS}
+            opts = resolve(commands[args.command], args, args.command, commands=commands)
             logsetup.setup(opts["log_format"], opts["log_level"].upper())
             return (cmd_scheduler if args.command == "scheduler" else cmd_peer)(opts)
         logsetup.setup("text", "WARNING")

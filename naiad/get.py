@@ -14,17 +14,37 @@ import re
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
+from common.config import ConfigError
 from common.sizes import format_size
 
 _BLOB_URL = re.compile(r"^(https?)://([^/]+)/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class GetError(Exception):
     pass
+
+
+def check_args(url: str, output: str, peer: str, digest: str | None) -> None:
+    """The user's mistakes, refused before anything is fetched (ConfigError: exit status 2)."""
+    for what, value in (("URL", url), ("--peer", peer)):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{what} {value!r} is not an http(s) URL")
+    if digest is not None and not _DIGEST.match(digest):
+        raise ConfigError(f"--digest {digest!r} is not sha256:<64 hex digits>")
+    out = Path(output)
+    parent = out.parent
+    if out.is_dir():
+        raise ConfigError(f"-o {output}: is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"-o {output}: no directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"-o {output}: cannot write in {parent}")
 
 
 def mirror_request(url: str, peer: str, digest: str | None) -> tuple[str, dict[str, str],

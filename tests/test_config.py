@@ -28,7 +28,7 @@ def parser_for(section: str) -> argparse.ArgumentParser:
 def run(section: str = "peer", argv: list[str] | None = None,
         environ: dict[str, str] | None = None) -> dict[str, Any]:
     args = parser_for(section).parse_args(argv or [])
-    return resolve(TABLES[section], args, section, environ=environ or {})
+    return resolve(TABLES[section], args, section, environ=environ or {}, commands=TABLES)
 
 
 @pytest.fixture
@@ -370,15 +370,67 @@ def test_other_commands_option_in_own_section_is_an_error(toml) -> None:
         run("scheduler", toml("[scheduler]\nseed = true\n"))
 
 
-def test_unknown_top_level_keys_are_ignored(toml) -> None:
-    argv = toml('bogus = 1\ntoken = "for-the-scheduler"\nseed = true\n'
-                '[scheduler]\nheartbeat-interval = 9.0\n[other]\nanything = "goes"\n')
+def test_other_commands_top_level_keys_are_theirs(toml) -> None:
+    argv = toml('token = "for-the-scheduler"\nseed = true\n'
+                '[scheduler]\nheartbeat-interval = 9.0\n')
     opts = run("peer", argv)
     assert opts["seed"] is True
-    assert "bogus" not in opts and "token" not in opts
+    assert "token" not in opts
     sched = run("scheduler", argv)
     assert sched["token"] == "for-the-scheduler"
     assert sched["heartbeat_interval"] == 9.0
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("bogus = 1\n", "bogus"),  # no command has it: a typo
+    ("uplod-slots = 3\n", "uplod-slots"),
+    ('[other]\nanything = "goes"\n', "other"),  # a table no command reads
+    ("peer = 3\n", "peer"),  # a command's name, not a table
+])
+def test_unknown_top_level_key_or_table_is_an_error(toml, text: str, named: str) -> None:
+    for section in ("peer", "scheduler"):
+        with pytest.raises(ConfigError, match=named):
+            run(section, toml(text))
+
+
+@pytest.mark.parametrize(("section", "argv", "env", "text", "name"), [
+    ("peer", ["--upload-slots", "0"], {}, "", "upload_slots"),
+    ("peer", [], {"NAIAD_ORIGIN_CONCURRENCY": "0"}, "", "origin_concurrency"),
+    ("peer", [], {}, "upload-slots-per-address = 0\n", "upload_slots_per_address"),
+    ("peer", ["--disk-quota", "0"], {}, "", "disk_quota"),
+    ("peer", ["--upload-rate", "0"], {}, "", "upload_rate"),
+    ("peer", ["--piece-size", "3M"], {}, "", "piece_size"),  # not a power of two
+    ("peer", ["--piece-size", "128M"], {}, "", "piece_size"),
+    ("peer", ["--header-timeout", "0"], {}, "", "header_timeout"),
+    ("peer", ["--connections-per-address", "0"], {}, "", "connections_per_address"),
+    ("peer", ["--listen", "127.0.0.1:70000"], {}, "", "listen"),
+    ("peer", ["--upload", "nowhere"], {}, "", "upload"),
+    ("peer", ["--scheduler", "ftp://x"], {}, "", "scheduler"),
+    ("peer", ["--log-level", "loud"], {}, "", "log_level"),
+    ("scheduler", ["--heartbeat-interval", "-1"], {}, "", "heartbeat_interval"),
+    ("scheduler", [], {}, "lease_timeout = 0\n", "lease_timeout"),
+    ("scheduler", ["--redis", "localhost:6379"], {}, "", "redis"),
+    ("scheduler", ["--udp", "8003"], {}, "", "udp"),
+])
+def test_out_of_range_values_name_the_option(toml, section: str, argv: list[str],
+                                             env: dict[str, str], text: str,
+                                             name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        run(section, argv + (toml(text) if text else []), env)
+
+
+@pytest.mark.parametrize(("argv", "name", "expected"), [
+    (["--upload-min-rate", "0"], "upload_min_rate", 0),  # 0: never cut off
+    (["--scrub-rate", "0"], "scrub_rate", 0),  # 0: no scrubbing
+    (["--upload-slots", "1"], "upload_slots", 1),
+    (["--udp", "off"], "udp", "off"),
+    (["--redis", "unix:///run/redis.sock"], "redis", "unix:///run/redis.sock"),
+    (["--advertise", "https://10.0.0.1:65002"], "advertise", "https://10.0.0.1:65002"),
+    (["--log-level", "DEBUG"], "log_level", "debug"),
+])
+def test_edge_values_are_accepted(argv: list[str], name: str, expected: Any) -> None:
+    section = "scheduler" if name in ("udp", "redis") else "peer"
+    assert run(section, argv)[name] == expected
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
