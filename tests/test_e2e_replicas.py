@@ -1,11 +1,13 @@
 """Issue 4, acceptance test 2: stateless scheduler replicas over one Redis. Two
 `naiad scheduler --redis` replicas, four peers given both; the replica the peers use is killed
 (SIGKILL) in the middle of a 64 MiB distribution. Every pull completes with the right sha256,
-and the registry still serves the blob about once."""
+and the registry still serves the blob about once. Each fault is triggered by a pull's
+progress (bytes read), not by a timer, and each scenario runs once."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +21,6 @@ from tests.cluster import (
     CountingProxy,
     Registry,
     member_session,
-    pull_digest,
     push_blob,
     spawn,
     until,
@@ -55,10 +56,35 @@ async def _pieces_held(scheduler: str, task_id: str) -> int:
     return sum(1 for p in view["piece_map"] if p["holders"])
 
 
-async def _kill_the_replica_in_use(cluster: Cluster, registry: Registry,
-                                   origin: CountingProxy, repo: str, redis_url: str
-                                   ) -> tuple[list[str], str, float]:
-    """Run the scenario; the pulls' digests, the blob's, and what the registry sent (x blob)."""
+async def _pull(url: str, at: int, reached: asyncio.Event) -> str:
+    """GET a blob, streamed; the sha256 of what arrived. Sets `reached` once `at` bytes have:
+    the faults below are triggered by a pull's progress, not by a timer."""
+    h = hashlib.sha256()
+    got = 0
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, await r.text()
+        async for chunk in r.content.iter_chunked(1 << 20):
+            h.update(chunk)
+            got += len(chunk)
+            if got >= at:
+                reached.set()
+    return "sha256:" + h.hexdigest()
+
+
+async def _reached(mark: asyncio.Event, pulls: list[asyncio.Task[str]]) -> None:
+    """Until a pull has set `mark`, while every pull is still under way."""
+    waiter = asyncio.create_task(mark.wait())
+    try:
+        await asyncio.wait([waiter, *pulls], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    assert mark.is_set() and not any(t.done() for t in pulls), \
+        "a pull ended before the mark was reached: the fault would not be mid-distribution"
+
+
+async def test_replica_in_use_killed_mid_distribution_pulls_exact_registry_about_once(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        redis_url: str) -> None:
     blob = os.urandom(64 * MiB)
     digest = await push_blob(registry.url, repo, blob)
     a = await cluster.scheduler("--redis", redis_url, name="scheduler-a")
@@ -70,32 +96,18 @@ async def _kill_the_replica_in_use(cluster: Cluster, registry: Registry,
         assert sorted(p["id"] for p in (await r.json())["peers"]) == [p.name for p in peers]
     before = origin.bytes_down
 
-    pulls = [asyncio.create_task(pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}")) for p in peers]
-    # In the middle: some of the blob's 64 pieces are held somewhere, not all.
-    while (held := await _pieces_held(b.url, digest)) < 8:
-        assert not any(t.done() for t in pulls), "the pulls finished before the kill"
-        await asyncio.sleep(0.02)
-    assert held < 64, "too late to kill mid-distribution"
+    # In the middle: once a client has read a quarter of the blob, a is SIGKILLed.
+    quarter = asyncio.Event()
+    pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}", 16 * MiB, quarter))
+             for p in peers]
+    await _reached(quarter, pulls)
+    held = await _pieces_held(b.url, digest)
     a.proc.kill()
+    assert held < 64, "every piece was held before the kill: not mid-distribution"
 
     results = await asyncio.wait_for(asyncio.gather(*pulls), 120)
-    return results, digest, (origin.bytes_down - before) / len(blob)
-
-
-async def test_every_pull_completes_when_the_replica_in_use_is_killed(
-        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
-        redis_url: str) -> None:
-    results, digest, _ = await _kill_the_replica_in_use(cluster, registry, origin, repo,
-                                                        redis_url)
     assert results == [digest] * 4
-
-
-async def test_registry_serves_the_blob_about_once_when_the_replica_in_use_is_killed(
-        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
-        redis_url: str) -> None:
-    results, digest, sent = await _kill_the_replica_in_use(cluster, registry, origin, repo,
-                                                           redis_url)
-    assert results == [digest] * 4
+    sent = (origin.bytes_down - before) / len(blob)
     assert sent <= 1.1, f"registry sent {sent:.2f}x the blob"
 
 
@@ -113,13 +125,15 @@ async def test_redis_restarted_mid_distribution(
         sched = await cluster.scheduler("--redis", server.url)
         peers = await asyncio.gather(*(cluster.peer(f"peer-{i}", sched.url, origin.url)
                                        for i in range(4)))
-        pulls = [asyncio.create_task(pull_digest(f"{p.url}/v2/{repo}/blobs/{digest}"))
-                 for p in peers]
-        while await _pieces_held(sched.url, digest) < 4:
-            assert not any(t.done() for t in pulls), "the pulls finished before the restart"
-            await asyncio.sleep(0.02)
+        # Once a client has read a quarter of the blob, Redis is SIGKILLed.
+        quarter = asyncio.Event()
+        pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{digest}", 8 * MiB,
+                                           quarter)) for p in peers]
+        await _reached(quarter, pulls)
         server.proc.kill()
-        server.proc.popen.wait()
+        async with member_session() as s, \
+                s.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
+            assert r.status == 503, f"with Redis down the scheduler answered {r.status}"
         server.proc = spawn("redis", [server.binary, *server.args], tmp_path / "redis")
         server.wait_ready()
         assert await asyncio.wait_for(asyncio.gather(*pulls), 120) == [digest] * 4
