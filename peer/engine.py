@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 import random
@@ -41,7 +40,7 @@ from common.tasks import Activity, TaskSet, consume_exception
 from peer.origin import OriginClient, OriginError, OriginRequest
 from peer.parents import ParentClient, ParentError
 from peer.scheduler_client import SchedulerClient, SchedulerRefused, SchedulerUnavailable
-from peer.store import ChunkCorrupt, ChunkStore
+from peer.store import CannotStore, ChunkCorrupt, ChunkStore
 
 log = logging.getLogger("naiad.peer.engine")
 
@@ -55,7 +54,11 @@ SCHEDULER_GRACE, ON_DEMAND_GRACE = 3.0, 1.0
 PREFETCH_TASKS = 2  # tasks prefetched at once
 PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 QUOTA_HIGH, QUOTA_LOW = 0.95, 0.85  # --disk-quota watermarks: evict above high, down to low
-FULL_BACKOFF = 5  # seconds without caching after the disk filled up
+# Free space kept on the store's filesystem, quota or not, so the index can always be written
+# (and evictions recorded): this share of it, at most FREE_FLOOR_MAX. Below it nothing is
+# cached; eviction frees twice that.
+FREE_FLOOR_SHARE, FREE_FLOOR_MAX = 0.05, 1 << 30
+FULL_BACKOFF = 5  # seconds without caching after a write of the store failed
 PARENT_ROUNDS = 3
 # Parents all busy: retry every ~BUSY_BACKOFF, for up to this long, before the origin.
 BUSY_BACKOFF = 0.05
@@ -127,6 +130,7 @@ class TaskRun:
     origin: OriginRequest
     have: dict[int, str]
     direct: bool = False
+    indexed: bool = False  # the store's index holds the task with this layout
     inflight: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     decided: dict[int, asyncio.Future[tuple[str, str | None]]] = field(default_factory=dict)
     known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
@@ -257,8 +261,9 @@ class Engine:
         self.piece_size = piece_size
         self.prefetch_enabled = prefetch
         self.disk_quota = disk_quota
-        self._evicting = False
-        self._store_full_until = 0.0
+        self._store_full_until = 0.0  # no write of the store is tried before this
+        self._caching = store.read_only is None  # false from a failed write to the next success
+        store.stamping = not verify_on_serve  # unverified reads only of untouched files
         self._writing = 0  # bytes of chunk writes under way: counted against the quota
         self.fetch_slots = PrioritySlots(PARENT_FETCHES)
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
@@ -314,6 +319,7 @@ class Engine:
     async def _open(self, task_id: str, length: int, digest: str | None,
                     origin: OriginRequest) -> TaskRun:
         meta = self.store.task(task_id)
+        indexed = meta is not None
         if meta is not None and meta.length != length:
             if meta.sealed:
                 # Its digest fixes the content, and this copy matched it: the origin is wrong.
@@ -321,7 +327,10 @@ class Engine:
                                      f"but {origin.registry} says {length}")
             log.warning("task %s changed length (%d, now %d): dropping the local copy",
                         task_id, meta.length, length)
-            self.store.drop_task(task_id)
+            try:
+                self.store.drop_task(task_id)
+            except CannotStore as e:  # the old row stays: nothing is stored under it
+                self._cannot_cache(e)
             self.scheduler.withdraw(task_id, None)
             meta = None
         if meta is None:
@@ -336,8 +345,9 @@ class Engine:
                 meta = TaskMeta(task_id=task_id, length=length,
                                 piece_size=self.piece_size or default_piece_size(length),
                                 digest=digest)
-            self.store.put_task(meta)
-        run = TaskRun(meta=meta, origin=origin, have=self.store.pieces(task_id))
+            indexed = self._index_task(meta)
+        run = TaskRun(meta=meta, origin=origin, indexed=indexed,
+                      have=self.store.pieces(task_id) if indexed else {})
         run.batcher = DecisionBatcher(self.scheduler, task_id, self.tasks,
                                       lambda i: run.priority.get(i, DEFAULT),
                                       lambda: run.origin.registry)
@@ -556,23 +566,37 @@ class Engine:
             log.warning("origin run %d-%d of %s failed: %r", orun.first, orun.last,
                         run.task_id, e)
         finally:
+            for f in orun.pieces.values():  # a waiter is never left pending, whatever failed
+                if not f.done():
+                    f.set_exception(OriginError(f"origin run {orun.first}-{orun.last} of "
+                                                f"{run.task_id} ended without this piece"))
             if epoch is not None and run.origin_runs.get(epoch) is orun:
                 del run.origin_runs[epoch]
 
     async def _keep_origin_piece(self, run: TaskRun, orun: OriginRun, index: int, data: bytes,
                                  started: float) -> None:
-        chunk = await _hash(data)
-        if index not in run.have:
-            await self._keep(run, index, chunk, data, "origin")
-            self.metrics.piece_seconds.labels("origin").observe(time.perf_counter() - started)
-        orun.pieces[index].set_result(data)
+        """Keep a piece the origin sent; its readers get the bytes whether or not that works
+        (asyncio.wait in the run does not look at this task's outcome)."""
+        fut = orun.pieces[index]
+        try:
+            chunk = await _hash(data)
+            if index not in run.have:
+                await self._keep(run, index, chunk, data, "origin")
+                self.metrics.piece_seconds.labels("origin").observe(
+                    time.perf_counter() - started)
+        except Exception as e:
+            log.error("piece %d of %s passed through, not kept: %r", index, run.task_id, e)
+        finally:
+            if not fut.done():
+                fut.set_result(data)
 
     async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
                     source: str) -> None:
         """Store verified bytes, count them, announce them; seal the task when complete.
 
-        A full disk (or quota) degrades to passing the bytes through uncached: the reader
-        still gets them, nobody is told this peer holds them."""
+        A store that cannot take them (quota, free-space floor, a full, read-only or failing
+        disk) degrades to passing the bytes through uncached: the reader still gets them,
+        nobody is told this peer holds them."""
         self.metrics.download_bytes.labels(source).inc(len(data))
         if not await self._store(run, index, chunk, data):
             return
@@ -589,45 +613,104 @@ class Engine:
             self.tasks.spawn(self._seal(run), f"seal-{run.task_id[:19]}")
 
     async def _store(self, run: TaskRun, index: int, chunk: str, data: bytes) -> bool:
-        quota = self.disk_quota
-        if quota is not None and \
-                self.store.bytes + self._writing + len(data) > QUOTA_HIGH * quota:
-            self._evict(reserve=self._writing + len(data))
-        if time.monotonic() < self._store_full_until or (
-                quota is not None and self.store.bytes + self._writing + len(data) > quota):
+        size = len(data)
+        if not self._may_write() or not self._room_for(size):
             return False
-        self._writing += len(data)
+        if not run.indexed and not self._index_task(run.meta):
+            return False
+        self._writing += size
         try:
             await self.store.put_piece(run.task_id, index, chunk, data)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            log.warning("disk full: serving %s uncached for %d s", run.task_id, FULL_BACKOFF)
-            self._store_full_until = time.monotonic() + FULL_BACKOFF
-            self._evict()
+        except CannotStore as e:
+            self._cannot_cache(e)
             return False
         finally:
-            self._writing -= len(data)
+            self._writing -= size
+        if not self._caching:
+            self._caching = True
+            log.info("caching again")
         self.metrics.cache_bytes.set(self.store.bytes)
         return True
 
-    def _evict(self, reserve: int = 0) -> None:
-        """Drop least recently used tasks down to the low watermark less `reserve` (bytes being
-        written, which will count once stored), or to a quarter of the store after a full
-        disk; never a task being read or fetched."""
-        if self._evicting:
-            return
-        target = max(0, int(QUOTA_LOW * self.disk_quota) - reserve) \
-            if self.disk_quota is not None else self.store.bytes * 3 // 4
-        busy = {t for t, r in self.runs.items() if r.busy}
-        self._evicting = True
+    def _index_task(self, meta: TaskMeta) -> bool:
+        """Record the task in the store's index; whether it holds the task with this layout."""
+        if not self._may_write():
+            return False
         try:
-            for task_id in self.store.evict(target, busy):
-                self.runs.pop(task_id, None)
-                self.scheduler.withdraw(task_id, None)
-                log.info("evicted %s", task_id)
-        finally:
-            self._evicting = False
+            return self.store.put_task(meta)
+        except CannotStore as e:
+            self._cannot_cache(e)
+            return False
+
+    def _may_write(self) -> bool:
+        """Whether to try writing the store now: not within FULL_BACKOFF of a failed write
+        (a store that could not be opened for writing is tried again as often)."""
+        if time.monotonic() < self._store_full_until:
+            return False
+        if self.store.read_only is not None and not self.store.reopen():
+            self._cannot_cache(CannotStore(self.store.read_only))
+            return False
+        return True
+
+    def _cannot_cache(self, e: CannotStore) -> None:
+        """A write of the store failed: cache nothing for FULL_BACKOFF seconds and, if for want
+        of space, evict. Logged once until caching works again."""
+        self._store_full_until = time.monotonic() + FULL_BACKOFF
+        self._uncached(f"{'disk full' if e.full else 'cannot write the store'} ({e})")
+        if e.full:
+            target = self.store.bytes * 3 // 4
+            floor = self._floor()
+            if floor is not None:
+                target = min(target, self.store.bytes - (2 * floor[1] - floor[0]))
+            self._evict(target)
+
+    def _uncached(self, why: str) -> None:
+        if self._caching:
+            self._caching = False
+            log.warning("%s: serving uncached, trying again every %d s", why, FULL_BACKOFF)
+
+    def _floor(self) -> tuple[int, int] | None:
+        """(bytes free, bytes to keep free) on the store's filesystem; None if unknown."""
+        space = self.store.free_space()
+        if space is None:
+            return None
+        return space[0], min(FREE_FLOOR_MAX, int(FREE_FLOOR_SHARE * space[1]))
+
+    def _room_for(self, size: int) -> bool:
+        """Whether `size` more bytes may be cached: within --disk-quota and above the
+        free-space floor, after evicting least recently used tasks if that makes room."""
+        reserve = self._writing + size  # chunk writes under way count as stored
+        quota = self.disk_quota
+        if quota is not None:
+            if self.store.bytes + reserve > QUOTA_HIGH * quota:
+                self._evict(int(QUOTA_LOW * quota) - reserve)
+            if self.store.bytes + reserve > quota:
+                return False
+        space = self._floor()
+        if space is None or space[0] - reserve >= space[1]:
+            return True
+        free, floor = space
+        self._evict(self.store.bytes - (2 * floor + reserve - free))
+        space = self._floor()
+        if space is not None and space[0] - reserve >= space[1]:
+            return True
+        self._uncached(f"disk full: {free} bytes free, below the {floor} kept free")
+        return False
+
+    def _evict(self, target: int) -> None:
+        """Drop least recently used tasks until the store holds at most `target` bytes; never
+        a task being read or fetched."""
+        busy = {t for t, r in self.runs.items() if r.busy}
+        try:
+            dropped = self.store.evict(max(0, target), busy)
+        except CannotStore as e:
+            dropped = e.dropped
+            self._store_full_until = time.monotonic() + FULL_BACKOFF
+            self._uncached(f"cannot evict ({e})")
+        for task_id in dropped:
+            self.runs.pop(task_id, None)
+            self.scheduler.withdraw(task_id, None)
+            log.info("evicted %s", task_id)
         self.metrics.cache_bytes.set(self.store.bytes)
 
     # -- whole-blob verification -----------------------------------------------------------
@@ -636,7 +719,7 @@ class Engine:
         chunks = [run.have[i] for i in range(run.layout.count)]
         try:
             digest = await asyncio.to_thread(self._sha256_of, chunks)
-        except (FileNotFoundError, KeyError) as e:
+        except (OSError, KeyError) as e:
             log.warning("cannot seal %s: %r", run.task_id, e)
             run.sealing = False
             return
@@ -666,7 +749,11 @@ class Engine:
         if run.meta.sealed:
             return
         run.meta = run.meta.model_copy(update={"sealed": True})
-        self.store.mark_sealed(run.task_id)
+        if run.indexed and self._may_write():
+            try:
+                self.store.mark_sealed(run.task_id)
+            except CannotStore as e:  # proven again after a restart
+                self._cannot_cache(e)
         self.scheduler.sealed(run.task_id, run.origin.registry)
         log.info("task %s assembled and verified", run.task_id)
 
@@ -674,8 +761,12 @@ class Engine:
         """The assembled blob failed its digest: forget every piece, tell the scheduler."""
         self.metrics.verify_failures.inc()
         log.error("task %s failed its digest: dropping its pieces", run.task_id)
-        self.store.drop_task(run.task_id)
-        self.store.put_task(run.meta)
+        try:
+            self.store.drop_task(run.task_id)
+            run.indexed = self.store.put_task(run.meta)
+        except CannotStore as e:  # nothing more is stored under it in this process
+            run.indexed = False
+            self._cannot_cache(e)
         run.have.clear()
         run.sealing = False
         self.scheduler.blob_mismatch(run.task_id, run.origin.registry)
@@ -740,7 +831,11 @@ class Engine:
         run.readers += 1
         self._update_active()
         try:
-            self.store.touch(run.task_id, time.time())
+            if run.indexed and self._may_write():
+                try:
+                    self.store.touch(run.task_id, time.time())
+                except CannotStore as e:
+                    self._cannot_cache(e)
             yield
         finally:
             run.readers -= 1
@@ -751,8 +846,9 @@ class Engine:
                           ) -> AsyncIterator[list[tuple[Path, int, int]] | None]:
         """`rng` of a sealed task as (chunk file, offset, count) spans, for sendfile: only with
         --no-verify-on-serve (verifying means reading the bytes anyway), only when every piece
-        is stored and the blob is already proven against `expect`; else None (use `read`).
-        The task counts as being read meanwhile, so eviction leaves it alone."""
+        is stored, its file unchanged since this process wrote or verified it (else `read`
+        re-hashes it), and the blob is already proven against `expect`; else None (use
+        `read`). The task counts as being read meanwhile, so eviction leaves it alone."""
         proven = run.meta.sealed and expect in (None, run.meta.digest)
         if self.verify_on_serve or not proven or run.meta.length == 0:
             yield None
@@ -761,7 +857,7 @@ class Engine:
         spans = []
         for i in layout.covering(rng.start, rng.end):
             chunk = run.have.get(i)
-            if chunk is None:
+            if chunk is None or not self.store.unchanged(chunk):
                 spans = None
                 break
             lo, hi = layout.clip(i, rng.start, rng.end)
@@ -870,7 +966,7 @@ class Engine:
                 continue
             try:
                 data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
-            except (ChunkCorrupt, FileNotFoundError):
+            except (ChunkCorrupt, OSError):  # rotten, gone, or unreadable: fetch it again
                 self.drop_chunk(chunk)
                 continue
             self.metrics.download_bytes.labels("local").inc(len(data))
@@ -907,7 +1003,13 @@ class Engine:
         self.metrics.verify_failures.inc()
         log.error("stored chunk %s is corrupt: dropping it", chunk)
         dropped: dict[str, list[int]] = {}
-        for task_id, index in self.store.drop_chunk(chunk):
+        try:
+            pieces = self.store.drop_chunk(chunk)
+        except CannotStore as e:  # its file is gone; the index entries go at the next start
+            self._cannot_cache(e)
+            pieces = [(t, i) for t, r in self.runs.items() for i, c in r.have.items()
+                      if c == chunk]
+        for task_id, index in pieces:
             dropped.setdefault(task_id, []).append(index)
             run = self.runs.get(task_id)
             if run is not None:

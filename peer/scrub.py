@@ -51,8 +51,10 @@ class Scrubber:
                 await self._quiet()  # the tokens may have taken a while
                 try:
                     await self.store.read_chunk(chunk, verify=True)
-                except (ChunkCorrupt, FileNotFoundError):
-                    log.error("scrub: chunk %s failed its digest", chunk)
+                except (ChunkCorrupt, OSError) as e:
+                    if not self.store.indexed(chunk):
+                        continue  # evicted or dropped since listed: nothing to check
+                    log.error("scrub: chunk %s failed its digest: %r", chunk, e)
                     self.engine.drop_chunk(chunk)
                 self.checked += 1
             cursor = batch[-1][0]

@@ -6,6 +6,11 @@ place only after its digest checked, so a file under `chunks/` is always whole a
 written (rot at rest is caught by re-hashing on serve). The index (sqlite, WAL) maps tasks to
 their piece layout and which chunk each held piece is; it survives restarts and crashes.
 
+The store is a cache: any failure to write it (a full or read-only disk, an I/O error, in the
+chunk files or in the index) raises `CannotStore`, which callers take as "do not cache this",
+never as a failed read. Opening never fails on a damaged store: what does not belong is moved to
+`lost+found/<time>/` and a broken index rebuilt from what it can still vouch for.
+
 Index calls run on the event loop thread (each is tens of microseconds); file I/O runs in worker
 threads.
 """
@@ -13,15 +18,21 @@ threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+import re
 import sqlite3
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import ids
 from common.models import TaskMeta
+from common.pieces import valid_piece_size
 
 log = logging.getLogger("naiad.store")
 
@@ -47,16 +58,93 @@ CREATE INDEX IF NOT EXISTS pieces_by_chunk ON pieces (chunk);
 # may hold a seal copied from the scheduler's word, so opening one forgets its seals once: the
 # next whole read or the seal job proves them again.
 SCHEMA_VERSION = 2
+INDEX = "index.db"
+_INDEX_FILES = (INDEX, INDEX + "-wal", INDEX + "-shm")
+LOST_AND_FOUND = "lost+found"
+_CHUNK_FILE = re.compile(r"^[0-9a-f]{64}(\.zst|\.raw)?$")  # a chunk and its sidecars
+_TASK_ID = re.compile(r"^(sha256|url):[0-9a-f]{64}$")
+_CHUNK_ID = re.compile(r"^blake3:[0-9a-f]{64}$")
+_SHOWN = 10  # entries named in the set-aside warning
 
 
 class ChunkCorrupt(Exception):
     """A stored chunk's bytes no longer hash to its name."""
 
 
+class CannotStore(Exception):
+    """Writing the store or its index failed: cache nothing for a while. `full`: for want of
+    space (evicting may help); else read-only or an I/O error (evicting would only lose data).
+    `dropped`: tasks an eviction had dropped before it failed."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+        self.dropped: list[str] = []
+
+
+def _for_want_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(e, "sqlite_errorname", "") == "SQLITE_FULL"
+
+
+def _corrupt(e: sqlite3.DatabaseError) -> bool:
+    """Whether sqlite says the file itself is broken (not that it cannot be written now)."""
+    return getattr(e, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+class _Damaged(Exception):
+    """The index failed its integrity check."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredTask:
     meta: TaskMeta
     pieces: dict[int, str]
+
+
+class _SetAside:
+    """Moves what does not belong in the store to lost+found/<time>/, keeping its path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / LOST_AND_FOUND / time.strftime("%Y%m%dT%H%M%S")
+        if self.dir.exists():  # a second start within the second
+            self.dir = self.dir.with_name(f"{self.dir.name}-{uuid.uuid4().hex[:6]}")
+        self.moved: list[str] = []
+        self.stuck: list[str] = []
+
+    def move(self, path: Path, why: str, listed: bool = True) -> bool:
+        """Whether it was moved; `listed`: named in the warning (else the caller says it)."""
+        rel = path.relative_to(self.root)
+        try:
+            dest = self.dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, dest)
+        except OSError as e:
+            self.stuck.append(f"{rel} ({why}; cannot move it: {e.strerror})")
+            return False
+        if listed:
+            self.moved.append(f"{rel} ({why})")
+        return True
+
+    def report(self) -> None:
+        if self.moved:
+            shown = ", ".join(self.moved[:_SHOWN])
+            more = f" and {len(self.moved) - _SHOWN} more" if len(self.moved) > _SHOWN else ""
+            log.warning("set aside %d unexpected entries of the store in %s: %s%s",
+                        len(self.moved), self.dir, shown, more)
+        if self.stuck:
+            log.warning("%d unexpected entries of the store left in place (ignored): %s",
+                        len(self.stuck), ", ".join(self.stuck[:_SHOWN]))
+
+
+def _kind(path: Path) -> str:
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        return "a directory"
+    return "a file" if path.is_file() else "not a regular file"
 
 
 class ChunkStore:
@@ -66,35 +154,190 @@ class ChunkStore:
         self.tmp_dir = self.root / "tmp"
         self._db: sqlite3.Connection | None = None
         self.bytes = 0  # of chunk files the index refers to, each distinct chunk once
+        # Why nothing can be written until restart (the index opened read-only); None: it can.
+        self.read_only: str | None = None
+        # With --no-verify-on-serve: (inode, size, mtime) of each chunk file as written or last
+        # verified. A file that differs is re-hashed before its bytes are served unverified.
+        self.stamping = False
+        self._stamps: dict[str, tuple[int, int, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.chunks_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(256):
-            (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():  # half-written chunks of a crashed run
-            leftover.unlink(missing_ok=True)
-        self._db = sqlite3.connect(self.root / "index.db", isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version < SCHEMA_VERSION:
-            self._db.execute("UPDATE tasks SET sealed = 0")
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        """Open the store, whatever state it is in. Only a data directory that cannot be
+        created raises (OSError)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        aside = _SetAside(self.root)
+        present = self._prepare(aside)
+        self._open_index(aside)
+        aside.report()
+        if self.read_only is None:
+            try:
+                self._tidy(present)
+            except CannotStore as e:
+                log.warning("cannot tidy the store now (%s): it is checked again at the next "
+                            "start", e)
+        self.bytes = self.cache_bytes()
+
+    def _prepare(self, aside: _SetAside) -> list[str] | None:
+        """Make the directories, move aside what does not belong in them, clear tmp/; the
+        names of the chunk files present (None: the store cannot be written)."""
+        try:
+            for d in (self.chunks_dir, self.tmp_dir):
+                if d.is_symlink() or (d.exists() and not d.is_dir()):
+                    aside.move(d, f"{_kind(d)}, not a directory")
+                d.mkdir(exist_ok=True)
+            subs = {f"{i:02x}" for i in range(256)}
+            for entry in os.scandir(self.chunks_dir):
+                if entry.name not in subs or not entry.is_dir(follow_symlinks=False):
+                    aside.move(Path(entry.path), _kind(Path(entry.path)))
+            present: list[str] = []
+            for sub in sorted(subs):
+                d = self.chunks_dir / sub
+                d.mkdir(exist_ok=True)
+                for entry in os.scandir(d):
+                    if _CHUNK_FILE.match(entry.name) and entry.name.startswith(sub) \
+                            and entry.is_file(follow_symlinks=False):
+                        present.append(entry.name)
+                    else:
+                        aside.move(Path(entry.path), _kind(Path(entry.path)))
+            for entry in os.scandir(self.tmp_dir):  # half-written chunks of a crashed run
+                if entry.is_dir(follow_symlinks=False):
+                    aside.move(Path(entry.path), "a directory")
+                else:
+                    os.unlink(entry.path)
+        except OSError as e:
+            log.warning("the store at %s cannot be written (%s): its chunks are served, "
+                        "nothing new is cached until restart", self.root, e)
+            self.read_only = f"the store could not be prepared at start-up: {e}"
+            return None
+        return present
+
+    def _open_index(self, aside: _SetAside) -> None:
+        path = self.root / INDEX
+        for name in _INDEX_FILES:
+            p = self.root / name
+            if p.is_symlink() or (p.exists() and not p.is_file()):
+                aside.move(p, f"{_kind(p)}, not the index")
+        if self.read_only is not None:
+            self._open_read_only(path, self.read_only)
+            return
+        try:
+            self._db = self._connect(path)
+            return
+        except (_Damaged, sqlite3.DatabaseError) as e:
+            if isinstance(e, sqlite3.DatabaseError) and not _corrupt(e):
+                self._open_read_only(path, f"the index cannot be opened for writing: {e}")
+                return
+            damage = str(e)
+        tasks, pieces = _salvage(path)
+        moved = [aside.move(self.root / n, "damaged index", listed=False)
+                 for n in _INDEX_FILES if (self.root / n).exists()]
+        if not all(moved):
+            self._open_read_only(path, f"the damaged index could not be set aside: {damage}")
+            return
+        try:
+            self._db = self._connect(path)
+            with self._tx():
+                self.db.executemany("INSERT INTO tasks (task_id, length, piece_size, digest) "
+                                    "VALUES (?, ?, ?, ?)", tasks)
+                self.db.executemany("INSERT OR IGNORE INTO pieces (task_id, idx, chunk, size) "
+                                    "VALUES (?, ?, ?, ?)", pieces)
+        except (_Damaged, sqlite3.DatabaseError) as e:
+            self.close()  # the new index, half filled
+            self._open_read_only(path, f"the index cannot be rebuilt: {e}")
+            return
+        log.warning("%s was damaged (%s): set aside in %s and rebuilt from what it still "
+                    "held, %d tasks and %d pieces (unsealed: each is proven again); the rest "
+                    "is dropped and, once registered, no longer announced", INDEX, damage,
+                    aside.dir, len(tasks), len(pieces))
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        """The index opened for writing, checked and at the current version."""
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise _Damaged("; ".join(problems[:3]))
+            db.executescript(_SCHEMA)
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version < SCHEMA_VERSION:
+                db.execute("UPDATE tasks SET sealed = 0")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def reopen(self) -> bool:
+        """After a start on a store that could not be written: try again to open it for
+        writing (the disk came back or has room again); whether it can be written now."""
+        if self.read_only is None:
+            return True
+        try:
+            for d in (self.chunks_dir, self.tmp_dir):
+                d.mkdir(exist_ok=True)
+            for i in range(256):
+                (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
+            db = self._connect(self.root / INDEX)
+        except (OSError, _Damaged, sqlite3.DatabaseError) as e:
+            log.debug("the store still cannot be written: %s", e)
+            return False
+        self.close()
+        self._db, self.read_only = db, None
+        self.bytes = self.cache_bytes()
+        log.info("the store at %s can be written again: caching", self.root)
+        return True
+
+    def _open_read_only(self, path: Path, why: str) -> None:
+        """Serve what the index lists without writing anything: nothing cached, nothing
+        dropped, until restart. Without a readable index the store is empty."""
+        self.read_only = why
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                 isolation_level=None)
+            db.execute("SELECT 1 FROM tasks, pieces LIMIT 1").fetchall()
+            self._db = db
+            held = "the chunks its index lists are served"
+        except sqlite3.DatabaseError:
+            self.close()
+            self._db = sqlite3.connect(":memory:", isolation_level=None)
+            self._db.executescript(_SCHEMA)
+            held = "nothing is served from it"
+        log.warning("%s: %s, nothing new is cached until restart", why, held)
+
+    def _tidy(self, present: list[str] | None) -> None:
+        """Start-up checks: index entries without their chunk file dropped, chunk files
+        without an index entry removed."""
+        with self._writing("tidying the index"):
+            self.db.execute("DELETE FROM pieces WHERE task_id NOT IN (SELECT task_id FROM tasks)")
         dropped = self.check(full=False)
         if dropped:
             log.warning("dropped %d index entries whose chunk file is missing or torn", dropped)
-        orphans = self._remove_orphans()
-        if orphans:
-            log.info("removed %d chunk files no task refers to", orphans)
-        self.bytes = self.cache_bytes()
+        if present is None:
+            return
+        known = {c.removeprefix(ids.BLAKE3_PREFIX)
+                 for (c,) in self.db.execute("SELECT DISTINCT chunk FROM pieces")}
+        removed = 0
+        with self._writing("removing chunk files no task refers to"):
+            for name in present:
+                if name.partition(".")[0] not in known:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.chunks_dir / name[:2] / name)
+                        removed += 1
+        if removed and not known:
+            log.warning("the index lists nothing, yet %d chunk files were there (%s lost or "
+                        "replaced?): removed them, as nothing vouches for them", removed, INDEX)
+        elif removed:
+            log.info("removed %d chunk files no task refers to", removed)
 
     def close(self) -> None:
         if self._db is not None:
-            self._db.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
             self._db = None
 
     @property
@@ -103,9 +346,33 @@ class ChunkStore:
             raise RuntimeError("store is not open")
         return self._db
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write to the store: any failure of the disk or the index is CannotStore."""
+        if self.read_only is not None:
+            raise CannotStore(f"{what}: {self.read_only}")
+        try:
+            yield
+        except (OSError, sqlite3.DatabaseError) as e:
+            raise CannotStore(f"{what}: {e}", full=_for_want_of_space(e)) from e
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """Several statements that apply whole or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:  # sqlite may have rolled back itself (disk full)
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def check(self, full: bool) -> int:
         """Drop index entries whose chunk is missing, of the wrong size, or (full) whose bytes
-        do not hash to its name. Returns how many pieces were dropped."""
+        do not hash to its name. Returns how many pieces were dropped; CannotStore if they
+        could not be."""
         bad: set[str] = set()
         rows = self.db.execute("SELECT DISTINCT chunk, size FROM pieces").fetchall()
         for chunk, size in rows:
@@ -115,21 +382,17 @@ class ChunkStore:
                     bad.add(chunk)
                 elif full:
                     self._read_verified(chunk)
-            except (FileNotFoundError, ChunkCorrupt):
+            except (OSError, ChunkCorrupt):
                 bad.add(chunk)
         return sum(len(self.drop_chunk(c)) for c in bad)
 
-    def _remove_orphans(self) -> int:
-        """Chunk files written but never indexed (the process died between the two)."""
-        known = {c.removeprefix(ids.BLAKE3_PREFIX)
-                 for (c,) in self.db.execute("SELECT DISTINCT chunk FROM pieces")}
-        removed = 0
-        for sub in self.chunks_dir.iterdir():
-            for entry in os.scandir(sub):
-                if entry.name.partition(".")[0] not in known:  # a chunk or its sidecars
-                    os.unlink(entry.path)
-                    removed += 1
-        return removed
+    def free_space(self) -> tuple[int, int] | None:
+        """(bytes available, filesystem size) where the store lives; None if unknown."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     # -- chunks ----------------------------------------------------------------------------
 
@@ -156,10 +419,15 @@ class ChunkStore:
     def has_chunk(self, chunk: str) -> bool:
         return self.chunk_path(chunk).exists()
 
+    def indexed(self, chunk: str) -> bool:
+        """Whether some task's piece is this chunk."""
+        return self.db.execute("SELECT 1 FROM pieces WHERE chunk = ? LIMIT 1",
+                               (chunk,)).fetchone() is not None
+
     def _write_chunk(self, chunk: str, data: bytes | memoryview) -> bool:
         """Write a chunk file unless it exists; whether it was written."""
         path = self.chunk_path(chunk)
-        if path.exists():
+        if path.is_file():
             return False
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
@@ -167,63 +435,109 @@ class ChunkStore:
                 f.write(data)
             os.replace(tmp, path)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only disk cannot hold it anyway
+                tmp.unlink(missing_ok=True)
+        if self.stamping:
+            self._stamp(chunk, os.stat(path))
         return True
+
+    def _stamp(self, chunk: str, st: os.stat_result) -> None:
+        self._stamps[chunk] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def unchanged(self, chunk: str) -> bool:
+        """Whether the chunk's file is the one this process wrote or last verified: not
+        replaced, resized or written to since (media rot it cannot see)."""
+        stamp = self._stamps.get(chunk)
+        if stamp is None:
+            return False
+        try:
+            st = os.stat(self.chunk_path(chunk))
+        except OSError:
+            return False
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == stamp
 
     def intact(self, chunk: str) -> bool:
         """Whether the chunk's file is there and hashes to its id."""
         try:
             self._read_verified(chunk)
-        except (FileNotFoundError, ChunkCorrupt):
+        except (OSError, ChunkCorrupt):
             return False
         return True
 
     def _read_verified(self, chunk: str) -> bytes:
-        data = self.chunk_path(chunk).read_bytes()
+        with open(self.chunk_path(chunk), "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
         if ids.chunk_id(data) != chunk:
             raise ChunkCorrupt(chunk)
+        if self.stamping:
+            self._stamp(chunk, st)
         return data
 
     async def put_piece(self, task_id: str, index: int, chunk: str,
                         data: bytes | memoryview) -> None:
-        """Store verified bytes as `chunk` and record them as piece `index` of the task."""
-        if await asyncio.to_thread(self._write_chunk, chunk, data):
+        """Store verified bytes as `chunk` and record them as piece `index` of the task;
+        CannotStore if either write fails (then neither is kept)."""
+        with self._writing(f"storing piece {index} of {task_id}"):
+            written = await asyncio.to_thread(self._write_chunk, chunk, data)
+            try:
+                self.db.execute("INSERT OR REPLACE INTO pieces (task_id, idx, chunk, size) "
+                                "VALUES (?, ?, ?, ?)", (task_id, index, chunk, len(data)))
+            except sqlite3.DatabaseError:
+                if written and not self.indexed(chunk):  # no row will ever name the file
+                    self._unlink(chunk, 0)
+                raise
+        if written:
             self.bytes += len(data)
-        self.db.execute("INSERT OR REPLACE INTO pieces (task_id, idx, chunk, size) "
-                        "VALUES (?, ?, ?, ?)", (task_id, index, chunk, len(data)))
 
     async def read_chunk(self, chunk: str, verify: bool) -> bytes:
-        """The chunk's bytes; with `verify`, re-hashed first (raises ChunkCorrupt)."""
-        if verify:
+        """The chunk's bytes; with `verify`, re-hashed first (raises ChunkCorrupt). Unverified
+        only when the file is unchanged since written or verified (with `stamping`)."""
+        if verify or (self.stamping and not self.unchanged(chunk)):
             return await asyncio.to_thread(self._read_verified, chunk)
         return await asyncio.to_thread(self.chunk_path(chunk).read_bytes)
 
     def drop_chunk(self, chunk: str) -> list[tuple[str, int]]:
-        """Forget a chunk everywhere (it failed verification); returns the pieces it was."""
+        """Forget a chunk everywhere (it failed verification); returns the pieces it was. The
+        file goes first, so bad bytes are never served again even if the index cannot be
+        written (then CannotStore, and the start-up check drops the entries)."""
         rows = self.db.execute("SELECT task_id, idx, size FROM pieces WHERE chunk = ?",
                                (chunk,)).fetchall()
-        self.db.execute("DELETE FROM pieces WHERE chunk = ?", (chunk,))
-        self.db.executemany("UPDATE tasks SET sealed = 0 WHERE task_id = ?",
-                            [(t,) for t in {r[0] for r in rows}])
         self._unlink(chunk, rows[0][2] if rows else 0)
+        with self._writing(f"dropping chunk {chunk}"), self._tx():
+            self.db.execute("DELETE FROM pieces WHERE chunk = ?", (chunk,))
+            self.db.executemany("UPDATE tasks SET sealed = 0 WHERE task_id = ?",
+                                [(t,) for t in {r[0] for r in rows}])
         return [(r[0], r[1]) for r in rows]
 
     def _unlink(self, chunk: str, size: int) -> None:
-        self.packed_path(chunk).unlink(missing_ok=True)
-        self.raw_marker(chunk).unlink(missing_ok=True)
+        """Remove a chunk's files, as far as the disk lets us."""
+        self._stamps.pop(chunk, None)
+        for sidecar in (self.packed_path(chunk), self.raw_marker(chunk)):
+            with contextlib.suppress(OSError):
+                sidecar.unlink(missing_ok=True)
         try:
             self.chunk_path(chunk).unlink()
         except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("cannot remove chunk file %s: %s", self.chunk_path(chunk), e)
             return
         self.bytes -= size
 
     # -- tasks -----------------------------------------------------------------------------
 
-    def put_task(self, meta: TaskMeta) -> None:
-        self.db.execute(
-            "INSERT INTO tasks (task_id, length, piece_size, digest, sealed) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO NOTHING",
-            (meta.task_id, meta.length, meta.piece_size, meta.digest, int(meta.sealed)))
+    def put_task(self, meta: TaskMeta) -> bool:
+        """Record a task unless known; whether the index holds it with this layout (pieces of
+        another layout must not be stored under it). CannotStore if it cannot be written."""
+        with self._writing(f"recording task {meta.task_id}"):
+            self.db.execute(
+                "INSERT INTO tasks (task_id, length, piece_size, digest, sealed) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO NOTHING",
+                (meta.task_id, meta.length, meta.piece_size, meta.digest, int(meta.sealed)))
+        held = self.task(meta.task_id)
+        return held is not None and (held.length, held.piece_size) == \
+            (meta.length, meta.piece_size)
 
     def task(self, task_id: str) -> TaskMeta | None:
         row = self.db.execute("SELECT task_id, length, piece_size, digest, sealed FROM tasks "
@@ -242,33 +556,41 @@ class ChunkStore:
                                (task_id,)).fetchone()[0]
 
     def mark_sealed(self, task_id: str) -> None:
-        self.db.execute("UPDATE tasks SET sealed = 1 WHERE task_id = ?", (task_id,))
+        with self._writing(f"sealing {task_id}"):
+            self.db.execute("UPDATE tasks SET sealed = 1 WHERE task_id = ?", (task_id,))
 
     def touch(self, task_id: str, now: float) -> None:
-        self.db.execute("UPDATE tasks SET last_access = ? WHERE task_id = ?", (now, task_id))
+        with self._writing(f"touching {task_id}"):
+            self.db.execute("UPDATE tasks SET last_access = ? WHERE task_id = ?",
+                            (now, task_id))
 
     def drop_task(self, task_id: str) -> None:
-        """Forget a task and delete the chunks no other task uses."""
-        chunks = dict(self.db.execute(
-            "SELECT chunk, size FROM pieces WHERE task_id = ?", (task_id,)).fetchall())
-        self.db.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
-        self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        """Forget a task and delete the chunks no other task uses (CannotStore: nothing
+        was forgotten)."""
+        with self._writing(f"dropping task {task_id}"):
+            chunks = dict(self.db.execute(
+                "SELECT chunk, size FROM pieces WHERE task_id = ?", (task_id,)).fetchall())
+            with self._tx():
+                self.db.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
+                self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
         for chunk, size in chunks.items():
-            used = self.db.execute("SELECT 1 FROM pieces WHERE chunk = ? LIMIT 1",
-                                   (chunk,)).fetchone()
-            if used is None:
+            if not self.indexed(chunk):
                 self._unlink(chunk, size)
 
     def evict(self, target: int, busy: set[str]) -> list[str]:
         """Drop least recently used tasks, never one in `busy`, until the store holds at most
-        `target` bytes; the tasks dropped."""
-        dropped = []
+        `target` bytes; the tasks dropped (CannotStore: its `dropped` were)."""
+        dropped: list[str] = []
         for (task_id,) in self.db.execute(
                 "SELECT task_id FROM tasks ORDER BY last_access, task_id").fetchall():
             if self.bytes <= target:
                 break
             if task_id not in busy:
-                self.drop_task(task_id)
+                try:
+                    self.drop_task(task_id)
+                except CannotStore as e:
+                    e.dropped = dropped
+                    raise
                 dropped.append(task_id)
         return dropped
 
@@ -291,3 +613,34 @@ class ChunkStore:
         row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM "
                               "(SELECT chunk, MAX(size) AS size FROM pieces GROUP BY chunk)")
         return row.fetchone()[0]
+
+
+def _salvage(path: Path) -> tuple[list[tuple], list[tuple]]:
+    """The task and piece rows a damaged index still yields, each checked for shape: rows of
+    tasks, then of pieces of those tasks. Seals are not kept (they are proven again)."""
+    tasks: list[tuple] = []
+    pieces: list[tuple] = []
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return tasks, pieces
+    try:
+        for query, out in (("SELECT task_id, length, piece_size, digest FROM tasks", tasks),
+                           ("SELECT task_id, idx, chunk, size FROM pieces", pieces)):
+            with contextlib.suppress(sqlite3.Error):
+                for row in db.execute(query):
+                    out.append(tuple(row))
+    finally:
+        db.close()
+    layouts = {}
+    for task_id, length, piece_size, digest in tasks:
+        if isinstance(task_id, str) and _TASK_ID.match(task_id) and isinstance(length, int) \
+                and length >= 0 and isinstance(piece_size, int) \
+                and valid_piece_size(piece_size) and (digest is None or isinstance(digest, str)):
+            layouts[task_id] = (length, piece_size, digest)
+    good = [(t, idx, c, size) for t, idx, c, size in pieces
+            if t in layouts and isinstance(idx, int) and isinstance(size, int)
+            and idx >= 0 and 0 < size <= layouts[t][1]
+            and idx * layouts[t][1] < layouts[t][0]
+            and isinstance(c, str) and _CHUNK_ID.match(c)]
+    return [(t, *v) for t, v in layouts.items()], good
