@@ -52,6 +52,9 @@ class PeerRegistration(Model):
     location: Label = Field("", description="a|b|c, most general first")
     upload_slots: int = Field(8, ge=1, le=4096)
     seed: bool = False
+    started_at: float = Field(0.0, ge=0, description="the peer process's start time: a "
+                              "registration from another process replaces what the peer "
+                              "held (it re-announces its store); 0: unknown, kept")
 
     @field_validator("upload_addr")
     @classmethod

@@ -109,7 +109,7 @@ class PeerDaemon:
         await self.upload_server.start()
         registration = PeerRegistration(
             id=c.peer_id, upload_addr=self._advertised(), idc=c.idc, location=c.location,
-            upload_slots=c.upload_slots, seed=c.seed)
+            upload_slots=c.upload_slots, seed=c.seed, started_at=self.started_at)
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
                                          self.store, self._heartbeat, c.secret)
         origin = OriginClient(self._origin_session, c.origin_concurrency,

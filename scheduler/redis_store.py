@@ -694,6 +694,9 @@ class RedisStore:
             added = after.tasks - w.peer_tasks.get(pid, frozenset())
             if added:
                 tx.op("sadd", self.k_peer_tasks(pid), *sorted(added))
+            gone = w.peer_tasks[pid] - after.tasks if pid in w.peer_tasks else ()
+            if gone:  # holdings dropped (a new process of the peer)
+                tx.op("srem", self.k_peer_tasks(pid), *sorted(gone))
         if actor is not None and dict.get(st.peers, actor) is not None:
             if w.peers.get(actor) is not None:
                 tx.fence("exists", self.k_peer(actor))
@@ -802,8 +805,13 @@ class RedisStore:
             await self._sweep(reg.id)  # holdings of its expired session, not swept yet
 
         async def plan(ld: _Loader) -> None:
-            ld.peer(reg.id)
+            ld.peer(reg.id, tasks=True)
             await ld.run()
+            old = dict.get(ld.world.state.peers, reg.id)
+            if old is not None and reg.started_at and reg.started_at != old.reg.started_at:
+                for tid in old.tasks:  # a new process: the rule drops what the old one held
+                    ld.task(tid, pieces=None, held=None)
+                await ld.run()
         await self._transact(plan, lambda w: w.state.register(reg, w.now), actor=reg.id)
 
     async def heartbeat(self, peer_id: str, hb: Heartbeat) -> None:

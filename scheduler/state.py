@@ -216,8 +216,14 @@ class ClusterState:
     # -- peers -----------------------------------------------------------------------------
 
     def register(self, reg: PeerRegistration, now: float) -> PeerState:
+        """Register a peer, or again. The same process (failing over, or forgotten) keeps its
+        holdings; a new process of the peer starts with none: it may have dropped chunks at
+        start-up, and it re-announces what its store holds."""
         old = self.peers.get(reg.id)
         if old is not None:
+            if reg.started_at and reg.started_at != old.reg.started_at:
+                self._drop_holdings(old)
+                old.registered_at = now
             old.reg, old.last_seen = reg, now
             return old
         peer = PeerState(reg=reg, registered_at=now, last_seen=now,
@@ -256,6 +262,10 @@ class ClusterState:
             self.peers[peer_id].cordoned = False
 
     def _drop_peer(self, peer: PeerState) -> None:
+        self._drop_holdings(peer)
+        del self.peers[peer.id]
+
+    def _drop_holdings(self, peer: PeerState) -> None:
         for task_id in peer.tasks:
             task = self.tasks.get(task_id)
             if task is None:
@@ -263,7 +273,7 @@ class ClusterState:
             for piece in task.pieces.values():
                 piece.holders.discard(peer.id)
             task.held.pop(peer.id, None)
-        del self.peers[peer.id]
+        peer.tasks = set()
 
     def _peer(self, peer_id: str) -> PeerState:
         peer = self.peers.get(peer_id)

@@ -290,6 +290,33 @@ async def test_reregistration_keeps_holdings_and_updates_address(h: Harness) -> 
     assert (await s.peer("A"))["idc"] == "new"
 
 
+async def test_a_new_process_of_a_peer_replaces_its_holdings(h: Harness) -> None:
+    """A peer that restarted may have dropped chunks at start-up: its registration (a new
+    process start time) forgets what the old process held, and its re-announcement says what
+    it holds now. The same process registering again (failing over) keeps them."""
+    s = h.store
+    await setup(s)
+    await s.ensure_task(TaskRequest(task_id=OTHER, length=4 * MiB, piece_size=MiB))
+    reg = PeerRegistration(id="A", upload_addr="10.9.9.9:65002", started_at=100.0)
+    await s.register(reg)
+    await announce(s, "A", [0, 1, 2])
+    await announce(s, "A", [0], task_id=OTHER)
+    await s.register(reg)  # the same process again
+    assert await holders(s, 1) == ["A"]
+    h.clock.advance(1.0)
+    await s.register(reg.model_copy(update={"started_at": 200.0}))
+    for i in (0, 1, 2):
+        assert await holders(s, i) == []
+    assert await holders(s, 0, task_id=OTHER) == []
+    assert (await one(s, "B", 1)).action == "source"
+    assert (await s.peer("A"))["registered_at"] == h.clock()
+    # What it re-announces is all it holds; its old holdings do not come back with it.
+    await announce(s, "A", [2])
+    assert await holders(s, 2) == ["A"] and await holders(s, 1) == []
+    await s.leave("A")
+    assert await holders(s, 2) == []
+
+
 async def test_leave_drops_holdings_and_frees_leases(h: Harness) -> None:
     s = h.store
     await setup(s)
