@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sqlite3
+import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -45,10 +47,27 @@ class ConfigError(ValueError):
     """A start-up mistake of the user's: `naiad <command>: <reason>` on stderr, exit status 2."""
 
 
-def os_reason(e: OSError) -> str:
-    """An OSError in a few words: `not a directory: /x/y`, `address already in use`."""
-    text = os.strerror(e.errno).lower() if e.errno else str(e)
-    return f"{text}: {e.filename}" if e.filename else text
+def os_reason(e: OSError, subject: str = "") -> str:
+    """An OSError in a few words: `not a directory: /x/y`, `address already in use`; the file
+    it names left out when it is the `subject` already named."""
+    if isinstance(e.errno, int) and e.errno > 0:
+        text = os.strerror(e.errno).lower()
+    else:  # a resolver error (negative codes) or none
+        text = e.strerror or str(e)
+    named = e.filename and not subject.endswith(str(e.filename))
+    return f"{text}: {e.filename}" if named else text
+
+
+def writable_dir(root: Path) -> None:
+    """`root` made if missing, and proved writable: a data directory that cannot be written is
+    refused at start-up, not found out at the first write."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:  # named by the directory, not by the probe's random name
+        raise OSError(e.errno, e.strerror) from None
 
 
 @contextlib.contextmanager
@@ -58,7 +77,7 @@ def startup(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise ConfigError(f"{what}: {os_reason(e)}") from None
+        raise ConfigError(f"{what}: {os_reason(e, what)}") from None
     except sqlite3.Error as e:
         raise ConfigError(f"{what}: {e}") from None
 
@@ -125,7 +144,10 @@ def resolve(options: list[Option], args: argparse.Namespace, section: str,
     if config_path:
         try:
             data = tomllib.loads(Path(config_path).expanduser().read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_path}: "
+                              f"{os_reason(e, str(config_path))}") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {config_path}: {e}") from None
         known = {o.name for o in options}
         anyone = {o.name for opts in commands.values() for o in opts}

@@ -21,7 +21,7 @@ import aiohttp
 
 from common import auth
 from common import log as logsetup
-from common.config import ConfigError, Option, add_options, resolve, startup
+from common.config import ConfigError, Option, add_options, resolve, startup, writable_dir
 from common.limits import raise_open_files_limit
 from common.pieces import valid_piece_size
 from common.registries import Registry, UpstreamRefused
@@ -470,6 +470,7 @@ def cmd_check_store(args: argparse.Namespace) -> int:
     store = ChunkStore(root)
     try:
         with startup(what):
+            writable_dir(root)  # it drops what fails
             store.open()  # the cheap check: missing or torn files, orphans
         before = sum(len(t.pieces) for t in store.tasks())
         dropped = store.check(full=True)
@@ -537,7 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # named by the command they were given to, not by `naiad`
+        print(f"naiad {args.command}: unrecognized arguments: {' '.join(extra)} (see naiad "
+              f"{args.command} --help)", file=sys.stderr)
+        return 2
     try:
         if args.command in ("scheduler", "peer"):
             commands = {"scheduler": SCHEDULER_OPTIONS, "peer": PEER_OPTIONS}

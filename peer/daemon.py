@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from common.config import startup, writable_dir
 from common.limits import bucket
 from common.metrics import SOURCES, PeerMetrics
 from common.models import Heartbeat, PeerCounters, PeerLoad, PeerRegistration
@@ -94,21 +95,37 @@ class PeerDaemon:
         self.upload_server: Server
 
     async def start(self) -> None:
+        """Open the store, bind both ports, start the loops. A start that fails (a port in use,
+        a data directory it cannot write: a ConfigError) closes what it opened first."""
+        async with contextlib.AsyncExitStack() as opened:
+            await self._start(opened)
+            opened.pop_all()  # running: stop() closes them
+
+    async def _start(self, opened: contextlib.AsyncExitStack) -> None:
         c = self.config
-        self.store.open()
+        with startup(f"--data-dir {self.store.root}"):
+            writable_dir(self.store.root)
+            self.store.open()
+        opened.callback(self.store.close)
         self._origin_session = aiohttp.ClientSession(
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
+        opened.push_async_callback(self._origin_session.close)
         self._peer_session = aiohttp.ClientSession(  # chunks may arrive zstd: peer/wire.py
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=60))
+        opened.push_async_callback(self._peer_session.close)
         self.upload = UploadServer(self.store, self.metrics, c.upload_slots, c.secret,
                                    rate=bucket(c.upload_rate),
                                    per_address=c.upload_slots_per_address,
                                    min_rate=c.upload_min_rate)
         self.upload_server = Server(self.upload.app(), c.upload, c.upload_tls, c.limits)
-        await self.upload_server.start()
+        opened.push_async_callback(self.upload_server.stop)
+        with startup(f"--upload {c.upload}"):
+            await self.upload_server.start()
+        with startup("cannot find this host's address for other peers (set --advertise)"):
+            advertised = self._advertised()
         registration = PeerRegistration(
-            id=c.peer_id, upload_addr=self._advertised(), idc=c.idc, location=c.location,
+            id=c.peer_id, upload_addr=advertised, idc=c.idc, location=c.location,
             upload_slots=c.upload_slots, seed=c.seed, started_at=self.started_at)
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
                                          self.store, self._heartbeat, c.secret)
@@ -121,14 +138,19 @@ class PeerDaemon:
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
+        opened.push_async_callback(self.engine.close)
         access = AccessCache(origin)
         mirror = Mirror(engine=self.engine, origin=origin, access=access,
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics)
         self.mirror = mirror
         self.mirror_server = Server(mirror.app(), c.listen, c.tls, c.limits)
-        await self.mirror_server.start()
+        opened.push_async_callback(self.mirror_server.stop)
+        with startup(f"--listen {c.listen}"):
+            await self.mirror_server.start()
         await self.scheduler.start()
+        opened.push_async_callback(self.scheduler.stop, leave=False)
+        opened.push_async_callback(self._tasks.close)
         self.metrics.cache_bytes.set(self.store.cache_bytes())
         self._tasks.spawn(self._gauges(), "peer-gauges")
         if c.seed:

@@ -566,7 +566,8 @@ class RedisStore:
                 try:
                     await self._pubsub.subscribe(self.task_channel(task_id))
                 except (RedisError, OSError) as e:
-                    log.warning("cannot subscribe to changes of %s: %r", task_id, e)
+                    log.warning("cannot subscribe to changes of %s: %s: %s", task_id,
+                                type(e).__name__, e)
             users, _ = self._watched.get(task_id, (0, None))  # others may have come meanwhile
         self._watched[task_id] = (users + 1, confirmed)
         with contextlib.suppress(TimeoutError):

@@ -7,12 +7,14 @@ replicas then share (`RedisStore`): a peer may register with one and ask another
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
 import uuid
 from dataclasses import dataclass, field
 
+from common.config import startup
 from common.registries import AllowList, Registry
 from common.tasks import TaskSet
 from common.web import ClientLimits, Server
@@ -66,13 +68,29 @@ class SchedulerService:
         return self.server.url
 
     async def start(self) -> None:
+        """Bind both ports and start the loops. A start that fails (a port in use: a
+        ConfigError) closes what it opened first. A Redis that is down is no such failure:
+        the API answers 503 where it needs the store until Redis is back."""
+        async with contextlib.AsyncExitStack() as opened:
+            await self._start(opened)
+            opened.pop_all()  # running: stop() closes them
+
+    async def _start(self, opened: contextlib.AsyncExitStack) -> None:
+        if self._own_store:
+            opened.push_async_callback(self.store.close)
+        opened.push_async_callback(self.api.jobs.close)
         await self.store.start()
+        opened.push_async_callback(self._tasks.close)
         if self.udp is not None:
-            await self.udp.start()
+            with startup(f"--udp {self.config.udp}"):
+                await self.udp.start()
+            opened.callback(self.udp.stop)
             # Told to peers as they register (an unspecified host: the one they reached).
             self.api.udp_addr = self.config.udp_advertise or self.udp.address
             self._tasks.spawn(self.udp.run(), "scheduler-udp")
-        await self.server.start()
+        opened.push_async_callback(self.server.stop)
+        with startup(f"--listen {self.config.listen}"):
+            await self.server.start()
         self._tasks.spawn(self._expire_loop(), "scheduler-expiry")
         log.info("scheduler ready", extra={"listen": self.server.address, "id": self.id,
                                            "udp": self.api.udp_addr})
