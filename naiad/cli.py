@@ -330,7 +330,10 @@ class _Operator:
     per-user secret the daemons share — so both work with no flags on one host."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.base = args.scheduler.rstrip("/")
+        try:
+            self.base = _url("http", "https")(args.scheduler).rstrip("/")
+        except ValueError as e:
+            raise ConfigError(f"--scheduler: {e}") from None
         self.token = args.token
         self.guessed = False  # the per-user secret: perhaps not the one this scheduler has
         try:

@@ -187,6 +187,10 @@ MISTAKES: list[tuple[str, Case, list[str], dict[str, str]]] = [
     ("get-bad-digest", lambda t, b: ["get", "http://r/f", "-o", str(t / "f"), "--digest",
                                      "md5:x"], ["--digest", "md5:x"], {}),
     ("demo-no-peers", lambda t, b: ["demo", "--peers", "0"], ["--peers"], {}),
+    ("status-scheduler-not-http", lambda t, b: ["status", "--scheduler", "ftp://s"],
+     ["--scheduler", "ftp://s"], {}),
+    ("preheat-scheduler-not-http", lambda t, b: ["preheat", "r/x:1", "--scheduler", "s:8002"],
+     ["--scheduler", "s:8002"], {}),
 ]
 
 
