@@ -20,6 +20,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from common import auth
+from common.limits import Throttle
 from common.log import request_ids
 from common.metrics import SchedulerMetrics, metrics_handler
 from common.models import (
@@ -41,6 +42,7 @@ from common.models import (
 )
 from common.registries import AllowList
 from common.web import (
+    REPORT_EVERY,
     Handler,
     RequestError,
     errors_as_json,
@@ -66,6 +68,9 @@ INTERNAL = {
 }
 
 
+_UNAVAILABLE = Throttle(REPORT_EVERY)  # Redis down: one line a period, not one per call
+
+
 @web.middleware
 async def store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Redis down or restarting: a 503 peers treat as "scheduler unavailable" (they fall back
@@ -73,7 +78,10 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except (RedisError, StoreBusy) as e:
-        log.warning("%s %s: state store unavailable: %r", request.method, request.path, e)
+        dropped = _UNAVAILABLE.ready()
+        if dropped is not None:
+            log.warning("%s %s: state store unavailable (%s: %s); answered 503 (%d more not "
+                        "logged)", request.method, request.path, type(e).__name__, e, dropped)
         raise RequestError(503, f"scheduler state store unavailable: {e}") from None
 
 

@@ -15,8 +15,9 @@ import asyncio_dgram
 from prometheus_client import Counter
 
 from common import auth, datagram
+from common.limits import Throttle
 from common.models import Heartbeat
-from common.web import join_hostport, split_listen
+from common.web import REPORT_EVERY, join_hostport, split_listen
 from scheduler.state import UnknownPeer
 from scheduler.store import Store
 
@@ -34,6 +35,7 @@ class HeartbeatListener:
         self._counts = {result: heartbeats.labels("udp", result)
                         for result in ("accepted", "unknown", "dropped")}
         self._stream: asyncio_dgram.DatagramServer | None = None
+        self._unrecorded = Throttle(REPORT_EVERY)  # the store down: a line a period, not a beat
 
     async def start(self) -> None:
         self._stream = await asyncio_dgram.bind((self.host, self.port))
@@ -63,7 +65,10 @@ class HeartbeatListener:
                 await self._answer(datagram.ACK_UNKNOWN, addr)
                 continue
             except Exception as e:  # the state store is down: no answer, the peer uses HTTP
-                log.warning("heartbeat from %s not recorded: %r", peer_id, e)
+                dropped = self._unrecorded.ready()
+                if dropped is not None:
+                    log.warning("heartbeat from %s not recorded (%s: %s; %d more not logged)",
+                                peer_id, type(e).__name__, e, dropped)
                 continue
             self._counts["accepted"].inc()
             await self._answer(datagram.ACK_OK, addr)
