@@ -196,11 +196,15 @@ class PeerDaemon:
             self.metrics.cache_bytes.set(self.store.bytes)
 
     async def stop(self, drain: float = 0.0) -> None:
-        """Leave the scheduler (no new children), let uploads in flight finish for up to
-        `drain` seconds, then close everything."""
+        """Within `drain` seconds: refuse new client requests and let those under way finish
+        (still registered, so they go on peer-to-peer), then leave the scheduler (no new
+        children) and let uploads in flight finish; then close everything."""
+        deadline = time.monotonic() + drain
+        await self.mirror.drain(drain)
         await self.scheduler.stop(leave=True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.upload.activity.idle.wait(), drain)
+            await asyncio.wait_for(self.upload.activity.idle.wait(),
+                                   max(0.0, deadline - time.monotonic()))
         await self._tasks.close()
         await self.mirror_server.stop()
         await self.upload_server.stop()

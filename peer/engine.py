@@ -746,7 +746,10 @@ class Engine:
         return ids.SHA256_PREFIX + h.hexdigest()
 
     def _sealed(self, run: TaskRun) -> None:
-        if run.meta.sealed:
+        """The whole blob hashed here matched. Proven only once every piece is stored: one
+        passed through uncached would come back by the scheduler's chunk id, not this hash
+        (the seal job proves it when the task is complete)."""
+        if run.meta.sealed or not run.complete:
             return
         run.meta = run.meta.model_copy(update={"sealed": True})
         if run.indexed and self._may_write():

@@ -25,7 +25,7 @@ from common.limits import parse_priority
 from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
-from common.tasks import consume_exception
+from common.tasks import Activity, consume_exception
 from common.web import Handler, bodiless, error, errors_as_json, healthy, send_file
 from peer.engine import Engine, LengthConflict
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
@@ -118,10 +118,13 @@ class Mirror:
         self.default = default
         self.metrics = metrics
         self.served = 0
+        self.draining = False
+        self.activity = Activity()  # client requests under way
+        self._active = 0
 
     def app(self) -> web.Application:
-        app = request_ids(web.Application(middlewares=[errors_as_json, self._connect],
-                                          client_max_size=64 << 20))
+        app = request_ids(web.Application(
+            middlewares=[self._drain, errors_as_json, self._connect], client_max_size=64 << 20))
         r = app.router
         r.add_get("/healthy", healthy)
         r.add_get("/server/ping", healthy)
@@ -132,6 +135,29 @@ class Mirror:
         r.add_route("*", "/v2", self.upstream)
         r.add_route("*", "/{tail:.*}", self.other)
         return app
+
+    @web.middleware
+    async def _drain(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests are counted while under way; once the peer is stopping (`drain`) new ones
+        are refused, so a client goes to its registry instead."""
+        if self.draining:
+            resp = error(503, "the peer is shutting down")
+            resp.headers["Retry-After"] = "1"
+            resp.force_close()
+            return resp
+        self._active += 1
+        self.activity.set_busy(True)
+        try:
+            return await handler(request)
+        finally:
+            self._active -= 1
+            self.activity.set_busy(bool(self._active))
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new requests and let those under way finish, for up to `seconds`."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.activity.idle.wait(), seconds)
 
     @web.middleware
     async def _connect(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -208,7 +208,7 @@ class ChunkStore:
                     os.unlink(entry.path)
         except OSError as e:
             log.warning("the store at %s cannot be written (%s): its chunks are served, "
-                        "nothing new is cached until restart", self.root, e)
+                        "nothing new is cached until it can be", self.root, e)
             self.read_only = f"the store could not be prepared at start-up: {e}"
             return None
         return present
@@ -294,7 +294,7 @@ class ChunkStore:
 
     def _open_read_only(self, path: Path, why: str) -> None:
         """Serve what the index lists without writing anything: nothing cached, nothing
-        dropped, until restart. Without a readable index the store is empty."""
+        dropped, until `reopen` succeeds. Without a readable index the store is empty."""
         self.read_only = why
         try:
             db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
@@ -307,7 +307,8 @@ class ChunkStore:
             self._db = sqlite3.connect(":memory:", isolation_level=None)
             self._db.executescript(_SCHEMA)
             held = "nothing is served from it"
-        log.warning("%s: %s, nothing new is cached until restart", why, held)
+        log.warning("%s: %s, nothing new is cached until it can be opened for writing",
+                    why, held)
 
     def _tidy(self, present: list[str] | None) -> None:
         """Start-up checks: index entries without their chunk file dropped, chunk files
@@ -565,17 +566,20 @@ class ChunkStore:
                             (now, task_id))
 
     def drop_task(self, task_id: str) -> None:
-        """Forget a task and delete the chunks no other task uses (CannotStore: nothing
-        was forgotten)."""
+        """Forget a task and delete the chunks no other task uses. The files go first: that
+        frees the room the index of a full disk may need to record it. If it cannot
+        (CannotStore) its entries stay, naming files now gone, as after a crash: reads of
+        them fail over to fetching, and the start-up check drops them."""
         with self._writing(f"dropping task {task_id}"):
-            chunks = dict(self.db.execute(
-                "SELECT chunk, size FROM pieces WHERE task_id = ?", (task_id,)).fetchall())
+            chunks = self.db.execute("SELECT chunk, size FROM pieces WHERE task_id = ?",
+                                     (task_id,)).fetchall()
+            for chunk, size in dict(chunks).items():
+                if self.db.execute("SELECT 1 FROM pieces WHERE chunk = ? AND task_id != ? "
+                                   "LIMIT 1", (chunk, task_id)).fetchone() is None:
+                    self._unlink(chunk, size)
             with self._tx():
                 self.db.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
                 self.db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-        for chunk, size in chunks.items():
-            if not self.indexed(chunk):
-                self._unlink(chunk, size)
 
     def evict(self, target: int, busy: set[str]) -> list[str]:
         """Drop least recently used tasks, never one in `busy`, until the store holds at most
@@ -615,21 +619,36 @@ class ChunkStore:
         return row.fetchone()[0]
 
 
+def _readable_rows(db: sqlite3.Connection, table: str, columns: str) -> list[tuple]:
+    """The rows of a damaged table that can still be read, in rowid order: past a page that
+    cannot be read, the scan starts again further on, ever further (1, 2, 4... rowids) until
+    it lands on one that can."""
+    rows: list[tuple] = []
+    after, step = 0, 1
+    for _ in range(62):  # rowids are below 2^63
+        try:
+            for row in db.execute(f"SELECT rowid, {columns} FROM {table} WHERE rowid > ? "
+                                  "ORDER BY rowid", (after,)):
+                rows.append(tuple(row[1:]))
+                after, step = row[0], 1
+            return rows
+        except sqlite3.Error:
+            after, step = after + step, step * 2
+    return rows
+
+
 def _salvage(path: Path) -> tuple[list[tuple], list[tuple]]:
     """The task and piece rows a damaged index still yields, each checked for shape: rows of
     tasks, then of pieces of those tasks. Seals are not kept (they are proven again)."""
-    tasks: list[tuple] = []
-    pieces: list[tuple] = []
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        # Else a file shorter than its header says is refused whole, even the schema.
+        db.execute("PRAGMA writable_schema = ON")
     except sqlite3.Error:
-        return tasks, pieces
+        return [], []
     try:
-        for query, out in (("SELECT task_id, length, piece_size, digest FROM tasks", tasks),
-                           ("SELECT task_id, idx, chunk, size FROM pieces", pieces)):
-            with contextlib.suppress(sqlite3.Error):
-                for row in db.execute(query):
-                    out.append(tuple(row))
+        tasks = _readable_rows(db, "tasks", "task_id, length, piece_size, digest")
+        pieces = _readable_rows(db, "pieces", "task_id, idx, chunk, size")
     finally:
         db.close()
     layouts = {}
