@@ -460,7 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_check_store(args: argparse.Namespace) -> int:
     """Re-hash every chunk of a (stopped) peer's store; drop what fails."""
-    from peer.store import ChunkStore
+    from peer.store import CannotStore, ChunkStore
 
     what = f"--data-dir {args.data_dir}"
     root = Path(args.data_dir).expanduser()
@@ -477,6 +477,8 @@ def cmd_check_store(args: argparse.Namespace) -> int:
             store.open()  # the cheap check: missing or torn files, orphans
         before = sum(len(t.pieces) for t in store.tasks())
         dropped = store.check(full=True)
+    except CannotStore as e:  # found bad chunks but could not drop them (full, read-only)
+        raise ConfigError(f"{what}: {e}") from None
     finally:
         store.close()
     print(f"{args.data_dir}: {before} pieces checked, {dropped} dropped")

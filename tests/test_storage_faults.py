@@ -320,6 +320,29 @@ async def test_a_read_only_index_is_cannot_store(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_check_store_on_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    """`naiad check-store` finding a rotten chunk on a disk too full to record the drop."""
+    with tmpfs(tmp_path / "full", "2m") as root:
+        store = ChunkStore(root)
+        store.open()
+        chunks = await _fill(store, _task(1), seed=11)
+        store.close()
+        path = store.chunk_path(chunks[1])
+        raw = bytearray(path.read_bytes())
+        raw[7] ^= 1
+        path.write_bytes(bytes(raw))
+        fill_up(root)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "naiad", "check-store", "--data-dir", str(root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and out == b"", err.decode()
+    assert "Traceback" not in err.decode()
+    assert lines[-1].startswith(f"naiad check-store: --data-dir {root}: dropping chunk "
+                                f"{chunks[1]}"), err.decode()
+
+
 async def test_the_scrubber_skips_chunks_eviction_removed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scrub, "QUIET_SECONDS", 0.0)
