@@ -32,6 +32,20 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Error codes in a 4xx body, for what a client must act on (not a message to match).
+UNKNOWN_PEER = "unknown-peer"  # this scheduler does not know the peer: register first
+
+
+class ErrorBody(BaseModel):
+    """What every naiad server answers a refused request with: `{"error": ..., "code": ...}`
+    (more fields may come; a body without `error` is not from a naiad server)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    error: str
+    code: str | None = None
+
+
 def valid_peer_id(value: str) -> bool:
     return bool(_PEER_ID_RE.match(value))
 
@@ -142,7 +156,12 @@ class Announce(Model):
 
 class AnnounceReply(Model):
     accepted: int
-    rejected: list[int] = Field(default_factory=list)
+    rejected: list[int] = Field(default_factory=list,
+                                description="claims refused (its maker penalised): not held")
+    deferred: list[int] = Field(default_factory=list,
+                                description="claims not recorded for now, nor blamed (another "
+                                            "peer's lease is live, or the map is bound to "
+                                            "another registry): announce them again later")
 
 
 class ScheduleRequest(Model):

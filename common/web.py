@@ -30,10 +30,11 @@ def error(status: int, message: str, **extra: object) -> web.Response:
 class RequestError(Exception):
     """Raised by cores and handlers for a request we refuse; becomes a JSON 4xx."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code  # for clients to act on: common.models' error codes
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
@@ -56,7 +57,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except RequestError as e:
-        return error(e.status, e.message)
+        return error(e.status, e.message, **({"code": e.code} if e.code else {}))
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise

@@ -25,6 +25,7 @@ from common.log import request_ids
 from common.metrics import SchedulerMetrics, metrics_handler
 from common.models import (
     MAX_BATCH,
+    UNKNOWN_PEER,
     Announce,
     BlobMismatch,
     Heartbeat,
@@ -53,7 +54,7 @@ from common.web import (
 )
 from scheduler import openapi, preheat
 from scheduler.redis_store import StoreBusy
-from scheduler.state import StateError
+from scheduler.state import StateError, UnknownPeer
 from scheduler.store import Store
 
 log = logging.getLogger("naiad.scheduler.api")
@@ -170,7 +171,9 @@ class SchedulerAPI:
         try:
             return await coro
         except StateError as e:
-            raise RequestError(e.status, str(e)) from None
+            # The code, not the message, is what tells a peer to register again.
+            code = UNKNOWN_PEER if isinstance(e, UnknownPeer) else None
+            raise RequestError(e.status, str(e), code) from None
 
     # -- internal --------------------------------------------------------------------------
 

@@ -373,7 +373,7 @@ class ClusterState:
             if len(trust.confirmed) >= CONFIRMATIONS_TO_SEAL:
                 task.meta = task.meta.model_copy(update={"sealed": True})
         task.trust = trust
-        return AnnounceReply(accepted=accepted, rejected=rejected + deferred)
+        return AnnounceReply(accepted=accepted, rejected=rejected, deferred=deferred)
 
     def withdraw(self, wd: Withdraw) -> None:
         """A peer no longer holds some pieces (a chunk failed its digest at rest, an eviction):

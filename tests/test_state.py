@@ -306,6 +306,30 @@ def test_lease_holder_sets_the_provisional_chunk(c: Cluster) -> None:
     assert c.s.tasks[TASK].pieces[0].chunk == chunk(0)
 
 
+def test_a_claim_under_anothers_live_lease_is_deferred_not_rejected(c: Cluster) -> None:
+    assert c.one("A", 0, 0.0).action == "source"  # A holds piece 0's lease
+    # B fetched piece 0 on the on-demand path meanwhile: not recorded, not blamed.
+    reply = c.announce("B", {0: chunk(0), 1: chunk(1)}, 0.5)
+    assert (reply.accepted, reply.rejected, reply.deferred) == (1, [], [0])
+    assert c.holders(0) == set() and not c.s.peers["B"].penalised(0.5)
+    # The lease resolves (its holder announces the same bytes): B's claim again is recorded.
+    assert c.announce("A", {0: chunk(0)}, 1.0).accepted == 1
+    again = c.announce("B", {0: chunk(0)}, 1.1)
+    assert (again.accepted, again.rejected, again.deferred) == (1, [], [])
+    assert c.holders(0) == {"A", "B"}
+    # A claim that contradicts the map is refused and its maker penalised: rejected.
+    wrong = c.announce("C", {0: chunk(666)}, 1.2)
+    assert (wrong.rejected, wrong.deferred) == ([0], []) and c.s.peers["C"].penalised(1.2)
+
+
+def test_a_claim_deferred_under_a_lease_that_lapses_is_recorded_on_retry(c: Cluster) -> None:
+    assert c.one("A", 0, 0.0).action == "source"
+    assert c.announce("B", {0: chunk(0)}, 0.5).deferred == [0]
+    # A makes no progress: past the lease timeout B's claim is no longer held back.
+    assert c.announce("B", {0: chunk(0)}, LEASE + 0.1).accepted == 1
+    assert c.holders(0) == {"B"} and c.s.tasks[TASK].pieces[0].chunk == chunk(0)
+
+
 # --- schedule: origin leases ------------------------------------------------------------------
 
 def test_first_requester_gets_a_source_lease_over_a_run(c: Cluster) -> None:
@@ -713,7 +737,7 @@ def test_a_map_is_bound_to_its_first_requesters_registry(c: Cluster) -> None:
 def test_another_registrys_claims_are_not_blamed(c: Cluster) -> None:
     c.announce("A", {0: chunk(0), 1: chunk(1)}, 0.0, registry=REG_A)
     reply = c.announce("B", {0: chunk(0), 1: chunk(111), 2: chunk(2)}, 1.0, registry=REG_B)
-    assert reply.accepted == 1 and sorted(reply.rejected) == [1, 2]
+    assert reply.accepted == 1 and reply.rejected == [] and sorted(reply.deferred) == [1, 2]
     assert not c.s.peers["B"].penalised(1.0)
     assert c.holders(0) == {"A", "B"}  # agreeing bytes: a holder like any other
     assert c.holders(1) == {"A"} and 2 not in c.s.tasks[TASK].pieces

@@ -475,7 +475,7 @@ async def test_a_provisional_map_is_bound_to_its_registry(h: Harness) -> None:
     assert await parents(s, "C", 0, registry=reg_a) == ["A"]
     # Its claims: agreeing ones make it a holder, differing ones are not blamed.
     reply = await announce(s, "B", {0: chunk(0), 1: chunk(111)}, registry=reg_b)
-    assert reply.accepted == 1 and reply.rejected == [1]
+    assert reply.accepted == 1 and reply.rejected == [] and reply.deferred == [1]
     assert (await s.peer("B"))["penalised"] is False
     assert sorted(await holders(s, 0)) == ["A", "B"]
     # Its registry's mismatch says nothing about this map.
@@ -637,7 +637,7 @@ async def test_lease_holder_sets_the_provisional_chunk(h: Harness) -> None:
     await setup(s)
     assert (await one(s, "A", 0)).action == "source"
     deferred = await announce(s, "B", {0: chunk(666)})  # B never fetched it under a lease
-    assert deferred.rejected == [0] and deferred.accepted == 0
+    assert deferred.deferred == [0] and deferred.rejected == [] and deferred.accepted == 0
     assert (await s.peer("B"))["penalised"] is False  # deferred, not blamed
     reply = await announce(s, "A", {0: chunk(0)})
     assert reply.rejected == []
