@@ -14,6 +14,14 @@ SOURCES = ("origin", "peer", "local")
 PIECE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def restarts_counter(registry: CollectorRegistry | None) -> Counter:
+    """`naiad_background_restarts_total{loop}`, for `TaskSet(restarts=...)`; with no registry
+    yet (the scheduler's store is made before its API), register it later."""
+    return Counter("naiad_background_restarts",
+                   "Background loops restarted after a failure, by loop.", ["loop"],
+                   registry=registry)
+
+
 class PeerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -34,6 +42,7 @@ class PeerMetrics:
                                   registry=r)
         self.cache_bytes = Gauge("naiad_peer_cache_bytes", "Bytes of chunks in the store.",
                                  registry=r)
+        self.restarts = restarts_counter(r)
         for s in SOURCES:
             self.download_bytes.labels(s)
             self.piece_seconds.labels(s)

@@ -1,6 +1,7 @@
 """An owner for background tasks: every task it spawns is cancelled when it closes, and every
-exception a task dies of is logged, never swallowed. And `Activity`: whether some work is under
-way, for the work that must only run when none is (the scrubber, draining)."""
+exception a task dies of is logged, never swallowed; a supervised loop (`TaskSet.supervise`) is
+restarted with backoff when it fails, and each failure is counted. And `Activity`: whether some
+work is under way, for the work that must only run when none is (the scrubber, draining)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("naiad.tasks")
@@ -38,9 +40,41 @@ class Activity:
         return self._clock() - self._idle_since if self.idle.is_set() else 0.0
 
 
+@dataclass
+class Backoff:
+    """How long a failed loop waits before it runs again: `first`, doubling per failure in a
+    row up to `most`; a run that lasted `healthy` seconds starts the doubling over."""
+
+    first: float = 0.1
+    most: float = 5.0
+    healthy: float = 30.0
+    _last: float = 0.0
+
+    def delay(self, ran_for: float) -> float:
+        """The wait after a failure that ended a run of `ran_for` seconds."""
+        if not self._last or ran_for >= self.healthy:
+            self._last = self.first
+        else:
+            self._last = min(self.most, self._last * 2)
+        return self._last
+
+
+class _Count(Protocol):
+    def inc(self) -> None: ...
+
+
+class RestartCounter(Protocol):
+    """What counts restarts, by loop: a prometheus `Counter` with one label fits."""
+
+    def labels(self, loop: str) -> _Count: ...
+
+
 class TaskSet:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, restarts: RestartCounter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self.restarts = restarts
+        self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -52,6 +86,30 @@ class TaskSet:
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+    def supervise(self, name: str, loop: Callable[[], Awaitable[object]],
+                  backoff: Backoff | None = None) -> asyncio.Task[None]:
+        """Run `loop()` until it returns or this set closes; each time it raises, log one line,
+        count it in `restarts` under `name`, wait (`backoff`) and call `loop()` again."""
+        if self.restarts is not None:
+            self.restarts.labels(name)  # the series exists, at 0, from the start
+        return self.spawn(self._supervised(name, loop, backoff or Backoff()), name)
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[object]],
+                          backoff: Backoff) -> None:
+        while True:
+            started = self._clock()
+            try:
+                await loop()
+                return
+            except Exception as e:  # counted, logged, restarted
+                wait = backoff.delay(self._clock() - started)
+                if self.restarts is not None:
+                    self.restarts.labels(name).inc()
+                log.warning("%s: loop %s failed (%s); restarting in %.1f s", self.name, name,
+                            describe(e), wait)
+                log.debug("loop %s failed", name, exc_info=e)
+            await asyncio.sleep(wait)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -75,6 +133,12 @@ class TaskSet:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def describe(e: BaseException) -> str:
+    """An exception in one line: its type, and its message if it has one."""
+    text = " ".join(str(e).split())[:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def consume_exception(fut: asyncio.Future[Any]) -> None:

@@ -86,7 +86,8 @@ class PeerDaemon:
         allowed = [default] + [Registry.parse(u) for u in config.allow_registries]
         self.allow = AllowList(allowed)
         self.default_registry = default
-        self._tasks = TaskSet("peer")
+        self._tasks = TaskSet("peer", self.metrics.restarts)  # loops supervised, restarts counted
+        self.seeder: Seeder | None = None
         # Built in start(): they need the running loop.
         self.engine: Engine
         self.scheduler: SchedulerClient
@@ -128,7 +129,8 @@ class PeerDaemon:
             id=c.peer_id, upload_addr=advertised, idc=c.idc, location=c.location,
             upload_slots=c.upload_slots, seed=c.seed, started_at=self.started_at)
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
-                                         self.store, self._heartbeat, c.secret)
+                                         self.store, self._heartbeat, c.secret,
+                                         restarts=self.metrics.restarts)
         origin = OriginClient(self._origin_session, c.origin_concurrency,
                               allowed=self.allow.__contains__, rate=bucket(c.origin_rate))
         self.engine = Engine(
@@ -152,14 +154,14 @@ class PeerDaemon:
         opened.push_async_callback(self.scheduler.stop, leave=False)
         opened.push_async_callback(self._tasks.close)
         self.metrics.cache_bytes.set(self.store.cache_bytes())
-        self._tasks.spawn(self._gauges(), "peer-gauges")
+        self._tasks.supervise("peer-gauges", self._gauges)
         if c.seed:
             self.seeder = Seeder(self.scheduler, self.engine, access, self.allow)
-            self._tasks.spawn(self.seeder.run(), "peer-seeder")
+            self._tasks.supervise("peer-seeder", self.seeder.run)
         if c.scrub_rate > 0:
             self.scrubber = Scrubber(self.store, self.engine, c.scrub_rate,
                                      [self.engine.activity, self.upload.activity])
-            self._tasks.spawn(self.scrubber.run(), "peer-scrubber")
+            self._tasks.supervise("peer-scrubber", self.scrubber.run)
         log.info("peer %s ready: mirror %s, upload %s (advertised %s)", c.peer_id,
                  self.mirror_server.address, self.upload_server.address,
                  registration.upload_addr)
@@ -206,6 +208,8 @@ class PeerDaemon:
             await asyncio.wait_for(self.upload.activity.idle.wait(),
                                    max(0.0, deadline - time.monotonic()))
         await self._tasks.close()
+        if self.seeder is not None:
+            await self.seeder.close()
         await self.mirror_server.stop()
         await self.upload_server.stop()
         await self.engine.close()

@@ -39,21 +39,23 @@ class Seeder:
         self._tasks = TaskSet("seed")
 
     async def run(self) -> None:
-        try:
-            while True:
-                await self.scheduler.connected.wait()
-                try:
-                    items = await self.scheduler.work()
-                except (SchedulerUnavailable, SchedulerRefused) as e:
-                    log.debug("no preheat work: %s", e)
-                    items = []
-                for item in items:
-                    if item.task_id not in self.active | self.refused:
-                        self.active.add(item.task_id)
-                        self._tasks.spawn(self._fetch(item), f"seed-{item.task_id[:19]}")
-                await asyncio.sleep(self.scheduler.interval)
-        finally:
-            await self._tasks.close()
+        """Ask for work every heartbeat interval; the fetches outlive a restart of this loop
+        (they belong to this seeder until `close`)."""
+        while True:
+            await self.scheduler.connected.wait()
+            try:
+                items = await self.scheduler.work()
+            except (SchedulerUnavailable, SchedulerRefused) as e:
+                log.debug("no preheat work: %s", e)
+                items = []
+            for item in items:
+                if item.task_id not in self.active | self.refused:
+                    self.active.add(item.task_id)
+                    self._tasks.spawn(self._fetch(item), f"seed-{item.task_id[:19]}")
+            await asyncio.sleep(self.scheduler.interval)
+
+    async def close(self) -> None:
+        await self._tasks.close()
 
     async def _fetch(self, item: WorkItem) -> None:
         try:

@@ -66,7 +66,7 @@ from common.models import (
     TaskRequest,
     Withdraw,
 )
-from common.tasks import TaskSet
+from common.tasks import RestartCounter, TaskSet
 from scheduler.state import (
     ClusterState,
     Lease,
@@ -475,7 +475,8 @@ class _Tx:
 class RedisStore:
     def __init__(self, client: aioredis.Redis, *, heartbeat_interval: float = 2.0,
                  lease_timeout: float = 2.0, clock: Callable[[], float] | None = None,
-                 prefix: str = "naiad:", rng: random.Random | None = None) -> None:
+                 prefix: str = "naiad:", rng: random.Random | None = None,
+                 restarts: RestartCounter | None = None) -> None:
         self.redis = client
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
@@ -489,7 +490,7 @@ class RedisStore:
         self.subscribed = asyncio.Event()
         self._pubsub: Any = None  # the listener's, while connected
         self._watched: dict[str, tuple[int, asyncio.Event]] = {}  # task -> (waiters, confirmed)
-        self._tasks = TaskSet("redis-store")
+        self._tasks = TaskSet("redis-store", restarts)
         self._apply = _Batched(client.register_script(APPLY_LUA), self._tasks)
         self._read = _Batched(client.register_script(READ_LUA), self._tasks)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -501,7 +502,7 @@ class RedisStore:
     async def start(self) -> None:
         """Start listening for other replicas' changes (in the background: a Redis that is down
         now is retried, and the API answers 5xx until it is back)."""
-        self._tasks.spawn(self._listen(), "redis-changes")
+        self._tasks.supervise("redis-changes", self._listen)
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -585,39 +586,35 @@ class RedisStore:
 
     async def _listen(self) -> None:
         """One subscriber per replica: the broadcast channel, and the channels of the tasks
-        this replica has long polls on (so a replica hears only of what it waits for)."""
+        this replica has long polls on (so a replica hears only of what it waits for). Runs
+        until the feed is lost (Redis down or restarted): then it raises, and its supervisor
+        subscribes again with backoff."""
         prefix = self.channel + ":"
-        retry = 0.5
-        while True:
-            pubsub = self.redis.pubsub()
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel, *map(self.task_channel, self._watched))
+            self._pubsub = pubsub
+            async for msg in pubsub.listen():
+                kind, channel = msg["type"], msg["channel"]
+                if kind == "subscribe" and channel == self.channel:
+                    self.subscribed.set()
+                    self.waiters.notify_all()  # changes may have gone unheard till now
+                elif kind == "subscribe":
+                    watched = self._watched.get(channel.removeprefix(prefix))
+                    if watched is not None:
+                        watched[1].set()
+                elif kind == "message":
+                    origin, _, task_id = msg["data"].partition(" ")
+                    if origin != self.id:
+                        self._wake(task_id)
+            raise ConnectionError("the redis change feed ended")
+        finally:
+            self._pubsub = None
+            self.subscribed.clear()
             try:
-                await pubsub.subscribe(self.channel, *map(self.task_channel, self._watched))
-                self._pubsub = pubsub
-                retry = 0.5
-                async for msg in pubsub.listen():
-                    kind, channel = msg["type"], msg["channel"]
-                    if kind == "subscribe" and channel == self.channel:
-                        self.subscribed.set()
-                        self.waiters.notify_all()  # changes may have gone unheard till now
-                    elif kind == "subscribe":
-                        watched = self._watched.get(channel.removeprefix(prefix))
-                        if watched is not None:
-                            watched[1].set()
-                    elif kind == "message":
-                        origin, _, task_id = msg["data"].partition(" ")
-                        if origin != self.id:
-                            self._wake(task_id)
+                await pubsub.aclose()
             except (RedisError, OSError) as e:
-                log.warning("redis change feed lost (%r); subscribing again in %.1f s", e, retry)
-                await asyncio.sleep(retry)
-                retry = min(5.0, retry * 2)
-            finally:
-                self._pubsub = None
-                self.subscribed.clear()
-                try:
-                    await pubsub.aclose()
-                except (RedisError, OSError) as e:
-                    log.debug("closing the change feed: %r", e)
+                log.debug("closing the change feed: %r", e)
 
     def _wake(self, task_id: str) -> None:
         if task_id == ALL:

@@ -14,7 +14,10 @@ import ssl
 import uuid
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from common.config import startup
+from common.metrics import restarts_counter
 from common.registries import AllowList, Registry
 from common.tasks import TaskSet
 from common.web import ClientLimits, Server
@@ -45,7 +48,9 @@ class SchedulerService:
     def __init__(self, config: SchedulerConfig, store: Store | None = None) -> None:
         self.config = config
         self._own_store = store is None
-        self.store = store or self._make_store(config)
+        # Supervised loops' restarts, on this scheduler's /metrics (the store's loops too).
+        self.restarts = restarts_counter(None)
+        self.store = store or self._make_store(config, self.restarts)
         self.id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.api = SchedulerAPI(self.store, scheduler_id=self.id, token=config.token,
                                 secret=config.secret,
@@ -53,13 +58,14 @@ class SchedulerService:
         self.server = Server(self.api.app(), config.listen, config.tls, config.limits)
         self.udp = HeartbeatListener(self.store, config.udp, config.secret,
                                      self.api.metrics.heartbeats) if config.udp else None
-        self._tasks = TaskSet("scheduler")
+        self.api.metrics.registry.register(self.restarts)
+        self._tasks = TaskSet("scheduler", self.restarts)
 
     @staticmethod
-    def _make_store(config: SchedulerConfig) -> Store:
+    def _make_store(config: SchedulerConfig, restarts: Counter) -> Store:
         if config.redis:
             return RedisStore.from_url(config.redis, heartbeat_interval=config.heartbeat_interval,
-                                       lease_timeout=config.lease_timeout)
+                                       lease_timeout=config.lease_timeout, restarts=restarts)
         return MemoryStore(heartbeat_interval=config.heartbeat_interval,
                            lease_timeout=config.lease_timeout)
 
@@ -87,11 +93,11 @@ class SchedulerService:
             opened.callback(self.udp.stop)
             # Told to peers as they register (an unspecified host: the one they reached).
             self.api.udp_addr = self.config.udp_advertise or self.udp.address
-            self._tasks.spawn(self.udp.run(), "scheduler-udp")
+            self._tasks.supervise("scheduler-udp", self.udp.run)
         opened.push_async_callback(self.server.stop)
         with startup(f"--listen {self.config.listen}"):
             await self.server.start()
-        self._tasks.spawn(self._expire_loop(), "scheduler-expiry")
+        self._tasks.supervise("scheduler-expiry", self._expire_loop)
         log.info("scheduler ready", extra={"listen": self.server.address, "id": self.id,
                                            "udp": self.api.udp_addr})
 
@@ -105,13 +111,11 @@ class SchedulerService:
             await self.store.close()
 
     async def _expire_loop(self) -> None:
+        """Every half interval, drop the peers silent too long. A failure (the state store
+        down) ends the loop; its supervisor restarts it with backoff."""
         interval = self.config.heartbeat_interval / 2
         while True:
             await asyncio.sleep(interval)
-            try:
-                gone = await self.store.expire()
-            except Exception:
-                log.exception("peer expiry failed")
-                continue
+            gone = await self.store.expire()
             for peer_id in gone:
                 log.info("peer expired", extra={"peer": peer_id})

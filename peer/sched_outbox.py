@@ -1,0 +1,306 @@
+"""The outbox: what the scheduler must hear of this peer's holdings — pieces gained, pieces
+dropped, blobs whose digest failed, seals, lease progress — coalesced per task and sent in
+the order it happened, one request at a time, held while no scheduler is connected.
+
+A claim the scheduler defers (another peer's origin lease on the piece is live, or the map is
+bound to another registry) is neither recorded nor blamed: it is announced again after a while,
+a few times, so a piece fetched on the on-demand path ends up recorded as held once the lease
+resolves. A claim it rejects (it conflicts with the map) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from common.models import (
+    Announce,
+    AnnounceReply,
+    BlobMismatch,
+    LeaseProgress,
+    PieceClaim,
+    Withdraw,
+)
+from peer.sched_session import API, RETRY_MAX, RETRY_MIN
+from peer.sched_transport import SchedulerRefused, SchedulerUnavailable
+
+log = logging.getLogger("naiad.peer.scheduler")
+R = TypeVar("R", bound=BaseModel)
+ANNOUNCE_BATCH = 4096
+ANNOUNCE_COALESCE = 0.005
+# Deferred claims are announced again after these waits (a lease resolves within seconds: its
+# holder announces, or it lapses after the lease timeout and is taken over), then given up on;
+# a re-registration announces everything held anyway.
+DEFER_WAITS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class _Pending:
+    """What a task's next messages say, in order: first what this peer no longer holds, then
+    that the blob it assembled failed its digest, then what it holds (so a piece dropped and
+    fetched again ends up held, never the reverse, and a map reset for a mismatch is not
+    poisoned again by this peer's own late announcements of the bad pieces)."""
+
+    pieces: dict[int, str] = field(default_factory=dict)
+    progress: set[int] = field(default_factory=set)
+    sealed: bool = False
+    registry: str | None = None  # where the pieces came from
+    mismatch: bool = False
+    withdrawn: set[int] = field(default_factory=set)
+    withdrawn_all: bool = False
+
+    def withdraw(self, pieces: list[int] | None) -> None:
+        if pieces is None:
+            self.withdrawn_all, self.withdrawn, self.pieces = True, set(), {}
+            self.sealed = False
+            return
+        if not self.withdrawn_all:
+            self.withdrawn.update(pieces)
+        for i in pieces:
+            self.pieces.pop(i, None)
+        self.sealed = False
+
+    def withdraws(self, index: int) -> bool:
+        return self.withdrawn_all or index in self.withdrawn
+
+
+@dataclass
+class _Deferred:
+    """Claims of one task the scheduler deferred, waiting to be announced again."""
+
+    pieces: dict[int, str]
+    registry: str | None
+    sealed: bool
+    attempt: int
+    due: float
+
+
+def announcements(peer_id: str, task_id: str, pieces: dict[int, str], sealed: bool,
+                  progress: set[int], registry: str | None) -> list[Announce]:
+    """Announcements of `pieces`, cut to the batch limit; the seal rides on the last."""
+    items = sorted(pieces.items())
+    out = []
+    for k in range(0, max(1, len(items)), ANNOUNCE_BATCH):
+        last = k + ANNOUNCE_BATCH >= len(items)
+        out.append(Announce(
+            peer_id=peer_id, task_id=task_id,
+            pieces=[PieceClaim(index=i, chunk=c) for i, c in items[k:k + ANNOUNCE_BATCH]],
+            sealed=sealed and last, registry=registry,
+            progress=[LeaseProgress(epoch=e) for e in sorted(progress)] if last else []))
+    return out
+
+
+def messages(peer_id: str, task_id: str, p: _Pending) -> list[tuple[str, BaseModel]]:
+    """A task's pending withdrawals, then its mismatch, then its announcements."""
+    gone = sorted(p.withdrawn)
+    batches = [None] if p.withdrawn_all else \
+        [gone[k:k + ANNOUNCE_BATCH] for k in range(0, len(gone), ANNOUNCE_BATCH)]
+    out: list[tuple[str, BaseModel]] = [
+        (f"{API}/withdraw", Withdraw(peer_id=peer_id, task_id=task_id, pieces=batch))
+        for batch in batches]
+    if p.mismatch:
+        out.append((f"{API}/mismatches", BlobMismatch(peer_id=peer_id, task_id=task_id,
+                                                       registry=p.registry)))
+    if p.pieces or p.sealed or p.progress:
+        out += [(f"{API}/announce", a) for a in
+                announcements(peer_id, task_id, p.pieces, p.sealed, p.progress, p.registry)]
+    return out
+
+
+class OutboxSession(Protocol):
+    """What the outbox needs of the failover session (peer/sched_session.py)."""
+
+    connected: asyncio.Event
+
+    async def post(self, path: str, body: BaseModel | None, reply: type[R] | None,
+                   seconds: float = 5.0, session: int | None = None) -> R | None: ...
+
+
+class Outbox:
+    def __init__(self, peer_id: str, session: OutboxSession,
+                 clock: Callable[[], float] = time.monotonic,
+                 defer_waits: tuple[float, ...] = DEFER_WAITS) -> None:
+        self.peer_id = peer_id
+        self.session = session
+        self.clock = clock
+        self.defer_waits = defer_waits
+        self._pending: dict[str, _Pending] = {}
+        self._deferred: dict[str, _Deferred] = {}
+        self.registries: dict[str, str] = {}  # task -> registry, for re-announcing
+        self._wanted = asyncio.Event()
+
+    # -- what the engine queues ------------------------------------------------------------
+
+    def announce(self, task_id: str, index: int, chunk: str,
+                 registry: str | None = None) -> None:
+        p = self._pending.setdefault(task_id, _Pending())
+        p.pieces[index] = chunk
+        self._registry(task_id, p, registry)
+        self._wanted.set()
+
+    def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
+        """This peer no longer holds these pieces (None: the whole task) of a task. Queued with
+        the announcements, so the scheduler hears of drops and gains in the order they
+        happened."""
+        self._pending.setdefault(task_id, _Pending()).withdraw(pieces)
+        d = self._deferred.get(task_id)
+        if d is not None:
+            for i in (list(d.pieces) if pieces is None else pieces):
+                d.pieces.pop(i, None)
+            d.sealed = False  # a seal is for a task held whole
+            if not d.pieces:
+                del self._deferred[task_id]
+        if pieces is None:
+            self.registries.pop(task_id, None)
+        self._wanted.set()
+
+    def blob_mismatch(self, task_id: str, registry: str | None = None) -> None:
+        """The blob assembled from these pieces failed its digest: every piece of it is
+        withdrawn, and the scheduler told after that, before anything held since."""
+        p = self._pending.setdefault(task_id, _Pending())
+        self.withdraw(task_id, None)
+        p.mismatch = True
+        self._registry(task_id, p, registry)
+        self._wanted.set()
+
+    def progress(self, task_id: str, epoch: int) -> None:
+        self._pending.setdefault(task_id, _Pending()).progress.add(epoch)
+        self._wanted.set()
+
+    def sealed(self, task_id: str, registry: str | None = None) -> None:
+        p = self._pending.setdefault(task_id, _Pending())
+        p.sealed = True
+        self._registry(task_id, p, registry)
+        self._wanted.set()
+
+    def _registry(self, task_id: str, p: _Pending, registry: str | None) -> None:
+        if registry is not None:
+            p.registry = self.registries[task_id] = registry
+
+    # -- deferred claims -------------------------------------------------------------------
+
+    def deferred(self, task_id: str, reply: AnnounceReply, ann: Announce,
+                 attempt: int = 0) -> None:
+        """Keep the claims of `ann` that `reply` deferred, to announce them again later."""
+        if not reply.deferred:
+            return
+        chunks = {c.index: c.chunk for c in ann.pieces}
+        pieces = {i: chunks[i] for i in reply.deferred if i in chunks}
+        if not pieces:
+            return
+        prior = self._deferred.get(task_id)
+        if prior is not None:
+            pieces = {**prior.pieces, **pieces}
+            attempt = min(attempt, prior.attempt)
+        if attempt >= len(self.defer_waits):
+            log.info("scheduler still defers pieces %s of %s; giving up until the next "
+                     "registration", sorted(pieces)[:10], task_id)
+            self._deferred.pop(task_id, None)
+            return
+        self._deferred[task_id] = _Deferred(
+            pieces=pieces, registry=ann.registry,
+            sealed=ann.sealed or (prior is not None and prior.sealed), attempt=attempt,
+            due=self.clock() + self.defer_waits[attempt])
+        self._wanted.set()
+
+    def _due(self) -> float | None:
+        """Seconds until the next deferred claims are due (0: now); None: none wait."""
+        if not self._deferred:
+            return None
+        return max(0.0, min(d.due for d in self._deferred.values()) - self.clock())
+
+    def _take_due(self) -> dict[str, tuple[_Pending, int]]:
+        """Deferred claims now due, as pending messages, with their attempt."""
+        now = self.clock()
+        out = {}
+        for task_id, d in list(self._deferred.items()):
+            if d.due <= now:
+                del self._deferred[task_id]
+                out[task_id] = (_Pending(pieces=dict(d.pieces), sealed=d.sealed,
+                                         registry=d.registry), d.attempt + 1)
+        return out
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def requeue(self, task_id: str, p: _Pending) -> None:
+        """Put back messages that could not be sent, before whatever queued since."""
+        mine = self._pending.setdefault(task_id, _Pending())
+        kept = {i: c for i, c in p.pieces.items() if not mine.withdraws(i)}
+        mine.pieces = {**kept, **mine.pieces}
+        mine.progress |= p.progress
+        mine.registry = mine.registry or p.registry
+        mine.mismatch |= p.mismatch
+        mine.sealed |= p.sealed and not (mine.withdrawn or mine.withdrawn_all)
+        mine.withdrawn_all |= p.withdrawn_all
+        mine.withdrawn = set() if mine.withdrawn_all else mine.withdrawn | p.withdrawn
+        self._wanted.set()
+
+    async def _wait(self) -> None:
+        """Until there is something to send: queued messages, or deferred claims due."""
+        while not self._wanted.is_set():
+            due = self._due()
+            if due is not None and due <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), due)
+
+    async def run(self) -> None:
+        """Send what accumulated since the last send; one request in flight at a time, so a
+        burst of pieces becomes a few batches. While no scheduler answers, messages wait for
+        one (a failover takes a moment; the pieces' leases should not lapse meanwhile)."""
+        retry = RETRY_MIN
+        while True:
+            await self._wait()
+            await asyncio.sleep(ANNOUNCE_COALESCE)  # a burst of pieces becomes one request
+            await self.session.connected.wait()
+            self._wanted.clear()
+            batch = {t: (p, 0) for t, p in self._pending.items()}
+            self._pending = {}
+            for task_id, (p, attempt) in self._take_due().items():
+                if task_id in batch:  # a fresh claim of the same piece wins
+                    fresh = batch[task_id][0]
+                    fresh.pieces = {**p.pieces, **fresh.pieces}
+                    fresh.sealed |= p.sealed
+                    fresh.registry = fresh.registry or p.registry
+                else:
+                    batch[task_id] = (p, attempt)
+            unsent = dict(batch)
+            try:
+                for task_id, (p, attempt) in batch.items():
+                    await self._send(task_id, p, attempt)
+                    del unsent[task_id]
+            except SchedulerUnavailable as e:
+                # Sent again once a scheduler answers: at once after a failover, after a
+                # growing wait while the one in use says it is unavailable.
+                log.info("announcements held: %s", e)
+                await asyncio.sleep(retry)
+                retry = min(RETRY_MAX, retry * 2)
+            else:
+                retry = RETRY_MIN
+            finally:
+                # Whatever ended this round (a failure, a cancellation) loses nothing queued.
+                for task_id, (p, _) in unsent.items():
+                    self.requeue(task_id, p)
+
+    async def _send(self, task_id: str, p: _Pending, attempt: int) -> None:
+        for path, msg in messages(self.peer_id, task_id, p):
+            announcing = isinstance(msg, Announce)
+            try:
+                reply = await self.session.post(path, msg, AnnounceReply if announcing else None)
+            except SchedulerRefused as e:
+                log.info("%s refused: %s", path.rsplit("/", 1)[1], e)
+                if announcing:
+                    return
+                continue
+            if isinstance(reply, AnnounceReply) and isinstance(msg, Announce):
+                if reply.rejected:
+                    log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10],
+                                task_id)
+                self.deferred(task_id, reply, msg, attempt)
