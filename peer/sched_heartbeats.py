@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from common import datagram
 from common.models import Heartbeat, PeerRegistration
+from common.tasks import describe
 from peer.sched_session import API
 from peer.sched_transport import SchedulerRefused, SchedulerUnavailable
 
@@ -161,6 +162,20 @@ class Heartbeats:
         self.body = body
         self.udp = udp
         self.beats: Counter[str] = Counter()  # heartbeats delivered, by transport
+        self._body_failed = False
+
+    def _report(self) -> Heartbeat:
+        """What this heartbeat reports (load, counters); when that cannot be measured (the
+        data directory gone), an empty report: liveness matters more than the figures."""
+        try:
+            body = self.body()
+        except Exception as e:  # logged once per spell of failures
+            if not self._body_failed:
+                log.warning("heartbeats carry no load report: %s", describe(e))
+            self._body_failed = True
+            return Heartbeat()
+        self._body_failed = False
+        return body
 
     async def run(self) -> None:
         """One heartbeat per interval while a session is open, on a fixed rate: a slow beat
@@ -177,7 +192,7 @@ class Heartbeats:
         """One heartbeat in session `sid`; whether it was delivered. One that cannot be ends
         the session (the peer registers again, elsewhere if need be)."""
         s = self.session
-        body = self.body()
+        body = self._report()
         interval = s.interval
         target = s.udp_target
         if target is not None and self.udp.due(target):

@@ -430,6 +430,21 @@ async def test_unknown_answer_means_register_again_with_the_same_scheduler() -> 
     assert s.losses == [(3, False)] and s.posts == []
 
 
+async def test_a_heartbeat_whose_report_cannot_be_measured_still_beats(
+        caplog: pytest.LogCaptureFixture) -> None:
+    hb, _, links = beater([datagram.ACK_OK, datagram.ACK_OK])
+
+    def broken() -> Heartbeat:
+        raise FileNotFoundError("/data gone")
+    hb.body = broken
+    assert await hb.beat(1) and await hb.beat(1)
+    assert hb.beats == {"udp": 2}
+    beat = datagram.decode(links[0].sent[0], b"k" * 32, time.time())
+    assert beat.heartbeat == Heartbeat()
+    warned = [r.getMessage() for r in caplog.records if "no load report" in r.getMessage()]
+    assert warned == ["heartbeats carry no load report: FileNotFoundError: /data gone"]
+
+
 async def test_udp_that_stopped_getting_through_is_tried_only_now_and_then() -> None:
     hb, _, links = beater([])  # never answers
     for _ in range(2 + 2 * UDP_RETRY_EVERY):
