@@ -11,17 +11,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from naiad.cli import build_parser
 from peer.store import ChunkStore
-from tests.cluster import free_port
+from tests.cluster import (
+    Cluster,
+    Proc,
+    free_port,
+    naiad,
+    spawn,
+    until,
+    wait_http,
+    wait_registered_peer,
+)
 
 SECONDS = 30  # a start-up check answers at once; a daemon that did start is a failure
 
@@ -242,3 +255,105 @@ def _store_made(tmp: Path) -> Path:
     store.open()
     store.close()
     return store.root
+
+
+# --- a dependency that is down ----------------------------------------------------------------
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) +([\w.]+): (.*)$")
+
+
+def _warnings(text: str) -> list[tuple[float, str]]:
+    """(time, message) of each warning; every line must be one plain log line."""
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE.match(line)
+        assert m, f"not a plain log line (a traceback?): {line!r}"
+        assert m.group(2) not in ("ERROR", "CRITICAL"), line
+        if m.group(2) == "WARNING":
+            when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((when, f"{m.group(3)}: {m.group(4)}"))
+    return out
+
+
+def _at_most_one_per_period(warnings: list[tuple[float, str]]) -> None:
+    """Warnings of one kind (the same text but for its numbers) come no more often than the
+    retry period the previous one announced (`… in 2.0 s`), or once a second if it named
+    none."""
+    last: dict[str, tuple[float, float]] = {}
+    for when, message in warnings:
+        kind = re.sub(r"\d+(\.\d+)?", "#", message)
+        period = re.search(r"\bin (\d+(?:\.\d+)?) ?s\b", message)
+        if kind in last:
+            previous, wait = last[kind]
+            assert when - previous >= wait - 0.05, (
+                f"{message!r} {when - previous:.2f} s after the previous one, its period "
+                f"{wait} s")
+        last[kind] = (when, float(period.group(1)) if period else 1.0)
+
+
+def _redis(port: int, workdir: Path) -> Proc:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    return spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no"], workdir)
+
+
+async def _status(url: str) -> int:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status
+
+
+WATCH = 6.0  # seconds a daemon is watched with its dependency down: past the longest backoff
+
+
+async def test_scheduler_with_redis_down_starts_warns_plainly_and_recovers(
+        tmp_path: Path) -> None:
+    redis_port, port = free_port(), free_port()
+    proc = spawn("scheduler", naiad(*_scheduler("--listen", f"127.0.0.1:{port}", "--redis",
+                                                f"redis://127.0.0.1:{redis_port}/0")), tmp_path)
+    redis = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_http(f"{url}/healthy", proc=proc)  # ready: it does not need Redis for that
+        assert await _status(f"{url}/api/v1/stats") == 503  # what needs the store says so
+        seen = len(proc.logs().splitlines())
+        await asyncio.sleep(WATCH)  # what it logs over a while is the point
+        assert proc.popen.poll() is None, proc.logs()
+        assert await _status(f"{url}/healthy") == 200
+        warnings = _warnings("\n".join(proc.logs().splitlines()[seen:]))
+        assert warnings, proc.logs()  # it does say Redis is down
+        assert any(f"127.0.0.1:{redis_port}" in m for _, m in warnings), warnings
+        _at_most_one_per_period(warnings)
+
+        redis = _redis(redis_port, tmp_path)
+
+        async def serves() -> bool:
+            return await _status(f"{url}/api/v1/stats") == 200
+
+        await until(serves, 20, "the scheduler serving once Redis is up")
+        _warnings(proc.logs())  # and never a traceback, then either
+    finally:
+        proc.stop()
+        if redis is not None:
+            redis.stop()
+
+
+async def test_peer_with_every_scheduler_down_serves_warns_plainly_and_recovers(
+        cluster: Cluster) -> None:
+    first, second = free_port(), free_port()
+    peer = await cluster.peer("p1", f"http://127.0.0.1:{first}", "http://127.0.0.1:1",
+                              "--scheduler", f"http://127.0.0.1:{second}",
+                              wait_registered=False)
+    seen = len(peer.proc.logs().splitlines())
+    await asyncio.sleep(WATCH / 2)  # what it logs over a while is the point
+    assert await _status(f"{peer.url}/healthy") == 200
+    warnings = _warnings("\n".join(peer.proc.logs().splitlines()[seen:]))
+    everything = [m for _, m in _warnings(peer.proc.logs())]
+    for port in (first, second):  # each scheduler said to be down, plainly
+        assert any(f"127.0.0.1:{port}" in m for m in everything), everything
+    _at_most_one_per_period(warnings)
+
+    sched = await cluster.scheduler(port=first)
+    await wait_registered_peer(sched.url, "p1")
+    _warnings(peer.proc.logs())
