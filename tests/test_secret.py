@@ -146,9 +146,12 @@ async def test_strangers_are_refused_members_distribute(
             nonlocal task
             async with member.get(f"{sched.url}/api/v1/tasks/{digest}") as r:
                 task = await r.json()  # chunk ids and holders: members only
-            return all(set(p["holders"]) == {"a", "b"} for p in task["piece_map"])
+            # Both hashed the whole blob: their two confirmations seal the map. Wait for that
+            # too, so the snapshot compared below is final.
+            return task["sealed"] and \
+                all(set(p["holders"]) == {"a", "b"} for p in task["piece_map"])
 
-        await until(both_hold, what="a and b announced under the secret")
+        await until(both_hold, what="a and b announced and confirmed under the secret")
         chunk = task["piece_map"][0]["chunk"]
 
         api = f"{sched.url}/api/v1"
