@@ -11,7 +11,7 @@ from common.models import UNKNOWN_PEER, Announce, AnnounceReply, TaskMeta, TaskR
 from peer.sched_outbox import OutboxSession, announcements
 from peer.sched_session import API
 from peer.sched_transport import SchedulerRefused
-from peer.store import StoredTask
+from peer.store import CannotStore, StoredTask
 
 log = logging.getLogger("naiad.peer.scheduler")
 
@@ -49,7 +49,10 @@ async def reannounce(peer_id: str, store: HeldStore, session: OutboxSession,
         if known.piece_size != meta.piece_size:
             log.warning("task %s has piece size %d on the scheduler, %d here: dropping the "
                         "local copy", meta.task_id, known.piece_size, meta.piece_size)
-            store.drop_task(meta.task_id)
+            try:
+                store.drop_task(meta.task_id)
+            except CannotStore as e:  # not announced either way; the start-up check cleans up
+                log.warning("cannot drop the local copy of %s: %s", meta.task_id, e)
             continue
         for ann in announcements(peer_id, meta.task_id, stored.pieces, meta.sealed, set(),
                                  registries.get(meta.task_id)):

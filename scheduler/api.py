@@ -345,9 +345,14 @@ class SchedulerAPI:
         return _console_response(request.match_info["file"])
 
     async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
-        self._snapshot = await self.store.counters()
-        self.metrics.peers.set(len(await self.store.peers()))
-        self.metrics.tasks.set(len(await self.store.tasks()))
+        """The metrics, also while the state store is down: the process's own series (loop
+        restarts among them) matter most then; the cluster gauges keep their last values."""
+        try:
+            self._snapshot = await self.store.counters()
+            self.metrics.peers.set(len(await self.store.peers()))
+            self.metrics.tasks.set(len(await self.store.tasks()))
+        except (RedisError, StoreBusy) as e:
+            log.warning("metrics without the state store: %r", e)
         return await metrics_handler(self.metrics.registry)(request)
 
 
