@@ -4,6 +4,7 @@ network namespaces on this machine, in the same run. See bench/swarm/README.md.
 As root, from the repository root:
 
     python -m bench.swarm --peers 8 --size 64 --runs 3
+    python -m bench.swarm --peers 8 --size 64 --runs 3 --fault parent-cut
     python -m bench.swarm --cleanup      # remove what a crashed run left behind
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
-from bench.swarm import bittorrent, direct, naiad_swarm
+from bench.swarm import bittorrent, direct, faults, naiad_swarm
 from bench.swarm.clients import Trial
 from bench.swarm.registry import MiB, Registry, make_blob
 from bench.swarm.report import SYSTEMS, Result, fluid_bound, run_line, table
@@ -44,7 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peer-rate", type=float, default=320.0,
                     help="each peer's egress, Mbit/s (default 320)")
     ap.add_argument("--runs", type=int, default=1, help="repetitions; medians are reported")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
+    ap.add_argument("--systems", default=None,
                     help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
     ap.add_argument("--timeout", type=float, default=900.0,
                     help="seconds a pull may take before it counts as failed (default 900)")
@@ -74,10 +75,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "below this (default 0.25)")
     ap.add_argument("--quiet-wait", type=float, default=120.0, metavar="SECONDS",
                     help="longest wait for that quiet second (default 120)")
+    ap.add_argument("--fault", choices=faults.FAULTS, default=None,
+                    help="inject this network fault during every pull (bench/swarm/faults.py; "
+                         "naiad and direct only; --systems defaults to naiad)")
     ap.add_argument("--cleanup", action="store_true",
                     help="remove namespaces (and their processes) left by a crashed run; exit")
     args = ap.parse_args(argv)
+    if args.systems is None:
+        args.systems = "naiad" if args.fault else ",".join(SYSTEMS)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.fault and "bittorrent" in args.systems:
+        ap.error("--fault applies to naiad and direct only")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown system(s): {', '.join(sorted(unknown))}")
@@ -120,7 +128,7 @@ def describe(args: argparse.Namespace, naiad: str) -> dict[str, object]:
         "registry": _version("docker-registry", "--version"),
         "libtorrent": _version("/usr/bin/python3", "-c",
                                "import libtorrent; print(libtorrent.__version__)"),
-        "peers": args.peers, "size_mib": args.size,
+        "peers": args.peers, "size_mib": args.size, "fault": args.fault,
         "origin_mbit": args.origin_rate, "peer_mbit": args.peer_rate,
     }
 
@@ -175,7 +183,7 @@ async def experiment(lab: Lab, args: argparse.Namespace, naiad_src: Path | None,
             for name in [s for s in systems if s in args.systems]:
                 trial = Trial(lab=lab, blob=blob, registry_url=registry.url,
                               workdir=scratch / f"{name}-{r}", logdir=logs / f"run{r}",
-                              run=r, timeout=args.timeout)
+                              run=r, timeout=args.timeout, fault=args.fault)
                 trial.workdir.mkdir(parents=True)
                 background = await _quiet(args.quiet_below, args.quiet_wait)
                 logged = registry.log_size()
@@ -274,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = describe(args, version)
         (logs / "meta.json").write_text(json.dumps(meta, indent=1))
         lab.create()
+        if args.fault:
+            faults.prepare(lab, args.fault)
         asyncio.run(run_lab(lab, args, naiad_src, scratch, logs, results))
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"\ninterrupted ({e}): cleaned up", file=sys.stderr)

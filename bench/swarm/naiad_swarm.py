@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,16 @@ async def _trace(lab: Lab, url: str, sink: list[dict[str, Any]], started: float,
         await asyncio.sleep(0.5)
 
 
+async def _holdings(lab: Lab, url: str, operator: dict[str, str]) -> dict[str, int]:
+    """Pieces each peer holds, from the scheduler's piece map."""
+    task = json.loads(await lab.http_get(lab.origin, url, operator))
+    held = dict.fromkeys((h.name for h in lab.peers), 0)
+    for piece in task.get("piece_map", []):
+        for h in piece["holders"]:
+            held[h] = held.get(h, 0) + 1
+    return held
+
+
 async def run(trial: Trial, opts: NaiadOptions) -> Result:
     lab = trial.lab
     origin = lab.origin
@@ -113,7 +124,8 @@ async def run(trial: Trial, opts: NaiadOptions) -> Result:
         urls = {h: f"http://{h.ip}:{MIRROR_PORT}{trial.blob.url_path}" for h in lab.peers}
         spies = await _py_spy(pids, logs) if opts.py_spy else []
         try:
-            result = await measure_pull(trial, "naiad", urls, pids)
+            result = await measure_pull(trial, "naiad", urls, pids,
+                                        partial(_holdings, lab, task_url, operator))
         finally:
             if tracer is not None:
                 tracer.cancel()

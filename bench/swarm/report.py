@@ -30,6 +30,8 @@ class Result:
     cpu: dict[str, Any] = field(default_factory=dict)  # CpuSampler.stop() over the pull
     notes: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # Longest time any counted client received no byte (from the release to its last byte).
+    stall: float | None = None
 
     @property
     def egress(self) -> float:
@@ -50,9 +52,9 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def table(results: list[Result], bound: float) -> str:
     """A Markdown table: medians per system over the runs, with each run's values beside."""
     lines = ["| system | time to last copy (median) | time / fluid bound | origin egress "
-             "(median) | sha256 ok | runs: time s (egress x) |",
-             "|---|---|---|---|---|---|",
-             f"| fluid bound | {bound:.1f} s | 1.00 | 1.00 x | | |"]
+             "(median) | worst stall (median) | sha256 ok | runs: time s (egress x, stall s) |",
+             "|---|---|---|---|---|---|---|",
+             f"| fluid bound | {bound:.1f} s | 1.00 | 1.00 x | | | |"]
     for system in SYSTEMS:
         rs = [r for r in results if r.system == system]
         if not rs:
@@ -60,12 +62,14 @@ def table(results: list[Result], bound: float) -> str:
         ok = [r for r in rs if r.seconds is not None]
         t = _median([r.seconds for r in ok if r.seconds is not None])
         egress = _median([r.egress for r in ok])
-        runs = ", ".join(f"{r.seconds:.1f} ({r.egress:.2f})" if r.seconds is not None
-                         else "failed" for r in rs)
+        stall = _median([r.stall for r in rs if r.stall is not None])
+        runs = ", ".join(f"{r.seconds:.1f} ({r.egress:.2f}, {_fmt(r.stall, '.1f')})"
+                         if r.seconds is not None else "failed" for r in rs)
         sha = f"{sum(r.sha_ok for r in rs)}/{len(rs)}"
         lines.append(f"| {system} | {_fmt(t, '.1f', ' s')} | "
                      f"{_fmt(t / bound if t is not None else None, '.2f')} | "
-                     f"{_fmt(egress, '.2f', ' x')} | {sha} | {runs} |")
+                     f"{_fmt(egress, '.2f', ' x')} | {_fmt(stall, '.1f', ' s')} | {sha} | "
+                     f"{runs} |")
     return "\n".join(lines)
 
 
@@ -77,6 +81,9 @@ def run_line(r: Result, bound: float) -> str:
     if r.cpu.get("cpu_seconds"):
         cpu += (f", ours {sum(r.cpu['cpu_seconds'].values()):.1f} cpu-s, waited "
                 f"{sum(r.cpu['runq_seconds'].values()):.1f} s in the run queue")
+    stall = f"worst stall {_fmt(r.stall, '.1f', ' s')}"
+    if r.notes.get("cut"):
+        stall += f" (cut off, not counted: {' '.join(r.notes['cut'])})"
     return (f"run {r.run} {r.system:<10} {r.seconds:6.1f} s  {r.seconds / bound:5.2f}x bound  "
-            f"origin egress {r.egress:5.2f}x  sha {'ok' if r.sha_ok else 'BAD'}  "
+            f"origin egress {r.egress:5.2f}x  sha {'ok' if r.sha_ok else 'BAD'}  {stall}  "
             f"{spread}  {cpu}")
