@@ -44,7 +44,6 @@ FLAP_FIRST_S, FLAP_DOWN_S, FLAP_UP_S = 1.0, 2.0, 3.0
 SCHEDULER_PORTS = {"tcp": 8002, "udp": 8003}  # naiad_swarm's --listen and --udp
 
 
-
 def _pre(*match: str) -> list[str]:
     return ["PREROUTING", "-i", IFACE, *match]
 
