@@ -41,6 +41,15 @@ def free_port() -> int:
     raise AssertionError("unreachable")
 
 
+async def serve(app: aiohttp.web.Application, port: int,
+                host: str = "127.0.0.1") -> aiohttp.web.AppRunner:
+    """Run a small real server (a test's fake) on host:port; `await runner.cleanup()` ends it."""
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, host, port).start()
+    return runner
+
+
 async def wait_http(url: str, seconds: float = 20.0, proc: Proc | None = None,
                     ssl: object = None, ok: tuple[int, ...] = (200,)) -> None:
     """Until `url` answers 200 (a readiness check, not a sleep: returns on the first 200)."""

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from common import ids
 from common.pieces import PieceLayout, default_piece_size
-from tests.cluster import free_port, member_session
+from tests.cluster import free_port, member_session, serve
 
 
 class FakePeer:
@@ -70,9 +70,7 @@ class CorruptParent:
     async def __aenter__(self) -> CorruptParent:
         app = web.Application()
         app.router.add_get("/chunks/{chunk}", self._chunk)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
         self.session = member_session()  # a member gone bad: it knows the secret
         for i in range(self.layout.count):
             start, size = self.layout.span(i)
@@ -147,9 +145,7 @@ class FlakyRegistry:
         self.session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from common.ranges import InvalidRange, UnsatisfiableRange, parse_range
-from tests.cluster import free_port, self_signed_cert
+from tests.cluster import free_port, self_signed_cert, serve
 
 SERVICE = "naiad-test-registry"
 ISSUER = "naiad-test-token-issuer"
@@ -84,9 +84,7 @@ class TokenServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/token", self._token)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -196,9 +194,7 @@ class SignedStorage:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/objects/{name:.+}", self._object)  # HEAD too
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -253,9 +249,7 @@ class RedirectingTokenRegistry:
         app = web.Application()
         app.router.add_get("/v2/", self._base)
         app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", self._blob)  # HEAD too
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from common.ranges import parse_range
-from tests.cluster import Cluster, free_port
+from tests.cluster import Cluster, free_port, serve
 
 MiB = 1 << 20
 USES_PER_SIGNATURE = 3
@@ -68,9 +68,7 @@ class RedirectingRegistry:
         app.router.add_get("/v2/", self._base)
         app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/store/{digest}", self._store)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve(app, self.port)
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -50,6 +50,7 @@ from tests.cluster import (
     free_port,
     member_session,
     push_blob,
+    serve,
     until,
     wait_registered_peer,
 )
@@ -164,9 +165,7 @@ class Garbage:
     async def __aenter__(self) -> Garbage:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -32,7 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from common.ranges import parse_range
 from peer.mirror import AccessCache
 from peer.origin import OriginClient, OriginError, OriginRequest, pinned, redirect_refusal
-from tests.cluster import Cluster, fetch, free_port, metric
+from tests.cluster import Cluster, fetch, free_port, metric, serve
 from tests.registry_auth import RedirectingTokenRegistry, SignedStorage, TokenServer
 
 MiB = 1 << 20
@@ -81,9 +81,7 @@ class BlobServer:
         app.router.add_get("/v2/", self._base)
         app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/store/{digest}", self._store)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._runner = await serve(app, self.port, self.host)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -28,6 +28,7 @@ from tests.cluster import (
     Registry,
     free_port,
     naiad,
+    serve,
     spawn,
     until,
     wait_http,
@@ -127,9 +128,7 @@ class Redirector:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", redirect)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve(app, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

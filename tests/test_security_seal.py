@@ -25,6 +25,7 @@ from tests.cluster import (
     free_port,
     member_session,
     push_blob,
+    serve,
     until,
 )
 from tests.faults import FakePeer
@@ -51,9 +52,7 @@ class ForgingPeer(FakePeer):
     async def __aenter__(self) -> ForgingPeer:
         app = web.Application()
         app.router.add_get("/chunks/{chunk}", self._chunk)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
         await super().__aenter__()
         return self
 
@@ -119,9 +118,7 @@ class LyingRegistry:
         app = web.Application()
         app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/v2/", self._ping)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(app, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
