@@ -42,6 +42,7 @@ from common.models import (
     split_hostport,
 )
 from common.registries import AllowList
+from common.tasks import describe
 from common.web import (
     REPORT_EVERY,
     Handler,
@@ -81,8 +82,8 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
     except (RedisError, StoreBusy) as e:
         dropped = _UNAVAILABLE.ready()
         if dropped is not None:
-            log.warning("%s %s: state store unavailable (%s: %s); answered 503 (%d more not "
-                        "logged)", request.method, request.path, type(e).__name__, e, dropped)
+            log.warning("%s %s: state store unavailable (%s); answered 503 (%d more not "
+                        "logged)", request.method, request.path, describe(e), dropped)
         raise RequestError(503, f"scheduler state store unavailable: {e}") from None
 
 

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 from common import auth, datagram
 from common.limits import Throttle
 from common.models import Heartbeat
+from common.tasks import describe
 from common.web import REPORT_EVERY, join_hostport, split_listen
 from scheduler.state import UnknownPeer
 from scheduler.store import Store
@@ -67,8 +68,8 @@ class HeartbeatListener:
             except Exception as e:  # the state store is down: no answer, the peer uses HTTP
                 dropped = self._unrecorded.ready()
                 if dropped is not None:
-                    log.warning("heartbeat from %s not recorded (%s: %s; %d more not logged)",
-                                peer_id, type(e).__name__, e, dropped)
+                    log.warning("heartbeat from %s not recorded (%s; %d more not logged)",
+                                peer_id, describe(e), dropped)
                 continue
             self._counts["accepted"].inc()
             await self._answer(datagram.ACK_OK, addr)
