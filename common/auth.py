@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from common.web import Handler, error
+from common.web import Handler, error, unavailable
 
 HEADER = "X-Naiad-Auth"
 # A signature is good within this many seconds of the receiver's clock, and only once: its nonce
@@ -161,10 +161,7 @@ class Verifier:
 
 
 def refusal(e: AuthError) -> web.Response:
-    resp = error(e.status, e.reason)
-    if e.status == 503:
-        resp.headers["Retry-After"] = "1"
-    return resp
+    return unavailable(e.reason) if e.status == 503 else error(e.status, e.reason)
 
 
 def authenticate(verifier: Verifier | None,

@@ -27,6 +27,13 @@ def error(status: int, message: str, **extra: object) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def unavailable(message: str) -> web.Response:
+    """503 with a reason and `Retry-After: 1`: busy or stopping for now, ask again shortly."""
+    resp = error(503, message)
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
 class RequestError(Exception):
     """Raised by cores and handlers for a request we refuse; becomes a JSON 4xx."""
 

@@ -26,7 +26,15 @@ from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
 from common.tasks import Activity, consume_exception
-from common.web import Handler, bodiless, error, errors_as_json, healthy, send_file
+from common.web import (
+    Handler,
+    bodiless,
+    error,
+    errors_as_json,
+    healthy,
+    send_file,
+    unavailable,
+)
 from peer.engine import Engine, LengthConflict
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
 from peer.proxy import passthrough, tunnel
@@ -141,8 +149,7 @@ class Mirror:
         """Requests are counted while under way; once the peer is stopping (`drain`) new ones
         are refused, so a client goes to its registry instead."""
         if self.draining:
-            resp = error(503, "the peer is shutting down")
-            resp.headers["Retry-After"] = "1"
+            resp = unavailable("the peer is shutting down")
             resp.force_close()
             return resp
         self._active += 1

@@ -33,7 +33,7 @@ from common.log import request_ids
 from common.metrics import PeerMetrics
 from common.sizes import format_size
 from common.tasks import Activity, consume_exception
-from common.web import error, errors_as_json, healthy, send_file
+from common.web import error, errors_as_json, healthy, send_file, unavailable
 from peer import wire
 from peer.store import ChunkStore
 
@@ -172,9 +172,9 @@ class UploadServer:
         with f:
             remote = request.remote or ""
             if self.active >= self.slots:
-                return _busy("no free upload slot")
+                return unavailable("no free upload slot")
             if self.by_address[remote] >= self.per_address:
-                return _busy(f"{remote} holds {self.per_address} upload slots already")
+                return unavailable(f"{remote} holds {self.per_address} upload slots already")
             self.active += 1
             self.by_address[remote] += 1
             self.activity.set_busy(True)
@@ -308,12 +308,6 @@ class UploadServer:
             return None
         self.store.write_sidecar(self.store.packed_path(chunk), packed)
         return self.store.packed_path(chunk)
-
-
-def _busy(reason: str) -> web.Response:
-    resp = error(503, reason)
-    resp.headers["Retry-After"] = "1"
-    return resp
 
 
 def _cut_off(request: web.Request) -> None:
