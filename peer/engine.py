@@ -12,7 +12,11 @@ flight):
 3. `source`: this peer holds the origin lease for a run of consecutive pieces: one ranged origin
    request covers the whole run; each piece is hashed, stored and announced as it arrives, and
    the lease is kept alive by progress reports.
-4. No scheduler: use the holders last learnt for the piece, then the origin.
+4. No scheduler: the holders last learnt for the piece; else wait for a scheduler lost moments
+   ago, but not past the point where a reader has waited OUTAGE_STALL for the piece (then the
+   origin, for that piece alone) or the outage has lasted OUTAGE_PATIENCE (then the origin for
+   all): a short outage or partition costs one origin piece per stalled reader, not the
+   read-ahead window, and never a stall much past OUTAGE_STALL.
 
 Readers walk the pieces covering their range in order with a bounded read-ahead, so the first
 byte goes out before the last piece is fetched and memory stays flat.
@@ -49,8 +53,11 @@ LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
 LONG_POLL_MS = 2000
 ON_DEMAND_WAIT = 1.0  # DESIGN: an on-demand read waits ~1 s for a lease holder
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
-# How long a piece waits for a scheduler lost moments ago before going to the origin.
-SCHEDULER_GRACE, ON_DEMAND_GRACE = 3.0, 1.0
+# A scheduler lost moments ago is waited for (see `outage_wait`): at most this long while a
+# reader waits for the piece (on-demand reads: the second figure), else this long.
+OUTAGE_STALL, ON_DEMAND_STALL = 5.0, 1.0
+OUTAGE_PATIENCE = 15.0
+OUTAGE_POLL = 0.25  # how often a piece waiting out an outage looks at its readers again
 PREFETCH_TASKS = 2  # tasks prefetched at once
 PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 QUOTA_HIGH, QUOTA_LOW = 0.95, 0.85  # --disk-quota watermarks: evict above high, down to low
@@ -68,6 +75,16 @@ PROGRESS_EVERY = 0.5
 PLAN_WAIT = 2.0
 STORE_AHEAD = 4
 _READ_SIZE = 256 << 10
+
+
+def outage_wait(now: float, since: float, blocked_since: float | None, on_demand: bool) -> float:
+    """How much longer a piece that has had no decision since `since` should wait for a
+    scheduler lost moments ago before going to the origin (<= 0: go now). `blocked_since`: when
+    a reader began waiting for the piece, if one is."""
+    wait = since + OUTAGE_PATIENCE - now
+    if blocked_since is not None:
+        wait = min(wait, blocked_since + (ON_DEMAND_STALL if on_demand else OUTAGE_STALL) - now)
+    return wait
 
 
 class PieceUnavailable(Exception):
@@ -141,6 +158,24 @@ class TaskRun:
     prefetching: bool = False
     readers: int = 0
     hashing: int = 0  # whole-blob readers hashing as they go: one of them seals the task
+    awaited: dict[int, list[float]] = field(default_factory=dict)  # piece -> readers' waits
+
+    @contextlib.contextmanager
+    def awaiting(self, index: int) -> Iterator[None]:
+        """A reader waits for piece `index` meanwhile (outage_wait reads since when)."""
+        starts = self.awaited.setdefault(index, [])
+        mine = time.monotonic()
+        starts.append(mine)
+        try:
+            yield
+        finally:
+            starts.remove(mine)
+            if not starts:
+                del self.awaited[index]
+
+    def awaited_since(self, index: int) -> float | None:
+        starts = self.awaited.get(index)
+        return starts[0] if starts else None
 
     @property
     def busy(self) -> bool:
@@ -409,26 +444,23 @@ class Engine:
 
         exclude: set[str] = set()
         rounds = origin_failures = 0
-        waited_for_scheduler = False
         busy_since: float | None = None
         assert run.batcher is not None
         while True:
+            asked = time.monotonic()
             try:
                 d = await run.batcher.decide(index, frozenset(exclude))
             except (SchedulerUnavailable, SchedulerRefused) as e:
                 log.debug("no decision for piece %d of %s: %s", index, run.task_id, e)
-                grace = ON_DEMAND_GRACE if run.priority.get(index, DEFAULT) >= ON_DEMAND \
-                    else SCHEDULER_GRACE
-                if isinstance(e, SchedulerUnavailable) and not waited_for_scheduler:
-                    waited_for_scheduler = True
-                    if await self.scheduler.wait_back(grace):
-                        continue
-                known = run.known.get(index)
+                known = run.known.pop(index, None)  # tried once
                 if known is not None:
                     decide("peer")
                     data, _ = await self._from_parents(run, index, *known, report=False)
                     if data is not None:
                         return data
+                if isinstance(e, SchedulerUnavailable) \
+                        and await self._outlast_outage(run, index, asked):
+                    continue
                 decide("origin", "scheduler-unreachable")
                 return await self._from_origin(run, None, index, index)
             if d.action == "parents":
@@ -467,6 +499,18 @@ class Engine:
                 origin_failures += 1
                 if origin_failures >= ORIGIN_ATTEMPTS:
                     raise
+
+    async def _outlast_outage(self, run: TaskRun, index: int, since: float) -> bool:
+        """Wait for a scheduler lost moments ago, as long as `outage_wait` allows; whether it
+        came back. At once False when there is none to wait for (never reached, long gone)."""
+        on_demand = run.priority.get(index, DEFAULT) >= ON_DEMAND
+        while (wait := outage_wait(time.monotonic(), since, run.awaited_since(index),
+                                   on_demand)) > 0:
+            if await self.scheduler.wait_back(min(wait, OUTAGE_POLL)):
+                return True
+            if not self.scheduler.recently_lost():
+                return False
+        return False
 
     async def _from_parents(self, run: TaskRun, index: int, chunk: str,
                             parents: list[ParentRef],
@@ -908,8 +952,9 @@ class Engine:
                         task.add_done_callback(consume_exception)
                         reading[j] = task
                 fut = fetching.pop(i, None) or reading.pop(i, None)
-                data = await asyncio.shield(fut) if fut is not None \
-                    else await self._piece(run, i, priority)
+                with run.awaiting(i):
+                    data = await asyncio.shield(fut) if fut is not None \
+                        else await self._piece(run, i, priority)
                 lo, hi = layout.clip(i, rng.start, rng.end)
                 if hasher is not None:
                     await hasher.update(data)

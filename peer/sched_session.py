@@ -116,12 +116,17 @@ class FailoverSession:
         self.connected.clear()
         self._reconnect.set()
 
+    def recently_lost(self) -> bool:
+        """No scheduler now, but one was lost less than RECENT_SECONDS ago."""
+        return not self.connected.is_set() and self.lost_at is not None \
+            and time.monotonic() - self.lost_at <= RECENT_SECONDS
+
     async def wait_back(self, seconds: float) -> bool:
         """Wait up to `seconds` for a scheduler lost moments ago (a restart, a failover), so a
         short outage is not a stampede on the origin. False at once if it is long gone."""
         if self.connected.is_set():
             return True
-        if self.lost_at is None or time.monotonic() - self.lost_at > RECENT_SECONDS:
+        if not self.recently_lost():
             return False
         try:
             await asyncio.wait_for(self.connected.wait(), seconds)

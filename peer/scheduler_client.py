@@ -50,6 +50,9 @@ from peer.store import ChunkStore
 
 __all__ = ["SchedulerClient", "SchedulerRefused", "SchedulerUnavailable"]
 log = logging.getLogger("naiad.peer.scheduler")
+# A decision call may take its long poll plus this: a scheduler that goes silent mid-call (a
+# partition) is noticed this soon after, and the engine's outage rules take over.
+DECISION_SLACK = 2.0
 
 
 class SchedulerClient:
@@ -86,6 +89,9 @@ class SchedulerClient:
     async def wait_back(self, seconds: float) -> bool:
         return await self.session.wait_back(seconds)
 
+    def recently_lost(self) -> bool:
+        return self.session.recently_lost()
+
     async def start(self) -> None:
         self._tasks.supervise("scheduler-session", self.session.run)
         self._tasks.supervise("scheduler-heartbeats", self.heartbeats.run)
@@ -114,7 +120,7 @@ class SchedulerClient:
                               exclude=sorted(exclude)[:256], wait_ms=wait_ms,
                               registry=registry)
         reply = await self.session.call(f"{API}/schedule", req, ScheduleReply,
-                                        seconds=wait_ms / 1000 + 5.0)
+                                        seconds=wait_ms / 1000 + DECISION_SLACK)
         return reply.decisions
 
     async def work(self) -> list[WorkItem]:
