@@ -22,27 +22,16 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.loopback import curl_seconds, push_file
 from tests.cluster import Cluster, Node, Registry, push_blob
 
 MiB = 1 << 20
-
-
-async def curl_seconds(url: str, headers: dict[str, str] | None = None) -> float:
-    args = ["curl", "-sf", "-o", "/dev/null"]
-    for k, v in (headers or {}).items():
-        args += ["-H", f"{k}: {v}"]
-    started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(*args, url)
-    if await proc.wait():
-        raise RuntimeError(f"curl {url} failed")
-    return time.perf_counter() - started
 
 
 async def range_latencies(url: str, size: int, n: int, seed: int) -> tuple[float, list[float]]:
@@ -159,25 +148,6 @@ async def rss_run(work: Path, registry: Registry, size: int) -> dict[str, float]
                 "rss_stream_MBps": size / seconds / 1e6}
     finally:
         cluster.stop()
-
-
-async def push_file(registry_url: str, repo: str, path: Path, digest: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{registry_url}/v2/{repo}/blobs/uploads/") as r:
-            location = r.headers["Location"]
-        if location.startswith("/"):
-            location = registry_url + location
-        sep = "&" if "?" in location else "?"
-
-        async def chunks() -> AsyncIterator[bytes]:
-            with open(path, "rb") as f:
-                while part := f.read(8 * MiB):
-                    yield part
-
-        async with s.put(f"{location}{sep}digest={digest}", data=chunks(),
-                         headers={"Content-Type": "application/octet-stream",
-                                  "Content-Length": str(path.stat().st_size)}) as r:
-            assert r.status == 201, await r.text()
 
 
 async def main(size: int, runs: int, rss_size: int) -> None:
