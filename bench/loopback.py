@@ -164,8 +164,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 async def quiet(pids: Iterable[int], seconds: float = 10.0) -> None:
     """Until these processes used at most one tick over 0.2 s (a peer's seal, confirmation and
-    announcements after a pull done), so the next measure does not share the CPU with them."""
+    announcements after a pull done), so the next measure does not share the CPU with them;
+    dirty pages written back first (`sync`), so the next does not pay for the last one's."""
     pids = list(pids)
+    await asyncio.to_thread(os.sync)
     deadline = time.monotonic() + seconds
     last = sum(cpu_ticks(p) for p in pids)
     while time.monotonic() < deadline:
