@@ -1,0 +1,281 @@
+"""Readers: the bytes of a range, piece by piece, each verified before it is yielded.
+
+A reader walks the pieces covering its range in order with a bounded read-ahead (READAHEAD_BYTES
+asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker threads), so the
+first byte goes out before the last piece is fetched and memory stays flat. A whole-blob read is
+checked against its digest before its last bytes go out. Also: where a read's bytes will come
+from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
+the background prefetch of the rest of a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+from common.limits import BACKGROUND, DEFAULT
+from common.metrics import PeerMetrics
+from common.pieces import MiB
+from common.ranges import ByteRange
+from common.tasks import TaskSet, consume_exception
+from peer.engine.origin import READ_SIZE
+from peer.engine.run import BlobCorrupt, PieceUnavailable, Plan, TaskRun
+from peer.engine.sealing import Sealer, Sha256
+from peer.engine.seams import Clock, OriginSource
+from peer.engine.storing import Storage
+from peer.origin import OriginError
+from peer.store import ChunkCorrupt, ChunkStore
+
+READAHEAD_BYTES = 16 * MiB
+LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
+PLAN_WAIT = 2.0
+PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
+PREFETCH_TASKS = 2  # tasks prefetched at once
+
+# Start obtaining a piece unless stored or on its way: (run, index, priority) -> its future,
+# None when stored.
+Ensure = Callable[[TaskRun, int, int], "asyncio.Future[bytes] | None"]
+
+
+class Reader:
+    def __init__(self, store: ChunkStore, storage: Storage, sealer: Sealer,
+                 origin: OriginSource, metrics: PeerMetrics, ensure: Ensure,
+                 on_activity: Callable[[], None], tasks: TaskSet, clock: Clock,
+                 verify_on_serve: bool = True, prefetch: bool = True) -> None:
+        self.store = store
+        self.storage = storage
+        self.sealer = sealer
+        self.origin = origin
+        self.metrics = metrics
+        self.ensure = ensure
+        self.on_activity = on_activity
+        self.tasks = tasks
+        self.clock = clock
+        self.verify_on_serve = verify_on_serve
+        self.prefetch_enabled = prefetch
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
+
+    def _window(self, run: TaskRun) -> int:
+        return max(2, READAHEAD_BYTES // run.meta.piece_size)
+
+    async def plan(self, run: TaskRun, rng: ByteRange, priority: int = DEFAULT) -> Plan:
+        """Start fetching the first pieces of a read and say where they come from."""
+        if run.meta.length == 0:
+            return Plan("local", ())
+        if run.direct:
+            return Plan("origin", ("other-registry",))
+        pieces = list(run.layout.covering(rng.start, rng.end))[: self._window(run)]
+        sources: set[str] = set()
+        reasons: list[str] = []
+        waited = False
+        for i in pieces:
+            if self.ensure(run, i, priority) is None:
+                sources.add("local")
+                continue
+            decided = run.decided.get(i)
+            if decided is None:  # finished in the meantime
+                sources.add("peer")
+                continue
+            if not decided.done() and not waited:
+                waited = True
+                await asyncio.wait([decided], timeout=PLAN_WAIT)
+            if decided.done() and not decided.cancelled():
+                source, reason = decided.result()
+                sources.add(source)
+                if reason and reason not in reasons:
+                    reasons.append(reason)
+        source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "peer")
+        return Plan(source, tuple(reasons))
+
+    async def read(self, run: TaskRun, rng: ByteRange, expect: str | None = None,
+                   priority: int = DEFAULT) -> AsyncIterator[memoryview]:
+        """The bytes of `rng`, piece by piece, every byte verified before it is yielded.
+
+        A read of a whole blob is checked against `expect` (the task's own digest for an OCI
+        blob, the client's `digest=` for a plain URL) before its last bytes are yielded: on a
+        mismatch it raises instead, so the client never sees a complete but wrong body. Only a
+        mismatch with the task's own digest condemns the stored pieces; a client's digest for
+        a URL may simply be wrong.
+        """
+        if run.meta.length == 0:
+            return
+        with self._reading(run):
+            views = self._read_direct(run, rng, expect, priority) if run.direct \
+                else self._read(run, rng, expect, priority)
+            async with contextlib.aclosing(views):
+                async for view in views:
+                    yield view
+
+    @contextlib.contextmanager
+    def _reading(self, run: TaskRun) -> Iterator[None]:
+        """A read of the task under way: it counts as the peer's work (no scrubbing) and keeps
+        the task from eviction; the task becomes the most recently used."""
+        run.readers += 1
+        self.on_activity()
+        try:
+            self.storage.touch(run, time.time())
+            yield
+        finally:
+            run.readers -= 1
+            self.on_activity()
+
+    @contextlib.asynccontextmanager
+    async def local_files(self, run: TaskRun, rng: ByteRange, expect: str | None
+                          ) -> AsyncIterator[list[tuple[Path, int, int]] | None]:
+        """`rng` of a sealed task as (chunk file, offset, count) spans, for sendfile: only with
+        --no-verify-on-serve (verifying means reading the bytes anyway), only when every piece
+        is stored, its file unchanged since this process wrote or verified it (else `read`
+        re-hashes it), and the blob is already proven against `expect`; else None (use
+        `read`). The task counts as being read meanwhile, so eviction leaves it alone."""
+        proven = run.meta.sealed and expect in (None, run.meta.digest)
+        if self.verify_on_serve or not proven or run.meta.length == 0:
+            yield None
+            return
+        layout = run.layout
+        spans = []
+        for i in layout.covering(rng.start, rng.end):
+            chunk = run.have.get(i)
+            if chunk is None or not self.store.unchanged(chunk):
+                spans = None
+                break
+            lo, hi = layout.clip(i, rng.start, rng.end)
+            spans.append((self.store.chunk_path(chunk), lo, hi - lo))
+        if spans is None:
+            yield None
+            return
+        with self._reading(run):
+            yield spans
+            self.metrics.download_bytes.labels("local").inc(rng.size)
+
+    async def _read(self, run: TaskRun, rng: ByteRange, expect: str | None,
+                    priority: int) -> AsyncIterator[memoryview]:
+        layout = run.layout
+        pieces = list(layout.covering(rng.start, rng.end))
+        window = self._window(run)
+        whole = rng.start == 0 and rng.end == run.meta.length - 1
+        proven = run.meta.sealed and expect == run.meta.digest  # hashed here, never told
+        hasher = Sha256() if whole and expect and not proven else None
+        # A reader hashing the task's own digest seals it at the end: one sha256 pass, not a
+        # second one in the background (the seal job waits while such a reader runs).
+        sealing = hasher is not None and expect == run.meta.digest
+        run.hashing += sealing
+        # Pieces this read waited for: their bytes come straight from the fetch (already
+        # verified) and are counted where they came from, not as store reads.
+        fetching: dict[int, asyncio.Future[bytes]] = {}
+        ahead = 0  # pieces[:ahead] have been asked for
+        # Stored pieces are read (and re-hashed) a few ahead in worker threads, so the disk and
+        # blake3 work overlaps with writing the previous piece to the client.
+        reading: dict[int, asyncio.Task[bytes]] = {}
+        local_ahead = max(1, LOCAL_AHEAD_BYTES // run.meta.piece_size)
+        try:
+            for k, i in enumerate(pieces):
+                # Refill the read-ahead half a window at a time, so the scheduler gets batches
+                # (and origin leases cover runs) rather than one piece per call.
+                if ahead <= k + window // 2:
+                    for j in pieces[ahead:k + window]:
+                        fut = self.ensure(run, j, priority)
+                        if fut is not None:
+                            fetching[j] = fut
+                    ahead = max(ahead, min(k + window, len(pieces)))
+                for j in pieces[k:k + local_ahead]:
+                    if j not in fetching and j not in reading and j in run.have:
+                        task = asyncio.create_task(self._piece(run, j, priority))
+                        task.add_done_callback(consume_exception)
+                        reading[j] = task
+                fut = fetching.pop(i, None) or reading.pop(i, None)
+                with run.awaiting(i, self.clock.monotonic()):
+                    data = await asyncio.shield(fut) if fut is not None \
+                        else await self._piece(run, i, priority)
+                lo, hi = layout.clip(i, rng.start, rng.end)
+                if hasher is not None:
+                    await hasher.update(data)
+                    if k == len(pieces) - 1:  # the last bytes go out only once they match
+                        got = await hasher.digest()
+                        if got != expect:
+                            if sealing:
+                                self.sealer.corrupt_blob(run)
+                            raise BlobCorrupt(f"{run.task_id} is {got}, expected {expect}")
+                        if sealing:
+                            self.sealer.sealed(run)
+                yield memoryview(data)[lo:hi]
+        finally:
+            for task in reading.values():  # the reader stopped early
+                task.cancel()
+            if hasher is not None:
+                hasher.cancel()
+            if sealing:
+                run.hashing -= 1
+                self.sealer.maybe_seal(run)  # a reader that stopped early leaves it to the job
+
+    async def _read_direct(self, run: TaskRun, rng: ByteRange, expect: str | None,
+                           priority: int) -> AsyncIterator[memoryview]:
+        """`rng` straight from the client's own registry: a whole blob is checked against
+        `expect` before its last bytes go out, like any other read."""
+        whole = rng.start == 0 and rng.end == run.meta.length - 1
+        hasher = Sha256() if whole and expect else None
+        left = rng.size
+        try:
+            async with self.origin.open_range(run.origin, rng.start, rng.end,
+                                              priority) as stream:
+                while left:
+                    part = await stream.read(min(READ_SIZE, left))
+                    if not part:
+                        raise OriginError(f"origin body of {run.task_id} ended early")
+                    left -= len(part)
+                    self.metrics.download_bytes.labels("origin").inc(len(part))
+                    if hasher is not None:
+                        await hasher.update(part)
+                        if not left and (got := await hasher.digest()) != expect:
+                            raise BlobCorrupt(f"{run.task_id} is {got}, expected {expect}")
+                    yield memoryview(part)
+        finally:
+            if hasher is not None:
+                hasher.cancel()
+
+    async def _piece(self, run: TaskRun, index: int, priority: int) -> bytes:
+        """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
+        the fetch already under way."""
+        for _ in range(3):
+            fut = run.inflight.get(index)
+            if fut is not None:
+                return await asyncio.shield(fut)
+            chunk = run.have.get(index)
+            if chunk is None:
+                self.ensure(run, index, priority)
+                continue
+            try:
+                data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
+            except (ChunkCorrupt, OSError):  # rotten, gone, or unreadable: fetch it again
+                self.storage.drop_chunk(chunk)
+                continue
+            self.metrics.download_bytes.labels("local").inc(len(data))
+            return data
+        raise PieceUnavailable(f"piece {index} of {run.task_id} kept failing")
+
+    def prefetch(self, run: TaskRun) -> None:
+        """Fetch the rest of a task in the background, at the lowest priority and a few pieces
+        at a time: a lazy reader (nydusd) finds later reads local."""
+        if self.prefetch_enabled and not run.direct and not run.complete \
+                and not run.prefetching:
+            run.prefetching = True
+            self.tasks.spawn(self._prefetch(run), f"prefetch-{run.task_id[:19]}")
+
+    async def _prefetch(self, run: TaskRun) -> None:
+        try:
+            async with self._prefetch_slots:
+                pending: set[asyncio.Future[bytes]] = set()
+                for i in range(run.layout.count):
+                    fut = self.ensure(run, i, BACKGROUND)
+                    if fut is None:
+                        continue
+                    pending.add(fut)
+                    if len(pending) >= PREFETCH_PIECES:
+                        _, pending = await asyncio.wait(pending,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    await asyncio.wait(pending)
+        finally:
+            run.prefetching = False
