@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 DOCKER_HUB = "registry-1.docker.io"
-_DOCKER_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+# The names image references give Docker Hub: one registry (containerd configures each).
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
@@ -24,7 +25,7 @@ class UpstreamRefused(ValueError):
 
 def normalize_host(host: str) -> str:
     host = host.strip().lower().rstrip("/").removesuffix(":443")
-    return DOCKER_HUB if host in _DOCKER_ALIASES else host
+    return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The `naiad` command: scheduler, peer, get, status, demo."""
+"""The `naiad` command: scheduler, peer, get, status, demo, containerd-config."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ from common.pieces import valid_piece_size
 from common.registries import Registry, UpstreamRefused
 from common.sizes import format_size, parse_size
 from common.web import ClientLimits, is_loopback, split_listen
+from naiad import containerd
 
 log = logging.getLogger("naiad")
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
+# Seconds a daemon drains for on each signal; a supervisor's grace period must outlast SIGTERM's
+# (deploy/kubernetes: terminationGracePeriodSeconds).
+DRAIN_SECONDS = {signal.SIGTERM: 10.0, signal.SIGINT: 2.0}
 
 
 def _size_or_none(text: str) -> int | None:
@@ -253,7 +257,7 @@ async def _serve(start: Callable[[], Any], stop: Callable[[float], Any]) -> None
     raise_open_files_limit()  # a socket per client: the soft default is a few hundred
     loop = asyncio.get_running_loop()
     stopping: asyncio.Future[float] = loop.create_future()
-    for sig, drain in ((signal.SIGTERM, 10.0), (signal.SIGINT, 2.0)):
+    for sig, drain in DRAIN_SECONDS.items():
         loop.add_signal_handler(sig, lambda d=drain: stopping.done() or stopping.set_result(d))
     await start()
     # Everything built so far (modules, apps, sessions) lives as long as the process: keep it
@@ -485,6 +489,20 @@ def cmd_check_store(args: argparse.Namespace) -> int:
     return 1 if dropped else 0
 
 
+def cmd_containerd_config(args: argparse.Namespace) -> int:
+    """hosts.toml for each --registry under --dir, pointing containerd at the node's peer."""
+    try:
+        files = containerd.plan(args.registry or [], args.peer)
+    except containerd.BadOption as e:
+        raise ConfigError(str(e)) from None
+    root = Path(args.dir)
+    with startup(f"--dir {args.dir}"):
+        for host, text in files.items():
+            path = root / host / containerd.FILE
+            print(f"{path}: {'written' if containerd.write(path, text) else 'unchanged'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from naiad.demo import MAX_PEERS, run_demo
 
@@ -537,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-store", help="re-hash every chunk of a stopped peer's store, "
                        "dropping those that fail (exit 1 if any did)")
     p.add_argument("--data-dir", default="~/.local/share/naiad", metavar="DIR")
+    p = sub.add_parser("containerd-config", help="write containerd's hosts.toml for each "
+                       "registry, pointing at this node's peer (idempotent)")
+    p.add_argument("--registry", action="append", metavar="REGISTRY", help="host[:port] (https) "
+                   "or http(s)://host[:port]; repeatable; docker.io covers its aliases")
+    p.add_argument("--peer", default=containerd.DEFAULT_PEER, metavar="URL",
+                   help="the node's peer mirror (default: %(default)s)")
+    p.add_argument("--dir", default=containerd.DEFAULT_DIR, metavar="DIR",
+                   help="containerd's config_path (default: %(default)s)")
     p = sub.add_parser("demo", help="a whole cluster on loopback, and what it saved")
     p.add_argument("--peers", type=int, default=4, metavar="N")
     return parser
@@ -556,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             return (cmd_scheduler if args.command == "scheduler" else cmd_peer)(opts)
         logsetup.setup("text", "WARNING")
         return {"get": cmd_get, "status": cmd_status, "demo": cmd_demo, "preheat": cmd_preheat,
-                "check-store": cmd_check_store}[args.command](args)
+                "check-store": cmd_check_store,
+                "containerd-config": cmd_containerd_config}[args.command](args)
     except ConfigError as e:
         print(f"naiad {args.command}: {e}", file=sys.stderr)
         return 2
