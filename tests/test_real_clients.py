@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from tests.cluster import Cluster, CountingProxy, Registry, metric, spawn, until
@@ -102,13 +103,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.proc.stop()
 
 
-def _hosts_dir(path: Path, registry_host: str, mirror: str) -> Path:
-    d = path / registry_host
-    d.mkdir(parents=True)
-    (d / "hosts.toml").write_text(f"""server = "http://{registry_host}"
-[host."{mirror}"]
-  capabilities = ["pull", "resolve"]
-""")
+async def _hosts_dir(path: Path, registry: str, mirror: str) -> Path:
+    """containerd's hosts directory as a node gets it: written by `naiad containerd-config`."""
+    rc, text = await _run(sys.executable, "-m", "naiad", "containerd-config", "--dir", str(path),
+                          "--registry", registry, "--peer", mirror, seconds=30)
+    assert rc == 0, text
     return path
 
 
@@ -130,7 +129,7 @@ async def test_containerd_pull_through_peers(cluster: Cluster, registry: Registr
             daemon = Containerd(workdir)
             daemons.append(daemon)
             await daemon.ready()
-            hosts = _hosts_dir(tmp_path / f"hosts-{peer.name}", origin.host, peer.url)
+            hosts = await _hosts_dir(tmp_path / f"hosts-{peer.name}", origin.url, peer.url)
             before = origin.bytes_down
             served = await metric(peer.url, "naiad_peer_served_bytes_total")
             rc, text = await daemon.pull(ref, hosts)
