@@ -117,38 +117,44 @@ def category(frames: list[str]) -> str:
 WAIT = "(waiting: GIL, lock, epoll)"
 
 
-def summarise(raw: Path) -> tuple[Counter[str], Counter[str]]:
-    """Samples per category, and working samples per thread (`thread (tid): name`, when
-    recorded with --threads)."""
-    by_category: Counter[str] = Counter()
-    by_thread: Counter[str] = Counter()
+def summarise(raw: Path) -> dict[str, Counter[str]]:
+    """Samples per category for each group of threads: `loop` (the main thread, which runs the
+    event loop) and `workers`, when recorded with --threads; else `all`."""
+    groups: dict[str, Counter[str]] = {}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        kind = category(frames)
-        by_category[kind] += int(count)
-        if kind != WAIT:
-            thread = next((f for f in frames if f.startswith("thread (")), "all")
-            by_thread[thread.split(": ")[-1].rstrip("0123456789_") or thread] += int(count)
-    return by_category, by_thread
+        thread = frames[0] if frames[0].startswith("thread (") else None
+        group = "all" if thread is None else "loop" if thread.endswith("MainThread") \
+            else "workers"
+        groups.setdefault(group, Counter())[category(frames)] += int(count)
+    return groups
 
 
-def print_summary(raw: Path, cpu_ms: float | None = None) -> None:
-    """Each category's share of the working samples; with the process's CPU per MiB over the
-    same pull (from /proc), that share of it in ms per MiB."""
-    by_category, by_thread = summarise(raw)
-    waiting = by_category.pop(WAIT, 0)
-    working = sum(by_category.values()) or 1
-    scale = f", scaled to its {cpu_ms:.2f} ms CPU per MiB" if cpu_ms else ""
-    print(f"{raw.name}: {working} working samples ({waiting} waiting){scale}")
-    for name, n in by_category.most_common():
-        ms = f"  {cpu_ms * n / working:5.2f}" if cpu_ms else ""
-        print(f"  {100 * n / working:5.1f} %{ms}  {name}")
-    if len(by_thread) > 1:
-        print("  threads: " + ", ".join(f"{t} {100 * n / working:.0f} %"
-                                        for t, n in by_thread.most_common()))
+def print_summary(raw: Path, cpu: dict[str, float] | None = None) -> None:
+    """Each category's share of the working samples of each thread group; with the CPU per MiB
+    that group spent over the same pull (from /proc), that share of it in ms per MiB."""
+    groups = summarise(raw)
+    cpu = cpu or {}
+    names = sorted(groups)
+    scaled: dict[str, dict[str, float]] = {}
+    print(f"{raw.name}:")
+    for g in names:
+        waiting = groups[g].pop(WAIT, 0)
+        working = sum(groups[g].values()) or 1
+        ms = f", {cpu[g]:.2f} ms CPU per MiB" if g in cpu else ""
+        print(f"  {g}: {working} working samples, {waiting} waiting{ms}")
+        scaled[g] = {c: 100 * n / working * (cpu[g] / 100 if g in cpu else 1)
+                     for c, n in groups[g].items()}
+    unit = "ms/MiB" if all(g in cpu for g in names) else "%"
+    print("  " + "".join(f"{g + ' ' + unit:>16}" for g in names) + "  category")
+    order = Counter()
+    for g in names:
+        order.update(scaled[g])
+    for c, _ in order.most_common():
+        print("  " + "".join(f"{scaled[g].get(c, 0):16.2f}" for g in names) + f"  {c}")
 
 
 @dataclass
@@ -255,7 +261,9 @@ async def one_run(work: Path, registry: Registry, size: int, k: int, spy_dir: Pa
         cluster.stop()
     if spy_dir is not None and fmt == "raw":
         for label, node, cpu in (("cold", "a", cold), ("p2p", "b", p2p), ("p2p", "a", p2p)):
-            print_summary(spy_dir / f"{label}-{node}.txt", cpu[node])
+            print_summary(spy_dir / f"{label}-{node}.txt",
+                          {"all": cpu[node], "loop": cpu[f"{node} loop"],
+                           "workers": cpu[f"{node} workers"]})
 
 
 def main() -> None:
@@ -269,12 +277,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=tuple(SPY_FLAGS), default="gil")
     parser.add_argument("--summarise", metavar="RAW", type=Path, nargs="+",
                         help="only summarise raw py-spy profiles by category")
-    parser.add_argument("--cpu", type=float,
-                        help="with --summarise: the process's CPU ms per MiB, to scale by")
+    parser.add_argument("--cpu", metavar="MS", type=float, nargs="+",
+                        help="with --summarise: CPU ms per MiB to scale by: the process's "
+                             "(a --mode gil profile), or its loop's and its workers'")
     args = parser.parse_args()
     if args.summarise:
         for raw in args.summarise:
-            print_summary(raw, args.cpu)
+            cpu = dict(zip(("all",) if len(args.cpu or ()) == 1 else ("loop", "workers"),
+                           args.cpu or (), strict=False))
+            print_summary(raw, cpu)
         return
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
