@@ -21,13 +21,21 @@ from common.pieces import default_piece_size
 from common.ranges import ByteRange
 from common.tasks import Activity, TaskSet, consume_exception
 from peer.engine.acquire import (
-    BUSY_BACKOFF,
-    BUSY_PATIENCE,
-    BUSY_PATIENCE_ON_DEMAND,
-    ORIGIN_ATTEMPTS,
-    OUTAGE_POLL,
-    PARENT_ROUNDS,
-    outage_wait,
+    Acquisition,
+    Ask,
+    AwaitScheduler,
+    Decided,
+    Event,
+    Fetch,
+    FromOrigin,
+    GiveUp,
+    NoDecision,
+    OriginFailed,
+    ParentsFailed,
+    Pause,
+    Paused,
+    Step,
+    Waited,
 )
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.budget import DiskBudget
@@ -204,79 +212,52 @@ class Engine:
 
     async def _obtain(self, run: TaskRun, index: int,
                       decided: asyncio.Future[tuple[str, str | None]]) -> bytes:
-        def decide(source: str, reason: str | None = None) -> None:
-            if not decided.done():
-                decided.set_result((source, reason))
-
-        exclude: set[str] = set()
-        rounds = origin_failures = 0
-        busy_since: float | None = None
+        """Drive the piece's `Acquisition` through the seams until a step delivers it."""
         assert run.batcher is not None
+        acq = Acquisition(self.rng)
+        step: Step = acq.start(self.clock.monotonic())
+        error: Exception | None = None
         while True:
-            asked = self.clock.monotonic()
-            try:
-                d = await run.batcher.decide(index, frozenset(exclude))
-            except (SchedulerUnavailable, SchedulerRefused) as e:
-                log.debug("no decision for piece %d of %s: %s", index, run.task_id, e)
-                known = run.known.pop(index, None)  # tried once
-                if known is not None:
-                    decide("peer")
-                    data, _ = await self.parents.piece(run, index, *known, report=False)
+            event: Event
+            if isinstance(step, Fetch | FromOrigin) and not decided.done():
+                decided.set_result((step.source, step.reason))  # what the headers say
+            match step:
+                case Ask(exclude=exclude):
+                    try:
+                        event = Decided(await run.batcher.decide(index, exclude))
+                    except (SchedulerUnavailable, SchedulerRefused) as e:
+                        log.debug("no decision for piece %d of %s: %s", index, run.task_id, e)
+                        event = NoDecision(isinstance(e, SchedulerUnavailable),
+                                           run.known.pop(index, None))  # tried once
+                case Fetch(chunk=chunk, parents=parents, report=report):
+                    if report:
+                        run.known[index] = (chunk, list(parents))
+                    data, failed = await self.parents.piece(run, index, chunk, list(parents),
+                                                            report=report)
                     if data is not None:
                         return data
-                if isinstance(e, SchedulerUnavailable) \
-                        and await self._outlast_outage(run, index, asked):
-                    continue
-                decide("origin", "scheduler-unreachable")
-                return await self.origin.piece(run, None, index, index)
-            if d.action == "parents":
-                assert d.chunk is not None
-                decide("peer")
-                run.known[index] = (d.chunk, d.parents)
-                data, failed = await self.parents.piece(run, index, d.chunk, d.parents)
-                if data is not None:
-                    return data
-                if not failed:
-                    # Every parent was at its upload slots: that is load, not failure. Back
-                    # off and ask again (maybe for other holders) rather than burn a round
-                    # and go to the origin, up to a bound.
-                    now = self.clock.monotonic()
-                    busy_since = busy_since or now
-                    patience = BUSY_PATIENCE_ON_DEMAND \
-                        if run.priority.get(index, DEFAULT) >= ON_DEMAND else BUSY_PATIENCE
-                    if now - busy_since < patience:
-                        await self.clock.sleep(self.rng.uniform(0.5, 1.5) * BUSY_BACKOFF)
-                        continue
-                    decide("origin", "parents-busy")
-                    return await self.origin.piece(run, None, index, index)
-                exclude |= failed
-                rounds += 1
-                if rounds >= PARENT_ROUNDS:
-                    decide("origin", "parents-failed")
-                    return await self.origin.piece(run, None, index, index)
-                continue
-            decide("origin", d.reason)
-            if d.epoch is None:  # on-demand read that waited too long for the lease holder
-                return await self.origin.piece(run, None, index, index)
-            assert d.first is not None and d.last is not None
-            try:
-                return await self.origin.piece(run, d.epoch, d.first, d.last, index)
-            except OriginError:
-                origin_failures += 1
-                if origin_failures >= ORIGIN_ATTEMPTS:
-                    raise
-
-    async def _outlast_outage(self, run: TaskRun, index: int, since: float) -> bool:
-        """Wait for a scheduler lost moments ago, as long as `outage_wait` allows; whether it
-        came back. At once False when there is none to wait for (never reached, long gone)."""
-        on_demand = run.priority.get(index, DEFAULT) >= ON_DEMAND
-        while (wait := outage_wait(self.clock.monotonic(), since, run.awaited_since(index),
-                                   on_demand)) > 0:
-            if await self.scheduler.wait_back(min(wait, OUTAGE_POLL)):
-                return True
-            if not self.scheduler.recently_lost():
-                return False
-        return False
+                    event = ParentsFailed(frozenset(failed))
+                case Pause(seconds=seconds):
+                    await self.clock.sleep(seconds)
+                    event = Paused()
+                case AwaitScheduler(seconds=seconds):
+                    back = await self.scheduler.wait_back(seconds)
+                    event = Waited(back, not back and self.scheduler.recently_lost())
+                case FromOrigin(epoch=epoch, first=first, last=last):
+                    try:
+                        if epoch is None:
+                            return await self.origin.piece(run, None, index, index)
+                        assert first is not None and last is not None
+                        return await self.origin.piece(run, epoch, first, last, index)
+                    except OriginError as e:
+                        error = e
+                        event = OriginFailed()
+                case GiveUp():
+                    assert error is not None
+                    raise error
+            step = acq.send(event, self.clock.monotonic(),
+                            run.priority.get(index, DEFAULT) >= ON_DEMAND,
+                            run.awaited_since(index))
 
     async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
                     source: str) -> None:
