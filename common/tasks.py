@@ -42,21 +42,26 @@ class Activity:
 
 @dataclass
 class Backoff:
-    """How long a failed loop waits before it runs again: `first`, doubling per failure in a
-    row up to `most`; a run that lasted `healthy` seconds starts the doubling over."""
+    """How long to wait after a failure before trying again: `first`, doubling per failure in
+    a row up to `most`; a run that lasted `healthy` seconds, or a `reset` (a success), starts
+    the doubling over. Every exponential retry in naiad uses it."""
 
     first: float = 0.1
     most: float = 5.0
     healthy: float = 30.0
     _last: float = 0.0
 
-    def delay(self, ran_for: float) -> float:
+    def delay(self, ran_for: float = 0.0) -> float:
         """The wait after a failure that ended a run of `ran_for` seconds."""
         if not self._last or ran_for >= self.healthy:
             self._last = self.first
         else:
             self._last = min(self.most, self._last * 2)
         return self._last
+
+    def reset(self) -> None:
+        """It worked: the next failure waits `first` again."""
+        self._last = 0.0
 
 
 class _Count(Protocol):

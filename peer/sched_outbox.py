@@ -28,7 +28,7 @@ from common.models import (
     PieceClaim,
     Withdraw,
 )
-from peer.sched_session import API, RETRY_MAX, RETRY_MIN
+from peer.sched_session import API, retry_backoff
 from peer.sched_transport import SchedulerRefused, SchedulerUnavailable
 
 log = logging.getLogger("naiad.peer.scheduler")
@@ -255,7 +255,7 @@ class Outbox:
         """Send what accumulated since the last send; one request in flight at a time, so a
         burst of pieces becomes a few batches. While no scheduler answers, messages wait for
         one (a failover takes a moment; the pieces' leases should not lapse meanwhile)."""
-        retry = RETRY_MIN
+        retry = retry_backoff()
         while True:
             await self._wait()
             await asyncio.sleep(ANNOUNCE_COALESCE)  # a burst of pieces becomes one request
@@ -280,10 +280,9 @@ class Outbox:
                 # Sent again once a scheduler answers: at once after a failover, after a
                 # growing wait while the one in use says it is unavailable.
                 log.info("announcements held: %s", e)
-                await asyncio.sleep(retry)
-                retry = min(RETRY_MAX, retry * 2)
+                await asyncio.sleep(retry.delay())
             else:
-                retry = RETRY_MIN
+                retry.reset()
             finally:
                 # Whatever ended this round (a failure, a cancellation) loses nothing queued.
                 for task_id, (p, _) in unsent.items():

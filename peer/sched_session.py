@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from common.models import UNKNOWN_PEER, PeerRegistration, RegisterReply
+from common.tasks import Backoff
 from common.web import split_listen
 from peer.sched_transport import SchedulerRefused, SchedulerUnavailable, Transport
 
@@ -29,6 +30,12 @@ log = logging.getLogger("naiad.peer.scheduler")
 R = TypeVar("R", bound=BaseModel)
 API = "/api/v1"
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # registration retries back off between these
+
+
+def retry_backoff() -> Backoff:
+    """Retries while no scheduler is usable (registration, held announcements): RETRY_MIN
+    doubling to RETRY_MAX, from the start again after a success."""
+    return Backoff(first=RETRY_MIN, most=RETRY_MAX)
 RECENT_SECONDS = 30.0  # a scheduler lost this recently is worth waiting for
 
 
@@ -169,12 +176,11 @@ class FailoverSession:
     async def run(self) -> None:
         """Register, tell the scheduler what this peer holds, stay until the session is lost;
         again. Retries back off while no scheduler is usable."""
-        retry = RETRY_MIN
+        retry = retry_backoff()
         while True:
             self._reconnect.clear()
             if not await self.register():
-                await asyncio.sleep(retry)
-                retry = min(RETRY_MAX, retry * 2)
+                await asyncio.sleep(retry.delay())
                 continue
             sid = self.session_id
             self.registered.set()  # heartbeats start now, while the holdings are sent
@@ -184,12 +190,11 @@ class FailoverSession:
             except (SchedulerUnavailable, SchedulerRefused) as e:
                 log.warning("re-announcing to %s failed: %s", self.url, e)
                 self.lost(sid, "re-announcing failed", avoid=False)
-                await asyncio.sleep(retry)
-                retry = min(RETRY_MAX, retry * 2)
+                await asyncio.sleep(retry.delay())
                 continue
             if sid != self.session_id or self._reconnect.is_set():
                 continue  # lost meanwhile
-            retry = RETRY_MIN
+            retry.reset()
             self.connected.set()
             log.info("registered with scheduler %s", self.url)
             await self._reconnect.wait()

@@ -28,11 +28,12 @@ from typing import BinaryIO
 from aiohttp import web
 
 from common import auth, ids
+from common.flight import SingleFlight
 from common.limits import TokenBucket
 from common.log import request_ids
 from common.metrics import PeerMetrics
 from common.sizes import format_size
-from common.tasks import Activity, consume_exception
+from common.tasks import Activity
 from common.web import error, errors_as_json, healthy, send_file, unavailable
 from peer import wire
 from peer.store import ChunkStore
@@ -143,7 +144,8 @@ class UploadServer:
             if self.min_rate else 0
         self.by_address: Counter[str] = Counter()  # uploads in flight by remote address
         self.compress = compress
-        self._packing: dict[str, asyncio.Future[Path | None]] = {}
+        # One compression per chunk at a time, shared by the uploads that want it meanwhile.
+        self._packing: SingleFlight[str, Path | None] = SingleFlight()
         self.metrics = metrics
         self.slots = slots
         self.secret = secret
@@ -284,22 +286,14 @@ class UploadServer:
             return packed
         if self.store.raw_marker(chunk).exists():
             return None
-        pending = self._packing.get(chunk)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Path | None] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(consume_exception)
-        self._packing[chunk] = fut
+        return await self._packing.run(chunk, lambda: self._pack_once(chunk))
+
+    async def _pack_once(self, chunk: str) -> Path | None:
         try:
-            result = await asyncio.to_thread(self._pack, chunk)
-            fut.set_result(result)
-            return result
+            return await asyncio.to_thread(self._pack, chunk)
         except OSError as e:  # the chunk went away (evicted, dropped): serve what exists
-            fut.set_result(None)
             log.debug("cannot pack %s: %s", chunk, e)
             return None
-        finally:
-            del self._packing[chunk]
 
     def _pack(self, chunk: str) -> Path | None:
         packed = wire.pack_file(self.store.chunk_path(chunk))

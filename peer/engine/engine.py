@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from common.flight import SingleFlight
 from common.limits import DEFAULT, ON_DEMAND
 from common.metrics import PeerMetrics
 from common.models import TaskMeta, TaskRequest
@@ -69,7 +70,7 @@ class Engine:
         store.stamping = not verify_on_serve  # unverified reads only of untouched files
         self.runs: dict[str, TaskRun] = {}
         self.activity = Activity()  # pieces being fetched or tasks being read
-        self._opening: dict[str, asyncio.Future[TaskRun]] = {}
+        self._opening: SingleFlight[str, TaskRun] = SingleFlight()
         self.tasks = TaskSet("engine")
         self.storage = Storage(store, scheduler, metrics, self.runs, DiskBudget(disk_quota),
                                self.clock)
@@ -93,21 +94,10 @@ class Engine:
         run = self.runs.get(task_id)
         if run is not None and run.meta.length == length:
             return self._for_client(run, origin)
-        pending = self._opening.get(task_id)
-        if pending is not None:
-            return self._for_client(await asyncio.shield(pending), origin)
-        fut: asyncio.Future[TaskRun] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(consume_exception)
-        self._opening[task_id] = fut
-        try:
-            run = await self._open(task_id, length, digest, origin)
-            fut.set_result(run)
-            return run
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            del self._opening[task_id]
+        joining = task_id in self._opening  # another client's open: its run, for this one
+        run = await self._opening.run(task_id,
+                                      lambda: self._open(task_id, length, digest, origin))
+        return self._for_client(run, origin) if joining else run
 
     def _for_client(self, run: TaskRun, origin: OriginRequest) -> TaskRun:
         """The run a client of `origin.registry` reads. A client of the run's own registry
