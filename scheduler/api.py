@@ -41,6 +41,7 @@ from common.models import (
     WorkItem,
     split_hostport,
 )
+from common.pieces import PieceLayout
 from common.registries import AllowList
 from common.tasks import describe
 from common.web import (
@@ -53,7 +54,7 @@ from common.web import (
     model_response,
     parse_body,
 )
-from scheduler import openapi, preheat
+from scheduler import history, openapi, preheat
 from scheduler.redis_store import StoreBusy
 from scheduler.state import StateError, UnknownPeer
 from scheduler.store import Store
@@ -90,7 +91,8 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
 class SchedulerAPI:
     def __init__(self, store: Store, *, scheduler_id: str, udp_addr: str | None = None,
                  token: str | None = None, secret: bytes | None = None,
-                 allow: AllowList | None = None) -> None:
+                 allow: AllowList | None = None,
+                 history_log: history.HistoryLog | None = None) -> None:
         self.store = store
         self.scheduler_id = scheduler_id
         self.udp_addr = udp_addr
@@ -102,6 +104,8 @@ class SchedulerAPI:
         self.metrics = SchedulerMetrics(lambda: self._snapshot, self._ratio)
         self.allow = allow or AllowList([], owner="scheduler")  # what preheat may reach
         self.jobs = preheat.JobBook()
+        # The cluster's totals over time (sampled by the server's loop; unsampled, it is empty).
+        self.history = history_log or history.MemoryHistory(store.counters)
 
     def _ratio(self) -> float:
         c = self._snapshot
@@ -129,6 +133,7 @@ class SchedulerAPI:
         r.add_post(f"{API}/withdraw", self.withdraw)
         r.add_post(f"{API}/mismatches", self.mismatch)
         r.add_get(f"{API}/stats", self.stats)
+        r.add_get(f"{API}/history", self.history_view)
         r.add_post(f"{API}/preheat", self.preheat)
         r.add_get(f"{API}/jobs", self.list_jobs)
         r.add_get(f"{API}/jobs/{{job_id}}", self.get_job)
@@ -272,7 +277,8 @@ class SchedulerAPI:
         task = await self.store.task(request.match_info["task_id"])
         if task is None:
             raise RequestError(404, f"unknown task {request.match_info['task_id']}")
-        return web.json_response(task if full else _public_task(task))
+        grid = piece_grid(task, named=full)
+        return web.json_response({**(task if full else _public_task(task)), "grid": grid})
 
     async def stats(self, _: web.Request) -> web.Response:
         counters = await self.store.counters()
@@ -286,6 +292,11 @@ class SchedulerAPI:
             "savings_ratio": self._ratio(),
             "back_to_source": await self.store.back_to_source(),
         })
+
+    async def history_view(self, _: web.Request) -> web.Response:
+        """The cluster's totals over the last hour: public like the stats they sample."""
+        h = self.history
+        return web.json_response(history.view(await h.samples(), h.interval, h.capacity))
 
     # -- preheat -------------------------------------------------------------------------
 
@@ -371,6 +382,21 @@ def _public_peer(view: dict) -> dict:
 
 def _public_task(view: dict) -> dict:
     return {k: v for k, v in view.items() if k not in PRIVATE_TASK}
+
+
+def piece_grid(task: dict, named: bool) -> list[dict]:
+    """A task's piece map turned around: per holder, the runs of pieces it holds (first, last),
+    the most complete holders first. An unsigned caller gets the same rows without the holders'
+    ids: the picture of how the pieces spread, nothing to fetch them by."""
+    held: dict[str, list[int]] = {}
+    for piece in task["piece_map"]:
+        for holder in piece["holders"]:
+            held.setdefault(holder, []).append(piece["index"])
+    layout = PieceLayout(task["length"], task["piece_size"])
+    rows = sorted(held.items(), key=lambda row: (-len(row[1]), row[0]))
+    return [{"holder": holder if named else None, "held": len(pieces),
+             "runs": [list(run) for run in layout.runs(pieces, max(1, layout.count))]}
+            for holder, pieces in rows]
 
 
 def _public_job(view: dict) -> dict:

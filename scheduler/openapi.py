@@ -71,9 +71,17 @@ class TaskSummary(_View):
     complete_holders: int
 
 
+class GridRow(_View):
+    holder: str | None = Field(description="the holder's peer id; null for an unsigned caller")
+    held: int = Field(description="pieces it holds")
+    runs: list[tuple[int, int]] = Field(description="the pieces it holds as runs [first, last]")
+
+
 class TaskDetail(TaskSummary):
     piece_map: list[PieceView] = Field(default_factory=list, description=MEMBERS_ONLY)
     leases: list[LeaseView] = Field(default_factory=list, description=MEMBERS_ONLY)
+    grid: list[GridRow] = Field(description="pieces x holders, the most complete holders "
+                                            "first (the console draws it)")
 
 
 class TaskList(_View):
@@ -94,6 +102,35 @@ class Stats(_View):
     uploaded_bytes: int
     savings_ratio: float
     back_to_source: int
+
+
+class SeriesBySource(_View):
+    origin: list[int]
+    peer: list[int]
+    local: list[int]
+
+
+class RatesBySource(_View):
+    origin: list[float | None]
+    peer: list[float | None]
+    local: list[float | None]
+
+
+class History(_View):
+    """Columns: index i of every list is sample i, oldest first."""
+
+    interval: float = Field(description="seconds between samples")
+    capacity: int = Field(description="samples kept at most (an hour at the defaults)")
+    window: float = Field(description="seconds the `saving` at each sample is taken over")
+    t: list[float] = Field(description="when each sample was taken (Unix time, seconds)")
+    bytes: SeriesBySource = Field(description="cumulative bytes obtained for clients by source")
+    served_bytes: list[int] = Field(description="cumulative bytes served to clients")
+    rates: RatesBySource = Field(description="bytes per second by source over the interval "
+                                             "ending at each sample (null for the first)")
+    saving: list[float | None] = Field(description="1 - origin bytes / bytes served over the "
+                                                   "`window` before each sample (null: nothing "
+                                                   "served)")
+    saving_ratio: float | None = Field(description="the same over the whole history")
 
 
 class JobItem(_View):
@@ -137,6 +174,8 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      None, TaskDetail, False, False),
     ("get", "/api/v1/stats", "Bytes by source, saving, peers, tasks", None, Stats, False,
      False),
+    ("get", "/api/v1/history", "The cluster's bytes by source and saving over the last hour, "
+     "sampled every few seconds (the same on every replica)", None, History, False, False),
     ("post", "/api/v1/preheat", "Start a preheat job (an image or a URL)", m.PreheatRequest,
      JobView, True, False),
     ("get", "/api/v1/jobs", "Preheat jobs", None, JobList, False, False),

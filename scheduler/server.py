@@ -1,5 +1,6 @@
-"""The scheduler process: the HTTP API on `--listen`, heartbeats over UDP on `--udp`, and the
-loop that expires silent peers.
+"""The scheduler process: the HTTP API on `--listen`, heartbeats over UDP on `--udp`, the loop
+that expires silent peers and the one that samples the cluster's totals for the console's
+charts (scheduler/history.py).
 
 State lives in this process (`MemoryStore`) unless `--redis` names a Redis, which any number of
 replicas then share (`RedisStore`): a peer may register with one and ask another."""
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,7 +23,9 @@ from common.metrics import restarts_counter
 from common.registries import AllowList, Registry
 from common.tasks import TaskSet
 from common.web import ClientLimits, Server
+from scheduler import history
 from scheduler.api import SchedulerAPI
+from scheduler.history_redis import RedisHistory
 from scheduler.liveness import HeartbeatListener
 from scheduler.redis_store import RedisStore
 from scheduler.store import MemoryStore, Store
@@ -42,6 +46,11 @@ class SchedulerConfig:
     tls: ssl.SSLContext | None = None  # HTTPS on `listen`
     allow_registries: list[Registry] = field(default_factory=list)  # what preheat may reach
     limits: ClientLimits | None = None  # per client on `listen` (None: the defaults)
+    # Seconds between history samples (None: 2.5 heartbeat intervals, 5 s by default: peers
+    # report their counters with each heartbeat, so a shorter one would chart the reports'
+    # rhythm, not the traffic's) and samples kept (720: an hour at 5 s).
+    history_interval: float | None = None
+    history_samples: int = history.CAPACITY
 
 
 class SchedulerService:
@@ -52,9 +61,11 @@ class SchedulerService:
         self.restarts = restarts_counter(None)
         self.store = store or self._make_store(config, self.restarts)
         self.id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.history = self._make_history(config, self.store)
         self.api = SchedulerAPI(self.store, scheduler_id=self.id, token=config.token,
                                 secret=config.secret,
-                                allow=AllowList(config.allow_registries, owner="scheduler"))
+                                allow=AllowList(config.allow_registries, owner="scheduler"),
+                                history_log=self.history)
         self.server = Server(self.api.app(), config.listen, config.tls, config.limits)
         self.udp = HeartbeatListener(self.store, config.udp, config.secret,
                                      self.api.metrics.heartbeats) if config.udp else None
@@ -68,6 +79,14 @@ class SchedulerService:
                                        lease_timeout=config.lease_timeout, restarts=restarts)
         return MemoryStore(heartbeat_interval=config.heartbeat_interval,
                            lease_timeout=config.lease_timeout)
+
+    @staticmethod
+    def _make_history(config: SchedulerConfig, store: Store) -> history.HistoryLog:
+        interval = config.history_interval or \
+            history.HEARTBEATS_PER_SAMPLE * config.heartbeat_interval
+        if isinstance(store, RedisStore):  # shared: every replica shows the same series
+            return RedisHistory.of(store, interval=interval, capacity=config.history_samples)
+        return history.MemoryHistory(store.counters, interval, config.history_samples)
 
     @property
     def url(self) -> str:
@@ -98,6 +117,7 @@ class SchedulerService:
         with startup(f"--listen {self.config.listen}"):
             await self.server.start()
         self._tasks.supervise("scheduler-expiry", self._expire_loop)
+        self._tasks.supervise("scheduler-history", self._history_loop)
         log.info("scheduler ready", extra={"listen": self.server.address, "id": self.id,
                                            "udp": self.api.udp_addr})
 
@@ -119,3 +139,11 @@ class SchedulerService:
             gone = await self.store.expire()
             for peer_id in gone:
                 log.info("peer expired", extra={"peer": peer_id})
+
+    async def _history_loop(self) -> None:
+        """A sample now (a fresh cluster's history starts at zero), then one just after each
+        slot starts; over Redis the first replica in a slot takes it. A failure (the state store
+        down) ends the loop; its supervisor restarts it with backoff."""
+        while True:
+            await self.history.sample()
+            await asyncio.sleep(history.next_wake(time.time(), self.history.interval))
