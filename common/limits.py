@@ -2,9 +2,11 @@
 
 `PrioritySlots` is a semaphore whose waiters are admitted by priority (higher first), then in
 arrival order: nydusd's on-demand reads (priority 6) overtake its prefetch (3) and the peer's
-own background prefetch (1) for parent and origin connections. `PerAddress` counts what each
-remote address holds against a cap; `Throttle` keeps a repeated log line to one per interval;
-`raise_open_files_limit` lifts the soft descriptor limit to the hard one at start.
+own background prefetch (1) for parent and origin connections; `waited` says how long urgent
+work has queued there (capacity exhausted: the mirror answers 429 rather than wait).
+`PerAddress` counts what each remote address holds against a cap; `Throttle` keeps a repeated
+log line to one per interval; `raise_open_files_limit` lifts the soft descriptor limit to the
+hard one at start.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ ON_DEMAND = 6  # nydusd: X-Dragonfly-Priority for a read a container is blocked 
 PREFETCH = 3  # nydusd: its own prefetch
 DEFAULT = 4  # a client that names no priority (containerd, docker, skopeo pulls)
 BACKGROUND = 1  # the peer's own prefetch of the rest of a blob
+# DESIGN: how long an on-demand read waits for anything (a lease holder, a connection, its first
+# bytes) before the peer does something else about it; nydusd's own read timeout is 5 s.
+ON_DEMAND_PATIENCE = 1.0
 
 
 def parse_priority(header: str | None) -> int:
@@ -33,17 +38,26 @@ def parse_priority(header: str | None) -> int:
 
 
 class PrioritySlots:
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
         if slots < 1:
             raise ValueError("need at least one slot")
         self.slots = slots
         self.busy = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._clock = clock
+        # (-priority, arrival, queued at, admission): the heap orders by the first two only
+        self._waiters: list[tuple[int, int, float, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+
+    def waited(self, priority: int) -> float:
+        """How long the longest waiter of at least `priority` has been queued (0.0: none is):
+        how far the slots are behind for work that urgent."""
+        now = self._clock()
+        return max((now - since for p, _, since, fut in self._waiters
+                    if -p >= priority and not fut.done()), default=0.0)
 
     def _wake(self) -> None:
         while self.busy < self.slots and self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
+            _, _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 self.busy += 1
                 fut.set_result(None)
@@ -53,7 +67,7 @@ class PrioritySlots:
             self.busy += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (-priority, next(self._seq), fut))
+        heapq.heappush(self._waiters, (-priority, next(self._seq), self._clock(), fut))
         try:
             await fut
         except asyncio.CancelledError:

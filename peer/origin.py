@@ -140,6 +140,12 @@ class OriginClient:
             slots = self._slots[registry] = PrioritySlots(self.concurrency)
         return slots
 
+    def queued(self, registry: str, priority: int) -> float:
+        """How long a request of at least `priority` has waited for a connection to `registry`
+        (0.0: none waits): this peer's origin capacity there is exhausted for such work."""
+        slots = self._slots.get(registry)
+        return slots.waited(priority) if slots is not None else 0.0
+
     def _remembered(self, key: tuple[str, str]) -> str | None:
         hit = self._redirects.get(key)
         if hit is None or hit[0] < time.monotonic():

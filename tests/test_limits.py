@@ -71,3 +71,25 @@ async def test_slots_bound_concurrency() -> None:
     gate.set()
     await asyncio.gather(*tasks)
     assert peak == 3 and slots.busy == 0
+
+
+async def test_waited_is_how_long_urgent_work_has_queued() -> None:
+    now = [100.0]
+    slots = PrioritySlots(1, clock=lambda: now[0])
+    assert slots.waited(6) == 0.0
+    await slots.acquire(1)
+    background = asyncio.create_task(slots.acquire(1))
+    await asyncio.sleep(0)
+    now[0] += 2.0
+    urgent = asyncio.create_task(slots.acquire(6))
+    await asyncio.sleep(0)
+    now[0] += 0.5
+    assert slots.waited(6) == 0.5  # the on-demand waiter, not the older background one
+    assert slots.waited(1) == 2.5
+    slots.release()  # the urgent waiter goes in: nothing urgent queues any more
+    await urgent
+    assert slots.waited(6) == 0.0 and slots.waited(1) == 2.5
+    background.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await background
+    assert slots.waited(0) == 0.0
