@@ -5,6 +5,13 @@ unchanged. Before a blob is served from the store or from peers, the registry is
 with the client's Authorization, cached briefly per credential, registry, repository and
 digest) whether this client may read it there: a refusal is passed back to the client exactly as
 the registry gave it, and no byte of the blob is served.
+
+Dragonfly's headers, as today's nydusd sends them in proxy mode: `X-Dragonfly-Use-P2P: false`
+passes a blob request to the registry unchanged; `X-Dragonfly-Prefetch: false` keeps a range
+read from fetching the rest of the blob in the background (true, or no header: it does, once
+per task, after the range is answered). Every answer the peer makes about its own failure
+carries `X-Dragonfly-Error-Type: proxy`, relayed registry answers never do; an on-demand read
+that cannot start promptly is answered 429 so nydusd reads from the registry itself.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -21,7 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from common import ids
-from common.limits import parse_priority
+from common.limits import ON_DEMAND, ON_DEMAND_PATIENCE, parse_priority
 from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
@@ -43,6 +51,8 @@ from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
 log = logging.getLogger("naiad.peer.mirror")
 
 ACCESS_TTL = 60.0
+PROXY_ERROR = ("X-Dragonfly-Error-Type", "proxy")  # nydusd: the proxy failed, not the registry
+START_POLL = 0.05  # how often a waiting on-demand read looks at the origin queue again
 _ACCESS_MAX = 100_000
 # The OCI distribution spec's repository name grammar.
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -106,6 +116,22 @@ class AccessCache:
             del self._inflight[key]
 
 
+def dragonfly_flag(value: str | None) -> bool | None:
+    """`X-Dragonfly-Use-P2P` / `X-Dragonfly-Prefetch`: true, false, or not said (None)."""
+    value = (value or "").strip().lower()
+    return True if value == "true" else False if value == "false" else None
+
+
+class Overloaded(Exception):
+    """An on-demand read cannot start promptly: parents and origin connections are taken."""
+
+
+def too_many(message: str) -> web.Response:
+    resp = error(429, message)
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
 def proxy_host(request: web.Request) -> str | None:
     """The registry host of an absolute-form request target (`GET http://host/v2/...`)."""
     raw = request.raw_path
@@ -132,7 +158,8 @@ class Mirror:
 
     def app(self) -> web.Application:
         app = request_ids(web.Application(
-            middlewares=[self._drain, errors_as_json, self._connect], client_max_size=64 << 20))
+            middlewares=[self._own_failures, self._drain, errors_as_json, self._connect],
+            client_max_size=64 << 20))
         r = app.router
         r.add_get("/healthy", healthy)
         r.add_get("/server/ping", healthy)
@@ -143,6 +170,30 @@ class Mirror:
         r.add_route("*", "/v2", self.upstream)
         r.add_route("*", "/{tail:.*}", self.other)
         return app
+
+    @web.middleware
+    async def _own_failures(self, request: web.Request,
+                            handler: Handler) -> web.StreamResponse:
+        """The peer's own failures carry `X-Dragonfly-Error-Type: proxy`, so nydusd tells them
+        from the registry's: an answer the peer made (a 4xx/5xx response not yet sent) is
+        marked; a registry's answer is streamed through, already sent when it comes back here,
+        and never marked. An unexpected exception is the peer's 500, unless bytes went out."""
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                e.headers[PROXY_ERROR[0]] = PROXY_ERROR[1]
+            raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            if request.writer.output_size > 0:
+                raise  # headers are out: aiohttp ends the connection
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            resp = error(500, "internal error in the peer")
+        if resp.status >= 400 and not resp.prepared:
+            resp.headers[PROXY_ERROR[0]] = PROXY_ERROR[1]
+        return resp
 
     @web.middleware
     async def _drain(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -229,6 +280,9 @@ class Mirror:
             registry = self._registry(request)
         except UpstreamRefused as e:
             return error(403, str(e))
+        if dragonfly_flag(request.headers.get("X-Dragonfly-Use-P2P")) is False:
+            # The client wants the registry itself (still only an allow-listed one).
+            return await passthrough(request, self.session, self._upstream_url(registry, request))
         req = OriginRequest(url=f"{registry.base}/v2/{name}/blobs/{digest}",
                             registry=registry.base,
                             authorization=request.headers.get("Authorization"))
@@ -272,6 +326,7 @@ class Mirror:
                      expect: str | None) -> web.StreamResponse:
         """Serve a blob (`digest`: its own digest, the task's identity) or a plain file
         (`expect`: the digest the client says it has) from the engine."""
+        started = time.monotonic()
         try:
             probe = await self.access.probe(req, scope)
         except (aiohttp.ClientError, OSError, TimeoutError, OriginError) as e:
@@ -305,40 +360,89 @@ class Mirror:
         try:
             run = await self.engine.open(task_id, length, digest, req)
         except LengthConflict as e:  # the registry contradicts a copy verified here
-            resp = error(502, str(e))
-            resp.headers["X-Dragonfly-Error-Type"] = "proxy"
-            return resp
+            return error(502, str(e))
         plan = await self.engine.plan(run, target, priority)
-        if rng is not None:
-            self.engine.prefetch(run)  # a ranged reader (nydusd) will likely want the rest
         headers["X-Naiad-Source"] = plan.source
         if plan.origin_reasons:
             headers["X-Naiad-Origin-Reason"] = ",".join(plan.origin_reasons)
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = target.size
-        await resp.prepare(request)
-        try:
-            async with self.engine.local_files(run, target, expect) as spans:
+        async with contextlib.AsyncExitStack() as stack:
+            spans = await stack.enter_async_context(
+                self.engine.local_files(run, target, expect))
+            views: AsyncIterator[memoryview] | None = None
+            first: memoryview | None = None
+            if spans is None:
+                views = await stack.enter_async_context(contextlib.aclosing(
+                    self.engine.read(run, target, expect, priority)))
+                # The first bytes before the headers: until then a failure is still a status.
+                try:
+                    first = await self._first_bytes(views, req.registry, priority, started)
+                except Overloaded as e:
+                    log.info("429 for an on-demand read of %s: %s", task_id, e)
+                    return too_many(str(e))
+                except (ConnectionError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    log.warning("cannot serve %s: %r", task_id, e)
+                    return error(502, f"cannot serve {task_id}: {e}")
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = target.size
+            await resp.prepare(request)
+            try:
                 if spans is not None:
                     await self._sendfile(request, spans)
-                    self.metrics.served_bytes.inc(target.size)
-                    self.served += target.size
-            if spans is None:
-                async with contextlib.aclosing(self.engine.read(run, target, expect,
-                                                                priority)) as views:
+                    self._count(target.size)
+                else:
+                    assert views is not None
+                    if first is not None:
+                        await resp.write(first)
+                        self._count(len(first))
                     async for view in views:
                         await resp.write(view)
-                        self.metrics.served_bytes.inc(len(view))
-                        self.served += len(view)
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            # Headers are out: end the connection so the client sees a broken body, never a
-            # short or wrong one that looks complete.
-            log.error("aborting the %s response for %s: %r", resp.status, task_id, e)
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
+                        self._count(len(view))
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                # Headers are out: end the connection so the client sees a broken body, never
+                # a short or wrong one that looks complete.
+                log.error("aborting the %s response for %s: %r", resp.status, task_id, e)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
         await resp.write_eof()
         log.info("served %s bytes %d-%d (%s)", task_id, target.start, target.end, plan.source)
+        if rng is not None \
+                and dragonfly_flag(request.headers.get("X-Dragonfly-Prefetch")) is not False:
+            # The range is answered; a lazy reader (nydusd) will likely want the rest.
+            self.engine.prefetch(run)
         return resp
+
+    def _count(self, n: int) -> None:
+        self.metrics.served_bytes.inc(n)
+        self.served += n
+
+    async def _first_bytes(self, views: AsyncIterator[memoryview], registry: str,
+                           priority: int, started: float) -> memoryview | None:
+        """The read's first verified bytes (None: it has none). An on-demand read gives up
+        (`Overloaded`) once it has waited ON_DEMAND_PATIENCE without them while urgent work has
+        queued that long for this registry's origin connections: the parents were busy (or
+        there are none) and the origin is full, so nydusd is better off at the registry than
+        waiting here. The pieces are still fetched (the engine's workers are shared): a later
+        read finds them."""
+        if priority < ON_DEMAND:
+            return await anext(views, None)
+        first = asyncio.ensure_future(anext(views, None))
+        try:
+            while True:
+                done, _ = await asyncio.wait([first], timeout=START_POLL)
+                if done:
+                    return first.result()
+                waited = time.monotonic() - started
+                queued = self.origin.queued(registry, ON_DEMAND)
+                if waited >= ON_DEMAND_PATIENCE and queued >= ON_DEMAND_PATIENCE:
+                    raise Overloaded(f"no bytes after {waited:.1f} s; origin connections to "
+                                     f"{registry} all taken for {queued:.1f} s")
+        finally:
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await first  # the read is abandoned, whatever it raised
