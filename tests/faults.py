@@ -183,3 +183,46 @@ class FlakyRegistry:
                     await asyncio.sleep(len(chunk) / self.rate)
             await resp.write_eof()
             return resp
+
+
+class ScriptedProxy:
+    """A nydusd proxy (absolute-form targets) or mirror (`X-Dragonfly-Registry` names the
+    upstream) that answers its first requests from a script — `(status, marked)`, marked adding
+    `X-Dragonfly-Error-Type: proxy` — then relays to the registry. Records every request's
+    headers: what the client sent, and how often."""
+
+    def __init__(self, script: list[tuple[int, bool]] | None = None) -> None:
+        self.script = list(script or [])
+        self.requests: list[dict[str, str]] = []
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedProxy:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = await serve(app, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+        await self.session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(dict(request.headers))
+        if self.script:
+            status, marked = self.script.pop(0)
+            return web.Response(status=status, text=f"scripted {status}", headers=(
+                {"X-Dragonfly-Error-Type": "proxy"} if marked else {}))
+        target = request.raw_path
+        if not target.startswith("http"):
+            target = request.headers["X-Dragonfly-Registry"].rstrip("/") + request.path_qs
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("range", "authorization")}
+        async with self.session.get(target, headers=headers, allow_redirects=False) as up:
+            return web.Response(status=up.status, body=await up.read(), headers={
+                k: up.headers[k] for k in FlakyRegistry.RELAYED if k in up.headers
+                and k != "Content-Length"})
