@@ -72,6 +72,7 @@ class FailoverSession:
         self.registered = asyncio.Event()
         self.connected = asyncio.Event()
         self.lost_at: float | None = None
+        self.answered_at: float | None = None  # the last answer in the current session
         self._reconnect = asyncio.Event()
         self._avoid: int | None = None
         self._complaints: dict[str, str] = {}  # url -> what it last failed with
@@ -89,7 +90,7 @@ class FailoverSession:
         sid = self.session_id if session is None else session
         url = self.url
         try:
-            return await self.transport.post(url, path, body, reply, seconds)
+            result = await self.transport.post(url, path, body, reply, seconds)
         except SchedulerUnavailable as e:
             if e.unusable:
                 self.lost(sid, f"{e}")
@@ -98,6 +99,9 @@ class FailoverSession:
             if e.code == UNKNOWN_PEER:
                 self.lost(sid, "it does not know this peer", avoid=False)
             raise
+        if sid == self.session_id:
+            self.answered_at = time.monotonic()
+        return result
 
     async def call(self, path: str, body: BaseModel, reply: type[R],
                    seconds: float = 5.0) -> R:

@@ -92,6 +92,9 @@ class SchedulerClient:
     def recently_lost(self) -> bool:
         return self.session.recently_lost()
 
+    def answered_at(self) -> float | None:
+        return self.session.answered_at
+
     async def start(self) -> None:
         self._tasks.supervise("scheduler-session", self.session.run)
         self._tasks.supervise("scheduler-heartbeats", self.heartbeats.run)

@@ -133,6 +133,15 @@ def test_a_lease_goes_to_the_origin_for_its_run_and_is_retried_then_given_up() -
     assert m.send(OriginFailed(), T0) == GiveUp()
 
 
+def test_a_lapsed_lease_is_asked_about_again_and_never_counts_as_an_origin_failure() -> None:
+    m = machine()
+    m.start(T0)
+    for epoch in range(1, 2 * ORIGIN_ATTEMPTS):
+        assert m.send(lease(epoch), T0) == FromOrigin("no-holder", epoch, 0, 3)
+        assert m.send(OriginFailed(lapsed=True), T0) == Ask(frozenset())
+    assert m.origin_failures == 0
+
+
 def test_an_origin_piece_without_a_lease_is_not_retried() -> None:
     m = machine()
     m.start(T0)

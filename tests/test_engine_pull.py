@@ -80,6 +80,8 @@ class Scheduler:
         self.progressed: list[int] = []
         self.mismatches = 0
         self.ensured = 0
+        self.silent = False  # nothing but decision calls is answered (answered_at)
+        self.answered: float | None = None
         self.sealed_now = asyncio.Event()
 
     async def ensure_task(self, req: TaskRequest) -> TaskMeta:
@@ -96,6 +98,7 @@ class Scheduler:
         if self.down:
             raise SchedulerUnavailable("down")
         self.calls.append((pieces, set(exclude), wait_ms))
+        self.answered = self.clock.t
         answers = [self.policy(p, exclude, len(self.calls)) for p in pieces]
         if all(d.action == "wait" for d in answers):
             self.clock.t += wait_ms / 1000  # the long poll ran its course
@@ -118,6 +121,9 @@ class Scheduler:
 
     def recently_lost(self) -> bool:
         return self.down and self.lost_recently
+
+    def answered_at(self) -> float | None:
+        return self.answered if self.down or self.silent else self.clock.t
 
     def announce(self, task_id: str, index: int, chunk: str,
                  registry: str | None = None) -> None:
@@ -428,6 +434,22 @@ async def test_a_failed_run_is_asked_for_again_and_taken_over_under_a_new_epoch(
     assert await world.read() == world.blob.data
     assert len(world.origin.requests) == 2
     assert world.scheduler.calls[1][0] == list(range(world.blob.layout.count))
+
+
+async def test_a_run_whose_scheduler_stopped_answering_stops_and_the_rest_is_asked_again(
+        world: World) -> None:
+    """The scheduler hears nothing of the run's progress (a partition, an outage): after
+    LEASE_LAPSE its lease has been handed on, so the run stops between pieces instead of
+    fetching what the next holder fetches too; the rest comes under the next lease, no
+    byte fetched twice, and the lapse is not counted as an origin failure."""
+    world.scheduler.policy = lease(world.blob, epoch=lambda n: n)
+    world.scheduler.silent = True
+    world.origin.tick = 0.9  # one read per piece: pieces 0-2 are read before 2 s pass
+    assert await world.read() == world.blob.data
+    size = len(world.blob.data)
+    assert world.origin.requests == [(0, size - 1), (3 * PIECE, size - 1)]
+    assert world.downloaded("origin") == size
+    assert world.scheduler.calls[1][0] == [3, 4]
 
 
 async def test_a_lease_that_keeps_failing_makes_the_piece_unavailable(world: World) -> None:

@@ -8,7 +8,9 @@
    Parents that are all at their upload slots are load, not failure: back off and ask again,
    up to BUSY_PATIENCE, then the origin (`parents-busy`).
 3. `source`: this peer holds the origin lease for a run of consecutive pieces: one ranged origin
-   request covers the whole run (peer/engine/origin.py). An on-demand read that waited
+   request covers the whole run (peer/engine/origin.py); a run whose scheduler stopped answering
+   for LEASE_LAPSE stops between pieces and the rest is asked about again (its lease has been
+   handed on). An on-demand read that waited
    ON_DEMAND_WAIT for another peer's lease goes to the origin for its piece alone (`bypass`).
 4. No scheduler: the holders last learnt for the piece; else wait for a scheduler lost moments
    ago, but not past the point where a reader has waited OUTAGE_STALL for the piece (then the
@@ -161,7 +163,10 @@ class Waited:
 
 @dataclass(frozen=True)
 class OriginFailed:
-    pass
+    """The origin run failed; `lapsed`: it stopped because its lease has lapsed by now (the
+    scheduler stopped answering), which is no fault of the origin."""
+
+    lapsed: bool = False
 
 
 Event = Decided | NoDecision | ParentsFailed | Paused | Waited | OriginFailed
@@ -243,8 +248,10 @@ class Acquisition:
                 if back:
                     return self._ask(now)
                 return self._outage(recently_lost, now, on_demand, waiting_since)
-            case OriginFailed():
+            case OriginFailed(lapsed=lapsed):
                 assert isinstance(step, FromOrigin)
+                if lapsed:
+                    return self._ask(now)
                 if step.epoch is None:
                     return GiveUp()
                 self.origin_failures += 1

@@ -41,7 +41,7 @@ from peer.engine.acquire import (
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.budget import DiskBudget
 from peer.engine.fetch import ParentFetch
-from peer.engine.origin import OriginRuns
+from peer.engine.origin import LeaseLapsed, OriginRuns
 from peer.engine.reader import Reader
 from peer.engine.run import LengthConflict, PieceUnavailable, Plan, TaskRun
 from peer.engine.sealing import Sealer
@@ -241,7 +241,7 @@ class Engine:
                         return await self.origin.piece(run, epoch, first, last, index)
                     except OriginError as e:
                         error = e
-                        event = OriginFailed()
+                        event = OriginFailed(lapsed=isinstance(e, LeaseLapsed))
                 case GiveUp():
                     assert error is not None
                     raise error

@@ -25,11 +25,19 @@ from peer.origin import OriginError
 log = logging.getLogger("naiad.peer.engine")
 
 PROGRESS_EVERY = 0.5
+# The scheduler's default --lease-timeout: a lease whose progress it has not heard of for this
+# long is handed to another peer. A run whose scheduler has not answered for this long (an
+# outage, a partition) stops between pieces: fetching on would double the origin's bytes.
+LEASE_LAPSE = 2.0
 STORE_AHEAD = 4  # pieces read from the origin but not yet stored, at most
 READ_SIZE = 256 << 10
 
 # Keep a verified piece: (run, index, chunk id, bytes, source).
 Keep = Callable[[TaskRun, int, str, bytes, str], Awaitable[None]]
+
+
+class LeaseLapsed(OriginError):
+    """An origin run stopped because its lease has lapsed by now."""
 
 
 class OriginRuns:
@@ -67,13 +75,19 @@ class OriginRuns:
         layout = run.layout
         start = layout.span(orun.first)[0]
         end = sum(layout.span(orun.last)) - 1
-        last_progress = self.clock.monotonic()
+        begun = last_progress = self.clock.monotonic()
         storing: set[asyncio.Task[None]] = set()
+        lapsed: LeaseLapsed | None = None
         try:
             priority = max((run.priority.get(i, BACKGROUND)
                             for i in range(orun.first, orun.last + 1)), default=DEFAULT)
             async with self.origin.open_range(run.origin, start, end, priority) as stream:
                 for i in range(orun.first, orun.last + 1):
+                    if epoch is not None and self._lapsed(begun):
+                        lapsed = LeaseLapsed(f"lease {epoch} of {run.task_id} lapsed at piece "
+                                             f"{i}: no answer from the scheduler for "
+                                             f"{LEASE_LAPSE} s")
+                        break
                     started = time.perf_counter()
                     _, size = layout.span(i)
                     parts, got = [], 0
@@ -94,8 +108,10 @@ class OriginRuns:
                     if len(storing) >= STORE_AHEAD:
                         _, storing = await asyncio.wait(storing,
                                                         return_when=asyncio.FIRST_COMPLETED)
-                if storing:
+                if storing:  # what was read is kept, lapsed or not
                     await asyncio.gather(*storing)
+            if lapsed is not None:
+                raise lapsed
         except BaseException as e:
             for t in storing:
                 t.cancel()
@@ -106,7 +122,8 @@ class OriginRuns:
                     f.set_exception(err)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            log.warning("origin run %d-%d of %s failed: %r", orun.first, orun.last,
+            log_at = logging.INFO if isinstance(e, LeaseLapsed) else logging.WARNING
+            log.log(log_at, "origin run %d-%d of %s failed: %r", orun.first, orun.last,
                         run.task_id, e)
         finally:
             for f in orun.pieces.values():  # a waiter is never left pending, whatever failed
@@ -115,6 +132,13 @@ class OriginRuns:
                                                 f"{run.task_id} ended without this piece"))
             if epoch is not None and run.origin_runs.get(epoch) is orun:
                 del run.origin_runs[epoch]
+
+    def _lapsed(self, begun: float) -> bool:
+        """Whether the lease of a run begun at `begun` has lapsed by now: the scheduler has
+        answered nothing (so heard none of the run's progress) for LEASE_LAPSE."""
+        answered = self.scheduler.answered_at()
+        now = self.clock.monotonic()
+        return now - max(begun, answered or begun) > LEASE_LAPSE
 
     async def _keep_piece(self, run: TaskRun, orun: OriginRun, index: int, data: bytes,
                           started: float) -> None:

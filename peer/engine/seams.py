@@ -48,6 +48,10 @@ class Scheduler(Decider, Protocol):
 
     def progress(self, task_id: str, epoch: int) -> None: ...
 
+    def answered_at(self) -> float | None:
+        """When (monotonic) the scheduler in use last answered a call; None: not yet."""
+        ...
+
     def sealed(self, task_id: str, registry: str | None = None) -> None: ...
 
 
