@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -160,6 +161,7 @@ class ChunkStore:
         # verified. A file that differs is re-hashed before its bytes are served unverified.
         self.stamping = False
         self._stamps: dict[str, tuple[int, int, int]] = {}
+        self._tmpfile = True  # chunks written unnamed and linked in, until that fails
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -406,16 +408,25 @@ class ChunkStore:
         return self.chunk_path(chunk).with_suffix(".zst")
 
     def raw_marker(self, chunk: str) -> Path:
-        """An empty file saying the chunk does not compress: do not try again."""
+        """An empty file saying the chunk does not compress, as versions before 2026-12-01
+        wrote: removed with its chunk (the upload server now remembers that in memory)."""
         return self.chunk_path(chunk).with_suffix(".raw")
 
     def write_sidecar(self, path: Path, data: bytes) -> None:
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self._temp_path()
         try:
-            tmp.write_bytes(data)
+            _write_new(tmp, data)
             os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _temp_path(self) -> Path:
+        """A name in tmp/ no other writer uses: this process's id and a counter (a uuid4 per
+        chunk cost more than the write's bookkeeping). What a crash leaves there, the start-up
+        sweep removes."""
+        return self.tmp_dir / f"{os.getpid()}-{next(_TEMP_NAMES)}.part"
 
     def has_chunk(self, chunk: str) -> bool:
         return self.chunk_path(chunk).exists()
@@ -426,20 +437,57 @@ class ChunkStore:
                                (chunk,)).fetchone() is not None
 
     def _write_chunk(self, chunk: str, data: bytes | memoryview) -> bool:
-        """Write a chunk file unless it exists; whether it was written."""
+        """Write a chunk file unless it exists; whether it was written. The file appears under
+        chunks/ only whole: written unnamed (O_TMPFILE) and linked in, which fails if the chunk
+        is there already, so the happy path is open, write, link, close; where O_TMPFILE or
+        /proc is not to be had, written under a temporary name and renamed."""
         path = self.chunk_path(chunk)
+        if self._tmpfile:
+            try:
+                return self._link_in(chunk, path, data)
+            except _NoTmpfile as e:
+                log.debug("O_TMPFILE unusable in %s (%s): chunks are renamed into place",
+                          self.tmp_dir, e)
+                self._tmpfile = False
         if path.is_file():
             return False
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self._temp_path()
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
+            st = _write_new(tmp, data, self.stamping)
+            os.rename(tmp, path)
+        except BaseException:
             with contextlib.suppress(OSError):  # a read-only disk cannot hold it anyway
-                tmp.unlink(missing_ok=True)
-        if self.stamping:
-            self._stamp(chunk, os.stat(path))
+                os.unlink(tmp)
+            raise
+        if st is not None:
+            self._stamp(chunk, st)
+        return True
+
+    def _link_in(self, chunk: str, path: Path, data: bytes | memoryview) -> bool:
+        try:
+            fd = os.open(self.tmp_dir, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise _NoTmpfile(e) from e
+            raise
+        try:
+            _write_all(fd, data)
+            st = os.fstat(fd) if self.stamping else None
+            try:
+                # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link: os.link calls
+                # link(2), which does not follow it, unless a dir fd is given (and ignored for
+                # an absolute path).
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+            except FileExistsError:
+                return False
+            except FileNotFoundError as e:
+                if not os.path.isdir("/proc/self/fd"):
+                    raise _NoTmpfile(e) from e
+                raise
+        finally:
+            os.close(fd)
+        if st is not None:
+            self._stamp(chunk, st)
         return True
 
     def _stamp(self, chunk: str, st: os.stat_result) -> None:
@@ -617,6 +665,30 @@ class ChunkStore:
         row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM "
                               "(SELECT chunk, MAX(size) AS size FROM pieces GROUP BY chunk)")
         return row.fetchone()[0]
+
+
+class _NoTmpfile(Exception):
+    """This filesystem or system cannot write a file unnamed and link it in."""
+
+
+_TEMP_NAMES = itertools.count()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_new(path: Path, data: bytes | memoryview,
+               stat: bool = False) -> os.stat_result | None:
+    """Create `path` (it must not exist) holding `data`; its stat if asked."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        return os.fstat(fd) if stat else None
+    finally:
+        os.close(fd)
 
 
 def _readable_rows(db: sqlite3.Connection, table: str, columns: str) -> list[tuple]:
