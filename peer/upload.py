@@ -8,7 +8,8 @@ STALL_WINDOW seconds is cut off and its slot freed, so clients that never read c
 slots. A watchdog samples how much the child's kernel acknowledged (TCP_INFO), so a chunk still
 goes in one sendfile; where TCP_INFO cannot be read, sends are sliced to show progress. A child
 that accepts zstd gets the chunk compressed when that saves at least 10% (peer/wire.py), decided
-once per chunk.
+once per chunk: the compressed copy is kept beside it, a chunk that does not pay remembered in
+memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import socket
 import struct
 import sys
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -53,6 +54,7 @@ SAMPLES_PER_WINDOW = 10  # TCP progress samples per STALL_WINDOW: a stall is see
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 _BYTES_ACKED = struct.Struct("=Q")
 _BYTES_ACKED_AT = 120
+RAW_REMEMBERED = 1 << 14  # incompressible chunks remembered (16 GiB of 1 MiB chunks, ~2 MB)
 
 
 class SendDeadline:
@@ -146,6 +148,9 @@ class UploadServer:
         self.compress = compress
         # One compression per chunk at a time, shared by the uploads that want it meanwhile.
         self._packing: SingleFlight[str, Path | None] = SingleFlight()
+        # Chunks found not to compress, least recently asked first: a file per chunk saying
+        # so cost more than the sample's trial; one forgotten is tried again.
+        self._raw: OrderedDict[str, None] = OrderedDict()
         self.metrics = metrics
         self.slots = slots
         self.secret = secret
@@ -281,24 +286,29 @@ class UploadServer:
 
     async def _packed(self, chunk: str) -> Path | None:
         """The compressed sidecar of a chunk, made on first demand; None if it does not pay."""
+        if chunk in self._raw:
+            self._raw.move_to_end(chunk)
+            return None
         packed = self.store.packed_path(chunk)
         if packed.exists():
             return packed
-        if self.store.raw_marker(chunk).exists():
-            return None
         return await self._packing.run(chunk, lambda: self._pack_once(chunk))
 
     async def _pack_once(self, chunk: str) -> Path | None:
         try:
-            return await asyncio.to_thread(self._pack, chunk)
+            packed = await asyncio.to_thread(self._pack, chunk)
         except OSError as e:  # the chunk went away (evicted, dropped): serve what exists
             log.debug("cannot pack %s: %s", chunk, e)
             return None
+        if packed is None:
+            self._raw[chunk] = None
+            if len(self._raw) > RAW_REMEMBERED:
+                self._raw.popitem(last=False)
+        return packed
 
     def _pack(self, chunk: str) -> Path | None:
         packed = wire.pack_file(self.store.chunk_path(chunk))
         if packed is None:
-            self.store.raw_marker(chunk).touch()  # empty: nothing to tear, no temp file needed
             return None
         self.store.write_sidecar(self.store.packed_path(chunk), packed)
         return self.store.packed_path(chunk)

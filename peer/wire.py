@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,8 +46,20 @@ def _pack(f: BinaryIO, size: int) -> bytes | None:
 
 
 def _compress(data: bytes) -> bytes | None:
-    packed = zstandard.ZstdCompressor(level=LEVEL).compress(data)
+    packed = _compressor().compress(data)
     return packed if worth_it(len(data), len(packed)) else None
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor (one is not to be shared between threads): making one per
+    call cost twice the trial of a 64 KiB sample."""
+    c = getattr(_local, "compressor", None)
+    if c is None:
+        c = _local.compressor = zstandard.ZstdCompressor(level=LEVEL)
+    return c
 
 
 def unpack(data: bytes, size: int) -> bytes:

@@ -10,7 +10,12 @@ import aiohttp
 import pytest
 import zstandard
 
-from peer import wire
+from common import ids
+from common.metrics import PeerMetrics
+from common.models import TaskMeta
+from peer import upload, wire
+from peer.store import ChunkStore
+from peer.upload import UploadServer
 from tests.cluster import Cluster, CountingProxy, Registry, metric, push_blob
 
 MiB = 1 << 20
@@ -65,7 +70,7 @@ async def test_compressible_chunks_cross_the_wire_compressed(
     chunks = cluster.workdir / "a" / "chunks"
     distinct_text = {text[i:i + MiB] for i in range(0, len(text), MiB)}  # pieces dedupe
     assert len(list(chunks.glob("*/*.zst"))) == len(distinct_text)
-    assert len(list(chunks.glob("*/*.raw"))) == 3
+    assert not list(chunks.glob("*/*.raw")), "incompressible chunks are remembered, not marked"
 
 
 def test_pack_file_decides_as_pack_does(tmp_path: Path) -> None:
@@ -78,3 +83,33 @@ def test_pack_file_decides_as_pack_does(tmp_path: Path) -> None:
         assert wire.pack_file(path) == wire.pack(data), name
     assert wire.pack_file(tmp_path / "text") is not None
     assert wire.pack_file(tmp_path / "random head") is None
+
+
+async def test_upload_decides_once_per_chunk_and_remembers_raw_ones_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender tries each chunk once: a compressible one gets its sidecar, an incompressible
+    one is remembered (no marker file), least recently asked forgotten past RAW_REMEMBERED."""
+    store = ChunkStore(tmp_path / "store")
+    store.open()
+    trials: list[str] = []
+    real = wire.pack_file
+    monkeypatch.setattr(wire, "pack_file", lambda path: trials.append(path.name) or real(path))
+    monkeypatch.setattr(upload, "RAW_REMEMBERED", 2)
+    server = UploadServer(store, PeerMetrics(), slots=4)
+    meta = TaskMeta(task_id=f"sha256:{1:064x}", length=4 * MiB, piece_size=MiB)
+    store.put_task(meta)
+    blobs = [b"text " * (MiB // 5), os.urandom(MiB), os.urandom(MiB), os.urandom(MiB)]
+    chunks = [ids.chunk_id(b) for b in blobs]
+    for i, (chunk, data) in enumerate(zip(chunks, blobs, strict=True)):
+        await store.put_piece(meta.task_id, i, chunk, data)
+    text, r1, r2, r3 = chunks
+    assert await server._packed(text) == store.packed_path(text)
+    assert await server._packed(r1) is None and await server._packed(r2) is None
+    assert await server._packed(text) == store.packed_path(text)
+    assert await server._packed(r1) is None
+    assert len(trials) == 3, "each chunk tried once"
+    await server._packed(r3)  # r2, least recently asked, is forgotten
+    assert await server._packed(r1) is None and len(trials) == 4
+    assert await server._packed(r2) is None and len(trials) == 5
+    assert not list(store.chunks_dir.glob("*/*.raw"))
+    store.close()
