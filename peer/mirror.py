@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -29,11 +29,12 @@ import aiohttp
 from aiohttp import web
 
 from common import ids
+from common.flight import SingleFlight
 from common.limits import ON_DEMAND, ON_DEMAND_PATIENCE, parse_priority
 from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
-from common.tasks import Activity, consume_exception
+from common.tasks import Activity
 from common.web import (
     Handler,
     bodiless,
@@ -81,7 +82,7 @@ class AccessCache:
         self.origin = origin
         self.ttl = ttl
         self._answers: dict[tuple[str, ...], tuple[float, Probe]] = {}
-        self._inflight: dict[tuple[str, ...], asyncio.Future[Probe]] = {}
+        self._asking: SingleFlight[tuple[str, ...], Probe] = SingleFlight()
 
     @staticmethod
     def key(req: OriginRequest, scope: str) -> tuple[str, ...]:
@@ -89,31 +90,24 @@ class AccessCache:
         and the scope (repository@digest, or a URL with its signature)."""
         return credential_key(req.authorization), req.registry, scope
 
-    async def probe(self, req: OriginRequest, scope: str) -> Probe:
+    async def probe(self, req: OriginRequest, scope: str,
+                    ask: Callable[[OriginRequest], Awaitable[Probe]] | None = None) -> Probe:
+        """The answer to `ask(req)` (default: the origin's blob probe), cached for this key."""
         key = self.key(req, scope)
         hit = self._answers.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Probe] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(consume_exception)
-        self._inflight[key] = fut
-        try:
-            answer = await self.origin.probe(req)
-            if answer.status < 500:
-                if len(self._answers) >= _ACCESS_MAX:
-                    now = time.monotonic()
-                    self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
-                self._answers[key] = (time.monotonic() + self.ttl, answer)
-            fut.set_result(answer)
-            return answer
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
-            del self._inflight[key]
+        return await self._asking.run(key, lambda: self._ask(key, req, ask or self.origin.probe))
+
+    async def _ask(self, key: tuple[str, ...], req: OriginRequest,
+                   ask: Callable[[OriginRequest], Awaitable[Probe]]) -> Probe:
+        answer = await ask(req)
+        if answer.status < 500:  # a registry that failed is asked again next time
+            if len(self._answers) >= _ACCESS_MAX:
+                now = time.monotonic()
+                self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            self._answers[key] = (time.monotonic() + self.ttl, answer)
+        return answer
 
 
 def dragonfly_flag(value: str | None) -> bool | None:
