@@ -127,6 +127,9 @@ PEER_OPTIONS = [
            type=_address, metavar="HOST:PORT"),
     Option("data_dir", "~/.local/share/naiad", "chunk store directory", metavar="DIR"),
     Option("registry", "https://registry-1.docker.io", "default upstream registry", metavar="URL"),
+    Option("hub", "https://huggingface.co", "model hub (Hugging Face) reached with "
+           "HF_ENDPOINT=<this peer>: its LFS files peer-to-peer, the rest passed through",
+           metavar="URL"),
     Option("allow_registry", [], "another registry reachable through this peer (repeatable)",
            repeat=True, metavar="URL"),
     Option("id", None, "peer id (default: the hostname)"),
@@ -242,6 +245,11 @@ def _allow_registries(opts: dict[str, Any]) -> list[Registry]:
     except UpstreamRefused as e:
         raise ConfigError(f"--registry: {e}") from None
     try:
+        if "hub" in opts:
+            Registry.parse(opts["hub"])
+    except UpstreamRefused as e:
+        raise ConfigError(f"--hub: {e}") from None
+    try:
         return [Registry.parse(u) for u in opts["allow_registry"]]
     except UpstreamRefused as e:
         raise ConfigError(f"--allow-registry: {e}") from None
@@ -298,7 +306,7 @@ def cmd_peer(opts: dict[str, Any]) -> int:
     _allow_registries(opts)  # one line, not a traceback, for a registry URL that is not http(s)
     daemon = PeerDaemon(PeerConfig(
         data_dir=opts["data_dir"], schedulers=opts["scheduler"], listen=opts["listen"],
-        upload=opts["upload"], registry=opts["registry"],
+        upload=opts["upload"], registry=opts["registry"], hub=opts["hub"],
         allow_registries=opts["allow_registry"], peer_id=opts["id"] or socket.gethostname(),
         idc=opts["idc"], location=opts["location"], seed=opts["seed"],
         advertise=opts["advertise"], piece_size=opts["piece_size"],
@@ -315,8 +323,21 @@ def cmd_peer(opts: dict[str, Any]) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from naiad.get import GetError, check_args, get
+    from naiad.get import GetError, check_args, check_hub_args, get, get_hub
 
+    if args.url.startswith("hf://"):
+        ref = check_hub_args(args.url, args.output, args.peer, args.revision)
+        try:
+            done = asyncio.run(get_hub(ref, args.output, args.peer, args.revision,
+                                       os.environ.get("HF_TOKEN") or None))
+        except (GetError, aiohttp.ClientError, OSError) as e:
+            print(f"naiad get: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.output}: {done['files']} files, {format_size(int(done['bytes']))} at "
+              f"{done['commit']} (source: {done['source']})", file=sys.stderr)
+        return 0
+    if args.revision != "main":
+        raise ConfigError("--revision is for hf:// URLs")
     check_args(args.url, args.output, args.peer, args.digest)
     try:
         result = asyncio.run(get(args.url, args.output, args.peer, args.digest))
@@ -534,11 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, SCHEDULER_OPTIONS)
     p = sub.add_parser("peer", help="run a peer daemon")
     add_options(p, PEER_OPTIONS)
-    p = sub.add_parser("get", help="fetch one blob or file through a peer")
-    p.add_argument("url")
-    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p = sub.add_parser("get", help="fetch one blob or file, or a model hub repository, "
+                       "through a peer")
+    p.add_argument("url", help="a registry blob URL, any http(s) URL, or "
+                   "hf://[datasets/|spaces/]owner/repo[/path] (the peer's --hub; token from "
+                   "$HF_TOKEN)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file; for hf:// "
+                   "a directory, written as a plain tree: DIR/<path in the repository>")
     p.add_argument("--peer", default="http://127.0.0.1:65001", metavar="URL")
     p.add_argument("--digest", default=None, metavar="sha256:HEX")
+    p.add_argument("--revision", default="main", metavar="REV",
+                   help="hf:// only: branch, tag or commit (default: main)")
     p = sub.add_parser("preheat", help="warm the seed peers with an image or a URL")
     p.add_argument("ref", help="host/repo:tag, http://host:port/repo:tag, or a URL with --url")
     p.add_argument("--url", action="store_true", help="REF is a plain URL, not an image")

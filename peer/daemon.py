@@ -42,6 +42,7 @@ class PeerConfig:
     listen: str = "127.0.0.1:65001"
     upload: str = "127.0.0.1:65002"
     registry: str = "https://registry-1.docker.io"
+    hub: str = "https://huggingface.co"  # model hub behind HF_ENDPOINT=<this peer>
     allow_registries: list[str] = field(default_factory=list)
     peer_id: str = field(default_factory=socket.gethostname)
     idc: str = ""
@@ -83,7 +84,8 @@ class PeerDaemon:
         self.store = ChunkStore(config.data_dir)
         self.started_at = time.time()
         default = Registry.parse(config.registry)
-        allowed = [default] + [Registry.parse(u) for u in config.allow_registries]
+        self.hub = Registry.parse(config.hub)  # on the allow-list by being named
+        allowed = [default, self.hub] + [Registry.parse(u) for u in config.allow_registries]
         self.allow = AllowList(allowed)
         self.default_registry = default
         self._tasks = TaskSet("peer", self.metrics.restarts)  # loops supervised, restarts counted
@@ -144,7 +146,7 @@ class PeerDaemon:
         access = AccessCache(origin)
         mirror = Mirror(engine=self.engine, origin=origin, access=access,
                         session=self._origin_session, allow=self.allow,
-                        default=self.default_registry, metrics=self.metrics)
+                        default=self.default_registry, metrics=self.metrics, hub=self.hub)
         self.mirror = mirror
         self.mirror_server = Server(mirror.app(), c.listen, c.tls, c.limits)
         opened.push_async_callback(self.mirror_server.stop)

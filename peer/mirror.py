@@ -27,6 +27,7 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from common import ids
 from common.flight import SingleFlight
@@ -44,14 +45,16 @@ from common.web import (
     send_file,
     unavailable,
 )
+from peer import hub
 from peer.engine import Engine, LengthConflict
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
-from peer.proxy import passthrough, tunnel
+from peer.proxy import passthrough, relative_to, tunnel
 from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
 
 log = logging.getLogger("naiad.peer.mirror")
 
 ACCESS_TTL = 60.0
+HUB_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
 PROXY_ERROR = ("X-Dragonfly-Error-Type", "proxy")  # nydusd: the proxy failed, not the registry
 START_POLL = 0.05  # how often a waiting on-demand read looks at the origin queue again
 _ACCESS_MAX = 100_000
@@ -137,7 +140,7 @@ def proxy_host(request: web.Request) -> str | None:
 class Mirror:
     def __init__(self, *, engine: Engine, origin: OriginClient, access: AccessCache,
                  session: aiohttp.ClientSession, allow: AllowList, default: Registry,
-                 metrics: PeerMetrics) -> None:
+                 metrics: PeerMetrics, hub: Registry | None = None) -> None:
         self.engine = engine
         self.origin = origin
         self.access = access
@@ -145,6 +148,7 @@ class Mirror:
         self.allow = allow
         self.default = default
         self.metrics = metrics
+        self.hub = hub  # --hub: where /api/... and /{repo}/resolve/... go
         self.served = 0
         self.draining = False
         self.activity = Activity()  # client requests under way
@@ -229,10 +233,17 @@ class Mirror:
         return await tunnel(request, host.strip("[]"), int(port))
 
     async def other(self, request: web.Request) -> web.StreamResponse:
-        """Outside /v2 only proxy-mode requests to an allow-listed host are passed on (a
-        token realm on the registry's host, say); anything else is not ours."""
+        """Outside /v2: proxy-mode requests to an allow-listed host are passed on (a token
+        realm on the registry's host, say); the model hub's file downloads and API calls go to
+        `--hub`; anything else is not ours."""
         host = proxy_host(request)
         if host is None:
+            if self.hub is not None:
+                file = hub.parse_resolve(request.rel_url.raw_path)
+                if file is not None:
+                    return await self.hub_file(request)
+                if hub.is_api_path(request.path):
+                    return await self._to_hub(request, self._hub_url(request))
             return error(404, f"no such endpoint {request.path[:200]}")
         try:
             registry = self.allow.registry_for_host(host)
@@ -308,6 +319,50 @@ class Mirror:
         return await self._serve(request, req, scope=url,
                                  task_id=ids.task_id_for_url(url), digest=None, expect=digest)
 
+    def _hub_url(self, request: web.Request) -> str:
+        assert self.hub is not None
+        return f"{self.hub.base}{request.rel_url.raw_path_qs}"
+
+    async def _to_hub(self, request: web.Request, url: str) -> web.StreamResponse:
+        """The hub's own answer; a redirect within the hub comes back to this peer."""
+        assert self.hub is not None
+        return await passthrough(request, self.session, url, relative_to(self.hub.base))
+
+    async def hub_file(self, request: web.Request) -> web.StreamResponse:
+        """`HEAD|GET /{repo}/resolve/{revision}/{path}`. An LFS file (the hub's metadata HEAD,
+        with this client's Authorization, names its sha256) is served peer-to-peer as task
+        `sha256:<X-Linked-Etag>`, with the hub's metadata headers and no redirect, so the
+        client stays here; anything else (a small file kept in git, a refusal, a missing file
+        or revision) is the hub's own answer, passed through."""
+        url = self._hub_url(request)
+        assert self.hub is not None
+        req = OriginRequest(url=url, registry=self.hub.base,
+                            authorization=request.headers.get("Authorization"))
+        try:
+            # The access check, cached like a registry's: this credential, this hub, this URL.
+            probe = await self.access.probe(req, f"hub {url}", self._hub_metadata)
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            return error(502, f"hub unreachable: {e!r}")
+        lfs = hub.lfs_file(probe.status, probe.headers)
+        if lfs is None:
+            return await self._to_hub(request, url)
+        return await self._send(request, req, length=lfs.size, task_id=lfs.task_id,
+                                digest=lfs.task_id, expect=lfs.task_id,
+                                identity=hub.client_headers(probe.headers),
+                                started=time.monotonic())
+
+    async def _hub_metadata(self, req: OriginRequest) -> Probe:
+        """The hub's metadata HEAD, as huggingface_hub sends it: the client's Authorization,
+        no compression, and the redirect to the CDN not followed (its headers are the
+        metadata)."""
+        headers = {"Accept-Encoding": "identity"}
+        if req.authorization:
+            headers["Authorization"] = req.authorization
+        async with self.session.head(req.url, headers=headers, allow_redirects=False,
+                                     timeout=HUB_TIMEOUT) as resp:
+            lfs = hub.lfs_file(resp.status, resp.headers)
+            return Probe(resp.status, lfs.size if lfs else None, CIMultiDict(resp.headers))
+
     @staticmethod
     async def _sendfile(request: web.Request, spans: list[tuple[Path, int, int]]) -> None:
         """Stored chunk files straight to the socket (kernel sendfile), after the headers."""
@@ -329,7 +384,16 @@ class Mirror:
             # The registry's own answer, body and all: a 401 keeps its WWW-Authenticate.
             return await passthrough(request, self.session, req.url)
         assert probe.length is not None
-        length = probe.length
+        identity = {"Docker-Content-Digest": digest, "Etag": f'"{digest}"'} if digest else {}
+        return await self._send(request, req, length=probe.length, task_id=task_id,
+                                digest=digest, expect=expect, identity=identity,
+                                started=started)
+
+    async def _send(self, request: web.Request, req: OriginRequest, *, length: int,
+                    task_id: str, digest: str | None, expect: str | None,
+                    identity: dict[str, str], started: float) -> web.StreamResponse:
+        """Answer a read of a task whose access was checked: `identity` are the headers that
+        say what it is (a digest, a hub's metadata)."""
         try:
             rng = parse_range(request.headers.get("Range"), length)
         except InvalidRange as e:
@@ -339,10 +403,7 @@ class Mirror:
             resp.headers["Content-Range"] = f"bytes */{length}"
             return resp
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "X-Naiad-Task-Id": task_id}
-        if digest:
-            headers["Docker-Content-Digest"] = digest
-            headers["Etag"] = f'"{digest}"'
+                   "X-Naiad-Task-Id": task_id, **identity}
         whole = ByteRange(0, length - 1) if length else None
         target = rng or whole
         status = 206 if rng is not None else 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -31,8 +32,20 @@ def forwardable(headers: object, drop: frozenset[str] = frozenset()) -> dict[str
     return out
 
 
+def relative_to(base: str) -> Callable[[str], str]:
+    """A `Location` on `base` made relative, so a client that follows it comes back here (a
+    model hub's redirect within itself, say); anywhere else is left alone."""
+    def rewrite(location: str) -> str:
+        if location.startswith(base + "/"):
+            return location[len(base):]
+        return location
+    return rewrite
+
+
 async def passthrough(request: web.Request, session: aiohttp.ClientSession,
-                      url: str) -> web.StreamResponse:
+                      url: str, location: Callable[[str], str] | None = None
+                      ) -> web.StreamResponse:
+    """`location`, when given, rewrites the upstream's `Location` header."""
     headers = forwardable(request.headers, _MIRROR_HEADERS)
     body = request.content if request.body_exists else None
     try:
@@ -45,6 +58,8 @@ async def passthrough(request: web.Request, session: aiohttp.ClientSession,
     async with upstream:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=forwardable(upstream.headers))
+        if location is not None and "Location" in resp.headers:
+            resp.headers["Location"] = location(resp.headers["Location"])
         if upstream.content_length is not None:
             resp.content_length = upstream.content_length
         await resp.prepare(request)
