@@ -298,3 +298,22 @@ async def test_huggingface_hub_downloads_through_two_peers(
     # The CDN served each LFS file about once, whatever the number of peers and clients.
     assert cdn.bytes_served <= (len(weights) + len(secret_weights)) * 1.1
     assert cdn.refused == 0, "the peer never sent the hub token to the CDN"
+
+
+def test_naiad_get_hf_refuses_mistakes_before_fetching(tmp_path: Path) -> None:
+    from common.config import ConfigError
+    from naiad.get import check_hub_args
+
+    peer = "http://127.0.0.1:65001"
+    assert check_hub_args("hf://acme/tiny", str(tmp_path / "new"), peer, "main") == \
+        hub.HubRef("model", "acme/tiny", None)
+    (tmp_path / "file").write_text("x")
+    for url, out, peer_url, rev, why in [
+        ("hf://acme", str(tmp_path), peer, "main", "owner/repo"),
+        ("hf://acme/tiny", str(tmp_path / "file"), peer, "main", "not a directory"),
+        ("hf://acme/tiny", str(tmp_path / "no" / "dir"), peer, "main", "no directory"),
+        ("hf://acme/tiny", str(tmp_path), "ftp://peer", "main", "--peer"),
+        ("hf://acme/tiny", str(tmp_path), peer, "", "--revision"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            check_hub_args(url, out, peer_url, rev)
