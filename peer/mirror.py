@@ -239,10 +239,10 @@ class Mirror:
         host = proxy_host(request)
         if host is None:
             if self.hub is not None:
-                file = hub.parse_resolve(request.rel_url.raw_path)
-                if file is not None:
+                download = hub.parse_resolve(request.rel_url.raw_path) is not None
+                if download and request.method in ("GET", "HEAD"):
                     return await self.hub_file(request)
-                if hub.is_api_path(request.path):
+                if download or hub.is_api_path(request.path):
                     return await self._to_hub(request, self._hub_url(request))
             return error(404, f"no such endpoint {request.path[:200]}")
         try:
@@ -334,6 +334,7 @@ class Mirror:
         `sha256:<X-Linked-Etag>`, with the hub's metadata headers and no redirect, so the
         client stays here; anything else (a small file kept in git, a refusal, a missing file
         or revision) is the hub's own answer, passed through."""
+        started = time.monotonic()
         url = self._hub_url(request)
         assert self.hub is not None
         req = OriginRequest(url=url, registry=self.hub.base,
@@ -348,8 +349,7 @@ class Mirror:
             return await self._to_hub(request, url)
         return await self._send(request, req, length=lfs.size, task_id=lfs.task_id,
                                 digest=lfs.task_id, expect=lfs.task_id,
-                                identity=hub.client_headers(probe.headers),
-                                started=time.monotonic())
+                                identity=hub.client_headers(probe.headers), started=started)
 
     async def _hub_metadata(self, req: OriginRequest) -> Probe:
         """The hub's metadata HEAD, as huggingface_hub sends it: the client's Authorization,

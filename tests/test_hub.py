@@ -255,6 +255,10 @@ async def test_huggingface_hub_downloads_through_two_peers(
             assert r.headers["ETag"] == f'"{git_blob_id(public["config.json"])}"'
         async with s.get(f"{p2.url}/api/models/acme/secret/revision/main") as r:
             assert r.status == 401 and r.headers["X-Error-Code"] == "RepoNotFound"
+        async with s.post(url, data=b"x") as r:  # not a download: the hub's own answer
+            assert r.status == 405 and "X-Dragonfly-Error-Type" not in r.headers
+        async with s.get(f"{p2.url}/acme/tiny/blob/main/config.json") as r:
+            assert r.status == 404 and "no such endpoint" in await r.text()  # not the hub's API
     assert cdn.bytes_served == before
 
     # A private repository: refused without its token, served with it.
