@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -37,6 +38,31 @@ def retry_backoff() -> Backoff:
     doubling to RETRY_MAX, from the start again after a success."""
     return Backoff(first=RETRY_MIN, most=RETRY_MAX)
 RECENT_SECONDS = 30.0  # a scheduler lost this recently is worth waiting for
+
+
+class Silences:
+    """When the scheduler in use last answered, and the recent silences (gaps between answers
+    of at least NOTED seconds): how long it heard nothing from this peer, for a lease holder
+    to tell whether its lease has lapsed meanwhile, even if it answers again now."""
+
+    NOTED = 0.5
+
+    def __init__(self, keep: int = 16) -> None:
+        self.last: float | None = None
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def answered(self, now: float) -> None:
+        if self.last is not None and now - self.last >= self.NOTED:
+            self._gaps.append((self.last, now))
+        self.last = now
+
+    def longest(self, since: float, now: float) -> float:
+        """The longest time since `since` without an answer, the current silence included."""
+        longest = now - max(since, self.last if self.last is not None else since)
+        for start, end in self._gaps:
+            if end > since:
+                longest = max(longest, end - max(start, since))
+        return longest
 
 
 def registration_order(count: int, avoid: int | None) -> list[int]:
@@ -72,7 +98,7 @@ class FailoverSession:
         self.registered = asyncio.Event()
         self.connected = asyncio.Event()
         self.lost_at: float | None = None
-        self.answered_at: float | None = None  # the last answer in the current session
+        self.silences = Silences()
         self._reconnect = asyncio.Event()
         self._avoid: int | None = None
         self._complaints: dict[str, str] = {}  # url -> what it last failed with
@@ -100,7 +126,7 @@ class FailoverSession:
                 self.lost(sid, "it does not know this peer", avoid=False)
             raise
         if sid == self.session_id:
-            self.answered_at = time.monotonic()
+            self.silences.answered(time.monotonic())
         return result
 
     async def call(self, path: str, body: BaseModel, reply: type[R],

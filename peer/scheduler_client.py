@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -92,8 +93,8 @@ class SchedulerClient:
     def recently_lost(self) -> bool:
         return self.session.recently_lost()
 
-    def answered_at(self) -> float | None:
-        return self.session.answered_at
+    def longest_silence(self, since: float) -> float:
+        return self.session.silences.longest(since, time.monotonic())
 
     async def start(self) -> None:
         self._tasks.supervise("scheduler-session", self.session.run)

@@ -80,7 +80,7 @@ class Scheduler:
         self.progressed: list[int] = []
         self.mismatches = 0
         self.ensured = 0
-        self.silent = False  # nothing but decision calls is answered (answered_at)
+        self.silent = False  # nothing but decision calls is answered (longest_silence)
         self.answered: float | None = None
         self.sealed_now = asyncio.Event()
 
@@ -122,8 +122,10 @@ class Scheduler:
     def recently_lost(self) -> bool:
         return self.down and self.lost_recently
 
-    def answered_at(self) -> float | None:
-        return self.answered if self.down or self.silent else self.clock.t
+    def longest_silence(self, since: float) -> float:
+        if not (self.down or self.silent):
+            return 0.0
+        return self.clock.t - max(since, self.answered if self.answered is not None else since)
 
     def announce(self, task_id: str, index: int, chunk: str,
                  registry: str | None = None) -> None:

@@ -33,7 +33,7 @@ from common.models import (
 from peer.sched_heartbeats import UDP_RETRY_EVERY, Heartbeats, UdpBeacon
 from peer.sched_outbox import Outbox
 from peer.sched_reannounce import reannounce
-from peer.sched_session import FailoverSession, registration_order
+from peer.sched_session import FailoverSession, Silences, registration_order
 from peer.sched_transport import (
     HttpTransport,
     SchedulerRefused,
@@ -246,6 +246,20 @@ class FakeTransport:
                    seconds: float = 5.0) -> object:
         self.calls.append((url.removeprefix("http://"), path))
         return self.by_url[url](path, body)
+
+
+def test_silences_remember_a_gap_after_the_scheduler_answers_again() -> None:
+    s = Silences()
+    assert s.longest(10.0, 12.0) == 2.0, "never answered: silent since the run began"
+    for t in (10.0, 10.1, 10.2):
+        s.answered(t)
+    assert s.longest(10.0, 10.3) == pytest.approx(0.1)
+    s.answered(12.7)  # an outage of 2.5 s, then answers again
+    s.answered(12.8)
+    assert s.longest(10.0, 12.9) == pytest.approx(2.5), "the gap counts though it ended"
+    assert s.longest(12.75, 12.9) == pytest.approx(0.1), "a gap before `since` does not"
+    assert s.longest(11.0, 12.9) == pytest.approx(1.7), "only its part after `since`"
+    assert s.longest(12.8, 16.0) == pytest.approx(3.2), "the current silence"
 
 
 def test_registration_order_puts_the_lost_url_last() -> None:

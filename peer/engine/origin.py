@@ -26,8 +26,9 @@ log = logging.getLogger("naiad.peer.engine")
 
 PROGRESS_EVERY = 0.5
 # The scheduler's default --lease-timeout: a lease whose progress it has not heard of for this
-# long is handed to another peer. A run whose scheduler has not answered for this long (an
-# outage, a partition) stops between pieces: fetching on would double the origin's bytes.
+# long is handed to another peer. A run whose scheduler answered nothing for this long at any
+# point since the run began (an outage, a partition) stops between pieces: fetching on would
+# double the origin's bytes.
 LEASE_LAPSE = 2.0
 STORE_AHEAD = 4  # pieces read from the origin but not yet stored, at most
 READ_SIZE = 256 << 10
@@ -134,11 +135,11 @@ class OriginRuns:
                 del run.origin_runs[epoch]
 
     def _lapsed(self, begun: float) -> bool:
-        """Whether the lease of a run begun at `begun` has lapsed by now: the scheduler has
-        answered nothing (so heard none of the run's progress) for LEASE_LAPSE."""
-        answered = self.scheduler.answered_at()
-        now = self.clock.monotonic()
-        return now - max(begun, answered or begun) > LEASE_LAPSE
+        """Whether the lease of a run begun at `begun` has lapsed by now: at some point since,
+        the scheduler answered nothing (so heard none of the run's progress) for LEASE_LAPSE —
+        also when it answers again now (an origin flap takes the scheduler with it, and the
+        run's stalled read resumes with the link)."""
+        return self.scheduler.longest_silence(begun) > LEASE_LAPSE
 
     async def _keep_piece(self, run: TaskRun, orun: OriginRun, index: int, data: bytes,
                           started: float) -> None:

@@ -48,8 +48,8 @@ class Scheduler(Decider, Protocol):
 
     def progress(self, task_id: str, epoch: int) -> None: ...
 
-    def answered_at(self) -> float | None:
-        """When (monotonic) the scheduler in use last answered a call; None: not yet."""
+    def longest_silence(self, since: float) -> float:
+        """The longest time since `since` (monotonic) the scheduler answered nothing."""
         ...
 
     def sealed(self, task_id: str, registry: str | None = None) -> None: ...
