@@ -198,7 +198,7 @@ class UploadServer:
                     f: BinaryIO) -> web.StreamResponse:
         headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
         if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
-            packed = await self._packed(chunk)
+            packed = await self._packed(chunk, f)
             pf = _open_or_none(packed) if packed is not None else None
             if pf is not None:  # else dropped meanwhile: the raw chunk still serves
                 with pf:
@@ -284,15 +284,24 @@ class UploadServer:
                 return False
             raise
 
-    async def _packed(self, chunk: str) -> Path | None:
-        """The compressed sidecar of a chunk, made on first demand; None if it does not pay."""
+    async def _packed(self, chunk: str, f: BinaryIO) -> Path | None:
+        """The compressed sidecar of a chunk (open as `f`), made on first demand; None if it
+        does not pay."""
         if chunk in self._raw:
             self._raw.move_to_end(chunk)
             return None
         packed = self.store.packed_path(chunk)
         if packed.exists():
             return packed
+        if wire.sample_says_raw(f.fileno(), os.fstat(f.fileno()).st_size):
+            self._remember_raw(chunk)
+            return None
         return await self._packing.run(chunk, lambda: self._pack_once(chunk))
+
+    def _remember_raw(self, chunk: str) -> None:
+        self._raw[chunk] = None
+        if len(self._raw) > RAW_REMEMBERED:
+            self._raw.popitem(last=False)
 
     async def _pack_once(self, chunk: str) -> Path | None:
         try:
@@ -301,9 +310,7 @@ class UploadServer:
             log.debug("cannot pack %s: %s", chunk, e)
             return None
         if packed is None:
-            self._raw[chunk] = None
-            if len(self._raw) > RAW_REMEMBERED:
-                self._raw.popitem(last=False)
+            self._remember_raw(chunk)
         return packed
 
     def _pack(self, chunk: str) -> Path | None:

@@ -45,6 +45,26 @@ def _pack(f: BinaryIO, size: int) -> bytes | None:
     return _compress(f.read())
 
 
+def sample_says_raw(fd: int, size: int) -> bool | None:
+    """Whether `pack_file` would give up on a stored chunk at its sample, told from the page
+    cache alone (RWF_NOWAIT) so that the event loop may ask (tens of microseconds, against a
+    worker thread's hand-off, several times that): None when it cannot be told so, for want
+    of a sample (a small chunk), of the bytes in memory or of RWF_NOWAIT."""
+    if size <= 2 * SAMPLE or _NOWAIT is None:
+        return None
+    buf = bytearray(SAMPLE)
+    try:
+        got = os.preadv(fd, [buf], 0, _NOWAIT)
+    except OSError:  # EAGAIN: not in memory; EOPNOTSUPP: not on this filesystem
+        return None
+    if got != SAMPLE:
+        return None
+    return _compress(bytes(buf)) is None
+
+
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
 def _compress(data: bytes) -> bytes | None:
     packed = _compressor().compress(data)
     return packed if worth_it(len(data), len(packed)) else None

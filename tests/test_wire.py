@@ -92,8 +92,10 @@ async def test_upload_decides_once_per_chunk_and_remembers_raw_ones_in_memory(
     store = ChunkStore(tmp_path / "store")
     store.open()
     trials: list[str] = []
-    real = wire.pack_file
+    real, real_sample = wire.pack_file, wire.sample_says_raw
     monkeypatch.setattr(wire, "pack_file", lambda path: trials.append(path.name) or real(path))
+    monkeypatch.setattr(wire, "sample_says_raw",
+                        lambda fd, size: trials.append("sample") or real_sample(fd, size))
     monkeypatch.setattr(upload, "RAW_REMEMBERED", 2)
     server = UploadServer(store, PeerMetrics(), slots=4)
     meta = TaskMeta(task_id=f"sha256:{1:064x}", length=4 * MiB, piece_size=MiB)
@@ -103,13 +105,37 @@ async def test_upload_decides_once_per_chunk_and_remembers_raw_ones_in_memory(
     for i, (chunk, data) in enumerate(zip(chunks, blobs, strict=True)):
         await store.put_piece(meta.task_id, i, chunk, data)
     text, r1, r2, r3 = chunks
-    assert await server._packed(text) == store.packed_path(text)
-    assert await server._packed(r1) is None and await server._packed(r2) is None
-    assert await server._packed(text) == store.packed_path(text)
-    assert await server._packed(r1) is None
-    assert len(trials) == 3, "each chunk tried once"
-    await server._packed(r3)  # r2, least recently asked, is forgotten
-    assert await server._packed(r1) is None and len(trials) == 4
-    assert await server._packed(r2) is None and len(trials) == 5
+    assert await _packed(server, text) == store.packed_path(text)
+    assert await _packed(server, r1) is None and await _packed(server, r2) is None
+    assert await _packed(server, text) == store.packed_path(text)
+    assert await _packed(server, r1) is None
+    # The text's sample shrinks (then pack_file compresses it); the noise is told raw from its
+    # sample in the page cache, on the loop.
+    assert trials == ["sample", text.removeprefix("blake3:"), "sample", "sample"]
+    await _packed(server, r3)  # r2, least recently asked, is forgotten
+    assert await _packed(server, r1) is None and len(trials) == 5
+    assert await _packed(server, r2) is None and len(trials) == 6
     assert not list(store.chunks_dir.glob("*/*.raw"))
     store.close()
+
+
+async def _packed(server: UploadServer, chunk: str) -> Path | None:
+    with open(server.store.chunk_path(chunk), "rb") as f:
+        return await server._packed(chunk, f)
+
+
+def test_the_sample_in_memory_decides_as_pack_file_does(tmp_path: Path) -> None:
+    """Told from the page cache on the loop, the sample's verdict is pack_file's; a chunk too
+    small for a sample is left to pack_file."""
+    cases = {"text": b"layer of text " * 100_000, "random": os.urandom(MiB),
+             "random head": os.urandom(wire.SAMPLE) + b"\0" * MiB, "small": b"y" * 1000}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with open(path, "rb") as f:
+            raw = wire.sample_says_raw(f.fileno(), len(data))
+        if name == "small":
+            assert raw is None
+        else:
+            assert raw is not None, f"{name}: just written, it is in the page cache"
+            assert raw == (wire.pack_file(path) is None), name
