@@ -144,20 +144,16 @@ async def test_seals_of_an_older_index_are_forgotten_once_ours_kept(tmp_path: Pa
     again.close()
 
 
-@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "renamed"])
 async def test_chunk_writes_leave_whole_files_or_nothing(
-        store: ChunkStore, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
-    """Both ways of writing a chunk (unnamed and linked in; under a temporary name and renamed,
-    where O_TMPFILE is not to be had) store it once, leave nothing in tmp/, and a write that
-    fails halfway leaves neither the chunk nor a temporary file behind."""
-    store._tmpfile = unnamed
+        store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk is stored once (a second write of it is not counted), leaves nothing in tmp/,
+    and a write that fails halfway leaves neither the chunk nor its temporary file behind."""
     store.stamping = True
     data = os.urandom(MiB)
     chunk = ids.chunk_id(data)
     assert store._write_chunk(chunk, data) is True
     assert store._write_chunk(chunk, data) is False, "a chunk held already is not counted twice"
     assert store.chunk_path(chunk).read_bytes() == data and store.unchanged(chunk)
-    assert store._tmpfile is unnamed, "O_TMPFILE works on this filesystem"
     assert list(store.tmp_dir.iterdir()) == []
 
     real_write = os.write
@@ -173,23 +169,4 @@ async def test_chunk_writes_leave_whole_files_or_nothing(
         store._write_chunk(ids.chunk_id(other), other)
     monkeypatch.undo()
     assert not store.chunk_path(ids.chunk_id(other)).exists()
-    assert list(store.tmp_dir.iterdir()) == []
-
-
-async def test_without_o_tmpfile_chunks_are_renamed_into_place(
-        store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A filesystem refusing O_TMPFILE (EOPNOTSUPP) is told once; the store goes on writing
-    through a temporary name, what a crash mid-write leaves there the next start removes."""
-    real_open = os.open
-
-    def no_tmpfile(path: str | Path, flags: int, *args: int) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(95, "Operation not supported")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
-    meta = _task(3)
-    chunks = await _fill(store, meta, seed=3)
-    assert store._tmpfile is False
-    assert store.pieces(meta.task_id) == dict(enumerate(chunks)) and store.bytes == 2000
     assert list(store.tmp_dir.iterdir()) == []
