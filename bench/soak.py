@@ -12,7 +12,7 @@ default), with faults injected all along, every byte checked.
   time, as after a restart a client would have.
 - Samples every --sample-seconds the RSS and open fds (/proc/<pid>/status, /proc/<pid>/fd) of
   every daemon. Growth is measured over each daemon's last run: from --warmup-seconds after it
-  started (the least of the next five samples) to the end (the least of the last five).
+  started (the least sample of the next minute) to the end (the least of the last minute).
 - Bounded: it stops by itself at the deadline or after --max-requests requests, each request
   bounded by REQUEST_SECONDS.
 
@@ -23,6 +23,11 @@ those during a scheduler restart or while a parent was killed: peers must ride t
 Exits 1 on a wrong byte, a failure outside the injected faults, or growth above 10 %.
 
     XDG_CONFIG_HOME=$(mktemp -d) python bench/soak.py --minutes 30
+
+Diagnosis: `--memory-report S` has the steady and quota peers log what their memory is made of
+(common/memory.py) every S seconds, `--tracemalloc` adds Python's own allocations, `--peer-env
+K=V` sets a variable for every peer (MALLOC_ARENA_MAX=2, say), `--keep DIR` keeps the daemons'
+logs and the samples (samples.csv) there.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,9 +70,11 @@ REQUEST_SECONDS = 120.0
 STALL_SECONDS = 30.0  # no byte for this long fails a request
 STOP_SECONDS = 30.0  # a daemon that ignores SIGTERM this long is SIGKILLed
 GROWTH_LIMIT = 0.10
-# Samples compared at warm-up and at the end, by their floor: what the daemon holds with the
-# least in flight (a leak raises the floor; a burst of connections or buffers does not).
-WINDOW = 5
+# Samples compared at warm-up and at the end, by their floor over this long: what the daemon
+# holds with the least in flight (a leak raises the floor; a burst of connections or buffers
+# does not). A minute, as idle keep-alive connections close after 15 s: over 15 s the fd
+# floor of the quota peer wandered 34-47 without a trend.
+WINDOW_SECONDS = 60.0
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Daemon:
     name: str
     node: Node
     role: str  # scheduler | steady | quota | churn
+    env: dict[str, str] = field(default_factory=dict)
     up: bool = True
     started: float = 0.0  # of its current run
     restarts: int = 0
@@ -109,6 +118,7 @@ class Sample:
     run: int
     rss_kib: int
     fds: int
+    cpu_s: float  # user + system, since the daemon's run started
 
 
 @dataclass
@@ -134,12 +144,23 @@ class Soak:
         sched = await cluster.scheduler()
         self.daemons["scheduler"] = Daemon("scheduler", sched, "scheduler")
         roles = {"steady": "steady", "quota": "quota", "churn-a": "churn", "churn-b": "churn"}
+        envs = {name: self.env(role) for name, role in roles.items()}
         nodes = await asyncio.gather(*(
             cluster.peer(name, sched.url, registry_url,
-                         *(("--disk-quota", str(self.quota)) if role == "quota" else ()))
+                         *(("--disk-quota", str(self.quota)) if role == "quota" else ()),
+                         env=envs[name])
             for name, role in roles.items()))
         for node, (name, role) in zip(nodes, roles.items(), strict=True):
-            self.daemons[name] = Daemon(name, node, role)
+            self.daemons[name] = Daemon(name, node, role, envs[name])
+
+    def env(self, role: str) -> dict[str, str]:
+        """A peer's environment: --peer-env, and the memory reports for the measured peers."""
+        env = dict(kv.split("=", 1) for kv in self.args.peer_env)
+        if self.args.memory_report and role in ("steady", "quota"):
+            env["NAIAD_MEMORY_REPORT"] = "1"
+            if self.args.tracemalloc:
+                env["PYTHONTRACEMALLOC"] = "1"
+        return env
 
     async def _stop(self, d: Daemon, sig: int) -> None:
         d.node.proc.popen.send_signal(sig)
@@ -154,7 +175,7 @@ class Soak:
         since = self.now()
         try:
             await self._stop(d, sig)
-            d.node.proc = spawn(d.name, d.node.extra["argv"], self.work)
+            d.node.proc = spawn(d.name, d.node.extra["argv"], self.work, d.env)
             await wait_http(f"{d.node.url}/healthy", 60, proc=d.node.proc)
             await wait_registered_peer(self.daemons["scheduler"].node.url, d.name, 60)
         finally:
@@ -260,10 +281,38 @@ class Soak:
                 try:
                     rss = _rss_kib(d.pid)
                     fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+                    cpu = _cpu_seconds(d.pid)
                 except (FileNotFoundError, ProcessLookupError):
                     continue
-                self.samples.append(Sample(self.now(), d.name, d.restarts, rss, fds))
+                self.samples.append(Sample(self.now(), d.name, d.restarts, rss, fds, cpu))
             await asyncio.sleep(self.args.sample_seconds)
+
+    async def memory_reports(self, deadline: float) -> None:
+        """SIGUSR1 to the peers that log memory reports, every --memory-report seconds from
+        the warm-up on (the first report is the one the others are compared with)."""
+        await asyncio.sleep(self.args.warmup_seconds)
+        while self.now() < deadline and not self.stopping:
+            for d in self.daemons.values():
+                if d.up and "NAIAD_MEMORY_REPORT" in d.env:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(d.pid, signal.SIGUSR1)
+            await asyncio.sleep(self.args.memory_report)
+
+    def keep(self, to: Path) -> None:
+        """The daemons' logs and every sample, for a look after the run."""
+        to.mkdir(parents=True, exist_ok=True)
+        for d in self.daemons.values():
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy(d.node.proc.log_path, to / d.node.proc.log_path.name)
+        with open(to / "samples.csv", "w") as f:
+            f.write("at,daemon,run,rss_kib,fds,cpu_s\n")
+            f.writelines(f"{s.at:.1f},{s.daemon},{s.run},{s.rss_kib},{s.fds},{s.cpu_s:.2f}\n"
+                         for s in self.samples)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _rss_kib(pid: int) -> int:
@@ -298,6 +347,8 @@ async def run(args: argparse.Namespace) -> tuple[Soak, dict[str, float]]:
             tasks = [asyncio.create_task(soak.worker(n, deadline)) for n in range(args.workers)]
             tasks += [asyncio.create_task(soak.inject(deadline)),
                       asyncio.create_task(soak.sample(deadline))]
+            if args.memory_report:
+                tasks.append(asyncio.create_task(soak.memory_reports(deadline)))
             try:
                 await asyncio.gather(*tasks)  # each ends by itself at the deadline
             finally:
@@ -307,7 +358,10 @@ async def run(args: argparse.Namespace) -> tuple[Soak, dict[str, float]]:
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
-            logs = {n: d.node.proc.logs() for n, d in soak.daemons.items()}
+            logs = {n: d.node.proc.log_path.read_text(errors="replace")  # whole: all counted
+                    for n, d in soak.daemons.items()}
+            if args.keep:
+                soak.keep(Path(args.keep))
             totals = {"origin_bytes": front.bytes_down,
                       "evictions": logs["quota"].count("evicted sha256:"),
                       "tracebacks": sum(log.count("Traceback") for log in logs.values())}
@@ -327,9 +381,10 @@ def growth(soak: Soak, name: str) -> tuple[str, str, bool]:
     d = soak.daemons[name]
     mine = [s for s in soak.samples if s.daemon == name and s.run == d.restarts]
     warm = [s for s in mine if s.at >= d.started + soak.args.warmup_seconds]
-    if len(warm) < 2 * WINDOW:
+    if not warm or warm[-1].at - warm[0].at < 2 * WINDOW_SECONDS:
         return ("n/a (last run too short)",) * 2 + (True,)  # type: ignore[return-value]
-    base, end = warm[:WINDOW], warm[-WINDOW:]
+    base = [s for s in warm if s.at < warm[0].at + WINDOW_SECONDS]
+    end = [s for s in warm if s.at > warm[-1].at - WINDOW_SECONDS]
     out, ok = [], True
     for get, unit in ((lambda s: s.rss_kib / 1024, "MiB"), (lambda s: s.fds, "")):
         b, e = min(get(s) for s in base), min(get(s) for s in end)
@@ -387,13 +442,15 @@ def report(soak: Soak, totals: dict[str, float], command: str) -> bool:
     ]
     for k, v in rows:
         print(f"| {k} | {v} |")
-    print("\n| daemon | restarts | RSS warm-up → end (last run) | open fds warm-up → end |\n"
-          "|---|---|---|---|")
+    print("\n| daemon | restarts | RSS warm-up → end (last run) | open fds warm-up → end "
+          "| CPU (last run) |\n|---|---|---|---|---|")
     grown = False
     for name, d in soak.daemons.items():
         rss, fds, ok = growth(soak, name)
         grown |= not ok
-        print(f"| {name} ({d.role}) | {d.restarts} | {rss} | {fds} |")
+        cpu = max((s.cpu_s for s in soak.samples if s.daemon == name and s.run == d.restarts),
+                  default=0.0)
+        print(f"| {name} ({d.role}) | {d.restarts} | {rss} | {fds} | {cpu:.0f} s |")
     for r in outside[:10]:
         print(f"failed outside faults: {r.kind} via {r.peer} at {r.started:.1f}-"
               f"{r.ended:.1f} s: {r.error[:300]}", file=sys.stderr)
@@ -416,6 +473,13 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=None,
                         help="after a daemon starts (default: a tenth of the run, 15-180 s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--memory-report", type=float, default=0.0, metavar="SECONDS",
+                        help="the steady and quota peers log a memory report this often")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="with --memory-report: trace Python's allocations too")
+    parser.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every peer (repeatable)")
+    parser.add_argument("--keep", metavar="DIR", help="keep logs and samples.csv here")
     args = parser.parse_args()
     seconds = args.minutes * 60
     if args.fault_seconds is None:
