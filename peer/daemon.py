@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from common import memory
 from common.config import startup, writable_dir
 from common.limits import bucket
 from common.metrics import SOURCES, PeerMetrics
@@ -110,6 +111,8 @@ class PeerDaemon:
             writable_dir(self.store.root)
             self.store.open()
         opened.callback(self.store.close)
+        memory.one_arena()  # before any worker thread allocates (common/memory.py)
+        opened.callback(memory.install(asyncio.get_running_loop(), log))  # off by default
         self._origin_session = aiohttp.ClientSession(
             auto_decompress=False,
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
@@ -157,6 +160,8 @@ class PeerDaemon:
         opened.push_async_callback(self._tasks.close)
         self.metrics.cache_bytes.set(self.store.cache_bytes())
         self._tasks.supervise("peer-gauges", self._gauges)
+        self._tasks.supervise("peer-malloc-trim", memory.Trimmer(
+            [self.engine.activity, self.upload.activity]).run)  # when quiet: common/memory.py
         if c.seed:
             self.seeder = Seeder(self.scheduler, self.engine, access, self.allow)
             self._tasks.supervise("peer-seeder", self.seeder.run)
