@@ -42,6 +42,10 @@ class PeerMetrics:
                                   registry=r)
         self.cache_bytes = Gauge("naiad_peer_cache_bytes", "Bytes of chunks in the store.",
                                  registry=r)
+        self.own_failures = Counter(
+            "naiad_peer_proxy_errors",
+            "Answers that were the peer's own failure (X-Dragonfly-Error-Type: proxy; 429: an "
+            "on-demand read sent back to the registry), by status.", ["status"], registry=r)
         self.restarts = restarts_counter(r)
         for s in SOURCES:
             self.download_bytes.labels(s)

@@ -181,6 +181,7 @@ class Mirror:
         except web.HTTPException as e:
             if e.status >= 400:
                 e.headers[PROXY_ERROR[0]] = PROXY_ERROR[1]
+                self.metrics.own_failures.labels(str(e.status)).inc()
             raise
         except (ConnectionError, asyncio.CancelledError):
             raise
@@ -191,6 +192,7 @@ class Mirror:
             resp = error(500, "internal error in the peer")
         if resp.status >= 400 and not resp.prepared:
             resp.headers[PROXY_ERROR[0]] = PROXY_ERROR[1]
+            self.metrics.own_failures.labels(str(resp.status)).inc()
         return resp
 
     @web.middleware

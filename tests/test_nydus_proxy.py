@@ -230,6 +230,14 @@ async def test_error_type_marks_the_peers_failures_never_the_registrys(
                 assert (got, h.get(MARK)) == (status, "proxy"), (why, got, h, body[:200])
             got, h, _ = await ask(f"{base}/{digest}", Range=f"bytes={len(blob)}-")
             assert (got, h.get(MARK)) == (416, "proxy")
+        # Counted by status: the peer's own answers, none of the registry's.
+        for status, n in ((403, 1), (400, 1), (502, 2), (416, 1), (401, 0), (500, 0)):
+            try:
+                counted = await metric(peer.url, "naiad_peer_proxy_errors_total",
+                                       {"status": str(status)})
+            except KeyError:  # never answered
+                counted = 0
+            assert counted == n, status
     assert failing.failed >= 1
 
 
@@ -266,6 +274,8 @@ async def test_on_demand_read_gets_429_when_origin_capacity_is_taken(
             elapsed = time.monotonic() - started
             assert (status, marked, retry) == (429, "proxy", "1")
             assert 0.9 < elapsed < 3.0, f"429 after {elapsed:.2f} s"
+            assert await metric(peer.url, "naiad_peer_proxy_errors_total",
+                                {"status": "429"}) == 1
 
             client = Nydus(flaky.url, repo, d_wanted, len(wanted), proxy=peer.url)
             assert await client.read(s, 100, 200_000) == wanted[100:200_100]
