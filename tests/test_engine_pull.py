@@ -32,7 +32,7 @@ from peer.engine import (
     PieceUnavailable,
     TaskRun,
 )
-from peer.engine.storing import FULL_BACKOFF
+from peer.engine.storing import FULL_BACKOFF, OPEN_HOLD
 from peer.origin import OriginError, OriginRequest
 from peer.parents import ParentError
 from peer.sched_transport import SchedulerUnavailable
@@ -605,6 +605,7 @@ async def test_a_quota_evicts_the_least_recently_used_task_not_the_one_being_rea
         w.parents.chunks.update(other.by_chunk())
         w.scheduler.policy = lambda p, exclude, n: Decision(
             piece=p, action="parents", chunk=other.chunk(p), parents=[A])
+        w.clock.t += OPEN_HOLD  # long since opened: nobody is about to read it
         second = await w.engine.open(other.digest, 4 * PIECE, other.digest, REQ)
         got = bytearray()
         async for view in w.engine.read(second, ByteRange(0, 4 * PIECE - 1), other.digest):
@@ -614,6 +615,32 @@ async def test_a_quota_evicts_the_least_recently_used_task_not_the_one_being_rea
         assert w.store.pieces(first.task_id) == {}
         assert len(w.store.pieces(second.task_id)) == 4
         assert None in w.scheduler.withdrawn
+    finally:
+        await w.engine.close()
+        w.store.close()
+
+
+async def test_a_task_just_opened_is_not_evicted_before_its_read_begins(tmp_path: Path) -> None:
+    """Between a client's open and its first read the task is not yet being read: evicting it
+    then left the reader with pieces whose files were gone ("kept failing" in the soak)."""
+    w = make_world(tmp_path, 4 * PIECE, disk_quota=6 * PIECE)
+    try:
+        first = await w.open()
+        assert await w.read(first) == w.blob.data
+        w.clock.t += OPEN_HOLD
+        reopened = await w.open()  # a new client, about to read it
+        other = Blob(os.urandom(4 * PIECE))
+        w.parents.chunks.update(other.by_chunk())
+        w.scheduler.policy = lambda p, exclude, n: Decision(
+            piece=p, action="parents", chunk=other.chunk(p), parents=[A])
+        second = await w.engine.open(other.digest, 4 * PIECE, other.digest, REQ)
+        got = bytearray()
+        async for view in w.engine.read(second, ByteRange(0, 4 * PIECE - 1), other.digest):
+            got += view
+        assert bytes(got) == other.data
+        assert w.engine.runs.get(first.task_id) is reopened, "kept for its reader"
+        assert len(w.store.pieces(first.task_id)) == 4, "its files are still there"
+        assert await w.read(reopened) == w.blob.data
     finally:
         await w.engine.close()
         w.store.close()

@@ -92,12 +92,16 @@ class Engine:
         """The run for a task, learning its piece layout from the store, else the scheduler,
         else (no scheduler) the default every peer computes alike."""
         run = self.runs.get(task_id)
-        if run is not None and run.meta.length == length:
-            return self._for_client(run, origin)
-        joining = task_id in self._opening  # another client's open: its run, for this one
-        run = await self._opening.run(task_id,
-                                      lambda: self._open(task_id, length, digest, origin))
-        return self._for_client(run, origin) if joining else run
+        if run is None or run.meta.length != length:
+            joining = task_id in self._opening  # another client's open: its run, for this one
+            run = await self._opening.run(task_id,
+                                          lambda: self._open(task_id, length, digest, origin))
+            if not joining:
+                run.opened_at = self.clock.monotonic()
+                return run
+        run = self._for_client(run, origin)
+        run.opened_at = self.clock.monotonic()
+        return run
 
     def _for_client(self, run: TaskRun, origin: OriginRequest) -> TaskRun:
         """The run a client of `origin.registry` reads. A client of the run's own registry

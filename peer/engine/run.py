@@ -61,6 +61,9 @@ class TaskRun:
     sealing: bool = False
     prefetching: bool = False
     readers: int = 0
+    # When a client last opened it (monotonic): from open to its first read it is not yet
+    # being read, and eviction must not pull the files from under it (OPEN_HOLD).
+    opened_at: float = float("-inf")
     hashing: int = 0  # whole-blob readers hashing as they go: one of them seals the task
     awaited: dict[int, list[float]] = field(default_factory=dict)  # piece -> readers' waits
 
