@@ -211,11 +211,11 @@ class UploadServer:
         size = os.fstat(f.fileno()).st_size
         resp = web.StreamResponse(headers=headers)
         resp.content_length = size
-        await resp.prepare(request)
-        if request.method != "GET":
-            await resp.write_eof()
-            return resp
         try:
+            await resp.prepare(request)
+            if request.method != "GET":
+                await resp.write_eof()
+                return resp
             sent = await self._body(request, resp, f, size)
         except ConnectionError as e:  # the child went away: nothing to answer
             log.debug("upload of %s to %s broken: %r", chunk, request.remote, e)
