@@ -97,10 +97,10 @@ class Engine:
             run = await self._opening.run(task_id,
                                           lambda: self._open(task_id, length, digest, origin))
             if not joining:
-                run.opened_at = self.clock.monotonic()
+                run.opened(self.clock.monotonic())
                 return run
         run = self._for_client(run, origin)
-        run.opened_at = self.clock.monotonic()
+        run.opened(self.clock.monotonic())
         return run
 
     def _for_client(self, run: TaskRun, origin: OriginRequest) -> TaskRun:

@@ -114,6 +114,7 @@ class Reader:
         """A read of the task under way: it counts as the peer's work (no scrubbing) and keeps
         the task from eviction; the task becomes the most recently used."""
         run.readers += 1
+        run.reads += 1
         self.on_activity()
         try:
             self.storage.touch(run, time.time())

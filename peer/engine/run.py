@@ -61,9 +61,20 @@ class TaskRun:
     sealing: bool = False
     prefetching: bool = False
     readers: int = 0
-    # When a client last opened it (monotonic): from open to its first read it is not yet
-    # being read, and eviction must not pull the files from under it (OPEN_HOLD).
-    opened_at: float = float("-inf")
+    # Clients' opens and the reads they began: from an open to its read the task is not yet
+    # being read, and eviction must not pull the files from under it (`held`).
+    opened_at: float = float("-inf")  # the last open, monotonic
+    opens: int = 0
+    reads: int = 0
+
+    def opened(self, now: float) -> None:
+        self.opens += 1
+        self.opened_at = now
+
+    def held(self, now: float, hold: float) -> bool:
+        """An open whose read has not begun, within `hold` seconds of the last open (a client
+        that never reads holds it no longer)."""
+        return self.reads < self.opens and now - self.opened_at < hold
     hashing: int = 0  # whole-blob readers hashing as they go: one of them seals the task
     awaited: dict[int, list[float]] = field(default_factory=dict)  # piece -> readers' waits
 

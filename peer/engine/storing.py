@@ -20,7 +20,7 @@ from peer.store import CannotStore, ChunkStore
 log = logging.getLogger("naiad.peer.engine")
 
 FULL_BACKOFF = 5  # seconds without caching after a write of the store failed
-OPEN_HOLD = 10.0  # seconds after a client opened a task that eviction leaves it alone
+OPEN_HOLD = 10.0  # at most this long after an open, eviction waits for its read to begin
 
 
 class Storage:
@@ -114,10 +114,11 @@ class Storage:
 
     def evict(self, target: int) -> None:
         """Drop least recently used tasks until the store holds at most `target` bytes; never
-        a task being read or fetched, or opened by a client within OPEN_HOLD (its read has
-        not begun: a reader left with evicted pieces failed "kept failing" in the soak)."""
+        a task being read or fetched, or opened by a client whose read has not begun yet
+        (for up to OPEN_HOLD: a reader left with evicted pieces failed "kept failing" in the
+        soak)."""
         now = self.clock.monotonic()
-        busy = {t for t, r in self.runs.items() if r.busy or now - r.opened_at < OPEN_HOLD}
+        busy = {t for t, r in self.runs.items() if r.busy or r.held(now, OPEN_HOLD)}
         try:
             dropped = self.store.evict(max(0, target), busy)
         except CannotStore as e:
