@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -322,16 +322,23 @@ def cmd_peer(opts: dict[str, Any]) -> int:
     return 0
 
 
+def _fetched(fetch: Coroutine[Any, Any, dict], error: type[Exception]) -> dict | None:
+    """What a `naiad get` fetch returned, or None once its failure is printed (one line)."""
+    try:
+        return asyncio.run(fetch)
+    except (error, aiohttp.ClientError, OSError) as e:
+        print(f"naiad get: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     from naiad.get import GetError, check_args, check_hub_args, get, get_hub
 
     if args.url.startswith("hf://"):
         ref = check_hub_args(args.url, args.output, args.peer, args.revision)
-        try:
-            done = asyncio.run(get_hub(ref, args.output, args.peer, args.revision,
-                                       os.environ.get("HF_TOKEN") or None))
-        except (GetError, aiohttp.ClientError, OSError) as e:
-            print(f"naiad get: {e}", file=sys.stderr)
+        done = _fetched(get_hub(ref, args.output, args.peer, args.revision,
+                                os.environ.get("HF_TOKEN") or None), GetError)
+        if done is None:
             return 1
         print(f"{args.output}: {done['files']} files, {format_size(int(done['bytes']))} at "
               f"{done['commit']} (source: {done['source']})", file=sys.stderr)
@@ -339,10 +346,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.revision != "main":
         raise ConfigError("--revision is for hf:// URLs")
     check_args(args.url, args.output, args.peer, args.digest)
-    try:
-        result = asyncio.run(get(args.url, args.output, args.peer, args.digest))
-    except (GetError, aiohttp.ClientError, OSError) as e:
-        print(f"naiad get: {e}", file=sys.stderr)
+    result = _fetched(get(args.url, args.output, args.peer, args.digest), GetError)
+    if result is None:
         return 1
     print(f"{args.output}: {format_size(int(result['bytes']))} {result['digest']} "
           f"(source: {result['source']})", file=sys.stderr)
