@@ -50,6 +50,10 @@ class PeerMetrics:
         for s in SOURCES:
             self.download_bytes.labels(s)
             self.piece_seconds.labels(s)
+        # The statuses a peer's own failures usually have, exported at 0 from the start so a
+        # dashboard's rate() has a series before the first failure.
+        for status in ("429", "502", "503", "504"):
+            self.own_failures.labels(status)
 
 
 class _ClusterCollector(Collector):
