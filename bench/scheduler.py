@@ -243,15 +243,19 @@ async def http_run(url: str, w: Workload, concurrency: int,
             await post("/tasks", t)
         out["announce"] = await drive([lambda a=a: post("/announce", a) for a in w.announce],
                                       sum(len(a.pieces) for a in w.announce), concurrency)
-        out["schedule1"] = await drive([lambda r=r: post("/schedule", r) for r in w.schedule1],
-                                       len(w.schedule1), concurrency)
+        out["announce1"] = await drive([lambda a=a: post("/announce", a) for a in w.announce1],
+                                       len(w.announce1), concurrency)
+        for name, reqs in (("schedule1", w.schedule1), ("schedule8", w.schedule8)):
+            out[name] = await drive([lambda r=r: post("/schedule", r) for r in reqs],
+                                    sum(len(r.pieces) for r in reqs), concurrency)
     return out
 
 
 def spawn_scheduler(port: int, redis_url: str | None, workdir: Path,
-                    secret: bytes | None) -> subprocess.Popen:
+                    secret: bytes | None, heartbeat_interval: float = 60.0,
+                    extra: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "naiad", "scheduler", "--listen", f"127.0.0.1:{port}",
-            "--udp", "off", "--heartbeat-interval", "60"]
+            "--udp", "off", "--heartbeat-interval", str(heartbeat_interval), *(extra or [])]
     argv += ["--cluster-secret", secret.decode()] if secret is not None else ["--insecure"]
     if redis_url:
         argv += ["--redis", redis_url]

@@ -1,0 +1,427 @@
+"""Control-plane load of a fleet pull, and how many scheduler replicas and state-store shards it
+needs.
+
+`--simulate` hosts (asyncio clients in this process, each signing its calls like a peer, through
+the peer's own transport) pull one blob of `--size` in pieces of `--piece-size` from the
+scheduler's point of view: register, ensure the task, heartbeat over HTTP every interval, ask
+for decisions in the batching the engine uses (the reader's read-ahead: a window of
+READAHEAD_BYTES asked for first, then refilled half a window at a time; pieces told to wait asked
+again in a long poll) and announce what they fetched through the outbox's shape (one request in
+flight per host, what landed meanwhile coalesced). Fetches are instant, so the hosts ask as fast
+as the scheduler answers: a closed loop against one real `naiad scheduler` process over the
+memory store, one redis-server, or a loopback Redis Cluster.
+
+What one replica serves is measured as pieces (one decision and one announcement each, with the
+heartbeats and waits around them) per CPU second of the scheduler process, and one shard's as
+pieces per CPU second of redis-server: on a shared two-core machine the load generator competes
+with both, so wall-clock rates understate a dedicated core. The fleet demands
+hosts x host-rate / piece-size pieces/s.
+
+    python -m bench.fleet --hosts 2600 --size 3GiB --piece-size 4MiB --store redis
+
+The last line: `fleet hosts=H size=S store=K demanded=D/s replica=R/s shard=X/s p99=Yms
+replicas=N shards=M` (p99 over the calls that are not long polls; for the memory store the state
+lives in the replica, so its shard is the replica itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import redis
+from pydantic import BaseModel
+
+from bench.scheduler import RedisServer, spawn_scheduler
+from common.limits import DEFAULT
+from common.models import (
+    AnnounceReply,
+    Decision,
+    Heartbeat,
+    PeerCounters,
+    PeerRegistration,
+    RegisterReply,
+    ScheduleReply,
+    ScheduleRequest,
+    TaskMeta,
+    TaskRequest,
+)
+from common.pieces import piece_count
+from common.sizes import parse_size
+from common.tasks import TaskSet
+from peer.engine.batcher import DecisionBatcher
+from peer.engine.reader import READAHEAD_BYTES
+from peer.sched_outbox import Outbox
+from peer.sched_session import API
+from peer.sched_transport import HttpTransport
+from tests.cluster import free_port
+
+R = TypeVar("R", bound=BaseModel)
+REGISTRY = "http://registry.fleet:5000"
+HEARTBEAT_INTERVAL = 2.0
+
+
+def parse_rate(text: str) -> float:
+    """Bytes/s in `300MB/s` (decimal units, as link speeds are given) or a plain number."""
+    t = text.strip().lower().removesuffix("/s")
+    for unit, scale in (("gb", 1e9), ("mb", 1e6), ("kb", 1e3)):
+        if t.endswith(unit):
+            return float(t.removesuffix(unit)) * scale
+    return float(parse_size(t))
+
+
+def demanded(hosts: int, host_rate: float, piece_size: int) -> float:
+    """Pieces/s the fleet asks for (each: one decision and one announcement)."""
+    return hosts * host_rate / piece_size
+
+
+def fleet_line(hosts: int, size: str, store: str, demand: float, replica: float,
+               shard: float, p99_ms: float) -> str:
+    """The report's last line; the number of each is what the demand needs at those rates."""
+    replicas = max(1, math.ceil(demand / replica)) if replica > 0 else 0
+    shards = max(1, math.ceil(demand / shard)) if shard > 0 else 0
+    return (f"fleet hosts={hosts} size={size} store={store} demanded={demand:.0f}/s "
+            f"replica={replica:.0f}/s shard={shard:.0f}/s p99={p99_ms:.1f}ms "
+            f"replicas={replicas} shards={shards}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Tally:
+    """What the simulated hosts sent and were told, and how long the non-polling calls took."""
+
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("register", "heartbeat", "schedule", "announce"), 0))
+    decided: int = 0  # pieces answered parents or source
+    waits: int = 0  # pieces answered wait
+    announced: int = 0  # piece claims accepted
+    latencies: list[float] = field(default_factory=list)
+
+    def p99_ms(self) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else 0.0
+
+
+def chunk_of(index: int) -> str:
+    return f"blake3:{index:064x}"
+
+
+class Host:
+    """One simulated peer pulling a task through the engine's own batcher and outbox
+    (`DecisionBatcher`, `Outbox`), its fetches paced at the host's rate."""
+
+    def __init__(self, n: int, transport: HttpTransport, url: str, task: TaskRequest,
+                 host_rate: float, tally: Tally) -> None:
+        self.n = n
+        self.id = f"fleet-{n:05d}"
+        self.transport = transport
+        self.url = url
+        self.task = task
+        self.tally = tally
+        self.piece_size = task.piece_size or 1
+        self.count = piece_count(task.length, self.piece_size)
+        self.window = max(2, READAHEAD_BYTES // self.piece_size)
+        self.piece_seconds = self.piece_size / host_rate
+        self._link_free = 0.0  # when this host's link has fetched what it was given
+        self.accepted = 0
+        self.all_announced = asyncio.Event()
+        self.connected = asyncio.Event()  # what the outbox waits for: always connected
+        self.connected.set()
+
+    async def _post(self, kind: str, path: str, body: BaseModel | None,
+                    reply: type[R] | None, timed: bool = True,
+                    seconds: float = 10.0) -> R | None:
+        t0 = time.perf_counter()
+        out = await self.transport.post(self.url, path, body, reply, seconds)
+        if timed:
+            self.tally.latencies.append(time.perf_counter() - t0)
+        self.tally.calls[kind] += 1
+        if isinstance(out, AnnounceReply):
+            self.tally.announced += out.accepted
+            self.accepted += out.accepted
+            if self.accepted >= self.count:
+                self.all_announced.set()
+        return out
+
+    # The outbox's session (peer/sched_outbox.py OutboxSession): this one scheduler.
+    async def post(self, path: str, body: BaseModel | None, reply: type[R] | None,
+                   seconds: float = 5.0, session: int | None = None) -> R | None:
+        return await self._post(path.rsplit("/", 1)[1], path, body, reply, seconds=seconds)
+
+    # The batcher's decider (peer/engine/seams.py Decider). A batch asked with a long poll is
+    # first asked without one: the latency of a call that returns at once is what p99 counts,
+    # and a batch that must wait is then parked as the engine's call would have been.
+    async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
+                       wait_ms: int, registry: str | None = None) -> list[Decision]:
+        req = ScheduleRequest(peer_id=self.id, task_id=task_id, pieces=pieces,
+                              exclude=sorted(exclude)[:256], registry=registry)
+        reply = await self._post("schedule", f"{API}/schedule", req, ScheduleReply)
+        assert reply is not None
+        if wait_ms and all(d.action == "wait" for d in reply.decisions):
+            self.tally.waits += len(reply.decisions)
+            reply = await self._post("schedule", f"{API}/schedule",
+                                     req.model_copy(update={"wait_ms": wait_ms}),
+                                     ScheduleReply, timed=False,
+                                     seconds=wait_ms / 1000 + 10)
+            assert reply is not None
+        for d in reply.decisions:
+            if d.action == "wait":
+                self.tally.waits += 1
+            else:
+                self.tally.decided += 1
+        return reply.decisions
+
+    def report(self, parent_id: str, task_id: str, piece: int | None, kind: str) -> None:
+        pass  # fetches never fail here
+
+    async def join(self) -> None:
+        n = self.n
+        await self._post("register", f"{API}/peers", PeerRegistration(
+            id=self.id, upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
+            idc=f"idc{n % 4}", started_at=time.time()), RegisterReply)
+        await self._post("register", f"{API}/tasks", self.task, TaskMeta)
+
+    async def pull(self) -> None:
+        """The whole task as a reader reads it, then until every piece is announced."""
+        tasks = TaskSet(f"fleet-host-{self.n}")
+        outbox = Outbox(self.id, self)
+        batcher = DecisionBatcher(self, self.task.task_id, tasks, lambda _: DEFAULT,
+                                  lambda: REGISTRY, _Clock())
+        tasks.supervise("outbox", outbox.run)
+        tasks.supervise("heartbeats", self._heartbeats)
+        try:
+            await self._read(batcher, outbox, tasks)
+            outbox.sealed(self.task.task_id, REGISTRY)
+            await self.all_announced.wait()
+        finally:
+            await tasks.close()
+
+    async def _read(self, batcher: DecisionBatcher, outbox: Outbox, tasks: TaskSet) -> None:
+        """The reader's read-ahead (peer/engine/reader.py): a window asked for, refilled half
+        a window at a time as the reader moves on."""
+        fetching: dict[int, asyncio.Task[None]] = {}
+        ahead = 0
+        for k in range(self.count):
+            if ahead <= k + self.window // 2:
+                for j in range(ahead, min(self.count, k + self.window)):
+                    fetching[j] = tasks.spawn(self._obtain(j, batcher, outbox))
+                ahead = max(ahead, min(k + self.window, self.count))
+            await fetching.pop(k)
+
+    async def _obtain(self, index: int, batcher: DecisionBatcher, outbox: Outbox) -> None:
+        await batcher.decide(index, frozenset())
+        loop = asyncio.get_running_loop()
+        self._link_free = max(loop.time(), self._link_free) + self.piece_seconds
+        await asyncio.sleep(self._link_free - loop.time())
+        outbox.announce(self.task.task_id, index, chunk_of(index), REGISTRY)
+
+    async def _heartbeats(self) -> None:
+        started = time.time()
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await self._post("heartbeat", f"{API}/peers/{self.id}/heartbeat",
+                             Heartbeat(counters=PeerCounters(started_at=started)), None)
+
+
+class _Clock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass
+class Measured:
+    seconds: float
+    tally: Tally
+    scheduler_cpu: float
+    store_cpu: float  # redis-server(s); 0 for the memory store
+    hosts_done: int
+
+
+async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
+                 host_rate: float, seconds: float,
+                 cpu: Callable[[], tuple[float, float]]) -> Measured:
+    """Join `simulate` hosts, then time their pulls (at most `seconds`)."""
+    tally = Tally()
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        transport = HttpTransport(session, secret)
+        hosts = [Host(n, transport, url, task, host_rate, tally) for n in range(simulate)]
+        await asyncio.gather(*(h.join() for h in hosts))
+        tally = Tally()  # what the pulls send, without the joins
+        for h in hosts:
+            h.tally = tally
+        sched0, store0 = cpu()
+        started = time.perf_counter()
+        pulls = [asyncio.create_task(h.pull()) for h in hosts]
+        done, pending = await asyncio.wait(pulls, timeout=seconds)
+        elapsed = time.perf_counter() - started
+        sched1, store1 = cpu()
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for t in done:
+            t.result()  # a host that failed fails the run
+    return Measured(elapsed, tally, sched1 - sched0, store1 - store0, len(done))
+
+
+class RedisCluster:
+    """`masters` redis-server processes in cluster mode on loopback, slots spread over them
+    (no replicas: the bench measures the masters' work)."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        binary = shutil.which("redis-server")
+        cli = shutil.which("redis-cli")
+        if binary is None or cli is None:
+            raise SystemExit("redis-server and redis-cli are needed (apt-get install "
+                             "redis-server)")
+        self.ports = [free_port() for _ in range(masters)]
+        self.url = f"redis://127.0.0.1:{self.ports[0]}"
+        self.procs = []
+        for port in self.ports:
+            d = workdir / f"cluster-{port}"
+            d.mkdir()
+            log = open(d / "redis.log", "wb")  # noqa: SIM115 - handed to the child
+            self.procs.append(subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+                 "yes", "--cluster-config-file", str(d / "nodes.conf"), "--save", "",
+                 "--appendonly", "no"], cwd=d, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        for port in self.ports:
+            _until_ping(port)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True,
+                       stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        client = redis.Redis(port=self.ports[0])
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not become ok")
+            time.sleep(0.05)
+        client.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait()
+
+
+def _until_ping(port: int) -> None:
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    client.close()
+
+
+def has_flag(flag: str) -> bool:
+    """Whether this `naiad scheduler` knows a flag (the Redis Cluster one is new)."""
+    out = subprocess.run([sys.executable, "-m", "naiad", "scheduler", "--help"],
+                         capture_output=True, text=True, check=False).stdout
+    return flag in out
+
+
+async def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.fleet",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--hosts", type=int, default=2600, help="hosts in the fleet")
+    ap.add_argument("--size", default="3GiB", help="bytes each host pulls")
+    ap.add_argument("--piece-size", default="4MiB")
+    ap.add_argument("--store", choices=["memory", "redis", "redis-cluster"], default="memory")
+    ap.add_argument("--host-rate", default="300MB/s", help="each host's pull rate")
+    ap.add_argument("--simulate", type=int, default=48,
+                    help="hosts simulated (at most --hosts): enough to load one replica")
+    ap.add_argument("--seconds", type=float, default=30.0,
+                    help="the measurement ends after this long, or once every host pulled")
+    args = ap.parse_args(argv)
+    size, piece_size = parse_size(args.size), parse_size(args.piece_size)
+    host_rate = parse_rate(args.host_rate)
+    simulate = max(1, min(args.simulate, args.hosts))
+    task = TaskRequest(task_id=f"sha256:{secrets.token_hex(32)}", length=size,
+                       piece_size=piece_size)
+    print(f"# {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; {simulate} of {args.hosts} hosts simulated, "
+          f"{piece_count(size, piece_size)} pieces each, store {args.store}", flush=True)
+    if args.store == "redis-cluster" and not has_flag("--redis-cluster"):
+        print("redis-cluster: not available yet (this naiad scheduler has no --redis-cluster)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="naiad-fleet-") as tmp:
+        workdir = Path(tmp)
+        backend: RedisServer | RedisCluster | None = None
+        flags: list[str] = []
+        store_pids: list[int] = []
+        if args.store == "redis":
+            backend = RedisServer(workdir)
+            flags, store_pids = ["--redis", backend.url], [backend.proc.pid]
+        elif args.store == "redis-cluster":
+            backend = RedisCluster(workdir)
+            flags, store_pids = ["--redis-cluster", backend.url], backend.pids
+        secret = secrets.token_hex(16).encode()
+        port = free_port()
+        proc = spawn_scheduler(port, None, workdir, secret, heartbeat_interval=HEARTBEAT_INTERVAL,
+                               extra=flags)
+        try:
+            def cpu() -> tuple[float, float]:
+                return cpu_seconds(proc.pid), sum(cpu_seconds(p) for p in store_pids)
+
+            m = await replay(f"http://127.0.0.1:{port}", secret, task, simulate, host_rate,
+                             args.seconds, cpu)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            if backend is not None:
+                backend.stop()
+    t = m.tally
+    pieces = min(t.decided, t.announced)
+    calls = sum(t.calls.values())
+    print(f"  {m.seconds:.1f} s, {m.hosts_done}/{simulate} pulls complete; calls: "
+          + ", ".join(f"{k} {v}" for k, v in t.calls.items())
+          + f"; pieces decided {t.decided} (+{t.waits} waits), announced {t.announced}")
+    print(f"  wall: {pieces / m.seconds:,.0f} pieces/s, {calls / m.seconds:,.0f} calls/s; "
+          f"scheduler CPU {m.scheduler_cpu:.2f} s"
+          + (f", store CPU {m.store_cpu:.2f} s" if store_pids else ""))
+    if pieces == 0 or m.scheduler_cpu <= 0:
+        print("no pieces measured")
+        return 1
+    replica = pieces / m.scheduler_cpu
+    shard = pieces / m.store_cpu if store_pids and m.store_cpu > 0 else replica
+    print(fleet_line(args.hosts, args.size, args.store,
+                     demanded(args.hosts, host_rate, piece_size), replica, shard, t.p99_ms()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
