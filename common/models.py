@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from common import ids
 from common.pieces import valid_piece_size
@@ -69,6 +76,8 @@ class PeerRegistration(Model):
     started_at: float = Field(0.0, ge=0, description="the peer process's start time: a "
                               "registration from another process replaces what the peer "
                               "held (it re-announces its store); 0: unknown, kept")
+    transport: int = Field(1, ge=1, le=255, description="the peer-to-peer transports its "
+                           "upload port speaks, up to: 1 HTTP, 2 also the framed transport")
 
     @field_validator("upload_addr")
     @classmethod
@@ -177,6 +186,17 @@ class ScheduleRequest(Model):
 class ParentRef(Model):
     id: str
     addr: str
+    transport: int = Field(1, ge=1, le=255, description="the transport to fetch with: the "
+                           "highest both the parent and the child speak")
+
+    @model_serializer(mode="wrap")
+    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Without `transport` when it is HTTP: what peers before it accept (extra fields
+        are refused), so a rolling upgrade keeps them pulling."""
+        data: dict[str, object] = handler(self)
+        if self.transport == 1:
+            data.pop("transport", None)
+        return data
 
 
 class Decision(Model):

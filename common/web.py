@@ -11,7 +11,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -134,16 +134,34 @@ ACCEPT_ERROR = "socket.accept() out of system resource"
 REPORT_EVERY = 10.0  # seconds between two log lines about the same kind of refusal
 
 
+class Sniffed(Protocol):
+    """A second protocol on a server's port, told apart from HTTP by the first bytes a client
+    sends (`preface`; an HTTP request never starts with it)."""
+
+    preface: bytes
+
+    def protocol(self) -> asyncio.Protocol: ...
+
+    async def close(self) -> None: ...
+
+
 class _Counted(asyncio.Protocol):
     """One connection, counted against its remote address: over the cap it is closed before
-    aiohttp ever sees it; otherwise every event goes to aiohttp's handler."""
+    aiohttp ever sees it; otherwise every event goes to aiohttp's handler — or, on a server
+    with a `Sniffed` protocol, to that one if the connection opens with its preface. Until the
+    first bytes tell, the header deadline runs here."""
 
-    __slots__ = ("_address", "_inner", "_server")
+    __slots__ = ("_address", "_buffer", "_inner", "_made", "_server", "_sniffing",
+                 "_transport")
 
     def __init__(self, inner: asyncio.Protocol, server: Server) -> None:
         self._inner = inner
         self._server = server
         self._address: str | None = None
+        self._made = False
+        self._buffer = b""
+        self._sniffing: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -153,25 +171,56 @@ class _Counted(asyncio.Protocol):
             self._server.refused(address)
             return
         self._address = address
-        self._inner.connection_made(transport)
+        if self._server.sniffed is None:
+            self._made = True
+            self._inner.connection_made(transport)
+            return
+        self._transport = transport
+        self._sniffing = asyncio.get_running_loop().call_later(
+            self._server.limits.header_timeout, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._sniffing is not None:
+            self._sniffing.cancel()
+            self._sniffing = None
         if self._address is not None:
             self._server.connections.release(self._address)
             self._address = None
-            self._inner.connection_lost(exc)
+            if self._made:
+                self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
+        if self._made:
+            self._inner.data_received(data)
+            return
+        sniffed, transport = self._server.sniffed, self._transport
+        assert sniffed is not None and transport is not None
+        self._buffer += data
+        preface = sniffed.preface
+        if len(self._buffer) < len(preface) and preface.startswith(self._buffer):
+            return  # not told yet
+        data, self._buffer = self._buffer, b""
+        if self._sniffing is not None:
+            self._sniffing.cancel()
+            self._sniffing = None
+        if data.startswith(preface):
+            self._inner = sniffed.protocol()
+            data = data[len(preface):]
+        self._made = True
+        self._inner.connection_made(transport)
+        if data:
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        return self._inner.eof_received() if self._made else None
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._made:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._made:
+            self._inner.resume_writing()
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -199,12 +248,14 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class Server:
-    """One aiohttp app bound to one address, with an explicit start/stop and `ClientLimits`."""
+    """One aiohttp app bound to one address, with an explicit start/stop and `ClientLimits`;
+    with `sniffed`, a second protocol on the same port (the peers' framed transport)."""
 
     def __init__(self, app: web.Application, listen: str,
                  ssl_context: ssl.SSLContext | None = None,
-                 limits: ClientLimits | None = None) -> None:
+                 limits: ClientLimits | None = None, sniffed: Sniffed | None = None) -> None:
         self.app = app
+        self.sniffed = sniffed
         self.host, self.port = split_listen(listen)
         self.ssl_context = ssl_context
         self.limits = limits or ClientLimits()
@@ -248,6 +299,8 @@ class Server:
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()  # no new connections; the runner closes the open ones
+        if self.sniffed is not None:
+            await self.sniffed.close()
         await self._runner.cleanup()
         if self._listener is not None:
             await self._listener.wait_closed()

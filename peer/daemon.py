@@ -25,6 +25,9 @@ from common.web import ClientLimits, Server, split_listen
 from peer.engine import Engine
 from peer.mirror import AccessCache, Mirror
 from peer.origin import OriginClient
+from peer.p2p import frames
+from peer.p2p.client import FramedClient
+from peer.p2p.server import FramedEndpoint
 from peer.parents import ParentClient
 from peer.scheduler_client import SchedulerClient
 from peer.scrub import Scrubber
@@ -124,7 +127,10 @@ class PeerDaemon:
                                    rate=bucket(c.upload_rate),
                                    per_address=c.upload_slots_per_address,
                                    min_rate=c.upload_min_rate)
-        self.upload_server = Server(self.upload.app(), c.upload, c.upload_tls, c.limits)
+        # One port, two transports: HTTP, and the framed one for peers that open with its
+        # preface (peer/p2p/).
+        self.upload_server = Server(self.upload.app(), c.upload, c.upload_tls, c.limits,
+                                    sniffed=FramedEndpoint(self.upload, c.limits))
         opened.push_async_callback(self.upload_server.stop)
         with startup(f"--upload {c.upload}"):
             await self.upload_server.start()
@@ -132,16 +138,20 @@ class PeerDaemon:
             advertised = self._advertised()
         registration = PeerRegistration(
             id=c.peer_id, upload_addr=advertised, idc=c.idc, location=c.location,
-            upload_slots=c.upload_slots, seed=c.seed, started_at=self.started_at)
+            upload_slots=c.upload_slots, seed=c.seed, started_at=self.started_at,
+            transport=frames.VERSION)
         self.scheduler = SchedulerClient(c.schedulers, registration, self._peer_session,
                                          self.store, self._heartbeat, c.secret,
                                          restarts=self.metrics.restarts)
         origin = OriginClient(self._origin_session, c.origin_concurrency,
                               allowed=self.allow.__contains__, rate=bucket(c.origin_rate))
+        download_rate = bucket(c.download_rate)  # one bucket, whichever the transport
+        self._framed = FramedClient(c.secret, rate=download_rate, tls=c.peer_tls)
+        opened.callback(self._framed.close)
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
-            parents=ParentClient(self._peer_session, c.secret, rate=bucket(c.download_rate),
-                                 tls=c.peer_tls),
+            parents=ParentClient(self._peer_session, c.secret, rate=download_rate,
+                                 tls=c.peer_tls, framed=self._framed),
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
@@ -220,6 +230,7 @@ class PeerDaemon:
         await self.mirror_server.stop()
         await self.upload_server.stop()
         await self.engine.close()
+        self._framed.close()
         await self._origin_session.close()
         await self._peer_session.close()
         self.store.close()

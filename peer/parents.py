@@ -1,4 +1,5 @@
-"""Fetching a chunk from a parent peer's upload server.
+"""Fetching a chunk from a parent peer's upload server: over HTTP (transport 1), or over the
+framed transport (2, peer/p2p/) to parents that registered it, given as `framed`.
 
 Errors are classified for the scheduler: `busy` (the parent is at its upload slots: try the next
 one, no blame), `slow` (no byte for the stall timeout: abandoned), `failed` (refused, reset,
@@ -9,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from common import auth
 from common.limits import Paced, TokenBucket
 from common.log import outgoing
+from common.models import ParentRef
 from peer import wire
 
+if TYPE_CHECKING:  # the engine imports this module
+    from peer.engine.seams import ChunkSource
+
 STALL_SECONDS = 2.0
+# The address of a parent spoken to over the framed transport, as the engine hands it to a
+# ChunkSource: FRAMED + its upload address (`address`).
+FRAMED = "p2p+"
 
 
 class ParentError(Exception):
@@ -30,8 +39,10 @@ class ParentClient:
     def __init__(self, session: aiohttp.ClientSession, secret: bytes | None = None,
                  stall_seconds: float = STALL_SECONDS, compress: bool = True,
                  rate: TokenBucket | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 framed: ChunkSource | None = None) -> None:
         self.session = session
+        self.framed = framed  # None: every parent over HTTP
         # How `https://` parents are verified (--tls-ca, else the system store) and the client
         # certificate this peer presents to them (--tls-cert).
         self.tls: ssl.SSLContext | bool = tls if tls is not None else True
@@ -42,6 +53,10 @@ class ParentClient:
                                              sock_read=stall_seconds)
 
     async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
+        if addr.startswith(FRAMED):
+            addr = addr.removeprefix(FRAMED)
+            if self.framed is not None:
+                return await self.framed.fetch(addr, chunk, size)
         path = f"/chunks/{chunk}"
         headers = outgoing()
         if self.compress:
@@ -64,16 +79,19 @@ class ParentClient:
                 data = await _read_at_most(Paced(resp.content, self.rate),
                                            size + (64 << 10 if packed else 0))
                 if packed:
-                    data = await _unpack(data, size)
+                    data = await unpack(data, size, addr)
         except TimeoutError as e:
             raise ParentError("slow", f"{addr} stalled") from e
         except (aiohttp.ClientError, OSError) as e:
             raise ParentError("failed", f"{addr}: {e!r}") from e
-        except wire.WireError as e:
-            raise ParentError("corrupt", f"{addr}: {e}") from e
         if len(data) != size:
             raise ParentError("failed", f"{addr} sent {len(data)} of {size} bytes")
         return data
+
+
+def address(parent: ParentRef) -> str:
+    """Where the engine fetches from a parent: over the framed transport if it speaks it."""
+    return FRAMED + parent.addr if parent.transport >= 2 else parent.addr
 
 
 def upload_url(addr: str) -> str:
@@ -92,7 +110,11 @@ async def _read_at_most(stream: Paced, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _unpack(data: bytes, size: int) -> bytes:
-    if size >= 1 << 20:  # the GIL is released while zstd works
-        return await asyncio.to_thread(wire.unpack, data, size)
-    return wire.unpack(data, size)
+async def unpack(data: bytes, size: int, addr: str) -> bytes:
+    """A zstd piece decompressed to exactly `size` bytes, or ParentError `corrupt`."""
+    try:
+        if size >= 1 << 20:  # the GIL is released while zstd works
+            return await asyncio.to_thread(wire.unpack, data, size)
+        return wire.unpack(data, size)
+    except wire.WireError as e:
+        raise ParentError("corrupt", f"{addr}: {e}") from e

@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +55,10 @@ _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else No
 _BYTES_ACKED = struct.Struct("=Q")
 _BYTES_ACKED_AT = 120
 RAW_REMEMBERED = 1 << 14  # incompressible chunks remembered (16 GiB of 1 MiB chunks, ~2 MB)
+# How the bytes of a piece reach the child, whichever the transport: a slice written (waiting
+# for the transport to drain), or a range of the open file by sendfile.
+Write = Callable[[memoryview], Awaitable[None]]
+SendFile = Callable[[BinaryIO, int, int], Awaitable[None]]
 
 
 class SendDeadline:
@@ -173,38 +177,58 @@ class UploadServer:
             ids.parse_chunk_id(chunk)
         except ids.InvalidIdentifier as e:
             return error(400, str(e))
-        f = _open_or_none(self.store.chunk_path(chunk))
+        f = open_or_none(self.store.chunk_path(chunk))
         if f is None:
             return error(404, f"chunk {chunk} is not held here")
         with f:
             remote = request.remote or ""
-            if self.active >= self.slots:
-                return unavailable("no free upload slot")
-            if self.by_address[remote] >= self.per_address:
-                return unavailable(f"{remote} holds {self.per_address} upload slots already")
-            self.active += 1
-            self.by_address[remote] += 1
-            self.activity.set_busy(True)
+            refused = self.admit(remote)
+            if refused is not None:
+                return unavailable(refused)
             try:
                 return await self._send(request, chunk, f)
             finally:
-                self.active -= 1
-                self.by_address[remote] -= 1
-                if not self.by_address[remote]:
-                    del self.by_address[remote]
-                self.activity.set_busy(bool(self.active))
+                self.release(remote)
+
+    def admit(self, remote: str) -> str | None:
+        """Take an upload slot for `remote`; None if taken, else why not (busy: the child
+        moves on without blame). Both transports count against the same slots."""
+        if self.active >= self.slots:
+            return "no free upload slot"
+        if self.by_address[remote] >= self.per_address:
+            return f"{remote} holds {self.per_address} upload slots already"
+        self.active += 1
+        self.by_address[remote] += 1
+        self.activity.set_busy(True)
+        return None
+
+    def release(self, remote: str) -> None:
+        self.active -= 1
+        self.by_address[remote] -= 1
+        if not self.by_address[remote]:
+            del self.by_address[remote]
+        self.activity.set_busy(bool(self.active))
+
+    def uploaded_piece(self, size: int) -> None:
+        self.metrics.upload_bytes.inc(size)
+        self.uploaded += size
 
     async def _send(self, request: web.Request, chunk: str,
                     f: BinaryIO) -> web.StreamResponse:
         headers = {"Content-Type": "application/octet-stream", "Vary": "Accept-Encoding"}
         if self.compress and wire.ENCODING in request.headers.get("Accept-Encoding", ""):
-            packed = await self._packed(chunk, f)
-            pf = _open_or_none(packed) if packed is not None else None
-            if pf is not None:  # else dropped meanwhile: the raw chunk still serves
+            pf = await self.open_packed(chunk, f)
+            if pf is not None:
                 with pf:
                     headers["Content-Encoding"] = wire.ENCODING
                     return await self._send_file(request, chunk, pf, headers)
         return await self._send_file(request, chunk, f, headers)
+
+    async def open_packed(self, chunk: str, f: BinaryIO) -> BinaryIO | None:
+        """The compressed copy of a chunk (open as `f`) opened, if it pays and still exists
+        (else dropped meanwhile: the raw chunk still serves)."""
+        packed = await self._packed(chunk, f)
+        return open_or_none(packed) if packed is not None else None
 
     async def _send_file(self, request: web.Request, chunk: str, f: BinaryIO,
                          headers: dict[str, str]) -> web.StreamResponse:
@@ -216,24 +240,24 @@ class UploadServer:
             if request.method != "GET":
                 await resp.write_eof()
                 return resp
-            sent = await self._body(request, resp, f, size)
+            sent = await self.body(request.transport, f, size, resp.write,
+                                   lambda f, offset, n: send_file(request, f, offset, n))
         except ConnectionError as e:  # the child went away: nothing to answer
             log.debug("upload of %s to %s broken: %r", chunk, request.remote, e)
-            _cut_off(request)
+            cut_off(request.transport)
             return resp
         if not sent:
             log.info("upload of %s to %s cut off: below %s/s for %.0f s", chunk,
                      request.remote, format_size(self.min_rate or 0), STALL_WINDOW)
-            _cut_off(request)
+            cut_off(request.transport)
             return resp
         await resp.write_eof()
         log.debug("uploaded %s to %s", chunk, request.remote)
-        self.metrics.upload_bytes.inc(size)
-        self.uploaded += size
+        self.uploaded_piece(size)
         return resp
 
-    async def _body(self, request: web.Request, resp: web.StreamResponse, f: BinaryIO,
-                    size: int) -> bool:
+    async def body(self, transport: asyncio.BaseTransport | None, f: BinaryIO, size: int,
+                   write: Write, sendfile: SendFile) -> bool:
         """Send the chunk's bytes under the minimum-rate deadline; False if it passed.
 
         By one sendfile on plain TCP; read (at most one piece in memory) and written in slices
@@ -245,7 +269,6 @@ class UploadServer:
         loop = asyncio.get_running_loop()
         deadline = SendDeadline(self.min_rate, STALL_WINDOW, loop.time()) \
             if self.min_rate else None
-        transport = request.transport
         tls = transport is not None and transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket") if transport is not None else None
         try:
@@ -262,7 +285,7 @@ class UploadServer:
                         step = self._slice if sliced else size or 1
                         for offset in range(0, size, step):
                             n = min(step, size - offset)
-                            await send_file(request, f, offset, n)
+                            await sendfile(f, offset, n)
                             sent(n)
                         return True
                     view = memoryview(await asyncio.to_thread(f.read))  # at most one piece
@@ -276,7 +299,7 @@ class UploadServer:
                                 deadline.paused(wait)
                                 timer.reschedule(deadline.at)
                             await asyncio.sleep(wait)
-                        await resp.write(part)
+                        await write(part)
                         sent(len(part))
                     return True
         except TimeoutError:
@@ -321,10 +344,9 @@ class UploadServer:
         return self.store.packed_path(chunk)
 
 
-def _cut_off(request: web.Request) -> None:
+def cut_off(transport: asyncio.BaseTransport | None) -> None:
     """Drop the connection at once, with a reset: what the kernel still holds for a child that
     does not read is discarded rather than kept for retransmission."""
-    transport = request.transport
     if transport is None:
         return
     sock = transport.get_extra_info("socket")
@@ -334,7 +356,7 @@ def _cut_off(request: web.Request) -> None:
     transport.abort()
 
 
-def _open_or_none(path: Path) -> BinaryIO | None:
+def open_or_none(path: Path) -> BinaryIO | None:
     """A stored file opened for sendfile (on the loop: a local open takes microseconds), or None
     if it is not there."""
     try:

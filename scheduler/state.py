@@ -555,7 +555,9 @@ class ClusterState:
             first = self.peers[ranked[0].peer_id]
             first.handouts = ranked[0].handouts + 1.0
             first.handouts_at = now
-        return [ParentRef(id=c.peer_id, addr=self.peers[c.peer_id].reg.upload_addr)
+        return [ParentRef(id=c.peer_id, addr=self.peers[c.peer_id].reg.upload_addr,
+                          transport=min(self.peers[c.peer_id].reg.transport,
+                                        requester.reg.transport))
                 for c in ranked]
 
     def _admit_child(self, piece: PieceState, requester: str, holders: int,

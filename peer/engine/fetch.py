@@ -18,7 +18,7 @@ from peer.engine.origin import Keep
 from peer.engine.run import TaskRun
 from peer.engine.sealing import chunk_id_of
 from peer.engine.seams import ChunkSource, Decider
-from peer.parents import ParentError
+from peer.parents import ParentError, address
 
 log = logging.getLogger("naiad.peer.engine")
 
@@ -46,7 +46,7 @@ class ParentFetch:
             started = time.perf_counter()
             try:
                 async with self.slots.hold(run.priority.get(index, DEFAULT)):
-                    data = await self.parents.fetch(parent.addr, chunk, size)
+                    data = await self.parents.fetch(address(parent), chunk, size)
             except ParentError as e:
                 if e.kind != "busy":
                     failed.add(parent.id)
