@@ -1,15 +1,14 @@
 """Control-plane load of a fleet pull, and how many scheduler replicas and state-store shards it
 needs.
 
-`--simulate` hosts (asyncio clients in this process, each signing its calls like a peer, through
-the peer's own transport) pull one blob of `--size` in pieces of `--piece-size` from the
-scheduler's point of view: register, ensure the task, heartbeat over HTTP every interval, ask
-for decisions in the batching the engine uses (the reader's read-ahead: a window of
-READAHEAD_BYTES asked for first, then refilled half a window at a time; pieces told to wait asked
-again in a long poll) and announce what they fetched through the outbox's shape (one request in
-flight per host, what landed meanwhile coalesced). Fetches are instant, so the hosts ask as fast
-as the scheduler answers: a closed loop against one real `naiad scheduler` process over the
-memory store, one redis-server, or a loopback Redis Cluster.
+`--simulate` hosts (asyncio clients in this process) pull one blob of `--size` in pieces of
+`--piece-size` from the scheduler's point of view, each through the peer's own code: its
+`SchedulerClient` (registration, signed calls, heartbeats as UDP datagrams, the outbox that
+coalesces announcements) and the engine's `DecisionBatcher`, asked as the reader's read-ahead
+asks (a window of READAHEAD_BYTES first, then half a window each time the reader is within half
+a window of the last piece asked). Fetches take no bytes but are paced at `--host-rate`, so
+announcements and refills come in the sizes a real pull makes. Against one real `naiad
+scheduler` process over the memory store, one redis-server, or a loopback Redis Cluster.
 
 What one replica serves is measured as pieces (one decision and one announcement each, with the
 heartbeats and waits around them) per CPU second of the scheduler process, and one shard's as
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import platform
@@ -51,14 +51,11 @@ from bench.scheduler import RedisServer, spawn_scheduler
 from common.limits import DEFAULT
 from common.models import (
     AnnounceReply,
-    Decision,
     Heartbeat,
     PeerCounters,
     PeerRegistration,
-    RegisterReply,
     ScheduleReply,
     ScheduleRequest,
-    TaskMeta,
     TaskRequest,
 )
 from common.pieces import piece_count
@@ -66,9 +63,8 @@ from common.sizes import parse_size
 from common.tasks import TaskSet
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import READAHEAD_BYTES
-from peer.sched_outbox import Outbox
-from peer.sched_session import API
 from peer.sched_transport import HttpTransport
+from peer.scheduler_client import SchedulerClient
 from tests.cluster import free_port
 
 R = TypeVar("R", bound=BaseModel)
@@ -111,11 +107,18 @@ class Tally:
     """What the simulated hosts sent and were told, and how long the non-polling calls took."""
 
     calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("register", "heartbeat", "schedule", "announce"), 0))
+        ("register", "schedule", "announce", "heartbeat", "other"), 0))
     decided: int = 0  # pieces answered parents or source
     waits: int = 0  # pieces answered wait
     announced: int = 0  # piece claims accepted
     latencies: list[float] = field(default_factory=list)
+    want: int = 0  # claims the pulls make in all
+    all_announced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def accepted(self, claims: int) -> None:
+        self.announced += claims
+        if self.want and self.announced >= self.want:
+            self.all_announced.set()
 
     def p99_ms(self) -> float:
         lat = sorted(self.latencies)
@@ -126,121 +129,103 @@ def chunk_of(index: int) -> str:
     return f"blake3:{index:064x}"
 
 
-class Host:
-    """One simulated peer pulling a task through the engine's own batcher and outbox
-    (`DecisionBatcher`, `Outbox`), its fetches paced at the host's rate."""
+class TimedTransport:
+    """The peer's HTTP transport, counting and timing every call. A schedule call that may
+    long-poll is first sent without the poll: its latency is what p99 counts (a parked call's
+    is the wait it was asked to make), and only a batch that must wait is parked, as it would
+    have been."""
 
-    def __init__(self, n: int, transport: HttpTransport, url: str, task: TaskRequest,
-                 host_rate: float, tally: Tally) -> None:
-        self.n = n
-        self.id = f"fleet-{n:05d}"
-        self.transport = transport
-        self.url = url
-        self.task = task
+    def __init__(self, inner: HttpTransport, tally: Tally) -> None:
+        self.inner = inner
         self.tally = tally
+
+    async def post(self, url: str, path: str, body: BaseModel | None, reply: type[R] | None,
+                   seconds: float = 5.0) -> R | None:
+        kind = _KINDS.get(path.rsplit("/", 1)[1], "other")
+        poll = isinstance(body, ScheduleRequest) and body.wait_ms > 0
+        first = body.model_copy(update={"wait_ms": 0}) if poll else body
+        t0 = time.perf_counter()
+        out = await self.inner.post(url, path, first, reply, seconds)
+        self.tally.latencies.append(time.perf_counter() - t0)
+        self.tally.calls[kind] += 1
+        if isinstance(out, ScheduleReply):
+            if poll and all(d.action == "wait" for d in out.decisions):
+                self.tally.waits += len(out.decisions)
+                out = await self.inner.post(url, path, body, reply, seconds)
+                self.tally.calls[kind] += 1
+            assert isinstance(out, ScheduleReply)
+            for d in out.decisions:
+                if d.action == "wait":
+                    self.tally.waits += 1
+                else:
+                    self.tally.decided += 1
+        elif isinstance(out, AnnounceReply):
+            self.tally.accepted(out.accepted)
+        return out
+
+
+_KINDS = {"peers": "register", "tasks": "register", "heartbeat": "heartbeat",
+          "schedule": "schedule", "announce": "announce"}
+
+
+class _NothingHeld:
+    """The chunk store of a host that starts empty (what re-announcing reads)."""
+
+    def tasks(self) -> list:
+        return []
+
+    def drop_task(self, task_id: str) -> None:
+        pass
+
+
+class Host:
+    """One simulated peer: the peer's own scheduler client (registration, UDP heartbeats, the
+    outbox) and the engine's batcher, fetches paced at the host's rate; nothing is stored."""
+
+    def __init__(self, n: int, url: str, session: aiohttp.ClientSession, secret: bytes,
+                 task: TaskRequest, host_rate: float, transport: TimedTransport) -> None:
+        self.n = n
+        self.task = task
         self.piece_size = task.piece_size or 1
         self.count = piece_count(task.length, self.piece_size)
         self.window = max(2, READAHEAD_BYTES // self.piece_size)
         self.piece_seconds = self.piece_size / host_rate
         self._link_free = 0.0  # when this host's link has fetched what it was given
-        self.accepted = 0
-        self.all_announced = asyncio.Event()
-        self.connected = asyncio.Event()  # what the outbox waits for: always connected
-        self.connected.set()
-
-    async def _post(self, kind: str, path: str, body: BaseModel | None,
-                    reply: type[R] | None, timed: bool = True,
-                    seconds: float = 10.0) -> R | None:
-        t0 = time.perf_counter()
-        out = await self.transport.post(self.url, path, body, reply, seconds)
-        if timed:
-            self.tally.latencies.append(time.perf_counter() - t0)
-        self.tally.calls[kind] += 1
-        if isinstance(out, AnnounceReply):
-            self.tally.announced += out.accepted
-            self.accepted += out.accepted
-            if self.accepted >= self.count:
-                self.all_announced.set()
-        return out
-
-    # The outbox's session (peer/sched_outbox.py OutboxSession): this one scheduler.
-    async def post(self, path: str, body: BaseModel | None, reply: type[R] | None,
-                   seconds: float = 5.0, session: int | None = None) -> R | None:
-        return await self._post(path.rsplit("/", 1)[1], path, body, reply, seconds=seconds)
-
-    # The batcher's decider (peer/engine/seams.py Decider). A batch asked with a long poll is
-    # first asked without one: the latency of a call that returns at once is what p99 counts,
-    # and a batch that must wait is then parked as the engine's call would have been.
-    async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
-                       wait_ms: int, registry: str | None = None) -> list[Decision]:
-        req = ScheduleRequest(peer_id=self.id, task_id=task_id, pieces=pieces,
-                              exclude=sorted(exclude)[:256], registry=registry)
-        reply = await self._post("schedule", f"{API}/schedule", req, ScheduleReply)
-        assert reply is not None
-        if wait_ms and all(d.action == "wait" for d in reply.decisions):
-            self.tally.waits += len(reply.decisions)
-            reply = await self._post("schedule", f"{API}/schedule",
-                                     req.model_copy(update={"wait_ms": wait_ms}),
-                                     ScheduleReply, timed=False,
-                                     seconds=wait_ms / 1000 + 10)
-            assert reply is not None
-        for d in reply.decisions:
-            if d.action == "wait":
-                self.tally.waits += 1
-            else:
-                self.tally.decided += 1
-        return reply.decisions
-
-    def report(self, parent_id: str, task_id: str, piece: int | None, kind: str) -> None:
-        pass  # fetches never fail here
+        started = time.time()
+        reg = PeerRegistration(
+            id=f"fleet-{n:05d}", upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
+            idc=f"idc{n % 4}", started_at=started)
+        self.client = SchedulerClient(
+            [url], reg, session, _NothingHeld(),  # type: ignore[arg-type]
+            lambda: Heartbeat(counters=PeerCounters(started_at=started)), secret,
+            transport=transport)
 
     async def join(self) -> None:
-        n = self.n
-        await self._post("register", f"{API}/peers", PeerRegistration(
-            id=self.id, upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
-            idc=f"idc{n % 4}", started_at=time.time()), RegisterReply)
-        await self._post("register", f"{API}/tasks", self.task, TaskMeta)
+        await self.client.start()
+        await self.client.connected.wait()
+        await self.client.ensure_task(self.task)
 
-    async def pull(self) -> None:
-        """The whole task as a reader reads it, then until every piece is announced."""
-        tasks = TaskSet(f"fleet-host-{self.n}")
-        outbox = Outbox(self.id, self)
-        batcher = DecisionBatcher(self, self.task.task_id, tasks, lambda _: DEFAULT,
+    async def pull(self, tasks: TaskSet) -> None:
+        """The whole task as a reader reads it (peer/engine/reader.py: a window asked for,
+        refilled half a window at a time as the reader moves on), then sealed."""
+        batcher = DecisionBatcher(self.client, self.task.task_id, tasks, lambda _: DEFAULT,
                                   lambda: REGISTRY, _Clock())
-        tasks.supervise("outbox", outbox.run)
-        tasks.supervise("heartbeats", self._heartbeats)
-        try:
-            await self._read(batcher, outbox, tasks)
-            outbox.sealed(self.task.task_id, REGISTRY)
-            await self.all_announced.wait()
-        finally:
-            await tasks.close()
-
-    async def _read(self, batcher: DecisionBatcher, outbox: Outbox, tasks: TaskSet) -> None:
-        """The reader's read-ahead (peer/engine/reader.py): a window asked for, refilled half
-        a window at a time as the reader moves on."""
         fetching: dict[int, asyncio.Task[None]] = {}
         ahead = 0
         for k in range(self.count):
             if ahead <= k + self.window // 2:
                 for j in range(ahead, min(self.count, k + self.window)):
-                    fetching[j] = tasks.spawn(self._obtain(j, batcher, outbox))
+                    fetching[j] = tasks.spawn(self._obtain(j, batcher))
                 ahead = max(ahead, min(k + self.window, self.count))
             await fetching.pop(k)
+        self.client.sealed(self.task.task_id, REGISTRY)
 
-    async def _obtain(self, index: int, batcher: DecisionBatcher, outbox: Outbox) -> None:
+    async def _obtain(self, index: int, batcher: DecisionBatcher) -> None:
         await batcher.decide(index, frozenset())
         loop = asyncio.get_running_loop()
         self._link_free = max(loop.time(), self._link_free) + self.piece_seconds
         await asyncio.sleep(self._link_free - loop.time())
-        outbox.announce(self.task.task_id, index, chunk_of(index), REGISTRY)
-
-    async def _heartbeats(self) -> None:
-        started = time.time()
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            await self._post("heartbeat", f"{API}/peers/{self.id}/heartbeat",
-                             Heartbeat(counters=PeerCounters(started_at=started)), None)
+        self.client.announce(self.task.task_id, index, chunk_of(index), REGISTRY)
 
 
 class _Clock:
@@ -263,28 +248,39 @@ class Measured:
 async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
                  host_rate: float, seconds: float,
                  cpu: Callable[[], tuple[float, float]]) -> Measured:
-    """Join `simulate` hosts, then time their pulls (at most `seconds`)."""
+    """Join `simulate` hosts, then time their pulls (at most `seconds`) until every piece is
+    decided and announced."""
     tally = Tally()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
-        transport = HttpTransport(session, secret)
-        hosts = [Host(n, transport, url, task, host_rate, tally) for n in range(simulate)]
-        await asyncio.gather(*(h.join() for h in hosts))
-        tally = Tally()  # what the pulls send, without the joins
-        for h in hosts:
-            h.tally = tally
-        sched0, store0 = cpu()
-        started = time.perf_counter()
-        pulls = [asyncio.create_task(h.pull()) for h in hosts]
-        done, pending = await asyncio.wait(pulls, timeout=seconds)
-        elapsed = time.perf_counter() - started
-        sched1, store1 = cpu()
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:
-            t.result()  # a host that failed fails the run
-    return Measured(elapsed, tally, sched1 - sched0, store1 - store0, len(done))
+        transport = TimedTransport(HttpTransport(session, secret), tally)
+        hosts = [Host(n, url, session, secret, task, host_rate, transport)
+                 for n in range(simulate)]
+        tasks = TaskSet("fleet")
+        try:
+            await asyncio.gather(*(h.join() for h in hosts))
+            transport.tally = tally = Tally()  # what the pulls send, without the joins
+            sched0, store0 = cpu()
+            started = time.perf_counter()
+            tally.want = simulate * hosts[0].count
+            done = 0
+
+            async def pulled() -> None:
+                nonlocal done
+                for pull in asyncio.as_completed([h.pull(tasks) for h in hosts]):
+                    await pull
+                    done += 1
+                await tally.all_announced.wait()  # the outbox's last announcements
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pulled(), seconds)
+            elapsed = time.perf_counter() - started
+            sched1, store1 = cpu()
+        finally:
+            await tasks.close()
+            for h in hosts:
+                await h.client.stop(leave=False)
+    return Measured(elapsed, tally, sched1 - sched0, store1 - store0, done)
 
 
 class RedisCluster:
@@ -391,6 +387,7 @@ async def main(argv: list[str] | None = None) -> int:
             flags, store_pids = ["--redis-cluster", backend.url], backend.pids
         secret = secrets.token_hex(16).encode()
         port = free_port()
+        flags += ["--udp", f"127.0.0.1:{free_port()}"]  # heartbeats as peers send them
         proc = spawn_scheduler(port, None, workdir, secret, heartbeat_interval=HEARTBEAT_INTERVAL,
                                extra=flags)
         try:
