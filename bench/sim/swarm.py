@@ -1,0 +1,866 @@
+"""The swarm: hosts whose peers drive the real `Acquisition` per piece against the real
+`ClusterState`, over the simulated network (bench/sim/core.py).
+
+What is the real code, run as is: `ClusterState` (every schedule, announce, report, heartbeat,
+expiry, registration), the placement policy it calls, `Acquisition` (every step of every piece),
+`bypass` (the batcher's answer to a `wait`), `announcements` (the outbox's messages).
+What is modelled here, after the engine it stands for (peer/engine/engine.py and friends):
+
+* the reader (reader.py): a whole-blob GET walks the pieces in order with a read-ahead of
+  READAHEAD_BYTES, refilled half a window at a time; a host is done when its reader has every
+  piece;
+* the batcher (batcher.py): a host's asks in one instant travel in one schedule call, which
+  long-polls (LONG_POLL_MS) while every piece in it must wait, re-decided when an announcement
+  adds one of its pieces, when a peer expires, and every RECHECK_SECONDS (scheduler/store.py
+  `Waiters`); a `wait` answered goes back into the next call;
+* parents (fetch.py, upload.py): ranked parents tried in turn; one at its upload slots, or
+  holding `per_address` slots for this child already, answers busy at once; a dead one fails
+  after STALL_SECONDS; a corrupt one's bytes fail verification and are reported;
+* origin runs (origin.py): one ranged request per lease run, pieces in order, progress
+  reported every PROGRESS_EVERY, a run stopped between pieces once the scheduler was silent
+  for LEASE_LAPSE;
+* the outbox (sched_outbox.py): announcements coalesced for ANNOUNCE_COALESCE, one request at
+  a time, deferred claims announced again after DEFER_WAITS, held while no scheduler answers;
+* the session (sched_session.py): a scheduler that goes away is noticed at once (a restart
+  refuses connections), registration retried with the session's back-off, then every held
+  piece re-announced; `recently_lost` and the longest silence as the session keeps them;
+* each host's CPU: verifying and storing a piece costs `cpu_per_mib` seconds per MiB on one
+  core per host, after the bytes arrive and before the piece counts as held.
+
+The scheduler itself is given no CPU limit: decisions and announcements per second are what
+the swarm demands of it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from time import perf_counter
+
+from bench.sim.core import Clock, Flow, Link, Network
+from common.models import (
+    AnnounceReply,
+    Decision,
+    Heartbeat,
+    ParentRef,
+    PeerCounters,
+    PeerLoad,
+    PeerRegistration,
+    Report,
+    ScheduleRequest,
+    TaskRequest,
+)
+from common.pieces import MiB, piece_count
+from peer.engine.acquire import (
+    LONG_POLL_MS,
+    Acquisition,
+    Ask,
+    AwaitScheduler,
+    Decided,
+    Fetch,
+    FromOrigin,
+    GiveUp,
+    NoDecision,
+    OriginFailed,
+    ParentsFailed,
+    Pause,
+    Paused,
+    Step,
+    Waited,
+    bypass,
+)
+from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
+from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES
+from peer.parents import STALL_SECONDS
+from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
+from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
+from peer.upload import per_address_default
+from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
+from scheduler.store import RECHECK_SECONDS
+
+REGISTRY = "http://registry.sim:5000"
+TASK = "sha256:" + "ab" * 32
+
+
+def chunk_id(index: int) -> str:
+    return f"blake3:{index:064x}"
+
+
+@dataclass
+class Params:
+    """What the simulated peers and network are like (defaults: the lab's loopback veths)."""
+
+    rtt: float = 0.0005  # a request and its answer, scheduler or parent
+    fetch_overhead: float = 0.0  # a parent's GET before its first byte, beyond the rtt
+    origin_overhead: float = 0.0  # an origin GET before its first byte, beyond the rtt
+    cpu_per_mib: float = 0.002  # seconds of one core to verify and store a MiB
+    upload_slots: int = 8
+    heartbeat_interval: float = 2.0
+    lease_timeout: float = 2.0
+    piece_size: int | None = None  # None: the default layout for the blob
+
+
+@dataclass(eq=False)
+class Host:
+    index: int
+    id: str
+    idc: str
+    location: str
+    up: Link
+    down: Link
+    start_at: float = 0.0
+    corrupt: bool = False
+    alive: bool = True
+    # engine state
+    have: set[int] = field(default_factory=set)
+    workers: dict[int, Worker] = field(default_factory=dict)
+    known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
+    oruns: dict[int, OriginRun] = field(default_factory=dict)
+    cpu_free: float = 0.0
+    # reader
+    pos: int = 0
+    ahead: int = 0
+    reading: bool = False
+    planning: bool = False
+    blocked_since: float | None = None
+    done_at: float | None = None
+    # uploads
+    active: int = 0
+    by_child: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    uploads: dict[Upload, None] = field(default_factory=dict)
+    uploaded: int = 0
+    from_origin: int = 0
+    from_peers: int = 0
+    # batcher
+    unsent: dict[int, tuple[Worker, frozenset[str], float]] = field(default_factory=dict)
+    flush_due: bool = False
+    # outbox
+    pending: dict[int, str] = field(default_factory=dict)
+    progress: set[int] = field(default_factory=set)
+    sealed: bool = False
+    sending: bool = False
+    send_due: bool = False
+    # session
+    connected: bool = True
+    lost_at: float | None = None
+    silences: list[tuple[float, float]] = field(default_factory=list)
+    back_waiters: list[Worker] = field(default_factory=list)
+    reg: PeerRegistration | None = None
+
+
+@dataclass(eq=False)
+class Upload:
+    parent: Host
+    child: Host
+    worker: Worker
+    flow: Flow | None = None
+
+
+@dataclass(eq=False)
+class OriginRun:
+    host: Host
+    epoch: int | None
+    first: int
+    last: int
+    begun: float
+    waiters: dict[int, list[Worker]] = field(default_factory=lambda: defaultdict(list))
+    failed: bool = False
+    flow: Flow | None = None
+    next: int = 0
+
+
+@dataclass(eq=False)
+class Call:
+    """A schedule call in flight or parked at the scheduler."""
+
+    host: Host
+    batch: dict[int, tuple[Worker, frozenset[str], float]]
+    req: ScheduleRequest
+    deadline: float = 0.0
+    waking: bool = False
+    done: bool = False
+    session: int = 0
+
+
+class Worker:
+    """One piece's acquisition on one host: the real `Acquisition`, its steps done here."""
+
+    __slots__ = ("acq", "host", "index", "over", "sim", "step")
+
+    def __init__(self, sim: Swarm, host: Host, index: int) -> None:
+        self.sim, self.host, self.index = sim, host, index
+        self.acq = Acquisition(sim.rng)
+        self.over = False
+        self.do(self.acq.start(sim.clock.now))
+
+    def send(self, event: object) -> None:
+        if self.over or not self.host.alive:
+            return
+        host = self.host
+        waiting = host.blocked_since if host.reading and host.pos == self.index else None
+        self.do(self.acq.send(event, self.sim.clock.now, False, waiting))  # type: ignore[arg-type]
+
+    def do(self, step: Step) -> None:
+        sim, host = self.sim, self.host
+        if host.planning and self.index == 0 and isinstance(step, Fetch | FromOrigin):
+            sim.planned(host)
+        match step:
+            case Ask(exclude=exclude):
+                sim.ask(host, self, exclude)
+            case Fetch(chunk=chunk, parents=parents, report=report):
+                if report:
+                    host.known[self.index] = (chunk, list(parents))
+                sim.fetch(self, list(parents), 0, set(), report)
+            case Pause(seconds=seconds):
+                sim.clock.after(seconds, self.send, Paused())
+            case AwaitScheduler(seconds=seconds):
+                sim.await_scheduler(self, seconds)
+            case FromOrigin(epoch=epoch, first=first, last=last):
+                sim.stats.origin_reasons[step.reason or "lease"] += 1
+                if epoch is None:
+                    sim.origin_piece(self, None, self.index, self.index)
+                else:
+                    assert first is not None and last is not None
+                    sim.origin_piece(self, epoch, first, last)
+            case GiveUp():
+                self.over = True
+                sim.stats.gave_up += 1
+
+
+@dataclass
+class Stats:
+    decisions: int = 0  # pieces decided by ClusterState.schedule, re-decisions included
+    calls: int = 0  # ClusterState.schedule calls
+    announces: int = 0  # announce calls (progress and re-announcements included)
+    heartbeats: int = 0
+    reports: int = 0
+    transfers: int = 0  # pieces moved, parent or origin
+    corrupt_caught: int = 0
+    gave_up: int = 0
+    cross_idc: float = 0.0  # bytes
+    sched_cpu: float = 0.0  # wall seconds spent in ClusterState's rules
+    origin_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Swarm:
+    def __init__(self, *, length: int, params: Params, origin_rate: float, seed: int,
+                 idc_links: dict[str, float] | None = None) -> None:
+        self.p = params
+        self.length = length
+        self.rng = random.Random(seed)
+        self.clock = Clock()
+        self.net = Network(self.clock)
+        self.stats = Stats()
+        self.hosts: list[Host] = []
+        self.by_id: dict[str, Host] = {}
+        self.origin = Link("origin", origin_rate)
+        self.origin_idc = ""
+        self.idc_out: dict[str, Link] = {}
+        self.idc_in: dict[str, Link] = {}
+        for idc, rate in (idc_links or {}).items():
+            self.idc_out[idc] = Link(f"{idc}-out", rate)
+            self.idc_in[idc] = Link(f"{idc}-in", rate)
+        self.state = self._new_state()
+        self.up = True
+        self.session = 0  # scheduler incarnation: a restart ends every call in flight
+        self.parked: dict[int, dict[Call, None]] = defaultdict(dict)
+        self.meta = self.state.ensure_task(TaskRequest(task_id=TASK, length=length,
+                                                       piece_size=params.piece_size), 0.0)
+        self.piece_size = self.meta.piece_size
+        self.count = piece_count(length, self.piece_size)
+        self.chunks = [chunk_id(i) for i in range(self.count)]
+        self.window = max(2, READAHEAD_BYTES // self.piece_size)
+        self.per_address = per_address_default(params.upload_slots)
+        self.origin_bytes = 0.0
+        self.leases = 0  # granted by schedulers since restarted
+        self.pulling = 0  # hosts alive and not done
+
+    def _new_state(self) -> ClusterState:
+        return ClusterState(heartbeat_interval=self.p.heartbeat_interval,
+                            lease_timeout=self.p.lease_timeout,
+                            rng=random.Random(self.rng.random()))
+
+    def size(self, index: int) -> int:
+        return min(self.piece_size, self.length - index * self.piece_size)
+
+    # -- hosts -------------------------------------------------------------------------------
+
+    def add_host(self, *, up: float, down: float, idc: str = "", location: str = "",
+                 start_at: float = 0.0, corrupt: bool = False) -> Host:
+        i = len(self.hosts)
+        hid = f"h{i:05d}"
+        host = Host(i, hid, idc, location, Link(f"{hid}-up", up), Link(f"{hid}-down", down),
+                    start_at=start_at, corrupt=corrupt)
+        host.reg = PeerRegistration(id=hid, upload_addr=f"10.{i >> 16}.{(i >> 8) & 255}."
+                                    f"{i & 255}:65002", idc=idc, location=location,
+                                    upload_slots=self.p.upload_slots, started_at=1.0)
+        self.state.register(host.reg, 0.0)
+        self.hosts.append(host)
+        self.by_id[hid] = host
+        self.pulling += 1
+        self.clock.at(start_at, self.start_pull, host)
+        self.clock.at(self.rng.uniform(0, self.p.heartbeat_interval), self.heartbeat, host)
+        return host
+
+    def kill(self, host: Host) -> None:
+        """The host is gone (power, kernel): its flows stop, its children notice by a stall."""
+        if not host.alive:
+            return
+        host.alive = False
+        if host.done_at is None:
+            self.pulling -= 1
+        for up in list(host.uploads):
+            self._end_upload(up)
+            self.clock.after(STALL_SECONDS, self._upload_failed, up, "slow")
+        for run in list(host.oruns.values()):
+            self._stop_run(run)
+        for other in self.hosts:  # its own downloads, from whoever was sending them
+            for up in [u for u in other.uploads if u.child is host]:
+                self._end_upload(up)
+
+    # -- the scheduler's side ----------------------------------------------------------------
+
+    def _state_call(self, host: Host, fn, *args):
+        """Run a ClusterState rule for `host`; None if the scheduler does not know it (a
+        restart): the session registers again."""
+        started = perf_counter()
+        try:
+            return fn(*args, self.clock.now)
+        except (UnknownPeer, UnknownTask):
+            self._lose(host)
+            return None
+        finally:
+            self.stats.sched_cpu += perf_counter() - started
+
+    def heartbeat(self, host: Host) -> None:
+        if not host.alive:
+            return
+        if self.up and host.connected:
+            self.stats.heartbeats += 1
+            hb = Heartbeat.model_construct(
+                load=PeerLoad.model_construct(active_uploads=host.active, upload_rate=0.0,
+                                              free_disk=0),
+                counters=PeerCounters.model_construct(
+                    origin=int(host.from_origin), peer=int(host.from_peers), local=0,
+                    served=0, uploaded=int(host.uploaded), started_at=1.0))
+            self._state_call(host, self.state.heartbeat, host.id, hb)
+        self.clock.after(self.p.heartbeat_interval, self.heartbeat, host)
+
+    def expire_loop(self) -> None:
+        if self.up and self.state.expire(self.clock.now):
+            for calls in list(self.parked.values()):
+                for call in list(calls):
+                    self._wake(call)
+        self.clock.after(1.0, self.expire_loop)
+
+    def ask(self, host: Host, worker: Worker, exclude: frozenset[str]) -> None:
+        host.unsent[worker.index] = (worker, exclude, self.clock.now)
+        if not host.flush_due:
+            host.flush_due = True
+            self.clock.after(0.0, self._flush, host)
+
+    def _flush(self, host: Host) -> None:
+        host.flush_due = False
+        batch, host.unsent = host.unsent, {}
+        batch = {i: a for i, a in batch.items() if not a[0].over}
+        if not batch or not host.alive:
+            return
+        if not host.connected:  # the session fails calls at once while no scheduler answers
+            for i, (w, _, _) in batch.items():
+                w.send(NoDecision(True, host.known.pop(i, None)))
+            return
+        exclude: set[str] = set()
+        for _, ex, _ in batch.values():
+            exclude |= ex
+        req = ScheduleRequest.model_construct(
+            peer_id=host.id, task_id=TASK, pieces=list(batch), exclude=sorted(exclude)[:256],
+            wait_ms=LONG_POLL_MS, registry=REGISTRY)
+        call = Call(host, batch, req, session=self.session)
+        self.clock.after(self.p.rtt / 2, self._arrive, call)
+
+    def _arrive(self, call: Call) -> None:
+        if not self.up or call.session != self.session:
+            self._answer_later(call, None)
+            return
+        call.deadline = self.clock.now + LONG_POLL_MS / 1000
+        self._decide(call)
+
+    def _decide(self, call: Call) -> None:
+        call.waking = False
+        if call.done:
+            return
+        if not self.up or call.session != self.session:
+            self._unpark(call)
+            self._answer_later(call, None)
+            return
+        now = self.clock.now
+        started = perf_counter()
+        try:
+            decisions = self.state.schedule(call.req, now)
+        except (UnknownPeer, UnknownTask):
+            self._unpark(call)
+            self._lose(call.host)
+            self._answer_later(call, None)
+            return
+        except StateError:
+            self._unpark(call)
+            self._answer_later(call, None)
+            return
+        self.stats.sched_cpu += perf_counter() - started
+        self.stats.calls += 1
+        self.stats.decisions += len(decisions)
+        self.stats.per_second[int(now)] += len(decisions)
+        if now >= call.deadline or any(d.action != "wait" for d in decisions):
+            self._unpark(call)
+            self._answer_later(call, decisions)
+            return
+        if call not in self.parked[call.req.pieces[0]]:
+            for i in call.req.pieces:
+                self.parked[i][call] = None
+        self.clock.after(min(RECHECK_SECONDS, call.deadline - now), self._wake, call)
+
+    def _wake(self, call: Call) -> None:
+        if not call.waking and not call.done:
+            call.waking = True
+            self.clock.after(0.0, self._decide, call)
+
+    def _unpark(self, call: Call) -> None:
+        for i in call.req.pieces:
+            s = self.parked.get(i)
+            if s is not None:
+                s.pop(call, None)
+
+    def _answer_later(self, call: Call, decisions: list[Decision] | None) -> None:
+        call.done = True
+        self.clock.after(self.p.rtt / 2, self._answered, call, decisions)
+
+    def _answered(self, call: Call, decisions: list[Decision] | None) -> None:
+        host = call.host
+        if not host.alive:
+            return
+        batch = call.batch
+        if decisions is not None:
+            now = self.clock.now
+            for d in decisions:
+                ask = batch.pop(d.piece, None)
+                if ask is None or ask[0].over:
+                    continue
+                answer = bypass(d, False, now - ask[2])
+                if answer is None:
+                    host.unsent[d.piece] = ask
+                    if not host.flush_due:
+                        host.flush_due = True
+                        self.clock.after(0.0, self._flush, host)
+                else:
+                    ask[0].send(Decided(answer))
+        for i, (w, _, _) in batch.items():
+            w.send(NoDecision(True, host.known.pop(i, None)))
+
+    # -- announcements (the outbox) ----------------------------------------------------------
+
+    def announce(self, host: Host, index: int | None = None, progress: int | None = None,
+                 sealed: bool = False) -> None:
+        if index is not None:
+            host.pending[index] = self.chunks[index]
+        if progress is not None:
+            host.progress.add(progress)
+        host.sealed |= sealed
+        self._send_soon(host)
+
+    def _send_soon(self, host: Host) -> None:
+        if not host.sending and not host.send_due and host.connected:
+            host.send_due = True
+            self.clock.after(ANNOUNCE_COALESCE, self._send, host)
+
+    def _send(self, host: Host) -> None:
+        host.send_due = False
+        if not host.alive or not host.connected or host.sending:
+            return
+        if not host.pending and not host.progress and not host.sealed:
+            return
+        anns = announcements(host.id, TASK, host.pending, host.sealed, host.progress,
+                             REGISTRY)
+        host.pending, host.progress, host.sealed = {}, set(), False
+        host.sending = True
+        self.clock.after(self.p.rtt / 2, self._announce_arrive, host, anns, 0, self.session)
+
+    def _announce_arrive(self, host: Host, anns: list, attempt: int, session: int) -> None:
+        replies = []
+        if self.up and session == self.session:
+            for ann in anns:
+                self.stats.announces += 1
+                reply = self._state_call(host, self.state.announce, ann)
+                if reply is None:
+                    break
+                replies.append((ann, reply))
+                self._notify([c.index for c in ann.pieces])
+        self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
+
+    def _notify(self, pieces: list[int]) -> None:
+        parked = self.parked
+        for i in pieces:
+            calls = parked.get(i)
+            if calls:
+                for call in list(calls):
+                    self._wake(call)
+
+    def _announced(self, host: Host, replies: list[tuple], attempt: int) -> None:
+        host.sending = False
+        if not host.alive:
+            return
+        for ann, reply in replies:
+            self._deferred(host, ann, reply, attempt)
+        if host.pending or host.progress or host.sealed:
+            self._send_soon(host)
+
+    def _deferred(self, host: Host, ann, reply: AnnounceReply, attempt: int) -> None:
+        if not reply.deferred or attempt >= len(DEFER_WAITS):
+            return
+        chunks = {c.index: c.chunk for c in ann.pieces}
+        again = {i: chunks[i] for i in reply.deferred if i in chunks and i in host.have}
+        if again:
+            anns = announcements(host.id, TASK, again, False, set(), REGISTRY)
+            self.clock.after(DEFER_WAITS[attempt], self._announce_arrive_later, host, anns,
+                             attempt + 1)
+
+    def _announce_arrive_later(self, host: Host, anns: list, attempt: int) -> None:
+        if host.alive and host.connected:
+            self.clock.after(self.p.rtt / 2, self._announce_arrive, host, anns, attempt,
+                             self.session)
+
+    def report(self, host: Host, parent: str, index: int, kind: str) -> None:
+        if host.connected and self.up:
+            self.stats.reports += 1
+            self._state_call(host, self.state.report,
+                             Report(peer_id=host.id, parent_id=parent, task_id=TASK,
+                                    piece=index, kind=kind))
+
+    # -- the session: outages and restarts ---------------------------------------------------
+
+    def outage(self, duration: float, restart: bool) -> None:
+        """The scheduler goes away for `duration` (a restart: with its state)."""
+        self.up = False
+        self.session += 1
+        for calls in self.parked.values():
+            for call in list(calls):
+                self._wake(call)
+        if restart:
+            self.leases += self.state.back_to_source
+            self.state = self._new_state()
+        for host in self.hosts:
+            self._lose(host)
+        self.clock.after(duration, self._back)
+
+    def _back(self) -> None:
+        self.up = True
+
+    def _lose(self, host: Host) -> None:
+        if not host.connected or not host.alive:
+            return
+        host.connected = False
+        host.lost_at = self.clock.now
+        self.clock.after(RETRY_MIN, self._register, host, RETRY_MIN)
+
+    def _register(self, host: Host, backoff: float) -> None:
+        if not host.alive or host.connected:
+            return
+        if not self.up:
+            nxt = min(backoff * 2, RETRY_MAX)
+            self.clock.after(nxt, self._register, host, nxt)
+            return
+        now = self.clock.now
+        assert host.reg is not None
+        self.state.register(host.reg, now)
+        self.state.ensure_task(TaskRequest(task_id=TASK, length=self.length,
+                                           piece_size=self.piece_size), now)
+        host.silences.append((host.lost_at or now, now))
+        # The whole store again (sched_reannounce.py), before calls go on (`connected`).
+        anns = announcements(host.id, TASK, {i: self.chunks[i] for i in sorted(host.have)},
+                             len(host.have) == self.count, set(), REGISTRY) if host.have else []
+        self.clock.after(self.p.rtt / 2, self._reannounce, host, anns, self.session)
+
+    def _reannounce(self, host: Host, anns: list, session: int) -> None:
+        if self.up and session == self.session:
+            for ann in anns:
+                self.stats.announces += 1
+                if self._state_call(host, self.state.announce, ann) is None:
+                    return
+                self._notify([c.index for c in ann.pieces])
+        self.clock.after(self.p.rtt / 2, self._connected, host, session)
+
+    def _connected(self, host: Host, session: int) -> None:
+        if not host.alive or session != self.session or not self.up:
+            if host.alive and not host.connected:
+                self.clock.after(RETRY_MIN, self._register, host, RETRY_MIN)
+            return
+        host.connected = True
+        self._send_soon(host)
+        waiters, host.back_waiters = host.back_waiters, []
+        for w in waiters:
+            w.send(Waited(True, False))
+
+    def recently_lost(self, host: Host) -> bool:
+        return not host.connected and host.lost_at is not None \
+            and self.clock.now - host.lost_at <= RECENT_SECONDS
+
+    def longest_silence(self, host: Host, since: float) -> float:
+        now = self.clock.now
+        spans = list(host.silences)
+        if not host.connected and host.lost_at is not None:
+            spans.append((host.lost_at, now))
+        return max((min(b, now) - max(a, since) for a, b in spans if b > since), default=0.0)
+
+    def await_scheduler(self, worker: Worker, seconds: float) -> None:
+        host = worker.host
+        if host.connected:
+            worker.send(Waited(True, False))
+            return
+        if not self.recently_lost(host):
+            worker.send(Waited(False, False))
+            return
+        host.back_waiters.append(worker)
+        self.clock.after(seconds, self._await_timeout, worker)
+
+    def _await_timeout(self, worker: Worker) -> None:
+        host = worker.host
+        if worker in host.back_waiters:
+            host.back_waiters.remove(worker)
+            worker.send(Waited(False, self.recently_lost(host)))
+
+    # -- the network -------------------------------------------------------------------------
+
+    def links(self, src_up: Link, src_idc: str, dst: Host) -> tuple[Link, ...]:
+        if src_idc != dst.idc and self.idc_out:
+            return (src_up, self.idc_out[src_idc], self.idc_in[dst.idc], dst.down)
+        return (src_up, dst.down)
+
+    # -- parents -----------------------------------------------------------------------------
+
+    def fetch(self, worker: Worker, parents: list[ParentRef], k: int, failed: set[str],
+              report: bool) -> None:
+        """Parents in turn (fetch.py): the verified piece, or ParentsFailed."""
+        host = worker.host
+        if worker.over or not host.alive:
+            return
+        while k < len(parents):
+            ref = parents[k]
+            k += 1
+            parent = self.by_id.get(ref.id)
+            if parent is None or parent is host:
+                continue
+            if not parent.alive:
+                failed.add(ref.id)
+                if report:
+                    self.report(host, ref.id, worker.index, "failed")
+                self.clock.after(STALL_SECONDS, self.fetch, worker, parents, k, failed, report)
+                return
+            if parent.active >= self.p.upload_slots \
+                    or parent.by_child[host.index] >= self.per_address:
+                continue  # busy: 503 at once, no blame (its round trip is negligible)
+            up = Upload(parent, host, worker)
+            parent.active += 1
+            parent.by_child[host.index] += 1
+            parent.uploads[up] = None
+            self.clock.after(self.p.rtt + self.p.fetch_overhead, self._begin_upload, up,
+                             parents, k, failed, report)
+            return
+        worker.send(ParentsFailed(frozenset(failed)))
+
+    def _begin_upload(self, up: Upload, parents: list[ParentRef], k: int, failed: set[str],
+                      report: bool) -> None:
+        if up not in up.parent.uploads:
+            return
+        size = self.size(up.worker.index)
+        links = self.links(up.parent.up, up.parent.idc, up.child)
+        up.flow = self.net.start(links, size, lambda: self._uploaded(up, parents, k, failed,
+                                                                     report))
+
+    def _end_upload(self, up: Upload) -> None:
+        parent = up.parent
+        if up in parent.uploads:
+            del parent.uploads[up]
+            parent.active -= 1
+            parent.by_child[up.child.index] -= 1
+        if up.flow is not None:
+            self.net.cancel(up.flow)
+
+    def _upload_failed(self, up: Upload, kind: str) -> None:
+        worker = up.worker
+        if worker.over or not worker.host.alive:
+            return
+        self.report(worker.host, up.parent.id, worker.index, kind)
+        worker.send(ParentsFailed(frozenset({up.parent.id})))
+
+    def _uploaded(self, up: Upload, parents: list[ParentRef], k: int, failed: set[str],
+                  report: bool) -> None:
+        self._end_upload(up)
+        parent, host, worker = up.parent, up.child, up.worker
+        size = self.size(worker.index)
+        parent.uploaded += size
+        self.stats.transfers += 1
+        if parent.idc != host.idc:
+            self.stats.cross_idc += size
+        if parent.corrupt:
+            self.stats.corrupt_caught += 1
+            failed.add(parent.id)
+            self.report(host, parent.id, worker.index, "corrupt")
+            self._cpu(host, size, self.fetch, worker, parents, k, failed, report)
+            return
+        host.from_peers += size
+        self._cpu(host, size, self._kept, host, worker.index)
+
+    def _cpu(self, host: Host, size: int, fn, *args) -> None:
+        """`fn(*args)` once the host's core has verified (and stored) `size` bytes."""
+        t = max(self.clock.now, host.cpu_free) + self.p.cpu_per_mib * size / MiB
+        host.cpu_free = t
+        self.clock.at(t, fn, *args)
+
+    # -- the origin --------------------------------------------------------------------------
+
+    def origin_piece(self, worker: Worker, epoch: int | None, first: int, last: int) -> None:
+        host, index = worker.host, worker.index
+        run = host.oruns.get(epoch) if epoch is not None else None
+        if run is not None and not run.failed and run.first <= index <= run.last \
+                and index >= run.next:
+            run.waiters[index].append(worker)
+            return
+        missing = [i for i in range(first, last + 1) if i not in host.have or i == index]
+        run = OriginRun(host, epoch, min(missing), max(missing), self.clock.now)
+        run.next = run.first
+        run.waiters[index].append(worker)
+        if epoch is not None:
+            host.oruns[epoch] = run
+            self.clock.after(PROGRESS_EVERY, self._progress, run)
+        self.clock.after(self.p.rtt + self.p.origin_overhead, self._origin_next, run)
+
+    def _progress(self, run: OriginRun) -> None:
+        host = run.host
+        if run.failed or not host.alive or host.oruns.get(run.epoch) is not run:
+            return
+        self.announce(host, progress=run.epoch)
+        self.clock.after(PROGRESS_EVERY, self._progress, run)
+
+    def _origin_next(self, run: OriginRun) -> None:
+        host = run.host
+        if run.failed or not host.alive:
+            return
+        if run.next > run.last:
+            self._stop_run(run)
+            return
+        if run.epoch is not None and self.longest_silence(host, run.begun) > LEASE_LAPSE:
+            self._stop_run(run, lapsed=True)
+            return
+        i = run.next
+        links = self.links(self.origin, self.origin_idc, host)
+        run.flow = self.net.start(links, self.size(i), lambda: self._origin_got(run, i))
+
+    def _origin_got(self, run: OriginRun, i: int) -> None:
+        host = run.host
+        size = self.size(i)
+        self.origin_bytes += size
+        self.stats.transfers += 1
+        if host.idc != self.origin_idc:
+            self.stats.cross_idc += size
+        host.from_origin += size
+        run.next = i + 1
+        run.flow = None
+        waiters = run.waiters.pop(i, [])
+        if i not in host.have:
+            self._cpu(host, size, self._kept, host, i, waiters)
+        else:
+            for w in waiters:
+                self._finish(w)
+        self._origin_next(run)
+
+    def _stop_run(self, run: OriginRun, lapsed: bool = False) -> None:
+        run.failed = True
+        if run.flow is not None:
+            self.net.cancel(run.flow)
+            run.flow = None
+        host = run.host
+        if run.epoch is not None and host.oruns.get(run.epoch) is run:
+            del host.oruns[run.epoch]
+        for ws in run.waiters.values():
+            for w in ws:
+                w.send(OriginFailed(lapsed=lapsed))
+        run.waiters.clear()
+
+    # -- keeping pieces, and the reader ------------------------------------------------------
+
+    def _kept(self, host: Host, index: int, waiters: list[Worker] | None = None) -> None:
+        if not host.alive:
+            return
+        if index not in host.have:
+            host.have.add(index)
+            self.announce(host, index, sealed=len(host.have) == self.count)
+        w = host.workers.get(index)
+        if w is not None:
+            self._finish(w)
+        for w in waiters or ():
+            self._finish(w)
+        self._read(host)
+
+    def _finish(self, worker: Worker) -> None:
+        worker.over = True
+        host = worker.host
+        if host.workers.get(worker.index) is worker:
+            del host.workers[worker.index]
+
+    def ensure(self, host: Host, index: int) -> None:
+        if index in host.have or index in host.workers:
+            return
+        host.workers[index] = Worker(self, host, index)
+
+    def start_pull(self, host: Host) -> None:
+        """The mirror's `plan` (reader.py): the first piece alone, its decision awaited (up
+        to PLAN_WAIT), then the read with its window."""
+        if host.alive and self.count:
+            host.planning = True
+            self.ensure(host, 0)
+            self.clock.after(PLAN_WAIT, self.planned, host)
+
+    def planned(self, host: Host) -> None:
+        if host.planning and host.alive:
+            host.planning = False
+            host.reading = True
+            self._read(host)
+
+    def _read(self, host: Host) -> None:
+        """The reader: read-ahead refilled half a window at a time, pieces taken in order."""
+        if not host.reading:
+            return
+        n, window = self.count, self.window
+        while True:
+            k = host.pos
+            if k >= n:
+                host.reading = False
+                host.done_at = self.clock.now
+                self.pulling -= 1
+                return
+            if host.ahead <= k + window // 2:
+                hi = min(k + window, n)
+                for j in range(host.ahead, hi):
+                    self.ensure(host, j)
+                host.ahead = max(host.ahead, hi)
+            if k not in host.have:
+                if host.blocked_since is None:
+                    host.blocked_since = self.clock.now
+                return
+            host.blocked_since = None
+            host.pos = k + 1
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self, until: float = 3600.0) -> None:
+        self.clock.at(1.0, self.expire_loop)
+        self.clock.run(until, stop=lambda: self.pulling <= 0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]

@@ -1,0 +1,86 @@
+"""bench/sim: the swarm simulator runs the real rules, deterministically, and survives faults."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+
+import scheduler.state
+from bench.sim.__main__ import main
+from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
+from bench.sim.swarm import Params
+
+LAST_LINE = re.compile(r"^sim scenario=(\w+) hosts=(\d+) p50=([\d.]+)x p99=([\d.]+)x "
+                       r"origin=([\d.]+)x decisions=(\d+)/s events=(\d+)/s$")
+
+
+def small(**kw) -> Scenario:
+    """24 hosts, 16 MiB in 1 MiB pieces, origin-bound like the lab."""
+    base = Scenario(name="small", hosts=24, length=16 << 20, up=10e6, down=100e6,
+                    origin=5e6, params=Params(rtt=0.001))
+    return replace(base, **kw)
+
+
+def test_cli_ends_with_the_summary_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--scenario", "lab8", "--scale", "0.25"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = LAST_LINE.match(last)
+    assert m is not None, last
+    assert m.group(1) == "lab8" and m.group(2) == "2"
+    assert float(m.group(3)) >= 1.0  # nothing beats the fluid bound
+    assert float(m.group(5)) >= 1.0  # the origin sends every byte at least once
+
+
+def test_an_origin_bound_swarm_reaches_near_the_bound_fetching_each_byte_once() -> None:
+    r = run(small())
+    assert r.finished == r.survivors == 24
+    assert 1.0 <= r.p50 / r.bound <= 2.0
+    assert r.origin == pytest.approx(1.0)
+    assert r.decisions > 0 and r.announces > 0
+
+
+def test_the_same_seed_gives_the_same_run_and_another_seed_another() -> None:
+    a, b, c = run(small(), seed=7), run(small(), seed=7), run(small(), seed=8)
+    assert a.times == b.times and a.decisions == b.decisions and a.events == b.events
+    assert a.times != c.times
+
+
+def test_a_rule_change_in_the_scheduler_shows_in_the_simulation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin leases cover runs of MAX_LEASE_PIECES: the simulation grants what the rule says."""
+    before = run(small())
+    monkeypatch.setattr(scheduler.state, "MAX_LEASE_PIECES", 1)
+    after = run(small())
+    assert before.leases < 16  # runs of several pieces
+    assert after.leases >= 16  # one lease per piece of the 16
+    assert after.origin == pytest.approx(1.0)
+
+
+def test_hosts_that_die_mid_pull_leave_every_survivor_complete() -> None:
+    sc = small(hosts=40, die=0.1, die_at=0.5)
+    r = run(sc)
+    assert r.survivors == 36
+    assert r.finished == 36
+    assert r.gave_up == 0
+    assert max(r.times) < 3 * bound(sc)
+
+
+def test_a_scheduler_restart_mid_pull_is_survived() -> None:
+    r = run(small(restart_at=0.4, outage=1.0))
+    assert r.finished == r.survivors == 24
+    assert r.origin < 1.5  # the lapsed leases are taken over, not fetched by everyone
+
+
+def test_corrupt_parents_are_caught_and_their_pieces_fetched_again() -> None:
+    r = run(small(corrupt=0.1))
+    assert r.corrupt_caught > 0
+    assert r.finished == r.survivors == 24
+
+
+def test_every_shipped_scenario_runs_scaled_down() -> None:
+    for name, make in SCENARIOS.items():
+        sc = scaled(make(), None, 0.002 if make().hosts >= 1000 else 0.25)
+        r = run(sc)
+        assert r.finished == r.survivors, name
