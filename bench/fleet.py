@@ -151,9 +151,17 @@ class TimedTransport:
         if isinstance(out, ScheduleReply):
             if poll and all(d.action == "wait" for d in out.decisions):
                 self.tally.waits += len(out.decisions)
-                out = await self.inner.post(url, path, body, reply, seconds)
+                assert isinstance(body, ScheduleRequest)
+                # The claims it carried are recorded: the long poll goes without them.
+                parked = await self.inner.post(url, path,
+                                               body.model_copy(update={"announce": None}),
+                                               reply, seconds)
+                assert isinstance(parked, ScheduleReply)
                 self.tally.calls[kind] += 1
+                out = parked.model_copy(update={"announced": out.announced})
             assert isinstance(out, ScheduleReply)
+            if out.announced is not None:
+                self.tally.accepted(out.announced.accepted)
             for d in out.decisions:
                 if d.action == "wait":
                     self.tally.waits += 1

@@ -181,6 +181,17 @@ class ScheduleRequest(Model):
     wait_ms: int = Field(0, ge=0, le=30_000,
                          description="hold the answer this long while every piece must wait")
     registry: Registry | None = Field(None, description="where the requester fetches from")
+    announce: Announce | None = Field(
+        None, description="this peer's claims, recorded before deciding as POST /announce "
+                          "records them: one call instead of two (answered in `announced`)")
+
+    @model_serializer(mode="wrap")
+    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Without `announce` when there is none: what schedulers before it accept."""
+        data: dict[str, object] = handler(self)
+        if self.announce is None:
+            data.pop("announce", None)
+        return data
 
 
 class ParentRef(Model):
@@ -215,6 +226,15 @@ class Decision(Model):
 
 class ScheduleReply(Model):
     decisions: list[Decision]
+    announced: AnnounceReply | None = Field(None, description="the answer to `announce`")
+
+    @model_serializer(mode="wrap")
+    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Without `announced` unless the request announced: what peers before it accept."""
+        data: dict[str, object] = handler(self)
+        if self.announced is None:
+            data.pop("announced", None)
+        return data
 
 
 class Report(Model):

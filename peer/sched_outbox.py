@@ -6,6 +6,10 @@ A claim the scheduler defers (another peer's origin lease on the piece is live, 
 bound to another registry) is neither recorded nor blamed: it is announced again after a while,
 a few times, so a piece fetched on the on-demand path ends up recorded as held once the lease
 resolves. A claim it rejects (it conflicts with the map) is dropped.
+
+A task's queued claims may also leave with the schedule call that asks for its next pieces
+(`lend`: one call instead of two); what the outbox sends of that task meanwhile is only more
+claims, never a withdrawal that could overtake them.
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ class Outbox:
         self._deferred: dict[str, _Deferred] = {}
         self.registries: dict[str, str] = {}  # task -> registry, for re-announcing
         self._wanted = asyncio.Event()
+        self._round: set[str] = set()  # tasks whose messages are being sent now
+        self._lent: dict[str, int] = {}  # task -> its announcements out with other calls
 
     # -- what the engine queues ------------------------------------------------------------
 
@@ -227,6 +233,47 @@ class Outbox:
                                          registry=d.registry), d.attempt + 1)
         return out
 
+    # -- claims that leave with a schedule call ------------------------------------------------
+
+    def lend(self, task_id: str) -> Announce | None:
+        """The task's queued claims as one announcement for a call about to go out, or None:
+        nothing queued, or what must go first (a withdrawal, a mismatch) or is under way. The
+        caller hands it back with `answered` or `unsent`."""
+        p = self._pending.get(task_id)
+        if p is None or task_id in self._round or p.withdrawn or p.withdrawn_all \
+                or p.mismatch or len(p.pieces) > ANNOUNCE_BATCH \
+                or not (p.pieces or p.sealed or p.progress):
+            return None
+        del self._pending[task_id]
+        self._lent[task_id] = self._lent.get(task_id, 0) + 1
+        [ann] = announcements(self.peer_id, task_id, p.pieces, p.sealed, p.progress,
+                              p.registry)
+        return ann
+
+    def answered(self, ann: Announce, reply: AnnounceReply) -> None:
+        """The scheduler's answer to a lent announcement: as if the outbox had sent it."""
+        self._returned(ann.task_id)
+        self._answered(ann, reply, 0)
+
+    def unsent(self, ann: Announce) -> None:
+        """A lent announcement that did not get through: queued again, before what came
+        since."""
+        self._returned(ann.task_id)
+        self.requeue(ann.task_id, _Pending(
+            pieces={c.index: c.chunk for c in ann.pieces}, sealed=ann.sealed,
+            progress={p.epoch for p in ann.progress}, registry=ann.registry))
+
+    def _returned(self, task_id: str) -> None:
+        left = self._lent.pop(task_id, 1) - 1
+        if left:
+            self._lent[task_id] = left
+        self._wanted.set()  # what waited for it may go now
+
+    def _held(self, task_id: str, p: _Pending) -> bool:
+        """Whether a task's messages wait for its lent announcements to be answered: a
+        withdrawal or a mismatch must not overtake claims made before it."""
+        return task_id in self._lent and (p.withdrawn_all or bool(p.withdrawn) or p.mismatch)
+
     # -- sending ---------------------------------------------------------------------------
 
     def requeue(self, task_id: str, p: _Pending) -> None:
@@ -261,8 +308,8 @@ class Outbox:
             await asyncio.sleep(ANNOUNCE_COALESCE)  # a burst of pieces becomes one request
             await self.session.connected.wait()
             self._wanted.clear()
-            batch = {t: (p, 0) for t, p in self._pending.items()}
-            self._pending = {}
+            batch = {t: (p, 0) for t, p in self._pending.items() if not self._held(t, p)}
+            self._pending = {t: p for t, p in self._pending.items() if t not in batch}
             for task_id, (p, attempt) in self._take_due().items():
                 if task_id in batch:  # a fresh claim of the same piece wins
                     fresh = batch[task_id][0]
@@ -272,10 +319,12 @@ class Outbox:
                 else:
                     batch[task_id] = (p, attempt)
             unsent = dict(batch)
+            self._round = set(batch)
             try:
                 for task_id, (p, attempt) in batch.items():
                     await self._send(task_id, p, attempt)
                     del unsent[task_id]
+                    self._round.discard(task_id)
             except SchedulerUnavailable as e:
                 # Sent again once a scheduler answers: at once after a failover, after a
                 # growing wait while the one in use says it is unavailable.
@@ -285,6 +334,7 @@ class Outbox:
                 retry.reset()
             finally:
                 # Whatever ended this round (a failure, a cancellation) loses nothing queued.
+                self._round = set()
                 for task_id, (p, _) in unsent.items():
                     self.requeue(task_id, p)
 
@@ -299,7 +349,9 @@ class Outbox:
                     return
                 continue
             if isinstance(reply, AnnounceReply) and isinstance(msg, Announce):
-                if reply.rejected:
-                    log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10],
-                                task_id)
-                self.deferred(task_id, reply, msg, attempt)
+                self._answered(msg, reply, attempt)
+
+    def _answered(self, ann: Announce, reply: AnnounceReply, attempt: int) -> None:
+        if reply.rejected:
+            log.warning("scheduler rejected pieces %s of %s", reply.rejected[:10], ann.task_id)
+        self.deferred(ann.task_id, reply, ann, attempt)

@@ -69,6 +69,7 @@ class SchedulerClient:
         self.outbox = Outbox(registration.id, self.session)
         self.heartbeats = Heartbeats(self.session, heartbeat, UdpBeacon(secret))
         self._tasks = TaskSet("scheduler-client", restarts)
+        self._plain: set[str] = set()  # schedulers that take no announce with schedule calls
 
     # What the engine, the seeder and the tests read.
     @property
@@ -120,11 +121,37 @@ class SchedulerClient:
 
     async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
                        wait_ms: int, registry: str | None = None) -> list[Decision]:
+        """Decisions for `pieces`; the task's queued claims ride along (one call, not two),
+        unless the scheduler in use is one from before that (it refuses the field: 400)."""
+        url = self.session.url
+        ann = self.outbox.lend(task_id) if url not in self._plain else None
         req = ScheduleRequest(peer_id=self.registration.id, task_id=task_id, pieces=pieces,
                               exclude=sorted(exclude)[:256], wait_ms=wait_ms,
-                              registry=registry)
-        reply = await self.session.call(f"{API}/schedule", req, ScheduleReply,
-                                        seconds=wait_ms / 1000 + DECISION_SLACK)
+                              registry=registry, announce=ann)
+        seconds = wait_ms / 1000 + DECISION_SLACK
+        try:
+            reply = await self.session.call(f"{API}/schedule", req, ScheduleReply, seconds)
+        except SchedulerRefused as e:
+            if ann is None:
+                raise
+            self.outbox.unsent(ann)
+            if e.status != 400:
+                raise
+            reply = await self.session.call(f"{API}/schedule",
+                                            req.model_copy(update={"announce": None}),
+                                            ScheduleReply, seconds)
+            self._plain.add(url)  # the field was what it refused: announce apart from now on
+            log.info("scheduler %s takes no announcements with schedule calls", url)
+            return reply.decisions
+        except BaseException:
+            if ann is not None:
+                self.outbox.unsent(ann)
+            raise
+        if ann is not None:
+            if reply.announced is not None:
+                self.outbox.answered(ann, reply.announced)
+            else:
+                self.outbox.unsent(ann)
         return reply.decisions
 
     async def work(self) -> list[WorkItem]:

@@ -218,16 +218,24 @@ class SchedulerAPI:
 
     async def schedule(self, request: web.Request) -> web.Response:
         req = await parse_body(request, ScheduleRequest)
+        announced = None
+        if req.announce is not None:
+            # What this peer fetched since its last call, recorded first as POST /announce
+            # would: the call that asks for the next pieces tells of the last ones.
+            if req.announce.peer_id != req.peer_id:
+                raise RequestError(400, "announce: peer_id must be the requester's")
+            announced = await self._call(self.store.announce(req.announce))
         started = time.perf_counter()
         decisions = await self._call(self.store.schedule(req))
         if req.wait_ms == 0:
             self.metrics.schedule_seconds.observe(time.perf_counter() - started)
-        log.debug("schedule %s for %s: %s", req.task_id, req.peer_id,
-                  " ".join(f"{d.piece}:{d.action}" for d in decisions[:16]))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("schedule %s for %s: %s", req.task_id, req.peer_id,
+                      " ".join(f"{d.piece}:{d.action}" for d in decisions[:16]))
         granted = sum(1 for d in decisions if d.action == "source" and d.first == d.piece)
         if granted:
             self.metrics.back_to_source.inc(granted)
-        return model_response(ScheduleReply(decisions=decisions))
+        return model_response(ScheduleReply(decisions=decisions, announced=announced))
 
     async def report(self, request: web.Request) -> web.Response:
         rep = await parse_body(request, Report)
