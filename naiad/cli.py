@@ -114,6 +114,9 @@ SCHEDULER_OPTIONS = [
            type=float, metavar="SECONDS", above=0),
     Option("redis", None, "Redis URL for state shared by scheduler replicas",
            type=_url("redis", "rediss", "unix"), metavar="URL"),
+    Option("redis_cluster", None, "a seed node of a Redis Cluster for state shared by "
+           "scheduler replicas (instead of --redis)", type=_url("redis", "rediss"),
+           metavar="URL"),
     *COMMON,
 ]
 PEER_OPTIONS = [
@@ -283,13 +286,16 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
     from scheduler.server import SchedulerConfig, SchedulerService
 
     udp = None if opts["udp"] == "off" else opts["udp"]
+    if opts["redis"] and opts["redis_cluster"]:
+        raise ConfigError("--redis and --redis-cluster: give one, not both")
     secret = _secret(opts, opts["listen"], *([udp] if udp else []))
     _require_token(opts)
     service = SchedulerService(SchedulerConfig(
         listen=opts["listen"], udp=udp, udp_advertise=opts["udp_advertise"],
         heartbeat_interval=opts["heartbeat_interval"],
         lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
-        redis=opts["redis"], tls=_tls(opts), allow_registries=_allow_registries(opts),
+        redis=opts["redis"], redis_cluster=opts["redis_cluster"], tls=_tls(opts),
+        allow_registries=_allow_registries(opts),
         limits=_client_limits(opts)))
 
     async def stop(_: float) -> None:

@@ -2,8 +2,9 @@
 that expires silent peers and the one that samples the cluster's totals for the console's
 charts (scheduler/history.py).
 
-State lives in this process (`MemoryStore`) unless `--redis` names a Redis, which any number of
-replicas then share (`RedisStore`): a peer may register with one and ask another."""
+State lives in this process (`MemoryStore`) unless `--redis` names a Redis, or
+`--redis-cluster` a seed node of a Redis Cluster, which any number of replicas then share
+(`RedisStore`, the same code for both): a peer may register with one and ask another."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class SchedulerConfig:
     token: str | None = None
     secret: bytes | None = None
     redis: str | None = None  # redis://host:port/db: state shared by scheduler replicas
+    redis_cluster: str | None = None  # redis://host:port of a Redis Cluster node: the same
     tls: ssl.SSLContext | None = None  # HTTPS on `listen`
     allow_registries: list[Registry] = field(default_factory=list)  # what preheat may reach
     limits: ClientLimits | None = None  # per client on `listen` (None: the defaults)
@@ -74,8 +76,10 @@ class SchedulerService:
 
     @staticmethod
     def _make_store(config: SchedulerConfig, restarts: Counter) -> Store:
-        if config.redis:
-            return RedisStore.from_url(config.redis, heartbeat_interval=config.heartbeat_interval,
+        if config.redis or config.redis_cluster:
+            return RedisStore.from_url(config.redis_cluster or config.redis or "",
+                                       cluster=bool(config.redis_cluster),
+                                       heartbeat_interval=config.heartbeat_interval,
                                        lease_timeout=config.lease_timeout, restarts=restarts)
         return MemoryStore(heartbeat_interval=config.heartbeat_interval,
                            lease_timeout=config.lease_timeout)

@@ -28,7 +28,7 @@ from tests.cluster import (
     spawn,
     until,
 )
-from tests.test_store_behaviour import RedisServer
+from tests.redis_servers import RedisServer
 
 MiB = 1 << 20
 INTERVAL = 0.5  # tests/cluster.py starts schedulers with --heartbeat-interval 0.5

@@ -33,7 +33,7 @@ from tests.cluster import (
     until,
 )
 from tests.test_openapi import _response_schema, _validator
-from tests.test_store_behaviour import RedisServer
+from tests.redis_servers import RedisServer
 
 MiB = 1 << 20
 

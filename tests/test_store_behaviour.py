@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 import scheduler.store as store_module
@@ -38,7 +35,8 @@ from common.pieces import MiB
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import PENALTY_SECONDS, Conflict, StateError, UnknownPeer, UnknownTask
 from scheduler.store import MemoryStore, Store
-from tests.cluster import Proc, free_port, spawn, until
+from tests.cluster import until
+from tests.redis_servers import RedisCluster, RedisServer
 
 TASK = "sha256:" + "a" * 64
 OTHER = "sha256:" + "c" * 64
@@ -51,44 +49,6 @@ def chunk(n: int) -> str:
     return f"blake3:{n:064x}"
 
 
-class RedisServer:
-    """A real redis-server on a loopback port, without persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.binary = binary
-        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no"]
-        self.proc: Proc = spawn("redis", [binary, *self.args], workdir)
-
-    def wait_ready(self, seconds: float = 10.0) -> None:
-        """Until it answers PING (a readiness check: returns on the first PONG)."""
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                if self.proc.popen.poll() is not None:
-                    raise RuntimeError(f"redis-server exited:\n{self.proc.logs()}")
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server not ready:\n{self.proc.logs()}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        self.proc.stop()
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -97,6 +57,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def _backend(request: pytest.FixtureRequest, kind: str) -> str | None:
+    """An emptied Redis (or Redis Cluster) for `kind`, and its URL; None: the memory store."""
+    if kind == "memory":
+        return None
+    if kind == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        await cluster.flush()
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    await _flush(server.url)
+    return server.url
 
 
 class Clock:
@@ -128,7 +111,8 @@ class Harness:
                                    clock=clock)
         else:
             assert self.url is not None
-            s = RedisStore.from_url(self.url, heartbeat_interval=heartbeat_interval,
+            s = RedisStore.from_url(self.url, cluster=self.kind == "redis-cluster",
+                                    heartbeat_interval=heartbeat_interval,
                                     lease_timeout=LEASE, clock=clock,
                                     rng=random.Random(len(self.stores)))
         await s.start()
@@ -146,24 +130,18 @@ class Harness:
             await s.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    url = None
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        url = server.url
-        await _flush(url)
-    harness = Harness(request.param, Clock(), url)
+    harness = Harness(request.param, Clock(), await _backend(request, request.param))
     await harness.new_store()
     yield harness
     await harness.close()
 
 
-@pytest.fixture
-async def redis_h(redis_server: RedisServer) -> AsyncIterator[Harness]:
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def redis_h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """For what only Redis promises."""
-    await _flush(redis_server.url)
-    harness = Harness("redis", Clock(), redis_server.url)
+    harness = Harness(request.param, Clock(), await _backend(request, request.param))
     await harness.new_store()
     yield harness
     await harness.close()
@@ -175,11 +153,10 @@ async def _flush(url: str) -> None:
     await client.aclose()
 
 
-@pytest.fixture
-async def two(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two replicas' stores over one Redis, one clock."""
-    await _flush(redis_server.url)
-    harness = Harness("redis", Clock(), redis_server.url)
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def two(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores over one Redis (or one Redis Cluster), one clock."""
+    harness = Harness(request.param, Clock(), await _backend(request, request.param))
     a = await harness.new_store()
     b = await harness.new_store()
     assert isinstance(a, RedisStore) and isinstance(b, RedisStore)
@@ -861,7 +838,7 @@ async def test_concurrent_announcements_on_two_replicas_lose_nothing(
     assert len(view["piece_map"]) == 64
     per_peer = {pid: sum(1 for piece in range(64) if (piece + i) % 3 == 0)
                 for i, pid in enumerate(pids)}
-    held = await b.redis.hgetall(b.k_held(TASK))
+    held = await b.redis.hgetall(b.keys.held(TASK))
     assert {k: int(v) for k, v in held.items()} == per_peer
 
 
@@ -899,13 +876,12 @@ async def test_an_expired_peer_is_not_handed_out_even_before_the_sweep(
         await harness.close()
 
 
-async def test_memory_and_redis_give_the_same_answers(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_memory_and_redis_give_the_same_answers(request: pytest.FixtureRequest,
+                                                      kind: str) -> None:
     """One scripted history, both stores: the same decisions and the same piece maps."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
-    await client.aclose()
     mem = Harness("memory", Clock(), None)
-    red = Harness("redis", Clock(), redis_server.url)
+    red = Harness(kind, Clock(), await _backend(request, kind))
     stores = [await mem.new_store(), await red.new_store()]
 
     async def history(s: Store, clock: Clock) -> list:

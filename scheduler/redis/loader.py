@@ -1,0 +1,345 @@
+"""Loading one call's slice of state: the peers, tasks and pieces its rule touches, into a
+`ClusterState` of `Partial` maps (`World`), with what was loaded kept to diff against."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from common.models import PeerRegistration, TaskMeta
+from scheduler.redis import records
+from scheduler.redis.keys import last_field
+from scheduler.redis.partial import Partial
+from scheduler.state import ClusterState, PeerState, TaskState, TaskTrust
+
+if TYPE_CHECKING:
+    from scheduler.redis.store import RedisStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class TaskBase:
+    """A task as loaded, to diff the rule's result against."""
+
+    version: str | None  # None: the task did not exist
+    meta: TaskMeta | None = None
+    next_epoch: int = 1
+    leases: str = ""
+    trust: TaskTrust = field(default_factory=TaskTrust)
+    pieces: dict[int, tuple[str | None, str] | None] = field(default_factory=dict)  # encoded
+    held: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class World:
+    state: ClusterState
+    now: float = 0.0
+    peers: dict[str, tuple | None] = field(default_factory=dict)  # loaded values; None: absent
+    peer_tasks: dict[str, frozenset[str]] = field(default_factory=dict)
+    ghosts: set[str] = field(default_factory=set)  # expired peers whose holdings are swept
+    tasks: dict[str, TaskBase] = field(default_factory=dict)
+    cordoned: dict[str, bool] = field(default_factory=dict)
+    last_counters: dict[str, str | None] = field(default_factory=dict)
+
+
+async def gather(calls: list[Awaitable[T]]) -> list[T]:
+    """All of them, each to its end; then the first failure, if any, is raised as itself (the
+    API answers a RedisError with 503)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+class Reads:
+    """Commands for the read script, each with the key whose slot it reads and how to shape its
+    JSON reply like redis-py's. `run` sends each slot's commands as one read (one snapshot)."""
+
+    def __init__(self) -> None:
+        self.cmds: list[tuple[str | None, list[str], Callable[[Any], Any]]] = []
+
+    def _add(self, key: str | None, shape: Callable[[Any], Any], *cmd: Any) -> None:
+        self.cmds.append((key, [str(x) for x in cmd], shape))
+
+    def hmget(self, key: str, *fields: Any) -> None:
+        self._add(key, _values, "HMGET", key, *fields)
+
+    def hgetall(self, key: str) -> None:
+        self._add(key, _pairs, "HGETALL", key)
+
+    def hget(self, key: str, fld: str) -> None:
+        self._add(key, _value, "HGET", key, fld)
+
+    def hlen(self, key: str) -> None:
+        self._add(key, int, "HLEN", key)
+
+    def scard(self, key: str) -> None:
+        self._add(key, int, "SCARD", key)
+
+    def exists(self, key: str) -> None:
+        self._add(key, int, "EXISTS", key)
+
+    def smembers(self, key: str) -> None:
+        self._add(key, _values, "SMEMBERS", key)
+
+    def zrange(self, key: str) -> None:
+        self._add(key, _values, "ZRANGE", key, 0, -1)
+
+    def time(self) -> None:
+        """The clock of the slot read first (a task's, when the call names one)."""
+        self._add(None, lambda r: (int(r[0]), int(r[1])), "TIME")
+
+    async def run(self, read: Callable[[str, str], Awaitable[str]],
+                  slot_of: Callable[[str], int], clock_key: str | None = None) -> list:
+        clock_key = clock_key or next((k for k, _, _ in self.cmds if k is not None), "-")
+        groups: dict[int, tuple[str, list[int]]] = {}
+        for i, (key, _, _) in enumerate(self.cmds):
+            route = clock_key if key is None else key
+            groups.setdefault(slot_of(route), (route, []))[1].append(i)
+        raws = await gather([read(route, json.dumps([self.cmds[i][1] for i in idx],
+                                                    separators=(",", ":")))
+                             for route, idx in groups.values()])
+        out: list = [None] * len(self.cmds)
+        for (_, idx), raw in zip(groups.values(), raws, strict=True):
+            replies = json.loads(raw)
+            for i, r in zip(idx, [] if replies == {} else replies, strict=True):
+                out[i] = self.cmds[i][2](r)  # cjson: {} for an empty list
+        return out
+
+
+def _value(r: Any) -> Any:
+    return None if r is False else r
+
+
+def _values(r: Any) -> list:
+    return [] if r == {} else [None if x is False else x for x in r]  # cjson: {} for empty
+
+
+def _pairs(r: Any) -> dict:
+    return {} if r == {} else dict(zip(r[::2], r[1::2], strict=True))
+
+
+class Loader:
+    """Builds a `World` in rounds: queue what to read, `run()` it (one read per slot, batched
+    with other calls': each slot's part of a round is one atomic snapshot), queue what that
+    revealed. A later round may read newer state than an earlier one; the fences at write
+    time catch that."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.s = store
+        self.k = store.keys
+        st = ClusterState(heartbeat_interval=store.heartbeat_interval,
+                          lease_timeout=store.lease_timeout, rng=store.rng)
+        st.peers = Partial({}, ())
+        st.tasks = Partial({}, ())
+        st.totals.last = Partial({}, ())
+        self.world = World(st)
+        self._queued: list[tuple[Callable[[Reads], None], int, Callable[[list], None]]] = []
+        self._clock_key: str | None = None
+        self._asked: set[str] = set()
+        self._ghosts: set[str] = set()
+        self._rounds = 0
+
+    def _queue(self, add: Callable[[Reads], None], replies: int,
+               parse: Callable[[list], None]) -> None:
+        self._queued.append((add, replies, parse))
+
+    def peer(self, pid: str, tasks: bool = False) -> None:
+        """A peer's record (absent when expired), its cordon flag, and with `tasks` the set
+        of tasks it announced."""
+        if pid in self._asked:
+            return
+        self._asked.add(pid)
+        k = self.k
+
+        def add(p: Reads) -> None:
+            p.hmget(k.peer(pid), *records.PEER_NAMES)
+            p.exists(k.cordon(pid))
+            if tasks:
+                p.smembers(k.peer_tasks(pid))
+
+        def parse(replies: list) -> None:
+            if tasks:
+                self.world.peer_tasks[pid] = frozenset(replies[2])
+            self._add_peer(pid, replies[0], bool(replies[1]))
+        self._queue(add, 3 if tasks else 2, parse)
+
+    def peers(self, ids: Iterable[str]) -> None:
+        for pid in ids:
+            self.peer(pid)
+
+    def ghost(self, pid: str) -> None:
+        """A peer to sweep, with the tasks it announced, if its record is indeed gone."""
+        self._ghosts.add(pid)
+        self.peer(pid, tasks=True)
+
+    def still_gone(self, pid: str) -> None:
+        """Whether a ghost's record is still absent, read after its tasks were: if it is, the
+        holdings those reads found are all of a session that has ended (one that came back
+        since must have announced after, which moves the tasks' versions)."""
+        def parse(replies: list) -> None:
+            if replies[0]:
+                self.world.ghosts.discard(pid)
+        self._queue(lambda p: p.exists(self.k.peer(pid)), 1, parse)
+
+    def task_counts(self, ids: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+
+        def parse(replies: list) -> None:
+            counts.update(zip(ids, replies, strict=True))
+        self._queue(lambda p: [p.scard(self.k.peer_tasks(pid)) for pid in ids], len(ids),
+                    parse)
+        return counts
+
+    def last_counters(self, pid: str) -> None:
+        def parse(replies: list) -> None:
+            raw = replies[0]
+            self.world.last_counters[pid] = raw
+            self.world.state.totals.last.extend(
+                {} if raw is None else {pid: records.counters(raw)}, [pid])
+        self._queue(lambda p: p.hget(self.k.counters(pid), last_field(pid)), 1, parse)
+
+    def task(self, tid: str, pieces: Iterable[int] | None, held: Iterable[str] | None,
+             counted: bool = False) -> None:
+        """A task with the given pieces and peers' held counts (None: all of them); `counted`:
+        with the sizes of the maps loaded in part."""
+        k = self.k
+        pieces = None if pieces is None else list(dict.fromkeys(pieces))
+        held = None if held is None else list(dict.fromkeys(held))
+        if self._rounds == 0 and self._clock_key is None:
+            self._clock_key = k.task(tid)  # its leases are judged by its own node's clock
+
+        def add(p: Reads) -> None:
+            p.hmget(k.task(tid), *records.TASK_FIELDS)
+            if pieces is None:
+                p.hgetall(k.chunk(tid))
+                p.hgetall(k.holders(tid))
+            else:
+                if counted:
+                    p.hlen(k.holders(tid))
+                if pieces:
+                    p.hmget(k.chunk(tid), *pieces)
+                    p.hmget(k.holders(tid), *pieces)
+            if held is None:
+                p.hgetall(k.held(tid))
+            else:
+                if counted:
+                    p.hlen(k.held(tid))
+                if held:
+                    p.hmget(k.held(tid), *held)
+
+        replies = 1 + (2 if pieces is None else counted + (2 if pieces else 0)) + \
+            (1 if held is None else counted + (1 if held else 0))
+
+        def parse(replies: list) -> None:
+            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
+            tasks = self.world.state.tasks
+            if meta_raw is None:
+                tasks.extend({}, [tid])
+                self.world.tasks[tid] = TaskBase(version=None)
+                return
+            base = TaskBase(version=version, meta=records.meta(meta_raw),
+                            next_epoch=int(next_epoch), leases=leases_raw or "",
+                            trust=records.trust(trust_raw) if trust_raw else TaskTrust())
+            r = iter(replies[1:])
+            piece_map = Partial({}, pieces)
+            if pieces is None:
+                chunks, holder_map = next(r), next(r)
+                rows = ((int(i), chunks.get(i), raw) for i, raw in holder_map.items())
+            else:
+                total = next(r) if counted else None
+                rows = zip(pieces, next(r), next(r), strict=True) if pieces else ()
+            for i, chunk, raw in rows:
+                if raw is None:  # a piece exists while it has a holders field
+                    base.pieces[i] = None
+                    continue
+                dict.__setitem__(piece_map, i, records.decode_piece(chunk, raw))
+                base.pieces[i] = (chunk, raw)
+            if pieces is not None:
+                piece_map.unloaded = None if total is None else \
+                    max(0, total - dict.__len__(piece_map))
+            if held is None:
+                counts = {pid: int(c) for pid, c in next(r).items()}
+                held_map = Partial(counts, None)
+                base.held.update(counts)
+            else:
+                total = next(r) if counted else None
+                values = next(r) if held else []
+                counts = {pid: int(c) for pid, c in zip(held, values, strict=True)
+                          if c is not None}
+                held_map = Partial(counts, held, unloaded=None if total is None
+                                   else max(0, total - len(counts)))
+                base.held.update({pid: counts.get(pid) for pid in held})
+            task = TaskState(meta=base.meta, created_at=float(created_at), pieces=piece_map,
+                             leases=records.decode_leases(leases_raw), held=held_map,
+                             next_epoch=base.next_epoch, trust=base.trust)
+            tasks.extend({tid: task}, [tid])
+            self.world.tasks[tid] = base
+
+        self._queue(add, replies, parse)
+
+    def held(self, tid: str, ids: Iterable[str]) -> None:
+        """More peers' held counts of a task loaded in an earlier round."""
+        task = dict.get(self.world.state.tasks, tid)
+        if task is None or task.held.loaded is None:
+            return
+        want = [pid for pid in dict.fromkeys(ids) if pid not in task.held.loaded]
+        if not want:
+            return
+
+        def parse(replies: list) -> None:
+            counts = {pid: int(c) for pid, c in zip(want, replies[0], strict=True)
+                      if c is not None}
+            task.held.extend(counts, want)
+            self.world.tasks[tid].held.update({pid: counts.get(pid) for pid in want})
+        self._queue(lambda p: p.hmget(self.k.held(tid), *want), 1, parse)
+
+    async def run(self) -> None:
+        if not self._queued and self._rounds:
+            return
+        queued, self._queued = self._queued, []
+        first = self._rounds == 0
+        server_time = first and self.s.clock is None
+        reads = Reads()
+        if server_time:
+            reads.time()
+        for add, _, _ in queued:
+            add(reads)
+        replies = iter(await reads.run(self.s.read, self.s.slot_of, self._clock_key))
+        if server_time:
+            secs, micros = next(replies)
+            self.world.now = secs + micros / 1e6
+        elif first:
+            assert self.s.clock is not None
+            self.world.now = self.s.clock()
+        self._rounds += 1
+        for _, n, parse in queued:
+            parse([next(replies) for _ in range(n)])
+
+    def _add_peer(self, pid: str, values: list, flag: bool) -> None:
+        w = self.world
+        w.cordoned[pid] = flag
+        if flag:
+            w.state.cordoned.add(pid)
+        peer = records.peer_from(values, flag)
+        if peer is not None:
+            if pid in w.peer_tasks:
+                peer.tasks = set(w.peer_tasks[pid])
+            w.peers[pid] = records.peer_values(peer)
+        else:
+            w.peers[pid] = None
+            if pid in self._ghosts:  # expired: a stand-in to drop its holdings with
+                w.ghosts.add(pid)
+                peer = PeerState(reg=PeerRegistration.model_construct(id=pid),
+                                 registered_at=0.0, last_seen=0.0,
+                                 tasks=set(w.peer_tasks.get(pid, ())))
+            else:
+                w.peer_tasks.pop(pid, None)
+        w.state.peers.extend({} if peer is None else {pid: peer}, [pid])

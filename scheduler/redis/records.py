@@ -1,0 +1,130 @@
+"""How the state's records are stored: the one table of a peer's fields, a task's fields, and
+the encodings of pieces and leases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.models import PeerCounters, PeerLoad, PeerRegistration, TaskMeta
+from scheduler.state import Lease, PeerState, PieceState, TaskTrust
+
+
+def f(value: float) -> str:
+    return repr(float(value))
+
+
+class Parsed:
+    """JSON fields that rarely change, parsed once per distinct value."""
+
+    def __init__(self, model: Any, limit: int = 100_000) -> None:
+        self.model = model
+        self.limit = limit
+        self.cache: dict[str, Any] = {}
+
+    def __call__(self, raw: str) -> Any:
+        value = self.cache.get(raw)
+        if value is None:
+            if len(self.cache) >= self.limit:
+                self.cache.clear()
+            value = self.cache[raw] = self.model.model_validate_json(raw)
+        return value
+
+
+reg = Parsed(PeerRegistration)  # JSON: fields a newer peer adds (transport...) pass through
+load = Parsed(PeerLoad)
+counters = Parsed(PeerCounters)
+meta = Parsed(TaskMeta)
+trust = Parsed(TaskTrust)
+
+
+@dataclass(frozen=True)
+class PeerField:
+    """One field of a peer's hash: the `PeerState` attribute it holds, how it is read back, and
+    how a change is written. `hmax`: only ever rises (several replicas write it, so the latest
+    wins whatever order the writes land in); `hsetx`: last writer wins, and only while the peer
+    exists (a write never recreates an expired peer's hash)."""
+
+    name: str
+    decode: Callable[[str], Any]
+    op: str
+
+    def encode(self, value: Any) -> str:
+        if isinstance(value, float | int):
+            return f(value)
+        return value if isinstance(value, str) else value.model_dump_json()
+
+
+PEER_FIELDS = (
+    PeerField("reg", reg, "hsetx"),
+    PeerField("registered_at", float, "hsetx"),
+    PeerField("last_seen", float, "hmax"),
+    PeerField("load", load, "hsetx"),
+    PeerField("counters", counters, "hsetx"),
+    PeerField("penalty_until", float, "hmax"),
+    PeerField("penalty_reason", str, "hsetx"),
+    PeerField("handouts", float, "hsetx"),
+    PeerField("handouts_at", float, "hsetx"),
+)
+PEER_NAMES = tuple(p.name for p in PEER_FIELDS)
+TASK_FIELDS = ("meta", "created_at", "next_epoch", "v", "leases", "trust")
+
+
+def peer_values(peer: PeerState) -> tuple:
+    """The peer's stored fields, in `PEER_FIELDS` order (to diff against what was loaded)."""
+    return tuple(getattr(peer, p.name) for p in PEER_FIELDS)
+
+
+def peer_from(values: list[str | None], cordoned: bool) -> PeerState | None:
+    if any(v is None for v in values):  # absent, or not a whole record
+        return None
+    return PeerState(cordoned=cordoned, **{p.name: p.decode(v)  # type: ignore[arg-type]
+                                           for p, v in zip(PEER_FIELDS, values, strict=True)})
+
+
+def peer_hash(peer: PeerState) -> list[str]:
+    """A new peer's whole hash, as HSET arguments."""
+    return [x for p, v in zip(PEER_FIELDS, peer_values(peer), strict=True)
+            for x in (p.name, p.encode(v))]
+
+
+def encode_piece(piece: PieceState) -> str:
+    """A piece's field in the holders hash: `a,b`, then `|c=t,d=t` while children are in
+    flight (peer ids cannot hold `,`, `|` or `=`)."""
+    out = ",".join(sorted(piece.holders))
+    if piece.children:
+        out += "|" + ",".join(f"{c}={f(t)}" for c, t in sorted(piece.children.items()))
+    return out
+
+
+def decode_piece(chunk: str | None, raw: str) -> PieceState:
+    holders, _, children = raw.partition("|")
+    return PieceState(chunk=chunk, holders=set(holders.split(",")) if holders else set(),
+                      children={c: float(t) for c, _, t in
+                                (kv.partition("=") for kv in children.split(","))}
+                      if children else None)
+
+
+def encode_leases(leases: dict[int, Lease]) -> str:
+    """A task's lease table, canonical (equal tables encode equal): pieces share Lease objects,
+    one per run, so a run is written once with the pieces it still covers."""
+    runs: dict[int, tuple[Lease, list[int]]] = {}
+    for index, lease in leases.items():
+        runs.setdefault(id(lease), (lease, []))[1].append(index)
+    if not runs:
+        return ""
+    rows = sorted([le.epoch, le.holder, le.first, le.last, le.progress_at, sorted(pieces)]
+                  for le, pieces in runs.values())
+    return json.dumps(rows, separators=(",", ":"))
+
+
+def decode_leases(raw: str | None) -> dict[int, Lease]:
+    leases: dict[int, Lease] = {}
+    for epoch, holder, first, last, progress_at, pieces in json.loads(raw) if raw else ():
+        lease = Lease(holder=holder, epoch=epoch, first=first, last=last,
+                      progress_at=progress_at)
+        for index in pieces:
+            leases[index] = lease
+    return leases

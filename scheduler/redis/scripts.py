@@ -1,0 +1,147 @@
+"""The Lua the store runs, and `Batched`: calls made in the same turn of the event loop share
+one script run per slot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from common.tasks import TaskSet
+from scheduler.redis.keys import SlotOf
+
+# Writes, fenced. Each ARGV is one part of one call's writes, all in one slot, JSON:
+# {"k": [keys], "f": [[kind, key#, field, expected]...], "o": [[op, key#, args...]...],
+#  "p": [[channel, message]...]}. A fence is 'eq' (a hash field equals `expected`; false:
+# absent), 'exists' or 'absent'; a part's fences are all checked before any of its writes, so
+# it applies whole or not at all. Returns, per part, 0 when applied, else the 1-based number of
+# the fence that failed. Keys are named in ARGV (KEYS[1] only routes the run to its slot's
+# node), so that concurrent calls on one slot share one run. PUBLISH, not SPUBLISH: a cluster
+# passes it to every node, so a replica's one subscriber hears every slot's changes.
+APPLY_LUA = """
+local results, now_ms = {}, nil
+for j = 1, #ARGV do
+  local spec = cjson.decode(ARGV[j])
+  local K, failed = spec.k, 0
+  for i, f in ipairs(spec.f) do
+    local key, ok = K[f[2]], false
+    if f[1] == 'eq' then
+      ok = redis.call('HGET', key, f[3]) == f[4]
+    elseif f[1] == 'exists' then
+      ok = redis.call('EXISTS', key) == 1
+    else
+      ok = redis.call('EXISTS', key) == 0
+    end
+    if not ok then failed = i; break end
+  end
+  if failed == 0 then
+    for _, o in ipairs(spec.o) do
+      local op, key = o[1], K[o[2]]
+      if op == 'hset' then
+        redis.call('HSET', key, unpack(o, 3))
+      elseif op == 'hsetx' then
+        if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, unpack(o, 3)) end
+      elseif op == 'hmax' then
+        if redis.call('EXISTS', key) == 1 then
+          local cur = tonumber(redis.call('HGET', key, o[3]))
+          if cur == nil or cur < tonumber(o[4]) then redis.call('HSET', key, o[3], o[4]) end
+        end
+      elseif op == 'hdel' then
+        redis.call('HDEL', key, unpack(o, 3))
+      elseif op == 'hincrby' then
+        redis.call('HINCRBY', key, o[3], o[4])
+      elseif op == 'sadd' then
+        redis.call('SADD', key, unpack(o, 3))
+      elseif op == 'srem' then
+        redis.call('SREM', key, unpack(o, 3))
+      elseif op == 'set' then
+        redis.call('SET', key, o[3])
+      elseif op == 'del' then
+        redis.call('DEL', key)
+      elseif op == 'zrem' then
+        redis.call('ZREM', key, o[3])
+      elseif op == 'pexpire' then
+        redis.call('PEXPIRE', key, o[3])
+      elseif op == 'zaddttl' then
+        if not now_ms then
+          local t = redis.call('TIME')
+          now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+        redis.call('ZADD', key, 'GT', now_ms + tonumber(o[3]), o[4])
+      end
+    end
+    for _, p in ipairs(spec.p) do redis.call('PUBLISH', p[1], p[2]) end
+  end
+  results[j] = failed
+end
+return results
+"""
+# Reads. Each ARGV is one call's read commands in one slot (JSON: [[command, args...]...]), run
+# atomically, so a task is read as one snapshot; each call's replies come back as one JSON
+# document: one bulk string to parse rather than one per field, which is most of a pure-Python
+# client's cost.
+READ_LUA = """
+local outs = {}
+for j = 1, #ARGV do
+  local out = {}
+  for i, c in ipairs(cjson.decode(ARGV[j])) do out[i] = redis.call(unpack(c)) end
+  outs[j] = cjson.encode(out)
+end
+return outs
+"""
+# The peers of one index shard whose records are due to expire by that shard's clock.
+DUE_LUA = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+ARGS_PER_OP = 2000  # Lua's unpack() is limited to a few thousand values
+
+
+class Batched:
+    """Calls of one script made in the same turn of the event loop, sent as one script run per
+    slot (`slot_of` their routing key): a replica serving many peers pays one round trip, and
+    one client-side command, for many calls. Each call is one ARGV; the script answers a list,
+    one reply per call."""
+
+    LIMIT = 64  # calls per run: bounds how long one run holds Redis
+
+    def __init__(self, script: Any, tasks: TaskSet, slot_of: SlotOf) -> None:
+        self.script = script
+        self.tasks = tasks
+        self.slot_of = slot_of
+        self._pending: dict[int, tuple[str, list[tuple[str, asyncio.Future]]]] = {}
+
+    async def __call__(self, key: str, arg: str) -> Any:
+        """Run `arg` on the node of `key`'s slot (with other calls on that slot)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        slot = self.slot_of(key)
+        if not self._pending:
+            loop.call_soon(self._flush)
+        route, batch = self._pending.setdefault(slot, (key, []))
+        batch.append((arg, fut))
+        if len(batch) >= self.LIMIT:
+            del self._pending[slot]
+            self.tasks.spawn(self._send(route, batch), "redis-script")
+        return await fut
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for route, batch in pending.values():
+            self.tasks.spawn(self._send(route, batch), "redis-script")
+
+    async def _send(self, route: str, batch: list[tuple[str, asyncio.Future]]) -> None:
+        try:
+            replies = await self.script(keys=[route], args=[arg for arg, _ in batch])
+        except Exception as e:  # handed to every caller, who raises it
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        except BaseException:
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        for (_, fut), reply in zip(batch, replies, strict=True):
+            if not fut.done():
+                fut.set_result(reply)
