@@ -285,3 +285,43 @@ class WorkItem(Model):
 
 class Work(Model):
     items: list[WorkItem] = Field(default_factory=list, max_length=MAX_BATCH)
+
+
+# -- registry access answers shared through the scheduler (scheduler/access.py) -------------
+# A key is an HMAC under the cluster secret of (credential, registry, scope): the scheduler
+# never sees a credential, a repository or a URL, only this.
+AccessKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ACCESS_TTL_MS = 60_000  # no shared answer outlives the registry's by more than this
+ACCESS_WAIT_MS = 5_000
+
+
+class AccessQuery(Model):
+    """Has a registry answered this key lately? If not, the caller may be given the claim to
+    ask it (one asker per key at a time); `wait_ms`: how long to wait for another's answer."""
+
+    peer_id: PeerId
+    key: AccessKey
+    wait_ms: int = Field(0, ge=0, le=ACCESS_WAIT_MS)
+
+
+class AccessAnswer(Model):
+    """What the registry answered a peer for a key: a 2xx with the blob's length (a yes), a
+    4xx (a refusal, which hides any yes while it lives), or a 5xx (nothing shared: it only
+    gives the claim back). `ttl_ms`: how much longer the peer itself trusts the answer."""
+
+    peer_id: PeerId
+    key: AccessKey
+    status: int = Field(ge=100, le=599)
+    length: int | None = Field(None, ge=0, le=1 << 50)
+    ttl_ms: int = Field(ge=0, le=ACCESS_TTL_MS)
+
+
+class AccessReply(Model):
+    """A shared answer (`status`, `length`, for `ttl_ms` more at most), or none: then `claimed`
+    says the caller asks the registry and publishes what it says; unclaimed, another peer's
+    question is still pending and the caller asks for itself."""
+
+    status: int | None = None
+    length: int | None = None
+    ttl_ms: int = 0
+    claimed: bool = False

@@ -156,7 +156,8 @@ class PeerDaemon:
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
         opened.push_async_callback(self.engine.close)
-        access = AccessCache(origin)
+        # Registry answers shared through the scheduler when there is a cluster secret.
+        access = AccessCache(origin, shared=self.scheduler, secret=c.secret)
         mirror = Mirror(engine=self.engine, origin=origin, access=access,
                         session=self._origin_session, allow=self.allow,
                         default=self.default_registry, metrics=self.metrics, hub=self.hub)

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
@@ -34,6 +37,7 @@ from common.flight import SingleFlight
 from common.limits import ON_DEMAND, ON_DEMAND_PATIENCE, parse_priority
 from common.log import request_ids
 from common.metrics import PeerMetrics, metrics_handler
+from common.models import ACCESS_TTL_MS, AccessReply
 from common.ranges import ByteRange, InvalidRange, UnsatisfiableRange, parse_range
 from common.tasks import Activity
 from common.web import (
@@ -49,11 +53,14 @@ from peer import hub
 from peer.engine import Engine, LengthConflict
 from peer.origin import OriginClient, OriginError, OriginRequest, Probe, credential_key
 from peer.proxy import passthrough, relative_to, tunnel
+from peer.sched_transport import SchedulerRefused, SchedulerUnavailable
 from peer.upstream import AllowList, Registry, UpstreamRefused, choose_upstream
 
 log = logging.getLogger("naiad.peer.mirror")
 
 ACCESS_TTL = 60.0
+# How long a peer waits for another peer's pending registry answer before asking itself.
+SHARED_WAIT_MS = 2000
 HUB_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
 PROXY_ERROR = ("X-Dragonfly-Error-Type", "proxy")  # nydusd: the proxy failed, not the registry
 START_POLL = 0.05  # how often a waiting on-demand read looks at the origin queue again
@@ -77,21 +84,48 @@ def _valid_repo(name: str) -> bool:
     return len(name) <= _MAX_REPO and bool(_REPO_RE.fullmatch(name))
 
 
+class SharedAccess(Protocol):
+    """Registry answers shared cluster-wide through the scheduler (scheduler/access.py);
+    `SchedulerClient` is one. Raises `SchedulerUnavailable`/`SchedulerRefused` when it cannot
+    help: the peer then asks the registry itself."""
+
+    async def lookup_access(self, key: str, wait_ms: int) -> AccessReply: ...
+    async def publish_access(self, key: str, status: int, length: int | None,
+                             ttl_ms: int) -> None: ...
+
+
 class AccessCache:
     """Registry answers to "may this credential read this blob here", kept for `ttl` seconds;
-    concurrent questions with the same key share one request."""
+    concurrent questions with the same key share one request.
 
-    def __init__(self, origin: OriginClient, ttl: float = ACCESS_TTL) -> None:
+    With `shared` and the cluster `secret`, a registry's answer is also shared with the other
+    peers (scheduler/access.py says why that is safe): asked first, the scheduler gives
+    another peer's answer for the same credential, registry and scope, kept here only for what
+    remains of its life, or the claim to ask the registry and publish what it said. A model
+    hub's metadata check (`ask` given) stays local: its headers are part of the answer."""
+
+    def __init__(self, origin: OriginClient, ttl: float = ACCESS_TTL,
+                 shared: SharedAccess | None = None, secret: bytes | None = None) -> None:
         self.origin = origin
-        self.ttl = ttl
+        self.ttl = min(ttl, ACCESS_TTL_MS / 1000)
+        self.shared = shared if secret is not None else None  # no secret: nothing shared
+        self._secret = secret or b""
         self._answers: dict[tuple[str, ...], tuple[float, Probe]] = {}
         self._asking: SingleFlight[tuple[str, ...], Probe] = SingleFlight()
+        # Where answers came from: the registry asked, the cluster's shared answers.
+        self.counts = {"registry": 0, "shared": 0}
 
     @staticmethod
     def key(req: OriginRequest, scope: str) -> tuple[str, ...]:
         """An answer is bound to its evidence: the credential, the registry that was asked,
         and the scope (repository@digest, or a URL with its signature)."""
         return credential_key(req.authorization), req.registry, scope
+
+    def shared_key(self, key: tuple[str, ...]) -> str:
+        """The name of an answer at the scheduler: an HMAC under the cluster secret, so the
+        scheduler holds no credential, repository or URL, nor anything to test guesses on."""
+        text = "\0".join(("naiad-access/1", *key)).encode("utf-8", "surrogateescape")
+        return hmac.new(self._secret, text, hashlib.sha256).hexdigest()
 
     async def probe(self, req: OriginRequest, scope: str,
                     ask: Callable[[OriginRequest], Awaitable[Probe]] | None = None) -> Probe:
@@ -100,17 +134,57 @@ class AccessCache:
         hit = self._answers.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        if ask is None and self.shared is not None:
+            return await self._asking.run(key, lambda: self._ask_shared(key, req))
         return await self._asking.run(key, lambda: self._ask(key, req, ask or self.origin.probe))
+
+    def _keep(self, key: tuple[str, ...], answer: Probe, until: float) -> None:
+        if len(self._answers) >= _ACCESS_MAX:
+            now = time.monotonic()
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+        self._answers[key] = (until, answer)
 
     async def _ask(self, key: tuple[str, ...], req: OriginRequest,
                    ask: Callable[[OriginRequest], Awaitable[Probe]]) -> Probe:
         answer = await ask(req)
+        self.counts["registry"] += 1
         if answer.status < 500:  # a registry that failed is asked again next time
-            if len(self._answers) >= _ACCESS_MAX:
-                now = time.monotonic()
-                self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
-            self._answers[key] = (time.monotonic() + self.ttl, answer)
+            self._keep(key, answer, time.monotonic() + self.ttl)
         return answer
+
+    async def _ask_shared(self, key: tuple[str, ...], req: OriginRequest) -> Probe:
+        assert self.shared is not None
+        name = self.shared_key(key)
+        asked = time.monotonic()  # a shared answer's life is counted from here: never longer
+        try:
+            reply = await self.shared.lookup_access(name, SHARED_WAIT_MS)
+        except (SchedulerUnavailable, SchedulerRefused) as e:
+            log.debug("access answers not shared now (%s): asking the registry", e)
+        else:
+            if reply.status is not None:
+                until = asked + min(reply.ttl_ms / 1000, self.ttl)
+                answer = Probe(reply.status, reply.length)
+                self.counts["shared"] += 1
+                if until > time.monotonic():
+                    self._keep(key, answer, until)
+                return answer
+        try:
+            answer = await self._ask(key, req, self.origin.probe)
+        except Exception:
+            await self._publish(name, 599, None, 0)  # the claim back: others ask at once
+            raise
+        hit = self._answers.get(key)
+        left = hit[0] - time.monotonic() if hit is not None and hit[1] is answer else 0.0
+        await self._publish(name, answer.status, answer.length, int(left * 1000))
+        return answer
+
+    async def _publish(self, name: str, status: int, length: int | None, ttl_ms: int) -> None:
+        """Tell the other peers (best effort: a scheduler away only costs them a HEAD)."""
+        assert self.shared is not None
+        try:
+            await self.shared.publish_access(name, status, length, max(0, ttl_ms))
+        except (SchedulerUnavailable, SchedulerRefused) as e:
+            log.debug("access answer not shared (%s)", e)
 
 
 def dragonfly_flag(value: str | None) -> bool | None:

@@ -25,6 +25,9 @@ from collections.abc import Callable
 import aiohttp
 
 from common.models import (
+    AccessAnswer,
+    AccessQuery,
+    AccessReply,
     Decision,
     Heartbeat,
     PeerRegistration,
@@ -153,6 +156,21 @@ class SchedulerClient:
             else:
                 self.outbox.unsent(ann)
         return reply.decisions
+
+    async def lookup_access(self, key: str, wait_ms: int) -> AccessReply:
+        """Another peer's registry answer for this access key, or the claim to ask
+        (scheduler/access.py)."""
+        q = AccessQuery(peer_id=self.registration.id, key=key, wait_ms=wait_ms)
+        return await self.session.call(f"{API}/access", q, AccessReply,
+                                       seconds=wait_ms / 1000 + DECISION_SLACK)
+
+    async def publish_access(self, key: str, status: int, length: int | None,
+                             ttl_ms: int) -> None:
+        a = AccessAnswer(peer_id=self.registration.id, key=key, status=status, length=length,
+                         ttl_ms=ttl_ms)
+        if not self.session.connected.is_set():
+            raise SchedulerUnavailable("not registered with any scheduler", unusable=False)
+        await self.session.post(f"{API}/access/answers", a, None, seconds=DECISION_SLACK)
 
     async def work(self) -> list[WorkItem]:
         """Preheat work for this (seed) peer."""

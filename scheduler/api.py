@@ -54,7 +54,7 @@ from common.web import (
     model_response,
     parse_body,
 )
-from scheduler import history, openapi, preheat
+from scheduler import access, access_api, history, openapi, preheat
 from scheduler.redis_store import StoreBusy
 from scheduler.state import StateError, UnknownPeer
 from scheduler.store import Store
@@ -68,7 +68,7 @@ INTERNAL = {
     ("POST", f"{API}/announce"), ("POST", f"{API}/schedule"), ("POST", f"{API}/reports"),
     ("POST", f"{API}/mismatches"), ("POST", f"{API}/peers/{{peer_id}}/work"),
     ("POST", f"{API}/withdraw"),
-}
+} | access_api.INTERNAL
 
 
 _UNAVAILABLE = Throttle(REPORT_EVERY)  # Redis down: one line a period, not one per call
@@ -106,6 +106,8 @@ class SchedulerAPI:
         self.jobs = preheat.JobBook()
         # The cluster's totals over time (sampled by the server's loop; unsampled, it is empty).
         self.history = history_log or history.MemoryHistory(store.counters)
+        # Registry access answers shared by the peers (scheduler/access.py).
+        self.access = access.AccessService(access.book_for(store))
 
     def _ratio(self) -> float:
         c = self._snapshot
@@ -138,6 +140,7 @@ class SchedulerAPI:
         r.add_get(f"{API}/jobs", self.list_jobs)
         r.add_get(f"{API}/jobs/{{job_id}}", self.get_job)
         r.add_post(f"{API}/peers/{{peer_id}}/work", self.work)
+        access_api.AccessRoutes(self.access, self.secret).mount(r)
         r.add_get(f"{API}/openapi.json", self.openapi)
         r.add_get("/metrics", self.metrics_endpoint)
         r.add_get("/healthy", healthy)

@@ -201,6 +201,11 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
      Empty, False, True),
     ("post", "/api/v1/mismatches", "An assembled blob failed its digest", m.BlobMismatch,
      Empty, False, True),
+    ("post", "/api/v1/access", "A registry's access answer shared by another peer, or the "
+     "claim to ask it (keys are HMACs: scheduler/access.py)", m.AccessQuery, m.AccessReply,
+     False, True),
+    ("post", "/api/v1/access/answers", "What a registry answered a peer's access check",
+     m.AccessAnswer, Empty, False, True),
 ]
 
 
