@@ -24,7 +24,7 @@ from common.models import (
     ScheduleRequest,
     TaskRequest,
 )
-from peer.sched_outbox import Outbox
+from peer.sched_outbox import RIDE_WAIT, Outbox
 from peer.sched_transport import HttpTransport, R
 from peer.scheduler_client import SchedulerClient
 from scheduler.api import SchedulerAPI
@@ -204,5 +204,26 @@ async def test_claims_of_a_schedule_call_that_failed_are_announced_by_the_outbox
         (path, body), = session.sent
         assert path == "/api/v1/announce" and isinstance(body, Announce)
         assert [c.index for c in body.pieces] == [3, 4] and body.sealed
+    finally:
+        loop.cancel()
+
+
+async def test_claims_of_a_task_being_read_wait_briefly_for_its_next_schedule_call() -> None:
+    box, session = _outbox()
+    loop = asyncio.create_task(box.run())
+    try:
+        assert box.lend(TASK) is None  # its reader asked for pieces: nothing queued yet
+        box.announce(TASK, 0, chunk(0))
+        await asyncio.sleep(RIDE_WAIT / 3)
+        assert session.sent == []  # waiting for the reader's next call
+        ann = box.lend(TASK)
+        assert ann is not None and [c.index for c in ann.pieces] == [0]
+        box.answered(ann, session.state.announce(ann, time.monotonic()))
+        # No call comes for the next claim: it goes alone once the wait is over.
+        queued = time.monotonic()
+        box.announce(TASK, 1, chunk(1))
+        await until(lambda: _true(len(session.sent) == 1), 5, "the claim sent alone")
+        assert time.monotonic() - queued >= RIDE_WAIT
+        assert session.state.tasks[TASK].pieces[1].holders == {"me"}
     finally:
         loop.cancel()
