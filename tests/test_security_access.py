@@ -458,3 +458,26 @@ def test_access_key_names_credential_registry_repository_and_digest() -> None:
     }
     assert len(keys) == 8
     assert all("alice" not in part for key in keys for part in key), "a raw credential in a key"
+
+
+def test_shared_access_key_is_an_hmac_of_the_whole_key_under_the_cluster_secret() -> None:
+    """What the scheduler sees of an access answer (scheduler/access.py): 64 hex digits that
+    change with the credential, registry, repository, digest, a URL's signature and the
+    cluster's secret, and carry none of them."""
+    base = OriginRequest("u", "https://ghcr.io", "Bearer alice")
+    scope = "lib/app@sha256:" + "ab" * 32
+    one = AccessCache(origin=None, shared=object(), secret=b"1" * 32)  # type: ignore[arg-type]
+    other = AccessCache(origin=None, shared=object(), secret=b"2" * 32)  # type: ignore[arg-type]
+    requests = [(base, scope),
+                (OriginRequest("u", "https://ghcr.io", "Bearer bob"), scope),
+                (OriginRequest("u", "https://ghcr.io", None), scope),
+                (OriginRequest("u", "https://quay.io", "Bearer alice"), scope),
+                (base, "lib/other@sha256:" + "ab" * 32),
+                (base, "lib/app@sha256:" + "cd" * 32),
+                (base, "https://s/o?sig=1"), (base, "https://s/o?sig=2")]
+    names = {one.shared_key(AccessCache.key(r, s)) for r, s in requests}
+    assert len(names) == len(requests)
+    assert all(len(n) == 64 and set(n) <= set("0123456789abcdef") for n in names)
+    assert not names & {other.shared_key(AccessCache.key(r, s)) for r, s in requests}
+    # Without a cluster secret nothing is shared at all (anyone could publish a yes).
+    assert AccessCache(origin=None, shared=object()).shared is None  # type: ignore[arg-type]
