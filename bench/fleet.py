@@ -319,12 +319,13 @@ class RedisCluster:
                         "--cluster-replicas", "0", "--cluster-yes"], check=True,
                        stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        client = redis.Redis(port=self.ports[0])
-        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis cluster did not become ok")
-            time.sleep(0.05)
-        client.close()
+        for port in self.ports:  # every node, not just the first, knows the slots
+            client = redis.Redis(port=port)
+            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis cluster did not become ok")
+                time.sleep(0.05)
+            client.close()
 
     @property
     def pids(self) -> list[int]:
@@ -409,6 +410,11 @@ async def main(argv: list[str] | None = None) -> int:
             proc.wait()
             if backend is not None:
                 backend.stop()
+            logged = (workdir / f"scheduler-{port}.log").read_text(errors="replace")
+            if "Traceback" in logged:  # the run's figures stand, but say what went wrong
+                first = logged[logged.index("Traceback"):][:3000]
+                print(f"  the scheduler logged {logged.count('Traceback')} tracebacks; the "
+                      f"first:\n{first}", file=sys.stderr)
     t = m.tally
     pieces = min(t.decided, t.announced)
     calls = sum(t.calls.values())
