@@ -43,7 +43,6 @@ from scheduler.api import SchedulerAPI
 from scheduler.store import MemoryStore
 from tests.cluster import (
     Cluster,
-    Proc,
     Registry,
     fetch,
     free_port,
@@ -51,9 +50,9 @@ from tests.cluster import (
     member_session,
     push_blob,
     serve,
-    spawn,
     until,
 )
+from tests.redis_servers import RedisCluster, RedisServer
 from tests.registry_auth import TokenServer
 
 MiB = 1 << 20
@@ -79,32 +78,40 @@ class Clock:
         return self.now
 
 
-class RedisProc:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Proc = spawn("redis", ["redis-server", "--port", str(self.port), "--bind",
-                                          "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                workdir)
+@pytest.fixture(scope="module")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-access"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    server = RedisProc(tmp_path_factory.mktemp("redis-access"))
-    yield server
-    server.proc.stop()
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster-access"))
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def book(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-               ) -> AsyncIterator[MemoryBook | RedisBook]:
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def book(request: pytest.FixtureRequest) -> AsyncIterator[MemoryBook | RedisBook]:
     if request.param == "memory":
         yield MemoryBook()
         return
-    server: RedisProc = request.getfixturevalue("redis_proc")
-    client = aioredis.Redis.from_url(server.url, decode_responses=True)
-    await until(lambda: _up(client), 10, "redis-server up")
-    await client.flushall()
+    client: aioredis.Redis | aioredis.RedisCluster
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_proc")
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        await client.flushall()
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        await cluster.flush()
+        client = aioredis.RedisCluster.from_url(cluster.url, decode_responses=True)
     yield RedisBook(client)
     await client.aclose()
 
@@ -196,9 +203,8 @@ async def test_answers_live_no_longer_than_they_were_trusted() -> None:
         a("p1", 200, 10, ttl_ms=ACCESS_TTL_MS + 1)
 
 
-async def test_redis_keys_expire_by_redis_and_share_one_slot(redis_proc: RedisProc) -> None:
+async def test_redis_keys_expire_by_redis_and_share_one_slot(redis_proc: RedisServer) -> None:
     client = aioredis.Redis.from_url(redis_proc.url, decode_responses=True)
-    await until(lambda: _up(client), 10, "redis-server up")
     try:
         await client.flushall()
         svc = AccessService(RedisBook(client))
@@ -212,13 +218,6 @@ async def test_redis_keys_expire_by_redis_and_share_one_slot(redis_proc: RedisPr
         assert (await svc.lookup(q("p2"))).claimed
     finally:
         await client.aclose()
-
-
-async def _up(client: aioredis.Redis) -> bool:
-    try:
-        return bool(await client.ping())
-    except aioredis.ConnectionError:
-        return False
 
 
 async def _gone(client: aioredis.Redis, name: str) -> bool:
