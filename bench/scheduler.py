@@ -15,8 +15,9 @@ Phases, each timed on its own (calls/s, items/s, p50/p99 latency per call):
 "Announcements" are piece claims and "decisions" per-piece answers. A memory run is one
 coroutine calling in sequence (its latency is the call's own cost); a Redis run keeps
 --concurrency calls in flight, as a replica serving many peers would. Each figure is the median
-over --runs fresh clusters. With --http, schedule1 and announce are also measured through one
-`naiad scheduler` process and its HTTP API, with --concurrency clients.
+over --runs fresh clusters. With --http, register, announce, announce1, schedule1 and schedule8
+are also measured through one `naiad scheduler` process and its HTTP API, with --concurrency
+clients (signed as peers sign, unless --unsigned).
 
     python bench/scheduler.py --runs 3                  # both stores, full size
     python bench/scheduler.py --store memory --runs 1 --tasks 100 --peers 1000   # quick
