@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from bench.sim.scenarios import SCENARIOS, run, scaled
 
@@ -16,7 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float,
                     help="hosts and blob size times this (e.g. 0.01 for a quick look)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--size", type=float, help="blob size in MiB, instead of the scenario's")
     ap.add_argument("--piece-size", type=int, help="MiB, instead of the scenario's")
+    ap.add_argument("--wake-limit", type=int,
+                    help="experiment: an announcement wakes at most this many parked calls "
+                         "per piece (default: all, as the scheduler does)")
+    ap.add_argument("--readahead", type=int,
+                    help="experiment: the reader's window in MiB (default: reader.py's)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
         # The scheduler iterates sets of peer ids: the same seed gives the same run only
@@ -24,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "bench.sim", *sys.argv[1:]],
                   {**os.environ, "PYTHONHASHSEED": "0"})
     sc = scaled(SCENARIOS[args.scenario](), args.hosts, args.scale)
+    if args.size:
+        sc = replace(sc, length=int(args.size * (1 << 20)))
     if args.piece_size:
         sc.params.piece_size = args.piece_size << 20
+    if args.readahead:
+        sc.params.readahead = args.readahead << 20
+    if args.wake_limit:
+        sc.params.wake_limit = args.wake_limit
     result = run(sc, args.seed)
     print("\n".join(result.lines()))
     return 0 if result.finished == result.survivors else 1

@@ -96,10 +96,17 @@ class Params:
     fetch_overhead: float = 0.0  # a parent's GET before its first byte, beyond the rtt
     origin_overhead: float = 0.0  # an origin GET before its first byte, beyond the rtt
     cpu_per_mib: float = 0.002  # seconds of one core to verify and store a MiB
+    # From the client's GET to the peer's first ask: the registry's access check (a HEAD)
+    # and opening the task at the scheduler.
+    start_delay: float = 0.0
     upload_slots: int = 8
     heartbeat_interval: float = 2.0
     lease_timeout: float = 2.0
     piece_size: int | None = None  # None: the default layout for the blob
+    # An experiment, not the rules: an announcement wakes at most this many of the calls
+    # parked on each of its pieces (None: every one, as scheduler/store.py `Waiters` does).
+    wake_limit: int | None = None
+    readahead: int = READAHEAD_BYTES  # the reader's window (reader.py); another, an experiment
 
 
 @dataclass(eq=False)
@@ -130,6 +137,7 @@ class Host:
     active: int = 0
     by_child: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     uploads: dict[Upload, None] = field(default_factory=dict)
+    downloads: dict[Upload, None] = field(default_factory=dict)
     uploaded: int = 0
     from_origin: int = 0
     from_peers: int = 0
@@ -272,7 +280,7 @@ class Swarm:
         self.piece_size = self.meta.piece_size
         self.count = piece_count(length, self.piece_size)
         self.chunks = [chunk_id(i) for i in range(self.count)]
-        self.window = max(2, READAHEAD_BYTES // self.piece_size)
+        self.window = max(2, params.readahead // self.piece_size)
         self.per_address = per_address_default(params.upload_slots)
         self.origin_bytes = 0.0
         self.leases = 0  # granted by schedulers since restarted
@@ -301,7 +309,7 @@ class Swarm:
         self.hosts.append(host)
         self.by_id[hid] = host
         self.pulling += 1
-        self.clock.at(start_at, self.start_pull, host)
+        self.clock.at(start_at + self.p.start_delay, self.start_pull, host)
         self.clock.at(self.rng.uniform(0, self.p.heartbeat_interval), self.heartbeat, host)
         return host
 
@@ -317,9 +325,8 @@ class Swarm:
             self.clock.after(STALL_SECONDS, self._upload_failed, up, "slow")
         for run in list(host.oruns.values()):
             self._stop_run(run)
-        for other in self.hosts:  # its own downloads, from whoever was sending them
-            for up in [u for u in other.uploads if u.child is host]:
-                self._end_upload(up)
+        for up in list(host.downloads):  # its own, from whoever was sending them
+            self._end_upload(up)
 
     # -- the scheduler's side ----------------------------------------------------------------
 
@@ -500,11 +507,13 @@ class Swarm:
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
 
     def _notify(self, pieces: list[int]) -> None:
-        parked = self.parked
+        """`Waiters.notify`: wake the calls parked on these pieces (all of them; with the
+        `wake_limit` experiment only the longest parked few per piece)."""
+        parked, limit = self.parked, self.p.wake_limit
         for i in pieces:
             calls = parked.get(i)
             if calls:
-                for call in list(calls):
+                for call in list(calls)[:limit]:
                     self._wake(call)
 
     def _announced(self, host: Host, replies: list[tuple], attempt: int) -> None:
@@ -664,6 +673,7 @@ class Swarm:
             parent.active += 1
             parent.by_child[host.index] += 1
             parent.uploads[up] = None
+            host.downloads[up] = None
             self.clock.after(self.p.rtt + self.p.fetch_overhead, self._begin_upload, up,
                              parents, k, failed, report)
             return
@@ -682,6 +692,7 @@ class Swarm:
         parent = up.parent
         if up in parent.uploads:
             del parent.uploads[up]
+            del up.child.downloads[up]
             parent.active -= 1
             parent.by_child[up.child.index] -= 1
         if up.flow is not None:
