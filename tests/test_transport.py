@@ -5,7 +5,9 @@ then misbehave (stall, hang up, lie)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,10 +18,12 @@ import aiohttp
 import pytest
 
 from common import ids
+from common.limits import TokenBucket
 from common.metrics import PeerMetrics
 from common.models import ParentRef, TaskMeta
 from common.pieces import PieceLayout
 from common.web import ClientLimits, Server
+from peer import upload as upload_module
 from peer.engine.fetch import ParentFetch
 from peer.p2p import client as p2p_client
 from peer.p2p import frames
@@ -28,6 +32,7 @@ from peer.p2p.server import FramedEndpoint
 from peer.parents import FRAMED, ParentClient, ParentError, address
 from peer.store import ChunkStore
 from peer.upload import UploadServer
+from tests.cluster import until
 from tests.test_tls import CertAuthority
 
 MiB = 1 << 20
@@ -338,3 +343,88 @@ async def test_corrupt_bytes_over_the_frames_are_caught_by_the_engine(tmp_path: 
     assert data is None and failed == {"liar"} and not kept
     assert decider.reports == [("liar", "corrupt")]
     assert metrics.registry.get_sample_value("naiad_peer_verify_failures_total") == 1
+
+
+# -- the upload's bounds, as over HTTP ------------------------------------------------------------
+
+async def test_a_connection_that_says_nothing_or_only_the_preface_is_closed(
+        parents: Callable[..., Awaitable[Parent]]) -> None:
+    p = await parents([b"x" * 100])  # header deadline 2 s
+    loop = asyncio.get_running_loop()
+    for opening in (b"", frames.PREFACE, frames.PREFACE[:5]):
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.server.port)
+        writer.write(opening)
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the parent
+        assert 1.5 < loop.time() - started < 4
+        writer.close()
+
+
+async def test_an_idle_connection_closed_by_the_parent_is_dialled_again(
+        tmp_path: Path, client: FramedClient) -> None:
+    blob = os.urandom(MiB)
+    p = await _parent(tmp_path, [blob])
+    try:
+        p.server.sniffed.idle = 0.2  # type: ignore[union-attr]
+        chunk = ids.chunk_id(blob)
+        assert bytes(await client.fetch(p.addr, chunk, MiB)) == blob
+
+        async def closed() -> bool:
+            return not p.server.connections.held
+        await until(closed, 5, "the idle connection closed by the parent")
+        assert bytes(await client.fetch(p.addr, chunk, MiB)) == blob
+    finally:
+        await p.server.stop()
+        p.upload.store.close()
+
+
+async def test_upload_and_download_rates_pace_the_frames(
+        parents: Callable[..., Awaitable[Parent]]) -> None:
+    """--upload-rate on the parent, --download-rate on the child: a second's burst, then the
+    rate; neither side takes the paced bytes for a stall."""
+    blob = os.urandom(2 * MiB)
+    chunk = ids.chunk_id(blob)
+    loop = asyncio.get_running_loop()
+    paced = await parents([blob], rate=TokenBucket(MiB))
+    c = FramedClient(SECRET, stall_seconds=0.5)
+    started = loop.time()
+    assert bytes(await c.fetch(paced.addr, chunk, len(blob))) == blob
+    assert 0.9 < loop.time() - started < 3
+    c.close()
+    free = await parents([blob])
+    c = FramedClient(SECRET, stall_seconds=0.5, rate=TokenBucket(4 * MiB))
+    started = loop.time()
+    for _ in range(5):  # 10 MiB: 4 in the burst, then at most 4 MiB/s
+        assert bytes(await c.fetch(free.addr, chunk, len(blob))) == blob
+    assert 1.0 < loop.time() - started < 3  # the last piece's wait is the next read's
+    c.close()
+
+
+async def test_a_child_that_stops_reading_is_cut_off(
+        parents: Callable[..., Awaitable[Parent]], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The minimum send rate holds on the framed path: a child that asks and never reads is
+    cut off within about a window, and its slot freed."""
+    monkeypatch.setattr(upload_module, "STALL_WINDOW", 1.0)
+    caplog.set_level(logging.INFO, upload_module.log.name)
+    blob = os.urandom(8 * MiB)  # far more than a non-reading child's buffers take in
+    p = await parents([blob], min_rate=512 << 10)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    with sock:
+        await loop.sock_connect(sock, ("127.0.0.1", p.server.port))
+        await loop.sock_sendall(sock, frames.hello(SECRET)
+                                + frames.request(1, ids.chunk_id(blob), len(blob), 4, False))
+
+        async def busy() -> bool:
+            return p.upload.active == 1
+        await until(busy, 5, "the upload under way")
+        started = loop.time()
+
+        async def freed() -> bool:
+            return p.upload.active == 0
+        await until(freed, 5, "the slot freed")
+        assert loop.time() - started < 2.5
+    assert "cut off: below 512.0 KiB/s" in caplog.text and p.upload.uploaded == 0

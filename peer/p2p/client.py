@@ -297,13 +297,15 @@ class _Pool:
                 assert connection.transport is not None
                 connection.transport.write(frames.hello(self.secret))
                 window = await connection.welcome
-        except TimeoutError as e:
-            if connection is not None:
+        except BaseException as e:
+            if connection is not None:  # half made: not left to the parent's idle timeout
                 connection.close()
-            raise ParentError("slow", f"{self.addr}: no WELCOME in "
-                                      f"{self.stall_seconds:.0f} s") from e
-        except OSError as e:  # refused, reset, TLS refused (ssl.SSLError is an OSError)
-            raise ParentError("failed", f"{self.addr}: {e!r}") from e
+            if isinstance(e, TimeoutError):
+                raise ParentError("slow", f"{self.addr}: no WELCOME in "
+                                          f"{self.stall_seconds:.0f} s") from e
+            if isinstance(e, OSError):  # refused, reset, TLS refused (SSLError is an OSError)
+                raise ParentError("failed", f"{self.addr}: {e!r}") from e
+            raise
         if self.window is None or self.window.slots != window:
             self.window = _resized(self.window, window)
         self.connections.append(connection)

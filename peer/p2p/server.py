@@ -77,7 +77,7 @@ class FramedEndpoint:
             try:
                 frames.check_hello(self.verifier, body)
             except auth.AuthError as e:
-                log.info("framed connection from %s refused: %s", remote, e.reason)
+                log.debug("framed connection from %s refused: %s", remote, e.reason)
                 writer.write(frames.frame(frames.ERROR, e.reason.encode()))
                 await writer.drain()
                 return
