@@ -26,6 +26,7 @@ from common.models import (
 from common.pieces import MiB
 from scheduler.state import (
     CHILDREN_PER_HOLDER,
+    HOLDER_SAMPLE,
     MAX_LEASE_PIECES,
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
@@ -961,3 +962,43 @@ def test_a_busy_piece_is_waited_for_never_fetched_from_the_origin() -> None:
     assert [cl.one(p, 0, 0.0).action for p in "abc"] == ["parents", "parents", "wait"]
     assert cl.one("c", 0, LEASE - 0.01).action == "wait"
     assert cl.one("c", 0, LEASE + 0.01).action == "parents"
+
+
+# --- a large swarm: a sample of the holders is weighed ----------------------------------------
+
+def test_a_piece_with_many_holders_weighs_a_sample_and_still_spreads_its_children() -> None:
+    cl = Cluster()
+    holders = [f"h{i:03d}" for i in range(HOLDER_SAMPLE * 10)]
+    for pid in holders:
+        cl.peer(pid)
+    cl.task(pieces=1)
+    for pid in holders:
+        cl.announce(pid, [0], 0.0)
+    children = [f"c{i:03d}" for i in range(HOLDER_SAMPLE * 4)]
+    firsts: Counter[str] = Counter()
+    for pid in children:
+        cl.peer(pid)
+        d = cl.one(pid, 0, 0.0)
+        # The share of children in flight is counted against every usable holder, not the
+        # sample's: 96 children of 240 holders all go now.
+        assert d.action == "parents" and len(d.parents) == PARENTS_PER_PIECE, d
+        firsts[d.parents[0].id] += 1
+    # Spread over the swarm, never piled on a few (a holder's handouts count against it).
+    assert len(firsts) >= len(children) * 0.6 and max(firsts.values()) <= 2, firsts
+
+
+def test_an_unlucky_sample_of_holders_falls_back_to_all_of_them() -> None:
+    cl = Cluster()
+    holders = [f"h{i:03d}" for i in range(HOLDER_SAMPLE * 4)]
+    for pid in holders:
+        cl.peer(pid)
+    cl.peer("me")
+    cl.task(pieces=1)
+    for pid in holders:
+        cl.announce(pid, [0], 0.0)
+    # All but two holders are penalised: a sample of 24 of the 96 most likely misses both.
+    for pid in holders[2:]:
+        cl.report("me", pid, "failed", 0.0)
+    for attempt in range(5):
+        d = cl.one("me", 0, 0.1 + attempt)
+        assert d.action == "parents" and {p.id for p in d.parents} == set(holders[:2]), d
