@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import replace
 
+from bench.sim import experiments
 from bench.sim.scenarios import SCENARIOS, run, scaled
 
 
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
                          "per piece (default: all, as the scheduler does)")
     ap.add_argument("--readahead", type=int,
                     help="experiment: the reader's window in MiB (default: reader.py's)")
+    ap.add_argument("--children", type=int,
+                    help="experiment: scheduler.state.CHILDREN_PER_HOLDER set to this in this "
+                         "process (a rule change tried without editing the rules)")
+    ap.add_argument("--experiment", action="append", default=[],
+                    choices=sorted(experiments.EXPERIMENTS),
+                    help="a rule change tried in this process (bench/sim/experiments.py)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
         # The scheduler iterates sets of peer ids: the same seed gives the same run only
@@ -35,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         sc = replace(sc, length=int(args.size * (1 << 20)))
     if args.piece_size:
         sc.params.piece_size = args.piece_size << 20
+    if args.children:
+        experiments.children(args.children)
+    for name in args.experiment:
+        experiments.EXPERIMENTS[name]()
     if args.readahead:
         sc.params.readahead = args.readahead << 20
     if args.wake_limit:

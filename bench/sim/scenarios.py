@@ -132,6 +132,7 @@ class Result:
     corrupt_caught: int
     sched_cpu: float  # seconds of this machine's core in ClusterState per simulated second
     leases: int
+    kinds: dict[str, int]  # decisions by action (a wait by its reason)
 
     @property
     def p50(self) -> float:
@@ -161,6 +162,7 @@ class Result:
                f"{self.announces:,.0f} "
                f"announcements/s, {self.heartbeats:,.0f} heartbeats/s; the rules took "
                f"{self.sched_cpu:.2f} s of one core here per simulated second",
+               f"  decisions by kind {dict(sorted(self.kinds.items()))}",
                f"  origin leases {self.leases}, origin steps by reason "
                f"{dict(sorted(self.reasons.items()))}; pieces given up "
                f"{self.gave_up}; corrupt pieces caught {self.corrupt_caught}",
@@ -218,4 +220,5 @@ def run(sc: Scenario, seed: int = 1) -> Result:
         cross_idc=st.cross_idc / sc.length, events=sim.clock.events, transfers=st.transfers,
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
-        sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source)
+        sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,
+        kinds=dict(st.kinds))

@@ -251,6 +251,7 @@ class Stats:
     sched_cpu: float = 0.0  # wall seconds spent in ClusterState's rules
     origin_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # decisions
 
 
 class Swarm:
@@ -420,6 +421,9 @@ class Swarm:
         self.stats.calls += 1
         self.stats.decisions += len(decisions)
         self.stats.per_second[int(now)] += len(decisions)
+        kinds = self.stats.kinds
+        for d in decisions:
+            kinds[d.reason if d.action == "wait" and d.reason else d.action] += 1
         if now >= call.deadline or any(d.action != "wait" for d in decisions):
             self._unpark(call)
             self._answer_later(call, decisions)
