@@ -36,8 +36,8 @@ class Scenario:
     idc_link: float | None = None  # each IDC's link to the others, each way
     wave: float = 0.0  # pulls start spread evenly over this many seconds
     die: float = 0.0  # fraction of hosts that die...
-    die_at: float = 0.5  # ...when this fraction of the fault-free bound has passed
-    restart_at: float | None = None  # scheduler restart at this fraction of the bound
+    die_at: float = 0.5  # ...this many fluid bounds after the start
+    restart_at: float | None = None  # the scheduler restarts this many bounds after the start
     outage: float = 2.0  # how long the scheduler is away
     keep_state: bool = False  # an outage, not a restart: the scheduler keeps its state
     slow: float = 0.0  # fraction of hosts whose uplink is slow_factor of the others'
@@ -80,10 +80,11 @@ SCENARIOS = {
     "flash": lambda: Scenario(
         name="flash", hosts=10_000, length=100 * 10**6, up=1.25e9, down=1.25e9,
         origin=10 * GBIT, params=Params(rtt=0.0005), note="a flash crowd on a 100 MB layer"),
-    "die1": lambda: replace(_base(), name="die1", die=0.01,
-                            note="1 % of hosts die halfway through the bound"),
+    # base's fault-free pull takes ~3.1 bounds: halfway through it is 1.5 bounds.
+    "die1": lambda: replace(_base(), name="die1", die=0.01, die_at=1.5,
+                            note="1 % of hosts die halfway through the pull"),
     "base": lambda: _base(),
-    "restart": lambda: replace(_base(), name="restart", restart_at=0.5,
+    "restart": lambda: replace(_base(), name="restart", restart_at=1.5,
                                note="the scheduler restarts halfway (2 s away, state lost)"),
     "lab8": lambda: _lab(8),
     "lab16": lambda: _lab(16),
