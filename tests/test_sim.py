@@ -9,6 +9,7 @@ import pytest
 
 import scheduler.state
 from bench.sim.__main__ import main
+from bench.sim.core import Clock, Link, Network
 from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
 from bench.sim.swarm import Params
 
@@ -84,3 +85,25 @@ def test_every_shipped_scenario_runs_scaled_down() -> None:
         sc = scaled(make(), None, 0.002 if make().hosts >= 1000 else 0.25)
         r = run(sc)
         assert r.finished == r.survivors, name
+
+
+def test_links_are_shared_max_min_fairly() -> None:
+    """Two flows on one 10 MB/s uplink get 5 each, the survivor all 10; a flow held to 2 by
+    its receiver's downlink leaves the other the 8 left."""
+    clock = Clock()
+    net = Network(clock)
+    up, slow_down, fast_down = Link("up", 10e6), Link("slow", 2e6), Link("fast", 100e6)
+    done: dict[str, float] = {}
+    a = net.start((up, fast_down), 10e6, lambda: done.setdefault("a", clock.now))
+    net.start((up, fast_down), 1e6, lambda: done.setdefault("b", clock.now))
+    assert a.rate == pytest.approx(5e6)
+    clock.run(0.25)
+    assert done["b"] == pytest.approx(0.2)  # 1 MB at 5 MB/s
+    assert a.rate == pytest.approx(10e6)
+    c = net.start((up, slow_down), 1e6, lambda: done.setdefault("c", clock.now))
+    assert c.rate == pytest.approx(2e6) and a.rate == pytest.approx(8e6)
+    clock.run(10.0)
+    assert done["c"] == pytest.approx(0.7)  # from 0.2 (the clock's last event), at 2 MB/s
+    # a: 1 MB by 0.2 s, 4 MB more by 0.7, the last 5 MB at 10 MB/s
+    assert done["a"] == pytest.approx(1.2)
+    assert up.carried == pytest.approx(12e6)
