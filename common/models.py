@@ -9,14 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common import ids
 from common.pieces import valid_piece_size
@@ -37,6 +30,18 @@ MAX_BATCH = 4096
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A field added to a model peers and schedulers exchange is left out of the JSON while it has
+# its old meaning (`exclude_if`), so the other side, if older, does not refuse a field it does
+# not know (extra="forbid"). Per field, not a wrap serializer on the model: that took a reply
+# through Python dicts, 4x the cost of a schedule reply's encoding (measured, pydantic 2.14).
+def _absent(value: object) -> bool:
+    return value is None
+
+
+def _http(transport: int) -> bool:
+    return transport == 1
 
 
 # Error codes in a 4xx body, for what a client must act on (not a message to match).
@@ -182,32 +187,19 @@ class ScheduleRequest(Model):
                          description="hold the answer this long while every piece must wait")
     registry: Registry | None = Field(None, description="where the requester fetches from")
     announce: Announce | None = Field(
-        None, description="this peer's claims, recorded before deciding as POST /announce "
-                          "records them: one call instead of two (answered in `announced`)")
-
-    @model_serializer(mode="wrap")
-    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        """Without `announce` when there is none: what schedulers before it accept."""
-        data: dict[str, object] = handler(self)
-        if self.announce is None:
-            data.pop("announce", None)
-        return data
+        None, exclude_if=_absent,
+        description="this peer's claims, recorded before deciding as POST /announce records "
+                    "them: one call instead of two (answered in `announced`)")
 
 
 class ParentRef(Model):
     id: str
     addr: str
-    transport: int = Field(1, ge=1, le=255, description="the transport to fetch with: the "
-                           "highest both the parent and the child speak")
-
-    @model_serializer(mode="wrap")
-    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        """Without `transport` when it is HTTP: what peers before it accept (extra fields
-        are refused), so a rolling upgrade keeps them pulling."""
-        data: dict[str, object] = handler(self)
-        if self.transport == 1:
-            data.pop("transport", None)
-        return data
+    # Left out when it is HTTP: what peers before it accept, so a rolling upgrade keeps them
+    # pulling.
+    transport: int = Field(1, ge=1, le=255, exclude_if=_http,
+                           description="the transport to fetch with: the highest both the "
+                                       "parent and the child speak")
 
 
 class Decision(Model):
@@ -226,15 +218,8 @@ class Decision(Model):
 
 class ScheduleReply(Model):
     decisions: list[Decision]
-    announced: AnnounceReply | None = Field(None, description="the answer to `announce`")
-
-    @model_serializer(mode="wrap")
-    def _as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        """Without `announced` unless the request announced: what peers before it accept."""
-        data: dict[str, object] = handler(self)
-        if self.announced is None:
-            data.pop("announced", None)
-        return data
+    announced: AnnounceReply | None = Field(None, exclude_if=_absent,
+                                            description="the answer to `announce`")
 
 
 class Report(Model):
