@@ -362,7 +362,7 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--piece-size", default="4MiB")
     ap.add_argument("--store", choices=["memory", "redis", "redis-cluster"], default="memory")
     ap.add_argument("--host-rate", default="300MB/s", help="each host's pull rate")
-    ap.add_argument("--simulate", type=int, default=48,
+    ap.add_argument("--simulate", type=int, default=64,
                     help="hosts simulated (at most --hosts): enough to load one replica")
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
