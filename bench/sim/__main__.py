@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=float, help="blob size in MiB, instead of the scenario's")
     ap.add_argument("--piece-size", type=int, help="MiB, instead of the scenario's")
     ap.add_argument("--wake-limit", type=int,
-                    help="experiment: an announcement wakes at most this many parked calls "
-                         "per piece (default: all, as the scheduler does)")
+                    help="experiment: an announcement wakes this many parked calls per piece "
+                         "(0: all of them; default: scheduler/store.py's WAKE_PER_PIECE)")
     ap.add_argument("--readahead", type=int,
                     help="experiment: the reader's window in MiB (default: reader.py's)")
     ap.add_argument("--children", type=int,
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         experiments.EXPERIMENTS[name]()
     if args.readahead:
         sc.params.readahead = args.readahead << 20
-    if args.wake_limit:
+    if args.wake_limit is not None:
         sc.params.wake_limit = args.wake_limit
     result = run(sc, args.seed)
     print("\n".join(result.lines()))

@@ -39,6 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from time import perf_counter
 
+import scheduler.store
 from bench.sim.core import Clock, Flow, Link, Network
 from common.models import (
     AnnounceReply,
@@ -103,8 +104,8 @@ class Params:
     heartbeat_interval: float = 2.0
     lease_timeout: float = 2.0
     piece_size: int | None = None  # None: the default layout for the blob
-    # An experiment, not the rules: an announcement wakes at most this many of the calls
-    # parked on each of its pieces (None: every one, as scheduler/store.py `Waiters` does).
+    # An experiment, not the rules: an announcement wakes this many of the calls parked on
+    # each of its pieces (0: every one; None: scheduler/store.py's WAKE_PER_PIECE).
     wake_limit: int | None = None
     readahead: int = READAHEAD_BYTES  # the reader's window (reader.py); another, an experiment
 
@@ -189,6 +190,7 @@ class Call:
     deadline: float = 0.0
     waking: bool = False
     done: bool = False
+    parked_at: int = 0  # the order calls were parked in (the oldest are woken first)
     session: int = 0
 
 
@@ -276,6 +278,7 @@ class Swarm:
         self.up = True
         self.session = 0  # scheduler incarnation: a restart ends every call in flight
         self.parked: dict[int, dict[Call, None]] = defaultdict(dict)
+        self._parks = 0
         self.meta = self.state.ensure_task(TaskRequest(task_id=TASK, length=length,
                                                        piece_size=params.piece_size), 0.0)
         self.piece_size = self.meta.piece_size
@@ -429,6 +432,8 @@ class Swarm:
             self._answer_later(call, decisions)
             return
         if call not in self.parked[call.req.pieces[0]]:
+            self._parks += 1
+            call.parked_at = self._parks
             for i in call.req.pieces:
                 self.parked[i][call] = None
         self.clock.after(min(RECHECK_SECONDS, call.deadline - now), self._wake, call)
@@ -511,14 +516,25 @@ class Swarm:
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
 
     def _notify(self, pieces: list[int]) -> None:
-        """`Waiters.notify`: wake the calls parked on these pieces (all of them; with the
-        `wake_limit` experiment only the longest parked few per piece)."""
-        parked, limit = self.parked, self.p.wake_limit
+        """`Waiters.notify` (scheduler/store.py): of the calls parked on these pieces and not
+        already woken, the WAKE_PER_PIECE x len(pieces) parked longest are woken (the
+        `wake_limit` experiment: another number; 0, every one)."""
+        parked = self.parked
+        found: dict[Call, None] = {}
         for i in pieces:
             calls = parked.get(i)
             if calls:
-                for call in list(calls)[:limit]:
-                    self._wake(call)
+                found.update(calls)
+        if not found:
+            return
+        limit = scheduler.store.WAKE_PER_PIECE if self.p.wake_limit is None \
+            else self.p.wake_limit
+        waking = [c for c in found if not c.waking]
+        if limit:
+            waking.sort(key=lambda c: c.parked_at)
+            waking = waking[:limit * len(set(pieces))]
+        for call in waking:
+            self._wake(call)
 
     def _announced(self, host: Host, replies: list[tuple], attempt: int) -> None:
         host.sending = False
