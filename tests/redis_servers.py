@@ -7,9 +7,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -78,12 +79,17 @@ class RedisCluster:
             self.nodes.append(RedisServer(d, (
                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
                 "--cluster-port", str(free_port()),
-                "--cluster-node-timeout", str(node_timeout_ms))))
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # A replica takes over however long since it last heard its master (a quiet
+                # test cluster's replicas hear theirs only every ping period).
+                "--cluster-replica-validity-factor", "0", "--repl-ping-replica-period", "1",
+                "--repl-diskless-sync-delay", "0")))
         self.url = f"redis://127.0.0.1:{self.nodes[0].port}"
 
     def create(self, seconds: float = 30.0) -> None:
-        """Start-up: every node answering, the cluster created and `cluster_state:ok` seen
-        from every node (each must know every slot's master before a test uses it)."""
+        """Start-up: every node answering, the cluster created, `cluster_state:ok` seen from
+        every node (each must know every slot's master before a test uses it) and every
+        replica in sync with its master (else a failover loses what was written until then)."""
         for node in self.nodes:
             node.wait_ready()
         subprocess.run([_binary("redis-cli"), "--cluster", "create",
@@ -92,12 +98,30 @@ class RedisCluster:
                        check=True, capture_output=True, timeout=seconds)
         for node in self.nodes:
             self.wait_ok(node, seconds)
+        for node in self.nodes:
+            self.wait_replicated(node, seconds)
 
     def wait_ok(self, node: RedisServer, seconds: float = 30.0) -> None:
         client = redis.Redis(port=node.port, socket_timeout=1, decode_responses=True)
         try:
             _poll(lambda: client.cluster("info")["cluster_state"] == "ok", seconds,
                   "redis cluster not ok", node.proc)
+        finally:
+            client.close()
+
+    def wait_replicated(self, node: RedisServer, seconds: float = 30.0) -> None:
+        """Until a master's replicas are all online (a replica: at once)."""
+        client = redis.Redis(port=node.port, socket_timeout=1, decode_responses=True)
+
+        def synced() -> bool:
+            info = client.info("replication")
+            if info["role"] != "master":
+                return True
+            replicas = [v for k, v in info.items() if k.startswith("slave")
+                        and isinstance(v, dict)]
+            return bool(replicas) and all(r["state"] == "online" for r in replicas)
+        try:
+            _poll(synced, seconds, "redis cluster replicas not in sync", node.proc)
         finally:
             client.close()
 
@@ -129,3 +153,25 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+# Fixtures: import them into a test module to use them (one of each per module).
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.stop()

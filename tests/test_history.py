@@ -32,8 +32,8 @@ from tests.cluster import (
     push_blob,
     until,
 )
-from tests.test_openapi import _response_schema, _validator
 from tests.redis_servers import RedisServer
+from tests.test_openapi import _response_schema, _validator
 
 MiB = 1 << 20
 

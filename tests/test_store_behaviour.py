@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -36,7 +36,9 @@ from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import PENALTY_SECONDS, Conflict, StateError, UnknownPeer, UnknownTask
 from scheduler.store import MemoryStore, Store
 from tests.cluster import until
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, redis_server
+
+__all__ = ["redis_cluster", "redis_server"]  # the session's fixtures, used here
 
 TASK = "sha256:" + "a" * 64
 OTHER = "sha256:" + "c" * 64
@@ -47,26 +49,6 @@ LEASE = 2.0
 
 def chunk(n: int) -> str:
     return f"blake3:{n:064x}"
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
-    try:
-        cluster.create()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 async def _backend(request: pytest.FixtureRequest, kind: str) -> str | None:

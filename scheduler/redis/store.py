@@ -92,7 +92,7 @@ from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
 from scheduler.redis.scripts import APPLY_LUA, DUE_LUA, READ_LUA, Batched
-from scheduler.state import Totals, expiry_seconds
+from scheduler.state import StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
 
 log = logging.getLogger("naiad.scheduler.redis")
@@ -227,15 +227,22 @@ class RedisStore:
                 loader = Loader(self)
                 await plan(loader)
                 world = loader.world
-                result = rule(world)
+                try:
+                    result, refused = rule(world), None
+                except StateError as e:
+                    # What the rule did before refusing stays done, as in the memory store
+                    # (a call on an unknown task still renews its caller).
+                    result, refused = None, e
                 tx = diff(world, self.keys, self.slot_of, self.ttl_ms, actor)
                 if wake is not None:
                     tx.publish.append([self.feed.channel_of(wake),
                                        message(self.id, wake, wanted)])
                 if not tx or await self._applied(tx):
+                    if refused is not None:
+                        raise refused
                     if wake is not None:
                         self.feed.wake(wake, wanted)
-                    return result
+                    return result  # type: ignore[return-value]
                 # Lost a race with another replica: back off a little, at random, and redo.
                 await asyncio.sleep(self.rng.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
             raise StoreBusy(f"gave up after {MAX_ATTEMPTS} conflicting attempts")

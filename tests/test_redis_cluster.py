@@ -1,0 +1,127 @@
+"""A scheduler on a real Redis Cluster (issue 14): `naiad scheduler --redis-cluster` with peers
+pulling through it, and the master serving the task's slot SIGKILLed in the middle of the
+distribution. Every pull completes with the right sha256, the scheduler answers 503 (never
+another error) only until the master's replica is promoted, and the map of a blob distributed
+before the failure, on the same master, is still there. (The store behaviour suite runs on a
+cluster too: tests/test_store_behaviour.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    member_session,
+    push_blob,
+    until,
+)
+from tests.redis_servers import RedisCluster
+from tests.test_e2e_replicas import _pull, _reached
+
+MiB = 1 << 20
+PROMOTION_BOUND = 20.0  # seconds from the kill to answers again (node timeout 1 s + election)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """Its own cluster: the test kills one of its masters."""
+    rc = RedisCluster(tmp_path / "redis-cluster")
+    try:
+        rc.create()
+        yield rc
+    finally:
+        rc.stop()
+
+
+def _task_key(digest: str) -> str:
+    return f"naiad:task:{{{digest}}}"
+
+
+async def _view(scheduler: str, digest: str) -> tuple[int, dict | None]:
+    async with member_session() as s, s.get(f"{scheduler}/api/v1/tasks/{digest}") as r:
+        return r.status, (await r.json() if r.status == 200 else None)
+
+
+def _chunks(view: dict) -> dict[int, str | None]:
+    return {p["index"]: p["chunk"] for p in view["piece_map"]}
+
+
+async def test_master_of_the_tasks_slot_killed_mid_distribution(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        redis_cluster: RedisCluster) -> None:
+    # Two blobs whose tasks live on the same master: one distributed before the failure, one
+    # during it.
+    during = os.urandom(32 * MiB)
+    during_digest = "sha256:" + hashlib.sha256(during).hexdigest()
+    victim = redis_cluster.master_of(_task_key(during_digest))
+    while True:
+        before = os.urandom(4 * MiB)
+        before_digest = "sha256:" + hashlib.sha256(before).hexdigest()
+        if redis_cluster.master_of(_task_key(before_digest)) is victim:
+            break
+    assert await push_blob(registry.url, repo, before) == before_digest
+    assert await push_blob(registry.url, repo, during) == during_digest
+
+    sched = await cluster.scheduler("--redis-cluster", redis_cluster.url)
+    peers = await asyncio.gather(*(cluster.peer(f"peer-{i}", sched.url, origin.url)
+                                   for i in range(4)))
+    first = asyncio.Event()
+    assert await asyncio.gather(*(_pull(f"{p.url}/v2/{repo}/blobs/{before_digest}", 0, first)
+                                  for p in peers[:2])) == [before_digest] * 2
+
+    async def mapped() -> bool:
+        _, view = await _view(sched.url, before_digest)
+        return view is not None and None not in _chunks(view).values() \
+            and view["complete_holders"] == 2
+    await until(mapped, 20, "the first blob's map complete, both holders announced")
+    _, sealed_view = await _view(sched.url, before_digest)
+    assert sealed_view is not None
+    sealed_map = _chunks(sealed_view)
+
+    quarter = asyncio.Event()
+    pulls = [asyncio.create_task(_pull(f"{p.url}/v2/{repo}/blobs/{during_digest}", 8 * MiB,
+                                       quarter)) for p in peers]
+    await _reached(quarter, pulls)
+    victim.proc.kill()
+    killed = time.monotonic()
+
+    # The scheduler, asked all along: 503 until the replica is promoted, then answers.
+    statuses: list[tuple[float, int]] = []
+    while True:
+        status, _ = await _view(sched.url, during_digest)
+        statuses.append((time.monotonic() - killed, status))
+        if status == 200 and any(s != 200 for _, s in statuses):
+            break  # answered again after the outage
+        if status == 200 and all(p.done() for p in pulls):
+            break  # never saw the outage: fine, as long as all is well
+        assert time.monotonic() - killed < PROMOTION_BOUND, statuses[-5:]
+        await asyncio.sleep(0.05)
+    assert {s for _, s in statuses} <= {200, 503}, statuses
+    recovered = statuses[-1][0]
+    assert recovered < PROMOTION_BOUND
+
+    assert await asyncio.wait_for(asyncio.gather(*pulls), 120) == [during_digest] * 4
+    for survivor in redis_cluster.alive():
+        redis_cluster.wait_ok(survivor)
+    assert redis_cluster.master_of(_task_key(during_digest)) is not victim  # promoted
+
+    status, view = await _view(sched.url, before_digest)
+    assert status == 200 and view is not None
+    assert _chunks(view) == sealed_map  # the map made before the failure, whole
+
+    async def everyone_holds() -> bool:
+        _, view = await _view(sched.url, during_digest)
+        return view is not None and view["complete_holders"] == 4 \
+            and None not in _chunks(view).values()
+    await until(everyone_holds, 30, "every peer announced the whole second blob")
+    print(f"failover: answers again {recovered:.2f} s after the kill; "
+          f"{sum(1 for _, s in statuses if s == 503)} answers were 503")
