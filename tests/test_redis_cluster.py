@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,13 @@ from tests.cluster import (
     Cluster,
     CountingProxy,
     Registry,
+    free_port,
     member_session,
+    naiad,
     push_blob,
+    spawn,
     until,
+    wait_http,
 )
 from tests.redis_servers import RedisCluster
 from tests.test_e2e_replicas import _pull, _reached
@@ -125,3 +130,38 @@ async def test_master_of_the_tasks_slot_killed_mid_distribution(
     await until(everyone_holds, 30, "every peer announced the whole second blob")
     print(f"failover: answers again {recovered:.2f} s after the kill; "
           f"{sum(1 for _, s in statuses if s == 503)} answers were 503")
+
+
+@pytest.mark.parametrize("args", [
+    ["--redis-cluster", "127.0.0.1:7000"],  # not a URL
+    ["--redis-cluster", "unix:///run/redis.sock"],  # a cluster is reached over TCP
+    ["--redis", "redis://127.0.0.1:6379", "--redis-cluster", "redis://127.0.0.1:7000"],
+])
+def test_a_redis_cluster_mistake_is_one_line(args: list[str]) -> None:
+    done = subprocess.run(naiad("scheduler", "--listen", "127.0.0.1:0", "--udp", "off", *args),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("naiad scheduler: ") and "redis" in line, line
+
+
+async def test_an_unreachable_cluster_is_no_mistake(tmp_path: Path) -> None:
+    """Like --redis: the scheduler starts, answers 503 where it needs the store, and says
+    why in its log."""
+    port, seed = free_port(), free_port()
+    proc = spawn("scheduler", naiad("scheduler", "--listen", f"127.0.0.1:{port}", "--udp",
+                                    "off", "--redis-cluster", f"redis://127.0.0.1:{seed}"),
+                 tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_http(f"{url}/healthy", proc=proc)
+        async with member_session() as s, s.get(f"{url}/api/v1/stats") as r:
+            assert r.status == 503
+        await until(lambda: _logged(proc.logs(), f"127.0.0.1:{seed}"), 10, "a warning")
+        assert "Traceback" not in proc.logs()
+    finally:
+        proc.stop()
+
+
+async def _logged(logs: str, what: str) -> bool:
+    return any("WARNING" in line and what in line for line in logs.splitlines())
