@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from common.models import Heartbeat, PeerCounters, PeerRegistration
+from scheduler.history_redis import RedisHistory
+from scheduler.redis_store import RedisStore
 from tests.cluster import (
     Cluster,
     CountingProxy,
@@ -45,6 +48,40 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
         yield rc
     finally:
         rc.stop()
+
+
+@pytest.fixture(scope="module")
+def quiet_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A cluster no test here breaks."""
+    rc = RedisCluster(tmp_path_factory.mktemp("redis-cluster-quiet"))
+    try:
+        rc.create()
+        yield rc
+    finally:
+        rc.stop()
+
+
+async def test_two_stores_on_a_cluster_keep_one_history_of_the_summed_totals(
+        quiet_cluster: RedisCluster) -> None:
+    """The history script runs on its own key's slot: two replicas sampling in the same slot
+    store one sample, and it holds the totals summed over the counter shards."""
+    await quiet_cluster.flush()
+    a, b = (RedisStore.from_url(quiet_cluster.url, cluster=True) for _ in range(2))
+    try:
+        ha, hb = RedisHistory.of(a, interval=3600.0), RedisHistory.of(b, interval=3600.0)
+        for n, pid in enumerate(["p", "q", "r", "s"]):  # peers in several shards
+            await a.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{n + 1}:65002"))
+            await b.heartbeat(pid, Heartbeat(counters=PeerCounters(origin=5, peer=7, local=1,
+                                                                    served=13)))
+        taken = await asyncio.gather(ha.sample(), hb.sample())
+        assert sorted(taken) == [False, True]
+        (only,) = await ha.samples()
+        assert await hb.samples() == [only]
+        assert (only.origin, only.peer, only.local, only.served) == (20, 28, 4, 52)
+        assert (await b.counters())["served"] == 52
+    finally:
+        await a.close()
+        await b.close()
 
 
 def _task_key(digest: str) -> str:
