@@ -6,7 +6,7 @@ tags are only part of the names."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from redis.crc import key_slot
 
@@ -27,6 +27,7 @@ def one_slot(key: str) -> int:
 
 
 SlotOf = Callable[[str], int]
+GroupOf = Callable[[str], Hashable]  # which keys' scripts may share a run (a node's)
 
 
 class Keys:

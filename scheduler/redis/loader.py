@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,7 +60,8 @@ async def gather(calls: list[Awaitable[T]]) -> list[T]:
 
 class Reads:
     """Commands for the read script, each with the key whose slot it reads and how to shape its
-    JSON reply like redis-py's. `run` sends each slot's commands as one read (one snapshot)."""
+    JSON reply like redis-py's. `run` sends each group's commands (a node's, on a cluster) as
+    one read: one snapshot."""
 
     def __init__(self) -> None:
         self.cmds: list[tuple[str | None, list[str], Callable[[Any], Any]]] = []
@@ -97,12 +98,12 @@ class Reads:
         self._add(None, lambda r: (int(r[0]), int(r[1])), "TIME")
 
     async def run(self, read: Callable[[str, str], Awaitable[str]],
-                  slot_of: Callable[[str], int], clock_key: str | None = None) -> list:
+                  group_of: Callable[[str], Hashable], clock_key: str | None = None) -> list:
         clock_key = clock_key or next((k for k, _, _ in self.cmds if k is not None), "-")
-        groups: dict[int, tuple[str, list[int]]] = {}
+        groups: dict[Hashable, tuple[str, list[int]]] = {}
         for i, (key, _, _) in enumerate(self.cmds):
             route = clock_key if key is None else key
-            groups.setdefault(slot_of(route), (route, []))[1].append(i)
+            groups.setdefault(group_of(route), (route, []))[1].append(i)
         raws = await gather([read(route, json.dumps([self.cmds[i][1] for i in idx],
                                                     separators=(",", ":")))
                              for route, idx in groups.values()])
@@ -312,7 +313,7 @@ class Loader:
             reads.time()
         for add, _, _ in queued:
             add(reads)
-        replies = iter(await reads.run(self.s.read, self.s.slot_of, self._clock_key))
+        replies = iter(await reads.run(self.s.read, self.s.group_of, self._clock_key))
         if server_time:
             secs, micros = next(replies)
             self.world.now = secs + micros / 1e6

@@ -4,19 +4,21 @@ one script run per slot."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from common.tasks import TaskSet
-from scheduler.redis.keys import SlotOf
+from scheduler.redis.keys import GroupOf
 
 # Writes, fenced. Each ARGV is one part of one call's writes, all in one slot, JSON:
 # {"k": [keys], "f": [[kind, key#, field, expected]...], "o": [[op, key#, args...]...],
 #  "p": [[channel, message]...]}. A fence is 'eq' (a hash field equals `expected`; false:
 # absent), 'exists' or 'absent'; a part's fences are all checked before any of its writes, so
 # it applies whole or not at all. Returns, per part, 0 when applied, else the 1-based number of
-# the fence that failed. Keys are named in ARGV (KEYS[1] only routes the run to its slot's
-# node), so that concurrent calls on one slot share one run. PUBLISH, not SPUBLISH: a cluster
-# passes it to every node, so a replica's one subscriber hears every slot's changes.
+# the fence that failed. Keys are named in ARGV (KEYS[1] only routes the run to its node), so
+# that concurrent calls on one node share one run: on a cluster the scripts run with
+# `CROSS_SLOT`, each part still in one slot. PUBLISH, not SPUBLISH: a cluster passes it to
+# every node, so a replica's one subscriber hears every slot's changes.
 APPLY_LUA = """
 local results, now_ms = {}, nil
 for j = 1, #ARGV do
@@ -75,7 +77,7 @@ for j = 1, #ARGV do
 end
 return results
 """
-# Reads. Each ARGV is one call's read commands in one slot (JSON: [[command, args...]...]), run
+# Reads. Each ARGV is one call's read commands on one node (JSON: [[command, args...]...]), run
 # atomically, so a task is read as one snapshot; each call's replies come back as one JSON
 # document: one bulk string to parse rather than one per field, which is most of a pure-Python
 # client's cost.
@@ -94,28 +96,35 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
 """
+# On a cluster: a run may touch keys of several slots of its node (Redis 7), so one run serves
+# every call on that node; a key another node serves fails the run (the client's map of slots
+# is refreshed then).
+CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
+NOT_LOCAL = "non local key"  # the error of a run sent on a stale map of slots
 ARGS_PER_OP = 2000  # Lua's unpack() is limited to a few thousand values
 
 
 class Batched:
     """Calls of one script made in the same turn of the event loop, sent as one script run per
-    slot (`slot_of` their routing key): a replica serving many peers pays one round trip, and
-    one client-side command, for many calls. Each call is one ARGV; the script answers a list,
-    one reply per call."""
+    group (`group_of` their routing key: everything on one Redis, a node on a cluster): a
+    replica serving many peers pays one round trip, and one client-side command, for many
+    calls. Each call is one ARGV; the script answers a list, one reply per call."""
 
     LIMIT = 64  # calls per run: bounds how long one run holds Redis
 
-    def __init__(self, script: Any, tasks: TaskSet, slot_of: SlotOf) -> None:
+    def __init__(self, script: Any, tasks: TaskSet, group_of: GroupOf,
+                 stale: Callable[[], Awaitable[None]] | None = None) -> None:
         self.script = script
         self.tasks = tasks
-        self.slot_of = slot_of
-        self._pending: dict[int, tuple[str, list[tuple[str, asyncio.Future]]]] = {}
+        self.group_of = group_of
+        self.stale = stale  # refreshes the map of slots after a NOT_LOCAL failure
+        self._pending: dict[Hashable, tuple[str, list[tuple[str, asyncio.Future]]]] = {}
 
     async def __call__(self, key: str, arg: str) -> Any:
-        """Run `arg` on the node of `key`'s slot (with other calls on that slot)."""
+        """Run `arg` on the node of `key`'s slot (with other calls on that node)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        slot = self.slot_of(key)
+        slot = self.group_of(key)
         if not self._pending:
             loop.call_soon(self._flush)
         route, batch = self._pending.setdefault(slot, (key, []))
@@ -134,6 +143,8 @@ class Batched:
         try:
             replies = await self.script(keys=[route], args=[arg for arg, _ in batch])
         except Exception as e:  # handed to every caller, who raises it
+            if self.stale is not None and NOT_LOCAL in str(e):
+                self.tasks.spawn(self.stale(), "redis-slots")
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)

@@ -49,10 +49,11 @@ holdings out of the piece maps (one replica claims each sweep with ZREM on the p
 
 Wake-ups: Redis pub/sub (scheduler/redis/feed.py).
 
-Round trips: concurrent calls share script runs per slot (`Batched`), so a replica serving many
-peers pays one round trip and one client-side command for many calls; a call itself is one read
-per slot (two rounds for `schedule`, whose holders are known only once its pieces are read) and
-one write (per stage and slot, on a cluster).
+Round trips: concurrent calls share script runs (`Batched`), one per Redis, or one per node of
+a cluster (its scripts may touch several slots of their node, each part still one slot's), so a
+replica serving many peers pays one round trip and one client-side command for many calls; a
+call itself is one read per node (two rounds for `schedule`, whose holders are known only once
+its pieces are read) and one write (per stage and node, on a cluster).
 
 Clock: Redis's own `TIME`, read with the state (from the task's slot, when the call names a
 task), so replicas agree on lease and penalty deadlines whatever their host clocks say; on a
@@ -67,7 +68,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -91,7 +92,7 @@ from scheduler.redis.diff import Tx, diff
 from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
-from scheduler.redis.scripts import APPLY_LUA, DUE_LUA, READ_LUA, Batched
+from scheduler.redis.scripts import APPLY_LUA, CROSS_SLOT, DUE_LUA, READ_LUA, Batched
 from scheduler.state import StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
 
@@ -138,7 +139,8 @@ class RedisStore:
                  restarts: RestartCounter | None = None) -> None:
         self.redis = client
         self.cluster = isinstance(client, aioredis.RedisCluster)
-        self.slot_of = cluster_slot if self.cluster else one_slot
+        self.slot_of = cluster_slot if self.cluster else one_slot  # a part's one slot
+        self.group_of = self._node_of if self.cluster else one_slot  # runs shared by a node
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self.ttl_ms = max(1, round(expiry_seconds(heartbeat_interval) * 1000))
@@ -152,8 +154,12 @@ class RedisStore:
                                self._node_client if self.cluster else None)
         self.subscribed = self.feed.subscribed
         self._tasks = TaskSet("redis-store", restarts)
-        self.apply = Batched(client.register_script(APPLY_LUA), self._tasks, self.slot_of)
-        self.read = Batched(client.register_script(READ_LUA), self._tasks, self.slot_of)
+        flags = CROSS_SLOT if self.cluster else ""  # (Redis 6 knows no flags)
+        stale = self._refresh_slots if self.cluster else None
+        self.apply = Batched(client.register_script(flags + APPLY_LUA), self._tasks,
+                             self.group_of, stale)
+        self.read = Batched(client.register_script(flags + READ_LUA), self._tasks,
+                            self.group_of, stale)
         self._due = client.register_script(DUE_LUA)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -180,6 +186,17 @@ class RedisStore:
         nodes = sorted(self.redis.get_nodes(), key=lambda n: n.name)
         node = nodes[attempt % len(nodes)]
         return aioredis.Redis(host=node.host, port=node.port, decode_responses=True)
+
+    def _node_of(self, key: str) -> Hashable:
+        """The node serving `key`'s slot, as the client last heard (not yet known: the slot)."""
+        slot = cluster_slot(key)
+        try:
+            return self.redis.nodes_manager.get_node_from_slot(slot).name
+        except (LookupError, RedisClusterException):
+            return slot
+
+    async def _refresh_slots(self) -> None:
+        await self.redis.nodes_manager.initialize()
 
     async def ping(self) -> None:
         """Reachable (any node, on a cluster); raises RedisError if not."""
@@ -428,7 +445,7 @@ class RedisStore:
         reads = Reads()
         for n in range(SHARDS):
             reads.zrange(self.keys.index_shard(n))
-        shards = await reads.run(self.read, self.slot_of)
+        shards = await reads.run(self.read, self.group_of)
         return await self._peer_views(sorted({pid for ids in shards for pid in ids}))
 
     async def peer(self, peer_id: str) -> dict | None:
@@ -474,7 +491,7 @@ class RedisStore:
         for n in range(SHARDS):
             reads.hmget(self.keys.counter_shard(n), *fields)
         sums = [0] * len(fields)
-        for values in await reads.run(self.read, self.slot_of):
+        for values in await reads.run(self.read, self.group_of):
             for i, v in enumerate(values):
                 sums[i] += int(v or 0)
         return sums
