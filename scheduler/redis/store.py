@@ -114,7 +114,7 @@ Client = aioredis.Redis | aioredis.RedisCluster
 # unavailable for now (the API answers 503, and the peers retry).
 _CALLS = ("register", "heartbeat", "leave", "expire", "ensure_task", "announce", "schedule",
           "report", "withdraw", "blob_mismatch", "cordon", "uncordon", "peers", "peer", "tasks",
-          "task", "counters", "back_to_source", "ping")
+          "task", "counters", "back_to_source")
 
 
 def _unavailable_as_redis_errors(cls: type[T]) -> type[T]:
@@ -146,7 +146,6 @@ class RedisStore:
         self.ttl_ms = max(1, round(expiry_seconds(heartbeat_interval) * 1000))
         self.clock = clock
         self.keys = Keys(prefix)
-        self.p = prefix
         self.rng = rng or random.Random()
         self.id = uuid.uuid4().hex[:12]
         self.waiters = Waiters(self._watch, self._unwatch)
@@ -197,10 +196,6 @@ class RedisStore:
 
     async def _refresh_slots(self) -> None:
         await self.redis.nodes_manager.initialize()
-
-    async def ping(self) -> None:
-        """Reachable (any node, on a cluster); raises RedisError if not."""
-        await self.redis.ping()
 
     # -- wake-ups --------------------------------------------------------------------------
 
