@@ -11,8 +11,9 @@ What is modelled here, after the engine it stands for (peer/engine/engine.py and
   piece;
 * the batcher (batcher.py): a host's asks in one instant travel in one schedule call, which
   long-polls (LONG_POLL_MS) while every piece in it must wait, re-decided when an announcement
-  adds one of its pieces, when a peer expires, and every RECHECK_SECONDS (scheduler/store.py
-  `Waiters`); a `wait` answered goes back into the next call;
+  adds one of its pieces (the WAKE_PER_PIECE parked longest per piece), when a peer expires,
+  and every RECHECK_SECONDS (scheduler/store.py `Waiters`); a `wait` answered goes back into
+  the next call;
 * parents (fetch.py, upload.py): ranked parents tried in turn; one at its upload slots, or
   holding `per_address` slots for this child already, answers busy at once; a dead one fails
   after STALL_SECONDS; a corrupt one's bytes fail verification and are reported;
