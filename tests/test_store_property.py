@@ -2,12 +2,12 @@
 answers required (issue 14: one copy of every rule).
 
 Each example is a sequence of register, heartbeat, ensure_task, announce, schedule, report,
-withdraw, leave and a clock jump followed by `expire`, over three peers and two tasks, run on
-all three stores; every call's answer (or the error it raised) and, at the end, the views
-(peers, tasks, each task's piece map, totals) must be equal. Time is an injected clock; a
-Redis peer's record expires by Redis's own clock, so records live far longer than a sequence
-takes, and a jump moves Redis's expiry too: the silent peers' records and index entries are
-made due at once (the only place the test reaches into Redis)."""
+withdraw, leave, cordon, uncordon, blob_mismatch and a clock jump followed by `expire`, over
+three peers and two tasks, run on all three stores; every call's answer (or the error it
+raised) and, at the end, the views (peers, tasks, each task's piece map, totals) must be equal.
+Time is an injected clock; a Redis peer's record expires by Redis's own clock, so records live
+far longer than a sequence takes, and a jump moves Redis's expiry too: the silent peers'
+records and index entries are made due at once (the only place the test reaches into Redis)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ calls = st.one_of(
               st.integers(0, PIECES - 1)),
     st.tuples(st.just("withdraw"), pid, tix, st.one_of(st.none(), pieces)),
     st.tuples(st.just("leave"), pid),
+    st.tuples(st.sampled_from(["cordon", "uncordon"]), pid),
+    st.tuples(st.just("blob_mismatch"), pid, tix),
     st.tuples(st.just("advance"), st.sampled_from([0.1, 0.7, 2.5])),
     st.tuples(st.just("jump"), st.lists(pid, unique=True, max_size=2)),
 )
@@ -118,6 +120,12 @@ async def _call(u: Under, call: tuple) -> Any:
         await s.withdraw(Withdraw(peer_id=p, task_id=TASKS[t], pieces=which))
     elif kind == "leave":
         await s.leave(call[1])
+    elif kind == "cordon":
+        await s.cordon(call[1])
+    elif kind == "uncordon":
+        await s.uncordon(call[1])
+    elif kind == "blob_mismatch":
+        await s.blob_mismatch(call[1], TASKS[call[2]])
     elif kind == "advance":
         u.clock.t += call[1]
     return None
