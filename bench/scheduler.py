@@ -276,6 +276,28 @@ def spawn_scheduler(port: int, redis_url: str | None, workdir: Path,
         time.sleep(0.05)
 
 
+def decision_cost(holders: int, calls: int = 400) -> float:
+    """Seconds per decision of `ClusterState.schedule` alone for a task of 16 pieces that
+    `holders` peers hold whole, asked two pieces at a time (a fleet's late pieces)."""
+    from scheduler.state import ClusterState
+
+    state = ClusterState(heartbeat_interval=60.0)
+    for n in range(holders + 1):
+        state.register(PeerRegistration(id=f"p{n}", upload_addr=f"10.0.{n >> 8}.{n & 255}:1"),
+                       0.0)
+    state.ensure_task(TaskRequest(task_id=task_id(0), length=16 * 4 * MiB,
+                                  piece_size=4 * MiB), 0.0)
+    for n in range(1, holders + 1):
+        state.announce(Announce(peer_id=f"p{n}", task_id=task_id(0), pieces=[
+            PieceClaim(index=i, chunk=chunk_id(0, i)) for i in range(16)]), 0.0)
+    reqs = [ScheduleRequest(peer_id="p0", task_id=task_id(0), pieces=[i % 16, (i + 1) % 16])
+            for i in range(calls)]
+    started = time.perf_counter()
+    for k, r in enumerate(reqs):
+        state.schedule(r, 1.0 + k / 1000)
+    return (time.perf_counter() - started) / (2 * calls)
+
+
 def median_table(runs: list[dict[str, Phase]]) -> dict[str, dict[str, float]]:
     out = {}
     for name in runs[0]:
@@ -313,7 +335,14 @@ async def main() -> None:
     ap.add_argument("--unsigned", action="store_true",
                     help="HTTP runs against an --insecure scheduler, calls unsigned (the cost "
                          "of signatures and nonces is the difference)")
+    ap.add_argument("--holders", default=None, metavar="N,N,...",
+                    help="only: the rule's cost per decision when every piece has N holders "
+                         "(ClusterState alone, two-piece calls), for each N")
     args = ap.parse_args()
+    if args.holders:
+        for n in (int(x) for x in args.holders.split(",")):
+            print(f"{n} holders: {decision_cost(n) * 1e6:,.1f} us per decision", flush=True)
+        return
 
     print(f"# {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{args.peers} peers, {args.tasks} tasks x {args.pieces} pieces, "
