@@ -484,8 +484,8 @@ class ClusterState:
         for index in wanted:
             piece = task.pieces.get(index)
             parents = self._parents(task, piece, requester, exclude, now)
-            if parents is None:
-                decisions.append(Decision(piece=index, action="wait", reason="holders-busy"))
+            if isinstance(parents, str):
+                decisions.append(Decision(piece=index, action="wait", reason=parents))
                 continue
             if parents:
                 decisions.append(Decision(piece=index, action="parents", chunk=piece.chunk,
@@ -534,9 +534,11 @@ class ClusterState:
         return lease.holder in self.peers and now - lease.progress_at < self.lease_timeout
 
     def _parents(self, task: TaskState, piece: PieceState | None, requester: PeerState,
-                 exclude: set[str], now: float) -> list[ParentRef] | None:
-        """The holders to fetch from, best first; [] if none is usable; None if every usable
-        holder has its share of children in flight for this piece (wait for them)."""
+                 exclude: set[str], now: float) -> list[ParentRef] | str:
+        """The holders to fetch from, best first; [] if none is usable; else the reason to
+        wait: every usable holder has its share of children in flight for this piece
+        (`holders-busy`), or none is in the requester's IDC and a copy into it is in flight
+        (`idc-copy-in-flight`)."""
         if piece is None or not piece.holders:
             return []
         holders = piece.holders
@@ -547,10 +549,18 @@ class ClusterState:
         if sampled and usable < PARENTS_PER_PIECE:
             candidates = self._candidates(task, holders, exclude, now)  # the sample was unlucky
             usable = len(candidates)
+            sampled = False
         elif sampled:  # as many usable among all as in the sample, for the children's share
             usable = max(usable, usable * len(holders) // HOLDER_SAMPLE)
+        idc = requester.reg.idc
+        if idc and candidates and not any(c.idc == idc for c in candidates):
+            if sampled:  # the sample missed the IDC: its holders, if any, from all of them
+                candidates += self._candidates(task, self._in_idc(holders, idc), exclude, now)
+            if not any(c.idc == idc for c in candidates) \
+                    and self._copy_in_flight(piece, idc, requester.id, now):
+                return "idc-copy-in-flight"
         if candidates and not self._admit_child(piece, requester.id, usable, now):
-            return None
+            return "holders-busy"
         ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,
                                      PARENTS_PER_PIECE, self.rng)
         if ranked:
@@ -579,6 +589,19 @@ class ClusterState:
                 handouts=policy.decayed(holder.handouts, holder.handouts_at, now),
                 complete=task.held.get(holder_id, 0) >= count, seed=holder.reg.seed))
         return out
+
+    def _in_idc(self, peer_ids: Iterable[str], idc: str) -> list[str]:
+        return [p for p in peer_ids if (peer := self.peers.get(p)) is not None
+                and peer.reg.idc == idc]
+
+    def _copy_in_flight(self, piece: PieceState, idc: str, requester: str, now: float) -> bool:
+        """Whether another peer of `idc` is a child of `piece` in flight (handed out within a
+        lease timeout, not yet a holder): the piece crosses into an IDC once, then spreads
+        inside it, instead of each of its requesters fetching it across the thin link. Bounded
+        like the children's share, so a dead child holds nobody back for long."""
+        return any(c != requester and now - t < self.lease_timeout and c not in piece.holders
+                   and (peer := self.peers.get(c)) is not None and peer.reg.idc == idc
+                   for c, t in (piece.children or {}).items())
 
     def _admit_child(self, piece: PieceState, requester: str, holders: int,
                      now: float) -> bool:

@@ -1002,3 +1002,85 @@ def test_an_unlucky_sample_of_holders_falls_back_to_all_of_them() -> None:
     for attempt in range(5):
         d = cl.one("me", 0, 0.1 + attempt)
         assert d.action == "parents" and {p.id for p in d.parents} == set(holders[:2]), d
+
+
+# --- IDCs: a piece crosses into an IDC once, then spreads inside it ---------------------------
+
+def idc_cluster(locals_: int = 3) -> Cluster:
+    """`far` (idc1) holds the one piece; `a0`.. (idc2) want it."""
+    cl = Cluster()
+    cl.peer("far", idc="idc1", upload_slots=8)
+    for i in range(locals_):
+        cl.peer(f"a{i}", idc="idc2")
+    cl.task(pieces=1)
+    cl.announce("far", [0], 0.0)
+    return cl
+
+
+def test_the_first_requester_of_an_idc_crosses_the_rest_wait_for_its_copy() -> None:
+    cl = idc_cluster()
+    d = cl.one("a0", 0, 0.0)
+    assert d.action == "parents" and [p.id for p in d.parents] == ["far"]
+    # far has room for more children, but a copy into idc2 is in flight: wait for it.
+    for pid in ("a1", "a2"):
+        d = cl.one(pid, 0, 0.1)
+        assert (d.action, d.reason) == ("wait", "idc-copy-in-flight")
+    assert cl.one("a0", 0, 0.2).action == "parents"  # the copy's child asking again is no wait
+    cl.announce("a0", [0], 0.5)
+    # The copy landed: the IDC's requesters fetch it inside the IDC.
+    for pid in ("a1", "a2"):
+        d = cl.one(pid, 0, 0.5)
+        assert d.action == "parents" and d.parents[0].id == "a0", d
+    assert cl.s.back_to_source == 0
+
+
+def test_a_copy_in_flight_holds_its_idc_back_only_for_a_lease_timeout() -> None:
+    cl = idc_cluster()
+    assert cl.one("a0", 0, 0.0).action == "parents"  # a0 dies mid-copy
+    assert cl.one("a1", 0, LEASE - 0.01).reason == "idc-copy-in-flight"
+    d = cl.one("a1", 0, LEASE + 0.01)
+    assert d.action == "parents" and d.parents[0].id == "far"
+
+
+def test_a_child_of_another_idc_or_none_holds_nobody_back() -> None:
+    cl = idc_cluster()
+    cl.peer("far2", idc="idc1")
+    cl.announce("far2", [0], 0.0)  # two holders: room for four children
+    cl.peer("b", idc="idc3")
+    cl.peer("plain")  # no IDC label
+    assert cl.one("b", 0, 0.0).action == "parents"
+    assert cl.one("plain", 0, 0.0).action == "parents"
+    assert cl.one("a0", 0, 0.0).action == "parents"  # idc3's and no IDC's copies are not idc2's
+    # An unlabelled requester behaves as before: idc2's copy in flight does not hold it back.
+    cl.peer("plain2")
+    assert cl.one("plain2", 0, 0.0).action == "parents"
+
+
+def test_a_local_holder_unusable_to_the_requester_lets_it_cross_once() -> None:
+    cl = idc_cluster()
+    cl.announce("a0", [0], 0.0)  # a local holder, which a1 excludes (it failed a1)
+    d = cl.one("a1", 0, 0.0, exclude=["a0"])
+    assert d.action == "parents" and [p.id for p in d.parents] == ["far"]
+    d = cl.one("a2", 0, 0.0, exclude=["a0"])
+    assert (d.action, d.reason) == ("wait", "idc-copy-in-flight")
+    assert cl.one("a2", 0, 0.0).parents[0].id == "a0"  # a0 is usable to a2
+
+
+def test_a_sample_of_holders_missing_the_idc_still_finds_its_holder() -> None:
+    cl = Cluster()
+    far = [f"f{i:03d}" for i in range(HOLDER_SAMPLE * 10)]
+    for pid in far:
+        cl.peer(pid, idc="idc1")
+    cl.peer("near", idc="idc2", upload_slots=64)  # its handouts to `me` leave it free
+    cl.peer("me", idc="idc2")
+    cl.peer("crossing", idc="idc2")
+    cl.task(pieces=1)
+    for pid in far:
+        cl.announce(pid, [0], 0.0)
+    cl.announce("near", [0], 0.0)
+    # a copy into idc2 is in flight, yet idc2 has a holder: no wait, and the holder is offered
+    # (a sample of 24 of 241 holders most likely misses it)
+    cl.s.tasks[TASK].pieces[0].children = {"crossing": 0.0}
+    for attempt in range(5):
+        d = cl.one("me", 0, 0.1 * attempt)
+        assert d.action == "parents" and "near" in {p.id for p in d.parents}, d

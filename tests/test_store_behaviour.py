@@ -928,3 +928,32 @@ def test_partial_map_refuses_what_was_not_loaded() -> None:
     uncounted = Partial({}, [1], unloaded=None)  # its size was not read: `not m` is unknown
     with pytest.raises(NotLoaded):
         bool(uncounted)
+
+
+# -- IDCs: a piece crosses into an IDC once (helper G) -----------------------------------------
+
+async def test_a_piece_crosses_into_an_idc_once(h: Harness, no_recheck: None) -> None:
+    s = h.store
+    await peer(s, "F", idc="i1", upload_slots=8)
+    for pid in ("A", "B", "C"):
+        await peer(s, pid, idc="i2")
+    await peer(s, "U")  # no IDC label: as before
+    await task(s, 2)
+    await schedule(s, "F", [0, 1])
+    await announce(s, "F", [0, 1])
+    assert await parents(s, "A", 0) == ["F"]  # the IDC's first requester crosses
+    d = await one(s, "B", 0)  # F has room, but A's copy into i2 is in flight
+    assert (d.action, d.reason) == ("wait", "idc-copy-in-flight")
+    assert await parents(s, "U", 0) == ["F"]
+    waiting = asyncio.create_task(schedule(s, "B", [0], wait_ms=20_000))
+    await _parked(s)
+    await announce(s, "A", [0])  # the copy landed: B is woken and fetches inside i2
+    (d,) = await asyncio.wait_for(waiting, 10)
+    assert d.action == "parents" and d.parents[0].id == "A", d
+    # A copy whose child died holds the IDC back no longer than a lease timeout.
+    assert await parents(s, "C", 1) == ["F"]
+    assert (await one(s, "B", 1)).reason == "idc-copy-in-flight"
+    h.clock.advance(LEASE + 0.01)
+    await heartbeat(s, "F")
+    await heartbeat(s, "B")
+    assert await parents(s, "B", 1) == ["F"]

@@ -392,10 +392,13 @@ class RedisStore:
             task = dict.get(ld.world.state.tasks, req.task_id)
             if task is None:
                 return
-            holders = {h for i in wanted if (p := dict.get(task.pieces, i)) is not None
-                       for h in p.holders}
+            pieces = [p for i in wanted if (p := dict.get(task.pieces, i)) is not None]
+            holders = {h for p in pieces for h in p.holders}
             # Candidates, and every lease holder: a task is cold only without a live lease.
             ld.peers(holders | {le.holder for le in task.leases.values()})
+            me = dict.get(ld.world.state.peers, req.peer_id)
+            if me is not None and me.reg.idc:  # whose copy into its IDC is in flight
+                ld.peers({c for p in pieces for c in p.children or ()} - holders)
             ld.held(req.task_id, holders)
             await ld.run()
         return await self._transact(plan, lambda w: w.state.schedule(req, w.now),
