@@ -783,6 +783,39 @@ async def test_long_poll_on_one_replica_woken_by_announce_on_another(
     assert d.action == "parents" and [p.id for p in d.parents] == ["A"]
 
 
+async def test_an_announcement_on_one_replica_wakes_only_the_polls_for_its_pieces(
+        two: tuple[RedisStore, RedisStore], no_recheck: None) -> None:
+    """The wake-up names the pieces announced, as in memory: a poll for another piece is not
+    made to decide again."""
+    a, b = two
+    await setup(a)
+    await schedule(a, "A", range(8))  # A holds every lease: B's and C's polls wait
+    decided: list[list[int]] = []
+    real = b._decide
+
+    async def counting(req: ScheduleRequest) -> list[Decision]:
+        decided.append(list(req.pieces))
+        return await real(req)
+    b._decide = counting  # type: ignore[method-assign]
+    on3 = asyncio.create_task(schedule(b, "B", [3], wait_ms=20_000))
+    await _parked(b)
+    probe = asyncio.create_task(schedule(b, "C", [5], wait_ms=20_000))
+    await until(lambda: _count(b, 2), what="two parked polls")
+    before = decided.count([3])
+    await announce(a, "A", [5])
+    (d,) = await asyncio.wait_for(probe, 10)  # b heard of piece 5 ...
+    assert d.action == "parents"
+    await b.task(TASK)  # (a round trip: a re-decision begun with the probe's is done)
+    assert decided.count([3]) == before  # ... and left the poll for piece 3 alone
+    await announce(a, "A", [3])
+    (d,) = await asyncio.wait_for(on3, 10)
+    assert d.action == "parents" and [p.id for p in d.parents] == ["A"]
+
+
+async def _count(s: Store, n: int) -> bool:
+    return s.waiters.waiting(TASK) == n  # type: ignore[attr-defined]
+
+
 async def test_concurrent_lease_requests_on_two_replicas_one_source(
         two: tuple[RedisStore, RedisStore]) -> None:
     a, b = two
