@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 import scheduler.state
+import scheduler.store
 from bench.sim.__main__ import main
 from bench.sim.core import Clock, Link, Network
 from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
@@ -57,6 +58,17 @@ def test_a_rule_change_in_the_scheduler_shows_in_the_simulation(
     assert before.leases < 16  # runs of several pieces
     assert after.leases >= 16  # one lease per piece of the 16
     assert after.origin == pytest.approx(1.0)
+
+
+def test_the_long_polls_wake_as_the_scheduler_store_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sim's long-polls read scheduler/store.py's WAKE_PER_PIECE: waking every parked call
+    on each announcement costs more re-decisions for the same pull."""
+    before = run(small())
+    monkeypatch.setattr(scheduler.store, "WAKE_PER_PIECE", 1000)
+    after = run(small())
+    assert after.decisions > 1.2 * before.decisions
+    assert after.finished == after.survivors == 24
 
 
 def test_hosts_that_die_mid_pull_leave_every_survivor_complete() -> None:
