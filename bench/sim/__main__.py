@@ -20,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--size", type=float, help="blob size in MiB, instead of the scenario's")
     ap.add_argument("--piece-size", type=int, help="MiB, instead of the scenario's")
+    ap.add_argument("--wave", type=float, help="pulls start spread over this many seconds")
+    ap.add_argument("--die", type=float, help="fraction of hosts that die (at --die-at)")
+    ap.add_argument("--die-at", type=float, help="when hosts die, in fluid bounds")
+    ap.add_argument("--slow", type=float, help="fraction of hosts with a slow uplink (1/20)")
+    ap.add_argument("--corrupt", type=float, help="fraction of hosts serving corrupt bytes")
+    ap.add_argument("--restart-at", type=float,
+                    help="the scheduler restarts (2 s away, state lost) this many bounds in")
     ap.add_argument("--wake-limit", type=int,
                     help="experiment: an announcement wakes this many parked calls per piece "
                          "(0: all of them; default: scheduler/store.py's WAKE_PER_PIECE)")
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "bench.sim", *sys.argv[1:]],
                   {**os.environ, "PYTHONHASHSEED": "0"})
     sc = scaled(SCENARIOS[args.scenario](), args.hosts, args.scale)
+    faults = {"wave": args.wave, "die": args.die, "die_at": args.die_at, "slow": args.slow,
+              "corrupt": args.corrupt, "restart_at": args.restart_at}
+    sc = replace(sc, **{k: v for k, v in faults.items() if v is not None})
     if args.size:
         sc = replace(sc, length=int(args.size * (1 << 20)))
     if args.piece_size:
