@@ -84,6 +84,26 @@ async def test_two_stores_on_a_cluster_keep_one_history_of_the_summed_totals(
         await b.close()
 
 
+async def test_a_fresh_store_on_a_cluster_takes_concurrent_first_calls(
+        quiet_cluster: RedisCluster) -> None:
+    """Many calls at once on a client that has not yet learnt the cluster's map of slots (a
+    replica just started, under load): redis-py learning it from each of them closed
+    connections the others were using."""
+    await quiet_cluster.flush()
+    store = RedisStore.from_url(quiet_cluster.url, cluster=True)
+    regs = iter(PeerRegistration(id=f"peer-{n}", upload_addr=f"10.0.{n >> 8}.{n & 255}:65002")
+                for n in range(1000))
+
+    async def worker() -> None:
+        for reg in regs:
+            await store.register(reg)
+    try:
+        await asyncio.gather(*(worker() for _ in range(32)))
+        assert len(await store.peers()) == 1000
+    finally:
+        await store.close()
+
+
 def _task_key(digest: str) -> str:
     return f"naiad:task:{{{digest}}}"
 

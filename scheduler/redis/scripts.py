@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from common.tasks import TaskSet
 from scheduler.redis.keys import GroupOf
 
@@ -137,7 +139,12 @@ class Batched:
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         for route, batch in pending.values():
-            self.tasks.spawn(self._send(route, batch), "redis-script")
+            try:
+                self.tasks.spawn(self._send(route, batch), "redis-script")
+            except RuntimeError:  # the store closed meanwhile: its callers get an answer
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(RedisConnectionError("the redis store is closed"))
 
     async def _send(self, route: str, batch: list[tuple[str, asyncio.Future]]) -> None:
         try:

@@ -120,9 +120,10 @@ _CALLS = ("register", "heartbeat", "leave", "expire", "ensure_task", "announce",
 def _unavailable_as_redis_errors(cls: type[T]) -> type[T]:
     def wrap(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(call)
-        async def translated(*args: Any, **kw: Any) -> Any:
+        async def translated(self: RedisStore, *args: Any, **kw: Any) -> Any:
             try:
-                return await call(*args, **kw)
+                await self._connect()
+                return await call(self, *args, **kw)
             except RedisClusterException as e:
                 raise RedisConnectionError(f"redis cluster unavailable: {e}") from e
         return translated
@@ -161,6 +162,8 @@ class RedisStore:
                             self.group_of, stale)
         self._due = client.register_script(DUE_LUA)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._connected = not self.cluster
+        self._connecting = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool = False, **kw: Any) -> RedisStore:
@@ -178,10 +181,20 @@ class RedisStore:
         await self._tasks.close()
         await self.redis.aclose()
 
+    async def _connect(self) -> None:
+        """On a cluster, learn its map of slots once before the first call: redis-py's client
+        learning it under concurrent first calls closes connections other calls are using."""
+        if self._connected:
+            return
+        async with self._connecting:
+            if not self._connected:
+                await self.redis.initialize()
+                self._connected = True
+
     async def _node_client(self, attempt: int) -> aioredis.Redis:
         """The change feed's own connection on a cluster: a node (the next one each time the
         feed is lost, so a failed node is left behind)."""
-        await self.redis.initialize()
+        await self._connect()
         nodes = sorted(self.redis.get_nodes(), key=lambda n: n.name)
         node = nodes[attempt % len(nodes)]
         return aioredis.Redis(host=node.host, port=node.port, decode_responses=True)
