@@ -119,6 +119,21 @@ def test_prefers_same_idc() -> None:
     assert always_first([cand("far", idc="idc2"), cand("near", idc="idc1")], idc="idc1") == "near"
 
 
+def test_only_the_same_idc_is_offered_whenever_it_has_a_holder() -> None:
+    # A busy near holder is offered alone over free far ones, however many: a child tries its
+    # parents in turn, so a far one listed second would still take the piece across the thin
+    # link (bench.sim idc3: 12x the blob across IDCs with far holders listed after near ones,
+    # 2.00x with near ones alone).
+    near = cand("near", idc="i1", active_uploads=6)
+    far = [cand(f"far{k}", idc="i2", complete=True, seed=True) for k in range(4)]
+    ranked = rank_parents([*far, near], "i1", "", 3, random.Random(0))
+    assert [c.peer_id for c in ranked] == ["near"]
+    # No holder in the IDC: the far ones, ranked as ever.
+    assert len(rank_parents(far, "i1", "", 3, random.Random(0))) == 3
+    # A requester without an IDC label is offered every holder.
+    assert len(rank_parents([*far, near], "", "", 5, random.Random(0))) == 5
+
+
 def test_empty_idc_matches_nothing() -> None:
     # A requester without an IDC label has no preference between labelled and unlabelled holders.
     winners = {first([cand("x", idc=""), cand("y", idc="idc1")], idc="", seed=s)
@@ -142,8 +157,9 @@ def test_prefers_seeds() -> None:
 
 
 @pytest.mark.parametrize(("winner", "loser", "idc", "location"), [
-    # free slots outweigh proximity: a free far holder beats a busy near one
-    (cand("w"), cand("l", idc="i", location="a|b", active_uploads=3), "i", "a|b"),
+    # free slots outweigh a shared location (within an IDC, or without IDC labels)
+    (cand("w"), cand("l", location="a|b", active_uploads=3), "", "a|b"),
+    (cand("w", idc="i"), cand("l", idc="i", location="a|b", active_uploads=3), "i", "a|b"),
     # the same IDC outweighs a shared location
     (cand("w", idc="i"), cand("l", location="a|b"), "i", "a|b"),
     # a complete holder outweighs a seed
@@ -156,8 +172,7 @@ def test_relative_weights(winner: Candidate, loser: Candidate, idc: str, locatio
 
 
 def test_holder_with_free_slot_ranks_before_a_saturated_one() -> None:
-    saturated = cand("saturated", idc="i", location="a|b", active_uploads=4, complete=True,
-                     seed=True)
+    saturated = cand("saturated", location="a|b", active_uploads=4, complete=True, seed=True)
     free = cand("free", active_uploads=2)  # two of four slots free
     assert always_first([saturated, free], "i", "a|b") == "free"
 
@@ -234,6 +249,7 @@ def test_ranking_is_by_score(cands: list[Candidate], idc: str, location: str, li
     # Among holders that all have a free upload slot, or all have none, the order is by score.
     # (Across the two groups see test_holder_with_free_slot_ranks_before_a_saturated_one.)
     ranked = rank_parents(cands, idc, location, limit, random.Random(seed))
+    cands = [c for c in cands if idc and c.idc == idc] or cands  # see test_only_the_same_idc
     assert len(ranked) == min(limit, len(cands))
     kept = {id(c) for c in ranked}
     for group in (True, False):
