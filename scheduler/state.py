@@ -556,9 +556,13 @@ class ClusterState:
         if idc and candidates and not any(c.idc == idc for c in candidates):
             if sampled:  # the sample missed the IDC: its holders, if any, from all of them
                 candidates += self._candidates(task, self._in_idc(holders, idc), exclude, now)
+                sampled = False  # those are all of them
             if not any(c.idc == idc for c in candidates) \
                     and self._copy_in_flight(piece, idc, requester.id, now):
                 return "idc-copy-in-flight"
+        near = sum(c.idc == idc for c in candidates) if idc else 0
+        if near:  # offered only its IDC's holders (policy): the children's share is theirs
+            usable = max(near, near * len(holders) // HOLDER_SAMPLE) if sampled else near
         if candidates and not self._admit_child(piece, requester.id, usable, now):
             return "holders-busy"
         ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,

@@ -1084,3 +1084,24 @@ def test_a_sample_of_holders_missing_the_idc_still_finds_its_holder() -> None:
     for attempt in range(5):
         d = cl.one("me", 0, 0.1 * attempt)
         assert d.action == "parents" and "near" in {p.id for p in d.parents}, d
+
+
+def test_an_idc_with_a_holder_spreads_it_within_its_own_share() -> None:
+    # Offered only their IDC's holder, its requesters take CHILDREN_PER_HOLDER places: the far
+    # holders' room is not theirs (it would pile them onto the one near holder).
+    cl = Cluster()
+    for k in range(4):
+        cl.peer(f"far{k}", idc="idc1")
+    cl.peer("near", idc="idc2", upload_slots=8)
+    wanting = [f"a{i}" for i in range(CHILDREN_PER_HOLDER + 1)]
+    for pid in wanting:
+        cl.peer(pid, idc="idc2")
+    cl.task(pieces=1)
+    for pid in ("far0", "far1", "far2", "far3", "near"):
+        cl.announce(pid, [0], 0.0)
+    for pid in wanting[:-1]:
+        assert [p.id for p in cl.one(pid, 0, 0.0).parents] == ["near"]
+    d = cl.one(wanting[-1], 0, 0.0)
+    assert (d.action, d.reason) == ("wait", "holders-busy")
+    cl.announce(wanting[0], [0], 0.1)  # a child finished: a second near holder, room again
+    assert {p.id for p in cl.one(wanting[-1], 0, 0.1).parents} <= {"near", wanting[0]}
