@@ -59,16 +59,7 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-# mallopt parameters, glibc's malloc.h
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-# Blocks below this come from the heap, never a mapping of their own: glibc's ceiling for it (on
-# 64 bits), above the largest piece (common/pieces.py's MAX_PIECE_SIZE, 16 MiB).
-HEAP_BLOCKS_BELOW = 32 << 20
-# Free memory at the top of the heap kept for the next pieces rather than handed back at once:
-# a reader's read-ahead and a fetch window's buffers (`Trimmer` returns it once quiet).
-HEAP_TOP_KEPT = 32 << 20
+M_ARENA_MAX = -8  # mallopt parameter, glibc's malloc.h
 
 
 def one_arena() -> bool:
@@ -77,18 +68,6 @@ def one_arena() -> bool:
     freed piece buffers. Call before worker threads first allocate."""
     libc = _libc()
     return libc is not None and libc.mallopt(M_ARENA_MAX, 1) == 1
-
-
-def steady_heap() -> bool:
-    """Piece buffers recycled from the heap, not mapped and unmapped (glibc; whether set). By
-    default malloc maps a block above a threshold it moves as blocks are freed, and hands the top
-    of the heap back once more than twice that is free there: which of a reader's 1 MiB buffers
-    get new pages then depends on the process's history, and first touching a new page costs
-    ~4 us on the VM we measure on (~1 ms per MiB; a warm verified read is ~0.25 ms of CPU per
-    MiB). Fixed thresholds keep a read-ahead's buffers in the heap for the next pieces."""
-    libc = _libc()
-    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_BELOW) == 1 \
-        and libc.mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT) == 1
 
 
 def anonymous_kib() -> int:

@@ -115,7 +115,6 @@ class PeerDaemon:
             self.store.open()
         opened.callback(self.store.close)
         memory.one_arena()  # before any worker thread allocates (common/memory.py)
-        memory.steady_heap()  # piece buffers recycled, not new pages per read
         opened.callback(memory.install(asyncio.get_running_loop(), log))  # off by default
         self._origin_session = aiohttp.ClientSession(
             auto_decompress=False,

@@ -105,39 +105,6 @@ def test_one_arena_keeps_every_thread_in_one_heap() -> None:
     assert heaps("one") == 1
 
 
-# A reader's read-ahead in a worker thread: four 1 MiB piece buffers made and dropped, again and
-# again; then the minor page faults per MiB of buffer (a new page touched is a fault).
-_PIECES = """
-import resource
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from common import memory
-assert memory.one_arena()
-if sys.argv[1] == "steady":
-    assert memory.steady_heap()
-MiB = 1 << 20
-def read_ahead():
-    pieces = [b"\\1" * MiB for _ in range(4)]
-    del pieces
-with ThreadPoolExecutor(1) as pool:
-    pool.submit(read_ahead).result()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        pool.submit(read_ahead).result()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 80)
-"""
-
-
-def test_steady_heap_recycles_piece_buffers_instead_of_new_pages() -> None:
-    def faults_per_mib(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", _PIECES, mode], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent.parent)
-        return float(out.stdout)
-
-    assert faults_per_mib("default") > 100  # glibc hands the heap's top back each round
-    assert faults_per_mib("steady") < 5
-
-
 async def test_the_trimmer_trims_when_quiet_and_grown_past_its_margin() -> None:
     now = 0.0
     part = Activity(clock=lambda: now)
