@@ -26,6 +26,11 @@ _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def adopt(given: str | None) -> str:
+    """The id a request goes by here: the caller's if well formed, else a new one."""
+    return given if given and _ID_RE.match(given) else uuid.uuid4().hex[:16]
+
+
 def outgoing() -> dict[str, str]:
     """Headers that carry the current request id to the next hop."""
     rid = request_id.get()
@@ -39,8 +44,7 @@ REQUEST_ID = web.RequestKey("naiad.request_id", str)
 async def _with_request_id(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = given if _ID_RE.match(given) else uuid.uuid4().hex[:16]
+    rid = adopt(request.headers.get(REQUEST_ID_HEADER))
     request[REQUEST_ID] = rid
     token = request_id.set(rid)
     try:

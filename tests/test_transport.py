@@ -253,7 +253,7 @@ class FaultyParent:
             writer.write(frames.welcome(8))
             while True:
                 head = frames.parse_header(await reader.readexactly(frames.HEADER.size))
-                size, chunk = frames.parse_request(await reader.readexactly(head.length))
+                size, chunk, _ = frames.parse_request(await reader.readexactly(head.length))
                 self.requests += 1
                 await self.behave(writer, head.request, size, chunk)
         except (asyncio.IncompleteReadError, ConnectionError):

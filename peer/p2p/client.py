@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 from common.flight import SingleFlight
 from common.limits import DEFAULT, PrioritySlots, TokenBucket
+from common.log import request_id as current_request_id
 from common.models import split_hostport
 from peer.p2p import frames
 from peer.parents import STALL_SECONDS, ParentError, unpack
 
 log = logging.getLogger("naiad.peer.parents")
+PACED_RECEIVE = 64 << 10  # the most one receive takes under --download-rate
 CONNECTIONS = 2  # per parent: a second one once the first has requests queued
 SPREAD = 2  # requests in flight on a connection before a second is dialled
 WINDOW_PATIENCE = 0.05  # about the engine's own back-off after a busy answer
@@ -96,7 +98,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._idle.cancel()
             self._idle = None
         self.transport.write(frames.request(request_id, chunk, size, DEFAULT,
-                                            self.pool.compress))
+                                            self.pool.compress, current_request_id.get()))
         # Cancelled, the request stays pending: its answer still arrives and is read.
         return await request.answer
 
@@ -111,7 +113,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.reading is not None:
-            return self.reading.view[self.reading.got:]
+            view = self.reading.view[self.reading.got:]
+            # Paced, bytes are paid for after they arrive: small receives keep the unpaid
+            # last one small (one receive of a whole piece let a pull beat --download-rate).
+            return view[:PACED_RECEIVE] if self.pool.rate is not None else view
         return self.head_view[self.head_got:]
 
     def buffer_updated(self, nbytes: int) -> None:

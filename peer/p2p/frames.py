@@ -13,8 +13,10 @@ Every frame is a fixed HEADER then its body:
 HELLO's body is `version u16` then the cluster secret's signature (`common.auth.sign` over
 method HELLO and path /p2p/<version>: one per connection, its nonce admitted once); WELCOME's is
 `version u16 | window u16` (the requests the parent takes from one address at once, its
-per-address upload slots); REQUEST's is `size u64` then the chunk id, ASCII, with `encoding`
-ZSTD if the child accepts a compressed answer and `status` the request's priority.
+per-address upload slots); REQUEST's is `size u64` then the chunk id, ASCII, and optionally a
+newline and the request id of the pull it serves (X-Request-Id on the HTTP path, so one pull
+can be followed into the parent's logs), with `encoding` ZSTD if the child accepts a compressed
+answer and `status` the request's priority.
 """
 
 from __future__ import annotations
@@ -109,16 +111,19 @@ def parse_welcome(body: bytes) -> int:
     return max(1, window)
 
 
-def request(request_id: int, chunk: str, size: int, priority: int, accept_zstd: bool) -> bytes:
-    return frame(REQUEST, _U64.pack(size) + chunk.encode(), request_id, priority,
-                 ZSTD if accept_zstd else RAW)
+def request(request_id: int, chunk: str, size: int, priority: int, accept_zstd: bool,
+            trace: str | None = None) -> bytes:
+    body = _U64.pack(size) + chunk.encode() + (b"\n" + trace.encode() if trace else b"")
+    return frame(REQUEST, body, request_id, priority, ZSTD if accept_zstd else RAW)
 
 
-def parse_request(body: bytes) -> tuple[int, str]:
-    """The (size, chunk id) of a REQUEST body; the id is checked by the caller."""
+def parse_request(body: bytes) -> tuple[int, str, str | None]:
+    """The (size, chunk id, request id or None) of a REQUEST body; the caller checks the chunk
+    id and adopts the request id only if it is well formed."""
     if len(body) <= _U64.size:
         raise FrameError("REQUEST too short")
-    return _U64.unpack_from(body)[0], body[_U64.size:].decode("ascii", "replace")
+    chunk, _, trace = body[_U64.size:].decode("ascii", "replace").partition("\n")
+    return _U64.unpack_from(body)[0], chunk, trace or None
 
 
 def piece_limit(size: int, encoding: int) -> int:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from common import auth, ids
 from common.limits import ON_DEMAND, PrioritySlots
+from common.log import adopt, request_id
 from common.sizes import format_size
 from common.web import ClientLimits
 from peer.p2p import frames
@@ -111,10 +112,10 @@ class _Connection:
                         return
                     if head.kind != frames.REQUEST:
                         raise frames.FrameError(f"frame kind {head.kind} from a child")
-                    size, chunk = frames.parse_request(
+                    size, chunk, trace = frames.parse_request(
                         await self.reader.readexactly(head.length))
                     self.answering += 1
-                    answers.create_task(self._answer(head, size, chunk))
+                    answers.create_task(self._answer(head, size, chunk, trace))
         except ExceptionGroup as group:
             ended, unexpected = group.split(ENDINGS)
             if unexpected is not None:
@@ -137,7 +138,9 @@ class _Connection:
                 if not self.answering:
                     return None
 
-    async def _answer(self, head: frames.Frame, size: int, chunk: str) -> None:
+    async def _answer(self, head: frames.Frame, size: int, chunk: str,
+                      trace: str | None) -> None:
+        request_id.set(adopt(trace))  # this task's own context: its log records carry it
         try:
             await self._serve_chunk(head.request, size, chunk, min(head.status, ON_DEMAND),
                                     head.encoding == frames.ZSTD)
