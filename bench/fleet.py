@@ -47,7 +47,7 @@ import aiohttp
 import redis
 from pydantic import BaseModel
 
-from bench.scheduler import RedisServer, spawn_scheduler
+from bench.scheduler import RedisServer, spawn_scheduler, until_ping
 from common.limits import DEFAULT
 from common.models import (
     AnnounceReply,
@@ -308,8 +308,8 @@ class RedisCluster:
                  "yes", "--cluster-config-file", str(d / "nodes.conf"), "--save", "",
                  "--appendonly", "no"], cwd=d, stdout=log, stderr=subprocess.STDOUT))
             log.close()
-        for port in self.ports:
-            _until_ping(port)
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            until_ping(port, proc)
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True,
                        stdout=subprocess.DEVNULL)
@@ -331,20 +331,6 @@ class RedisCluster:
             p.terminate()
         for p in self.procs:
             p.wait()
-
-
-def _until_ping(port: int) -> None:
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    client.close()
 
 
 def has_flag(flag: str) -> bool:

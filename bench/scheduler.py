@@ -197,22 +197,27 @@ class RedisServer:
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.02)
-        client.close()
+        until_ping(self.port, self.proc)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
         self.log.close()
+
+
+def until_ping(port: int, proc: subprocess.Popen | None = None) -> None:
+    """Until the redis-server on `port` answers PING (10 s at most; at once if it exited)."""
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise
+            time.sleep(0.02)
+    client.close()
 
 
 async def flush(url: str) -> None:
