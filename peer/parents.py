@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from common import auth
-from common.limits import Paced, TokenBucket
+from common.limits import DEFAULT, Paced, TokenBucket
 from common.log import outgoing
 from common.models import ParentRef
 from peer import wire
@@ -52,11 +52,13 @@ class ParentClient:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall_seconds,
                                              sock_read=stall_seconds)
 
-    async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
+    async def fetch(self, addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
         if addr.startswith(FRAMED):
             addr = addr.removeprefix(FRAMED)
             if self.framed is not None:
-                return await self.framed.fetch(addr, chunk, size)
+                return await self.framed.fetch(addr, chunk, size, priority)
+        # Over HTTP `priority` goes nowhere: each request is its own connection, answered at
+        # once or refused busy (peer/upload.py), so there is no queue for it to order.
         path = f"/chunks/{chunk}"
         headers = outgoing()
         if self.compress:

@@ -175,10 +175,12 @@ class Parents:
         self.chunks = blob.by_chunk()
         self.behaviour: dict[str, str] = {}
         self.fetches: list[str] = []
+        self.priorities: list[int] = []
 
-    async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
+    async def fetch(self, addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
         await asyncio.sleep(0)
         self.fetches.append(addr)
+        self.priorities.append(priority)
         kind = self.behaviour.get(addr, "ok")
         if kind == "ok":
             return self.chunks[chunk]
@@ -509,6 +511,7 @@ async def test_busy_holders_are_waited_for_even_on_demand(world: World) -> None:
     rng = ByteRange(0, PIECE - 1)
     assert await world.read(None, ON_DEMAND, rng, None) == blob.piece(0)
     assert world.origin.requests == []
+    assert world.parents.priorities == [ON_DEMAND], "the parent is told it is urgent"
 
 
 # -- no scheduler ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from common import ids
-from common.limits import TokenBucket
+from common.limits import ON_DEMAND, PREFETCH, TokenBucket
 from common.metrics import PeerMetrics
 from common.models import ParentRef, TaskMeta
 from common.pieces import PieceLayout
@@ -117,6 +117,45 @@ async def test_http_and_framed_share_the_port(parents: Callable[..., Awaitable[P
         assert await http.fetch(p.addr, chunk, MiB) == blob  # HTTP, as a v1 child would
         assert bytes(await http.fetch(FRAMED + p.addr, chunk, MiB)) == blob
     assert p.upload.uploaded == 2 * MiB
+
+
+async def test_an_on_demand_piece_overtakes_queued_prefetch_on_one_connection(
+        parents: Callable[..., Awaitable[Parent]]) -> None:
+    """The piece's priority travels with its REQUEST: while one answer holds the connection's
+    turn, an on-demand request asked last is answered before the prefetch queued before it."""
+    first = os.urandom(3 * MiB)  # at --upload-rate 1 MiB/s: ~2 s on the wire after the burst
+    small = [os.urandom(64 << 10) for _ in range(3)]
+    # Uncompressed: an admitted request goes straight to wait for the turn (no packing trial).
+    p = await parents([first, *small], slots=8, per_address=8, rate=TokenBucket(MiB),
+                      compress=False)
+    framed = FramedClient(SECRET, connections=1)
+    done: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        http = ParentClient(session, SECRET, framed=framed)
+
+        async def fetch(name: str, blob: bytes, priority: int) -> bytes:
+            data = await http.fetch(FRAMED + p.addr, ids.chunk_id(blob), len(blob), priority)
+            done.append(name)
+            return bytes(data)
+
+        def admitted(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return p.upload.active == n
+            return check
+        try:
+            async with asyncio.TaskGroup() as tg:
+                got = [tg.create_task(fetch("first", first, PREFETCH))]
+                await until(admitted(1), 5, "the first answer under way")
+                got += [tg.create_task(fetch(f"prefetch-{i}", small[i], PREFETCH))
+                        for i in (0, 1)]
+                got.append(tg.create_task(fetch("on-demand", small[2], ON_DEMAND)))
+                # All four hold upload slots: three wait for the turn the first one holds.
+                await until(admitted(4), 5, "every request queued at the parent")
+                assert done == [] and p.server.connections.held["127.0.0.1"] == 1
+        finally:
+            framed.close()
+    assert [g.result() for g in got] == [first, *small]
+    assert done == ["first", "on-demand", "prefetch-0", "prefetch-1"]
 
 
 async def test_busy_and_missing_are_told_apart(parents: Callable[..., Awaitable[Parent]],

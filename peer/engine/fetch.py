@@ -40,13 +40,14 @@ class ParentFetch:
         """Try the parents in order; return the verified bytes and the parents that failed."""
         _, size = run.layout.span(index)
         failed: set[str] = set()
+        priority = run.priority.get(index, DEFAULT)
         for parent in parents:
             if parent.id == self.peer_id:
                 continue
             started = time.perf_counter()
             try:
-                async with self.slots.hold(run.priority.get(index, DEFAULT)):
-                    data = await self.parents.fetch(address(parent), chunk, size)
+                async with self.slots.hold(priority):
+                    data = await self.parents.fetch(address(parent), chunk, size, priority)
             except ParentError as e:
                 if e.kind != "busy":
                     failed.add(parent.id)

@@ -57,9 +57,11 @@ class Scheduler(Decider, Protocol):
 
 class ChunkSource(Protocol):
     """A chunk's bytes from a parent (peer/parents.py ParentClient): exactly `size` bytes, not
-    yet verified, or `ParentError` with its kind (busy, slow, failed, corrupt)."""
+    yet verified, or `ParentError` with its kind (busy, slow, failed, corrupt). `priority` is
+    the piece's (common/limits.py scale): a parent answers urgent requests first."""
 
-    async def fetch(self, addr: str, chunk: str, size: int) -> bytes: ...
+    async def fetch(self, addr: str, chunk: str, size: int,
+                    priority: int = DEFAULT) -> bytes: ...
 
 
 class ByteStream(Protocol):

@@ -84,7 +84,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- requests (called by the pool) ---------------------------------------------------------
 
-    async def fetch(self, chunk: str, size: int) -> tuple[int, int, bytearray]:
+    async def fetch(self, chunk: str, size: int,
+                    priority: int) -> tuple[int, int, bytearray]:
         assert self.transport is not None
         if self.error is not None:
             raise self.error
@@ -97,7 +98,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        self.transport.write(frames.request(request_id, chunk, size, DEFAULT,
+        self.transport.write(frames.request(request_id, chunk, size, priority,
                                             self.pool.compress, current_request_id.get()))
         # Cancelled, the request stays pending: its answer still arrives and is read.
         return await request.answer
@@ -258,19 +259,19 @@ class _Pool:
     window: PrioritySlots | None = None
     dials: SingleFlight[str, _Connection] = field(default_factory=SingleFlight)
 
-    async def fetch(self, chunk: str, size: int) -> bytes:
+    async def fetch(self, chunk: str, size: int, priority: int) -> bytes:
         for attempt in (1, 2):
             connection = await self._connection()
             assert self.window is not None
             try:
                 async with asyncio.timeout(WINDOW_PATIENCE):
-                    await self.window.acquire(DEFAULT)
+                    await self.window.acquire(priority)
             except TimeoutError:
                 raise ParentError("busy", f"{self.addr}: its window is full") from None
             try:
                 if not connection.usable:  # lost while we waited
                     connection = await self._connection()
-                status, encoding, data = await connection.fetch(chunk, size)
+                status, encoding, data = await connection.fetch(chunk, size, priority)
             except _Lost as e:
                 if e.retry and attempt == 1:
                     continue
@@ -361,12 +362,12 @@ class FramedClient:
         self.connections = connections
         self._pools: dict[str, _Pool] = {}
 
-    async def fetch(self, addr: str, chunk: str, size: int) -> bytes:
+    async def fetch(self, addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
         pool = self._pools.get(addr)
         if pool is None:
             pool = self._pools[addr] = _Pool(addr, self.secret, self.tls, self.compress,
                                              self.rate, self.stall_seconds, self.connections)
-        return await pool.fetch(chunk, size)
+        return await pool.fetch(chunk, size, priority)
 
     def close(self) -> None:
         for pool in self._pools.values():
