@@ -81,8 +81,10 @@ class PeerRegistration(Model):
     started_at: float = Field(0.0, ge=0, description="the peer process's start time: a "
                               "registration from another process replaces what the peer "
                               "held (it re-announces its store); 0: unknown, kept")
-    transport: int = Field(1, ge=1, le=255, description="the peer-to-peer transports its "
-                           "upload port speaks, up to: 1 HTTP, 2 also the framed transport")
+    # Left out at 1 (HTTP only): what a scheduler before the field takes (peer/sched_session.py).
+    transport: int = Field(1, ge=1, le=255, exclude_if=_http,
+                           description="the peer-to-peer transports its upload port speaks, "
+                                       "up to: 1 HTTP, 2 also the framed transport")
 
     @field_validator("upload_addr")
     @classmethod

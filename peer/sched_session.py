@@ -6,6 +6,10 @@ scheduler would (see peer/sched_transport.py), or said it does not know this pee
 `unknown-peer` code). A URL just lost is tried last. Each registration opens a new session
 (`session_id`); a late failure of a call sent in an older one does not end its successor.
 
+A scheduler from before transport 2 refuses a registration naming `transport` (its model
+forbids the field: 400); the peer registers with it again as HTTP only, which is all that
+scheduler hands out anyway, and does so from then on.
+
 `registered` is set while a session is open (heartbeats go to it), `connected` once the
 scheduler was also told what this peer holds (`on_registered`), which calls wait for.
 """
@@ -102,6 +106,7 @@ class FailoverSession:
         self._reconnect = asyncio.Event()
         self._avoid: int | None = None
         self._complaints: dict[str, str] = {}  # url -> what it last failed with
+        self._http_only: set[str] = set()  # schedulers from before transport 2
 
     @property
     def url(self) -> str:
@@ -186,15 +191,13 @@ class FailoverSession:
         for i in registration_order(len(self.urls), self._avoid):
             url = self.urls[i]
             try:
-                reply = await self.transport.post(url, f"{API}/peers", self.registration,
-                                                  RegisterReply, seconds)
+                reply = await self._register(url, seconds)
             except SchedulerUnavailable as e:
                 self._complain(url, f"unusable: {e}" if e.unusable else f"unavailable: {e}")
                 continue
             except SchedulerRefused as e:
                 self._complain(url, f"refused registration: {e}")
                 continue
-            assert reply is not None
             self._complaints.pop(url, None)
             self.current, self.interval = i, reply.heartbeat_interval
             self.udp_target = udp_target(reply, url)
@@ -202,6 +205,26 @@ class FailoverSession:
             self._avoid = None
             return True
         return False
+
+    async def _register(self, url: str, seconds: float) -> RegisterReply:
+        registration = self.registration
+        if url in self._http_only:
+            registration = registration.model_copy(update={"transport": 1})
+        try:
+            reply = await self.transport.post(url, f"{API}/peers", registration, RegisterReply,
+                                              seconds)
+        except SchedulerRefused as e:
+            if e.status != 400 or registration.transport == 1:
+                raise
+            # Transport 1 leaves the field out of the JSON: what a scheduler before it takes.
+            reply = await self.transport.post(url, f"{API}/peers",
+                                              registration.model_copy(update={"transport": 1}),
+                                              RegisterReply, seconds)
+            self._http_only.add(url)  # only once the plain registration was taken
+            log.info("scheduler %s refused the transport field (%s): registered as HTTP only "
+                     "with it", url, e)
+        assert reply is not None
+        return reply
 
     async def run(self) -> None:
         """Register, tell the scheduler what this peer holds, stay until the session is lost;

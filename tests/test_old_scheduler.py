@@ -1,0 +1,96 @@
+"""A peer of transport 2 with a scheduler from before it (issue 12): that scheduler's model
+forbids the unknown `transport` field and refuses the registration (400), so the peer registers
+again as HTTP only and remembers it for that scheduler. Against a small real server: the real
+scheduler API on loopback, refusing registrations that name the field as the old one did."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from common import auth
+from common.models import PeerRegistration
+from common.pieces import MiB
+from peer.sched_session import API, FailoverSession
+from peer.sched_transport import HttpTransport
+from scheduler.api import SchedulerAPI
+from scheduler.store import MemoryStore
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    free_port,
+    pull_digest,
+    push_blob,
+    serve,
+)
+
+REGISTRATIONS = web.AppKey("registrations", list)
+
+
+@dataclass
+class OldScheduler:
+    url: str
+    registrations: list[dict]  # the bodies of every registration, refused or taken
+
+
+@web.middleware
+async def before_transport_2(request: web.Request, handler):
+    """A scheduler from before transport 2: its PeerRegistration forbade the field, and
+    common/web.py errors_as_json answered the validation error so."""
+    if request.path == f"{API}/peers":
+        body = json.loads(await request.read())
+        request.app[REGISTRATIONS].append(body)
+        if "transport" in body:
+            return web.json_response({"error": "invalid request body: transport: Extra inputs "
+                                               "are not permitted"}, status=400)
+    return await handler(request)
+
+
+@pytest.fixture
+async def old_scheduler() -> AsyncIterator[OldScheduler]:
+    secret = auth.user_secret()  # this test's own (conftest): the peers it starts share it
+    app = SchedulerAPI(MemoryStore(), scheduler_id="old", secret=secret).app()
+    app.middlewares.insert(0, before_transport_2)
+    app[REGISTRATIONS] = registrations = []
+    port = free_port()
+    runner = await serve(app, port)
+    yield OldScheduler(f"http://127.0.0.1:{port}", registrations)
+    await runner.cleanup()
+
+
+async def test_a_refused_transport_is_dropped_once_and_remembered(
+        old_scheduler: OldScheduler, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", "naiad.peer.scheduler")
+    reg = PeerRegistration(id="me", upload_addr="127.0.0.1:9", transport=2)
+    async with aiohttp.ClientSession() as http:
+        session = FailoverSession([old_scheduler.url], reg,
+                                  HttpTransport(http, auth.user_secret()))
+        assert await session.register()
+        assert await session.register()  # a registration again, say after a loss
+    assert ["transport" in r for r in old_scheduler.registrations] == [True, False, False]
+    assert caplog.text.count("registered as HTTP only") == 1
+
+
+async def test_a_new_peer_registers_with_an_old_scheduler_and_pulls(
+        cluster: Cluster, registry: Registry, origin: CountingProxy, repo: str,
+        old_scheduler: OldScheduler) -> None:
+    blob = os.urandom(8 * MiB)
+    digest = await push_blob(registry.url, repo, blob)
+    a = await cluster.peer("peer-a", old_scheduler.url, origin.url, "--log-level", "debug")
+    b = await cluster.peer("peer-b", old_scheduler.url, origin.url)
+    assert await pull_digest(f"{a.url}/v2/{repo}/blobs/{digest}") == digest
+    before = origin.bytes_down
+    assert await pull_digest(f"{b.url}/v2/{repo}/blobs/{digest}") == digest
+    assert origin.bytes_down - before < MiB  # from peer-a, over HTTP: all the old one knows
+    assert "registered as HTTP only" in b.proc.logs()
+    logs = a.proc.logs()
+    assert "uploaded" in logs and "(framed)" not in logs
+    taken = [r for r in old_scheduler.registrations if "transport" not in r]
+    assert {r["id"] for r in taken} == {"peer-a", "peer-b"}
