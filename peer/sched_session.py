@@ -7,8 +7,9 @@ scheduler would (see peer/sched_transport.py), or said it does not know this pee
 (`session_id`); a late failure of a call sent in an older one does not end its successor.
 
 A scheduler from before transport 2 refuses a registration naming `transport` (its model
-forbids the field: 400); the peer registers with it again as HTTP only, which is all that
-scheduler hands out anyway, and does so from then on.
+forbids the field: 400); the peer registers with it again at once as HTTP only, which is all
+that scheduler hands out anyway. Each registration asks with the field first: one comes after
+a lost session, which is how a scheduler's upgrade looks from here.
 
 `registered` is set while a session is open (heartbeats go to it), `connected` once the
 scheduler was also told what this peer holds (`on_registered`), which calls wait for.
@@ -106,7 +107,7 @@ class FailoverSession:
         self._reconnect = asyncio.Event()
         self._avoid: int | None = None
         self._complaints: dict[str, str] = {}  # url -> what it last failed with
-        self._http_only: set[str] = set()  # schedulers from before transport 2
+        self._http_only: set[str] = set()  # schedulers last seen from before transport 2
 
     @property
     def url(self) -> str:
@@ -208,8 +209,6 @@ class FailoverSession:
 
     async def _register(self, url: str, seconds: float) -> RegisterReply:
         registration = self.registration
-        if url in self._http_only:
-            registration = registration.model_copy(update={"transport": 1})
         try:
             reply = await self.transport.post(url, f"{API}/peers", registration, RegisterReply,
                                               seconds)
@@ -220,9 +219,15 @@ class FailoverSession:
             reply = await self.transport.post(url, f"{API}/peers",
                                               registration.model_copy(update={"transport": 1}),
                                               RegisterReply, seconds)
-            self._http_only.add(url)  # only once the plain registration was taken
-            log.info("scheduler %s refused the transport field (%s): registered as HTTP only "
-                     "with it", url, e)
+            if url not in self._http_only:  # one line, not one per registration
+                log.info("scheduler %s refused the transport field (%s): registered as HTTP "
+                         "only with it", url, e)
+            self._http_only.add(url)
+            assert reply is not None
+            return reply
+        if url in self._http_only:  # upgraded since
+            log.info("scheduler %s takes transport %d now", url, registration.transport)
+            self._http_only.discard(url)
         assert reply is not None
         return reply
 
