@@ -7,7 +7,7 @@ expiry, registration), the placement policy it calls, `Acquisition` (every step 
 What is modelled here, after the engine it stands for (peer/engine/engine.py and friends):
 
 * the reader (reader.py): a whole-blob GET walks the pieces in order with a read-ahead of
-  READAHEAD_BYTES, refilled half a window at a time; a host is done when its reader has every
+  `readahead_pieces`, refilled half a window at a time; a host is done when its reader has every
   piece;
 * the batcher (batcher.py): a host's asks in one instant travel in one schedule call, which
   long-polls (LONG_POLL_MS) while every piece in it must wait, re-decided when an announcement
@@ -74,7 +74,7 @@ from peer.engine.acquire import (
     bypass,
 )
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
-from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES
+from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces
 from peer.parents import STALL_SECONDS
 from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
@@ -285,7 +285,7 @@ class Swarm:
         self.piece_size = self.meta.piece_size
         self.count = piece_count(length, self.piece_size)
         self.chunks = [chunk_id(i) for i in range(self.count)]
-        self.window = max(2, params.readahead // self.piece_size)
+        self.window = readahead_pieces(self.piece_size, params.readahead)
         self.per_address = per_address_default(params.upload_slots)
         self.origin_bytes = 0.0
         self.leases = 0  # granted by schedulers since restarted

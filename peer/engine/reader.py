@@ -1,8 +1,10 @@
 """Readers: the bytes of a range, piece by piece, each verified before it is yielded.
 
-A reader walks the pieces covering its range in order with a bounded read-ahead (READAHEAD_BYTES
-asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker threads), so the
-first byte goes out before the last piece is fetched and memory stays flat. A whole-blob read is
+A reader walks the pieces covering its range in order with a bounded read-ahead
+(`readahead_pieces` asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker
+threads), so the first byte goes out before the last piece is fetched and memory stays flat:
+a piece fetched further ahead than LOCAL_AHEAD_BYTES is not held once stored (`holds`), it is
+read back from the store (the page cache) when the reader gets there. A whole-blob read is
 checked against its digest before its last bytes go out. Also: where a read's bytes will come
 from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
 the background prefetch of the rest of a task.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -29,8 +32,12 @@ from peer.engine.storing import Storage
 from peer.origin import OriginError
 from peer.store import ChunkCorrupt, ChunkStore
 
-READAHEAD_BYTES = 16 * MiB
-LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
+# Asked for ahead of a reader: 16 MiB kept 2-4 pieces of 4 MiB in flight, a third of a
+# 300 MB/s link (bench.sim kraken); the far ones cost no memory (`holds`).
+READAHEAD_BYTES = 64 * MiB
+READAHEAD_MIN_PIECES = 4
+LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader, and held fetched ones
+PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (all held)
 PLAN_WAIT = 2.0
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
 PREFETCH_TASKS = 2  # tasks prefetched at once
@@ -38,6 +45,22 @@ PREFETCH_TASKS = 2  # tasks prefetched at once
 # Start obtaining a piece unless stored or on its way: (run, index, priority) -> its future,
 # None when stored.
 Ensure = Callable[[TaskRun, int, int], "asyncio.Future[bytes] | None"]
+
+
+def readahead_pieces(piece_size: int, readahead: int = READAHEAD_BYTES) -> int:
+    """Pieces a reader keeps asked for ahead of itself (bench/sim models the same window)."""
+    return max(READAHEAD_MIN_PIECES, readahead // piece_size)
+
+
+def local_ahead(piece_size: int) -> int:
+    """Pieces just ahead of a reader whose bytes it holds or reads from the store early."""
+    return max(1, LOCAL_AHEAD_BYTES // piece_size)
+
+
+def holds(offset: int, stored: bool, piece_size: int) -> bool:
+    """Whether a reader keeps the bytes of a fetched piece `offset` pieces ahead of it: those
+    it reaches soon, and those not stored (passed through: nowhere else to get them)."""
+    return not stored or offset < local_ahead(piece_size)
 
 
 class Reader:
@@ -57,9 +80,7 @@ class Reader:
         self.verify_on_serve = verify_on_serve
         self.prefetch_enabled = prefetch
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_TASKS)
-
-    def _window(self, run: TaskRun) -> int:
-        return max(2, READAHEAD_BYTES // run.meta.piece_size)
+        self.held_bytes = 0  # fetched pieces' bytes readers hold until they reach them
 
     async def plan(self, run: TaskRun, rng: ByteRange, priority: int = DEFAULT) -> Plan:
         """Start fetching the first pieces of a read and say where they come from."""
@@ -67,7 +88,8 @@ class Reader:
             return Plan("local", ())
         if run.direct:
             return Plan("origin", ("other-registry",))
-        pieces = list(run.layout.covering(rng.start, rng.end))[: self._window(run)]
+        window = readahead_pieces(run.meta.piece_size)
+        pieces = list(run.layout.covering(rng.start, rng.end))[:window]
         sources: set[str] = set()
         reasons: list[str] = []
         waited = False
@@ -155,7 +177,8 @@ class Reader:
                     priority: int) -> AsyncIterator[memoryview]:
         layout = run.layout
         pieces = list(layout.covering(rng.start, rng.end))
-        window = self._window(run)
+        size = run.meta.piece_size
+        window = readahead_pieces(size)
         whole = rng.start == 0 and rng.end == run.meta.length - 1
         proven = run.meta.sealed and expect == run.meta.digest  # hashed here, never told
         hasher = Sha256() if whole and expect and not proven else None
@@ -163,33 +186,59 @@ class Reader:
         # second one in the background (the seal job waits while such a reader runs).
         sealing = hasher is not None and expect == run.meta.digest
         run.hashing += sealing
-        # Pieces this read waited for: their bytes come straight from the fetch (already
-        # verified) and are counted where they came from, not as store reads.
+        # Pieces this read asked for: the bytes of those near (or not stored) come straight
+        # from the fetch (already verified) and are counted where they came from, not as
+        # store reads; those far ahead and stored are let go on arrival (`dropped`) and read
+        # back from the store when reached.
         fetching: dict[int, asyncio.Future[bytes]] = {}
+        dropped: set[int] = set()
+        held: dict[int, int] = {}  # arrived and kept: their sizes
+        passed = False  # a piece passed through uncached: the store may not take the rest
         ahead = 0  # pieces[:ahead] have been asked for
+        k = 0
+
+        def arrived(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
+            nonlocal passed
+            if fetching.get(j) is not fut or fut.cancelled() or fut.exception() is not None:
+                return
+            stored = j in run.have
+            passed = passed or not stored
+            if holds(m - k, stored, size):
+                held[j] = len(fut.result())
+                self.held_bytes += held[j]
+            else:
+                del fetching[j]
+                dropped.add(j)
+
         # Stored pieces are read (and re-hashed) a few ahead in worker threads, so the disk and
         # blake3 work overlaps with writing the previous piece to the client.
         reading: dict[int, asyncio.Task[bytes]] = {}
-        local_ahead = max(1, LOCAL_AHEAD_BYTES // run.meta.piece_size)
+        near = local_ahead(size)
         try:
             for k, i in enumerate(pieces):
                 # Refill the read-ahead half a window at a time, so the scheduler gets batches
-                # (and origin leases cover runs) rather than one piece per call.
+                # (and origin leases cover runs) rather than one piece per call. Pieces passing
+                # through uncached are held until reached: then the window is today's small one.
+                if passed:
+                    window = readahead_pieces(size, PASS_THROUGH_BYTES)
                 if ahead <= k + window // 2:
-                    for j in pieces[ahead:k + window]:
+                    for m in range(ahead, min(k + window, len(pieces))):
+                        j = pieces[m]
                         fut = self.ensure(run, j, priority)
-                        if fut is not None:
+                        if fut is not None and j not in fetching:
                             fetching[j] = fut
+                            fut.add_done_callback(functools.partial(arrived, m, j))
                     ahead = max(ahead, min(k + window, len(pieces)))
-                for j in pieces[k:k + local_ahead]:
+                for j in pieces[k:k + near]:
                     if j not in fetching and j not in reading and j in run.have:
-                        task = asyncio.create_task(self._piece(run, j, priority))
+                        task = asyncio.create_task(self._piece(run, j, priority, j in dropped))
                         task.add_done_callback(consume_exception)
                         reading[j] = task
                 fut = fetching.pop(i, None) or reading.pop(i, None)
+                self.held_bytes -= held.pop(i, 0)
                 with run.awaiting(i, self.clock.monotonic()):
                     data = await asyncio.shield(fut) if fut is not None \
-                        else await self._piece(run, i, priority)
+                        else await self._piece(run, i, priority, i in dropped)
                 lo, hi = layout.clip(i, rng.start, rng.end)
                 if hasher is not None:
                     await hasher.update(data)
@@ -203,6 +252,8 @@ class Reader:
                             self.sealer.sealed(run)
                 yield memoryview(data)[lo:hi]
         finally:
+            fetching.clear()  # arrivals after this are not held
+            self.held_bytes -= sum(held.values())
             for task in reading.values():  # the reader stopped early
                 task.cancel()
             if hasher is not None:
@@ -236,9 +287,11 @@ class Reader:
             if hasher is not None:
                 hasher.cancel()
 
-    async def _piece(self, run: TaskRun, index: int, priority: int) -> bytes:
+    async def _piece(self, run: TaskRun, index: int, priority: int,
+                     fetched: bool = False) -> bytes:
         """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
-        the fetch already under way."""
+        the fetch already under way. A piece this read `fetched` and let go was counted where
+        it came from, and needs no re-hash if its file is still the one written."""
         for _ in range(3):
             fut = run.inflight.get(index)
             if fut is not None:
@@ -247,12 +300,14 @@ class Reader:
             if chunk is None:
                 self.ensure(run, index, priority)
                 continue
+            verify = self.verify_on_serve and not (fetched and self.store.unchanged(chunk))
             try:
-                data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
+                data = await self.store.read_chunk(chunk, verify=verify)
             except (ChunkCorrupt, OSError):  # rotten, gone, or unreadable: fetch it again
                 self.storage.drop_chunk(chunk)
                 continue
-            self.metrics.download_bytes.labels("local").inc(len(data))
+            if not fetched:
+                self.metrics.download_bytes.labels("local").inc(len(data))
             return data
         raise PieceUnavailable(f"piece {index} of {run.task_id} kept failing")
 

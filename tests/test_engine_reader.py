@@ -1,0 +1,118 @@
+"""The reader's read-ahead: a wide window of pieces asked for, only the near ones held in memory
+(far ones stored are let go and read back from the store), pieces passing through uncached kept
+until reached. Runs the real engine against the in-process fakes of test_engine_pull."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from common.pieces import MiB
+from common.ranges import ByteRange
+from peer.engine import reader
+from peer.engine.reader import holds, local_ahead, readahead_pieces
+from peer.engine.run import TaskRun
+from tests.cluster import until
+from tests.test_engine_pull import PIECE, World, make_world
+
+COUNT = 24
+
+
+def test_the_window_is_the_readahead_in_pieces_and_never_below_the_minimum() -> None:
+    assert readahead_pieces(4 * MiB) == reader.READAHEAD_BYTES // (4 * MiB) >= 8
+    assert readahead_pieces(16 * MiB, 16 * MiB) == reader.READAHEAD_MIN_PIECES
+    assert readahead_pieces(1 * MiB, 16 * MiB) == 16
+
+
+def test_only_near_or_unstored_pieces_are_held() -> None:
+    near = local_ahead(1 * MiB)
+    assert near == reader.LOCAL_AHEAD_BYTES // MiB
+    assert holds(near - 1, stored=True, piece_size=MiB)
+    assert not holds(near, stored=True, piece_size=MiB)
+    assert holds(10 * near, stored=False, piece_size=MiB)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    # Test-sized: 2 pieces held near the reader, the whole blob asked for at once.
+    monkeypatch.setattr(reader, "LOCAL_AHEAD_BYTES", 2 * PIECE)
+    w = make_world(tmp_path, COUNT * PIECE)
+    assert readahead_pieces(PIECE) >= COUNT
+    yield w
+    await w.engine.close()
+    w.store.close()
+
+
+class Watched:
+    """The futures the reader gets from `ensure`, by piece, as weak references: dead once
+    nobody holds the piece's bytes."""
+
+    def __init__(self, world: World) -> None:
+        self.refs: dict[int, weakref.ref[asyncio.Future[bytes]]] = {}
+        ensure = world.engine.reader.ensure
+
+        def watching(run: TaskRun, index: int, priority: int) -> asyncio.Future[bytes] | None:
+            fut = ensure(run, index, priority)
+            if fut is not None:
+                self.refs.setdefault(index, weakref.ref(fut))
+            return fut
+
+        world.engine.reader.ensure = watching
+
+    def alive(self) -> set[int]:
+        gc.collect()
+        return {i for i, ref in self.refs.items() if ref() is not None}
+
+
+async def paused_after_first_piece(world: World, run: TaskRun, arrived: int
+                                   ) -> tuple[bytearray, AsyncIterator[memoryview]]:
+    """Start a whole read, take its first piece, and wait (not reading) until `arrived` pieces
+    of the rest have come in."""
+    views = aiter(world.engine.read(run, ByteRange(0, len(world.blob.data) - 1),
+                                    world.blob.digest))
+    got = bytearray(await anext(views))
+
+    async def in_() -> bool:
+        return len(world.parents.fetches) >= arrived and not run.inflight
+    await until(in_, 10, "the read-ahead fetched")
+    await asyncio.sleep(0)  # one turn of the loop: the futures' done callbacks (the reader's)
+    return got, views
+
+
+async def test_far_pieces_fetched_ahead_are_stored_not_held_and_read_back(world: World) -> None:
+    watched = Watched(world)
+    run = await world.open()
+    got, views = await paused_after_first_piece(world, run, COUNT)
+    assert len(run.have) == COUNT
+    assert world.engine.reader.held_bytes == PIECE, "the next piece is held (2 near: 0, 1)"
+    assert watched.alive() <= {0, 1}, "far pieces' bytes were let go (0 is being served)"
+    async with contextlib.aclosing(views):  # type: ignore[type-var]
+        async for view in views:
+            got += view
+    assert bytes(got) == world.blob.data
+    assert world.engine.reader.held_bytes == 0
+    assert world.downloaded("peer") == len(world.blob.data)
+    assert world.downloaded("local") == 0, "read back, not counted a second time"
+    assert len(world.parents.fetches) == COUNT, "nothing fetched twice"
+
+
+async def test_pieces_passing_through_uncached_are_held_until_reached(world: World) -> None:
+    world.store.full = True
+    watched = Watched(world)
+    run = await world.open()
+    got, views = await paused_after_first_piece(world, run, COUNT)
+    assert run.have == {}
+    assert world.engine.reader.held_bytes == (COUNT - 1) * PIECE
+    assert watched.alive() == set(range(COUNT)), "the only copy is the reader's (0 served)"
+    async with contextlib.aclosing(views):  # type: ignore[type-var]
+        async for view in views:
+            got += view
+    assert bytes(got) == world.blob.data
+    assert world.engine.reader.held_bytes == 0
+    assert len(world.parents.fetches) == COUNT
