@@ -31,8 +31,8 @@ def test_the_window_is_the_readahead_in_pieces_and_never_below_the_minimum() -> 
 
 
 def test_only_near_or_unstored_pieces_are_held() -> None:
-    near = local_ahead(1 * MiB)
-    assert near == reader.LOCAL_AHEAD_BYTES // MiB
+    near = reader.HELD_BYTES // MiB
+    assert local_ahead(1 * MiB) == reader.LOCAL_AHEAD_BYTES // MiB
     assert holds(near - 1, stored=True, piece_size=MiB)
     assert not holds(near, stored=True, piece_size=MiB)
     assert holds(10 * near, stored=False, piece_size=MiB)
@@ -41,7 +41,7 @@ def test_only_near_or_unstored_pieces_are_held() -> None:
 @pytest.fixture
 async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     # Test-sized: 2 pieces held near the reader, the whole blob asked for at once.
-    monkeypatch.setattr(reader, "LOCAL_AHEAD_BYTES", 2 * PIECE)
+    monkeypatch.setattr(reader, "HELD_BYTES", 2 * PIECE)
     w = make_world(tmp_path, COUNT * PIECE)
     assert readahead_pieces(PIECE) >= COUNT
     yield w

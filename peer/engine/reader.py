@@ -3,7 +3,7 @@
 A reader walks the pieces covering its range in order with a bounded read-ahead
 (`readahead_pieces` asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker
 threads), so the first byte goes out before the last piece is fetched and memory stays flat:
-a piece fetched further ahead than LOCAL_AHEAD_BYTES is not held once stored (`holds`), it is
+a piece fetched further ahead than HELD_BYTES is not held once stored (`holds`), it is
 read back from the store (the page cache) when the reader gets there. A whole-blob read is
 checked against its digest before its last bytes go out. Also: where a read's bytes will come
 from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
@@ -36,7 +36,11 @@ from peer.store import ChunkCorrupt, ChunkStore
 # 300 MB/s link (bench.sim kraken); the far ones cost no memory (`holds`).
 READAHEAD_BYTES = 64 * MiB
 READAHEAD_MIN_PIECES = 4
-LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader, and held fetched ones
+LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
+# Fetched pieces this near a reader keep their bytes until it gets there (the memory today's
+# 16 MiB window took); further ones are read back, re-hashed with verify-on-serve (CPU: letting
+# go of all beyond LOCAL_AHEAD_BYTES cost p2p 2.97 -> 4.98 ms/MiB in bench/dataplane.py).
+HELD_BYTES = 16 * MiB
 PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (all held)
 PLAN_WAIT = 2.0
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
@@ -59,8 +63,8 @@ def local_ahead(piece_size: int) -> int:
 
 def holds(offset: int, stored: bool, piece_size: int) -> bool:
     """Whether a reader keeps the bytes of a fetched piece `offset` pieces ahead of it: those
-    it reaches soon, and those not stored (passed through: nowhere else to get them)."""
-    return not stored or offset < local_ahead(piece_size)
+    within HELD_BYTES, and those not stored (passed through: nowhere else to get them)."""
+    return not stored or offset < max(1, HELD_BYTES // piece_size)
 
 
 class Reader:
