@@ -24,10 +24,11 @@ from tests.test_engine_pull import PIECE, World, make_world
 COUNT = 24
 
 
-def test_the_window_is_the_readahead_in_pieces_and_never_below_the_minimum() -> None:
-    assert readahead_pieces(4 * MiB) == reader.READAHEAD_BYTES // (4 * MiB) >= 8
-    assert readahead_pieces(16 * MiB, 16 * MiB) == reader.READAHEAD_MIN_PIECES
-    assert readahead_pieces(1 * MiB, 16 * MiB) == 16
+def test_the_window_is_pieces_in_flight_bounded_in_bytes() -> None:
+    assert readahead_pieces(4 * MiB) == 16, "a fast link's pieces in flight"
+    assert readahead_pieces(1 * MiB) == 16, "small pieces: as many, not 64 MiB of them"
+    assert readahead_pieces(16 * MiB) == reader.READAHEAD_MIN_PIECES == 4
+    assert readahead_pieces(4 * MiB, 128 * MiB) == 32, "the sim's --readahead"
 
 
 def test_only_near_or_unstored_pieces_are_held() -> None:
@@ -42,6 +43,7 @@ def test_only_near_or_unstored_pieces_are_held() -> None:
 async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     # Test-sized: 2 pieces held near the reader, the whole blob asked for at once.
     monkeypatch.setattr(reader, "HELD_BYTES", 2 * PIECE)
+    monkeypatch.setattr(reader, "PIECE_FLOOR", PIECE)
     w = make_world(tmp_path, COUNT * PIECE)
     assert readahead_pieces(PIECE) >= COUNT
     yield w

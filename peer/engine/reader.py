@@ -32,9 +32,12 @@ from peer.engine.storing import Storage
 from peer.origin import OriginError
 from peer.store import ChunkCorrupt, ChunkStore
 
-# Asked for ahead of a reader: 16 MiB kept 2-4 pieces of 4 MiB in flight, a third of a
-# 300 MB/s link (bench.sim kraken); the far ones cost no memory (`holds`).
+# Asked for ahead of a reader: what fills a fast link is pieces in flight (flows from distinct
+# parents): 16 MiB kept 4 pieces of 4 MiB in flight, a third of a 300 MB/s link (bench.sim
+# kraken). So 16 pieces, at most 64 MiB: pieces under PIECE_FLOOR count as PIECE_FLOOR, so small
+# pieces keep today's 16 MiB (no more re-reads, `holds`), 16 MiB pieces get 4.
 READAHEAD_BYTES = 64 * MiB
+PIECE_FLOOR = 4 * MiB
 READAHEAD_MIN_PIECES = 4
 LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
 # Fetched pieces this near a reader keep their bytes until it gets there (the memory today's
@@ -53,7 +56,7 @@ Ensure = Callable[[TaskRun, int, int], "asyncio.Future[bytes] | None"]
 
 def readahead_pieces(piece_size: int, readahead: int = READAHEAD_BYTES) -> int:
     """Pieces a reader keeps asked for ahead of itself (bench/sim models the same window)."""
-    return max(READAHEAD_MIN_PIECES, readahead // piece_size)
+    return max(READAHEAD_MIN_PIECES, readahead // max(piece_size, PIECE_FLOOR))
 
 
 def local_ahead(piece_size: int) -> int:
@@ -224,7 +227,7 @@ class Reader:
                 # (and origin leases cover runs) rather than one piece per call. Pieces passing
                 # through uncached are held until reached: then the window is today's small one.
                 if passed:
-                    window = readahead_pieces(size, PASS_THROUGH_BYTES)
+                    window = min(window, max(READAHEAD_MIN_PIECES, PASS_THROUGH_BYTES // size))
                 if ahead <= k + window // 2:
                     for m in range(ahead, min(k + window, len(pieces))):
                         j = pieces[m]
