@@ -41,8 +41,8 @@ PIECE_FLOOR = 4 * MiB
 READAHEAD_MIN_PIECES = 4
 LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
 # Fetched pieces this near a reader keep their bytes until it gets there (the memory today's
-# 16 MiB window took); further ones are read back, re-hashed with verify-on-serve (CPU: letting
-# go of all beyond LOCAL_AHEAD_BYTES cost p2p 2.97 -> 4.98 ms/MiB in bench/dataplane.py).
+# 16 MiB window took); further ones are read back when reached: a store read and, with
+# verify-on-serve, a second hash each.
 HELD_BYTES = 16 * MiB
 PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (all held)
 PLAN_WAIT = 2.0
