@@ -5,7 +5,7 @@ needs.
 `--piece-size` from the scheduler's point of view, each through the peer's own code: its
 `SchedulerClient` (registration, signed calls, heartbeats as UDP datagrams, the outbox that
 coalesces announcements) and the engine's `DecisionBatcher`, asked as the reader's read-ahead
-asks (a window of READAHEAD_BYTES first, then half a window each time the reader is within half
+asks (a window of `readahead_pieces` first, then half a window each time the reader is within half
 a window of the last piece asked). Fetches take no bytes but are paced at `--host-rate`, so
 announcements and refills come in the sizes a real pull makes. Against one real `naiad
 scheduler` process over the memory store, one redis-server, or a loopback Redis Cluster.
@@ -61,7 +61,7 @@ from common.pieces import piece_count
 from common.sizes import parse_size
 from common.tasks import TaskSet
 from peer.engine.batcher import DecisionBatcher
-from peer.engine.reader import READAHEAD_BYTES
+from peer.engine.reader import readahead_pieces
 from peer.sched_transport import HttpTransport
 from peer.scheduler_client import SchedulerClient
 from tests.cluster import free_port
@@ -193,7 +193,7 @@ class Host:
         self.task = task
         self.piece_size = task.piece_size or 1
         self.count = piece_count(task.length, self.piece_size)
-        self.window = max(2, READAHEAD_BYTES // self.piece_size)
+        self.window = readahead_pieces(self.piece_size)
         self.piece_seconds = self.piece_size / host_rate
         self._link_free = 0.0  # when this host's link has fetched what it was given
         started = time.time()
