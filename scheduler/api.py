@@ -222,14 +222,21 @@ class SchedulerAPI:
     async def schedule(self, request: web.Request) -> web.Response:
         req = await parse_body(request, ScheduleRequest)
         announced = None
+        started = time.perf_counter()
         if req.announce is not None:
             # What this peer fetched since its last call, recorded first as POST /announce
             # would: the call that asks for the next pieces tells of the last ones.
             if req.announce.peer_id != req.peer_id:
                 raise RequestError(400, "announce: peer_id must be the requester's")
-            announced = await self._call(self.store.announce(req.announce))
-        started = time.perf_counter()
-        decisions = await self._call(self.store.schedule(req))
+            both = getattr(self.store, "announce_and_schedule", None)
+            if both is not None:  # one store operation (on Redis: one read, one write)
+                announced, decisions = await self._call(both(req.announce, req))
+            else:
+                announced = await self._call(self.store.announce(req.announce))
+                started = time.perf_counter()
+                decisions = await self._call(self.store.schedule(req))
+        else:
+            decisions = await self._call(self.store.schedule(req))
         if req.wait_ms == 0:
             self.metrics.schedule_seconds.observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -990,3 +991,76 @@ async def test_a_piece_crosses_into_an_idc_once(h: Harness, no_recheck: None) ->
     await heartbeat(s, "F")
     await heartbeat(s, "B")
     assert await parents(s, "B", 1) == ["F"]
+
+
+# -- claims riding a schedule call (helper X) --------------------------------------------------
+
+async def announce_and_schedule(s: Store, pid: str, claimed: list[int], wanted: list[int], *,
+                                wait_ms: int = 0) -> tuple:
+    """What the API does with a schedule call carrying claims: one store operation where the
+    store offers it, else announce then schedule."""
+    ann = Announce(peer_id=pid, task_id=TASK,
+                   pieces=[PieceClaim(index=i, chunk=chunk(i)) for i in claimed])
+    req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=wanted, wait_ms=wait_ms,
+                          announce=ann)
+    both = getattr(s, "announce_and_schedule", None)
+    if both is not None:
+        return await both(ann, req)
+    return await s.announce(ann), await s.schedule(req)
+
+
+async def test_claims_riding_a_schedule_call_count_before_its_decisions(
+        h: Harness, no_recheck: None) -> None:
+    s = h.store
+    await setup(s, "A", "B", "C")
+    await schedule(s, "A", [0, 1])
+    await schedule(s, "B", [2])
+    waiting = asyncio.create_task(schedule(s, "C", [0], wait_ms=20_000))  # A's lease: wait
+    await _parked(s)
+    # A's claims are recorded before its next pieces are decided: 2 is B's lease, 3 is new.
+    reply, (d2, d3) = await announce_and_schedule(s, "A", [0, 1], [2, 3])
+    assert (reply.accepted, reply.rejected) == (2, [])
+    assert (d2.action, d3.action, d3.reason) == ("wait", "source", "no-holder")
+    (d,) = await asyncio.wait_for(waiting, 10)  # woken by the claim on 0
+    assert d.action == "parents" and [p.id for p in d.parents] == ["A"]
+    assert await holders(s, 1) == ["A"]
+    # A refused claim is answered as announce answers it, the decisions still made.
+    reply, (d4,) = await announce_and_schedule(s, "B", [9], [4])
+    assert reply.rejected == [9] and d4.action == "source"
+    with pytest.raises(UnknownPeer):
+        await announce_and_schedule(s, "Z", [5], [5])
+
+
+async def test_claims_riding_a_schedule_call_are_one_store_operation(
+        redis_h: Harness) -> None:
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    await setup(s, "A", "B")
+    runs = {"read": 0, "apply": 0}
+
+    def counted(name: str, batched: Callable[[str, str], Awaitable[Any]]
+                ) -> Callable[[str, str], Awaitable[Any]]:
+        async def call(key: str, arg: str) -> Any:
+            runs[name] += 1
+            return await batched(key, arg)
+        return call
+    s.read, s.apply = counted("read", s.read), counted("apply", s.apply)  # type: ignore
+
+    async def cost(call: Awaitable[Any]) -> tuple[int, int]:
+        runs.update(read=0, apply=0)
+        await call
+        return runs["read"], runs["apply"]
+    await schedule(s, "A", [0, 1])
+    combined = await cost(announce_and_schedule(s, "A", [0, 1], [2]))
+    await task(s, 8, OTHER)
+    await schedule(s, "A", [0, 1], task_id=OTHER)
+    ann = Announce(peer_id="A", task_id=OTHER,
+                   pieces=[PieceClaim(index=i, chunk=chunk(i)) for i in (0, 1)])
+    req = ScheduleRequest(peer_id="A", task_id=OTHER, pieces=[2])
+    apart = await cost(s.announce(ann))
+    apart = tuple(a + b for a, b in zip(apart, await cost(s.schedule(req)), strict=True))
+    assert combined[0] <= apart[0] and combined[1] < apart[1], (combined, apart)
+    if redis_h.kind == "redis":  # one loaded state (at most two rounds), one transaction
+        assert combined[0] <= 2 and combined[1] == 1, combined
+    assert await parents(s, "B", 1) == ["A"]
+    assert await parents(s, "B", 1, task_id=OTHER) == ["A"]

@@ -1,13 +1,14 @@
 """Generated sequences of calls against the memory store, Redis and a Redis Cluster: the same
 answers required (issue 14: one copy of every rule).
 
-Each example is a sequence of register, heartbeat, ensure_task, announce, schedule, report,
-withdraw, leave, cordon, uncordon, blob_mismatch and a clock jump followed by `expire`, over
-three peers and two tasks, run on all three stores; every call's answer (or the error it
-raised) and, at the end, the views (peers, tasks, each task's piece map, totals) must be equal.
-Time is an injected clock; a Redis peer's record expires by Redis's own clock, so records live
-far longer than a sequence takes, and a jump moves Redis's expiry too: the silent peers'
-records and index entries are made due at once (the only place the test reaches into Redis)."""
+Each example is a sequence of register, heartbeat, ensure_task, announce, schedule (alone, and
+carrying claims: one store operation on Redis), report, withdraw, leave, cordon, uncordon,
+blob_mismatch and a clock jump followed by `expire`, over three peers and two tasks, run on all
+three stores; every call's answer (or the error it raised) and, at the end, the views (peers,
+tasks, each task's piece map, totals) must be equal. Time is an injected clock; a Redis peer's
+record expires by Redis's own clock, so records live far longer than a sequence takes, and a
+jump moves Redis's expiry too: the silent peers' records and index entries are made due at once
+(the only place the test reaches into Redis)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ calls = st.one_of(
     st.tuples(st.just("ensure_task"), tix),
     st.tuples(st.just("announce"), pid, tix, pieces, st.integers(0, 1), st.booleans()),
     st.tuples(st.just("schedule"), pid, tix, pieces),
+    st.tuples(st.just("announce_schedule"), pid, tix, pieces, pieces, st.integers(0, 1)),
     st.tuples(st.just("report"), pid, pid, tix, st.sampled_from(["failed", "slow", "corrupt"]),
               st.integers(0, PIECES - 1)),
     st.tuples(st.just("withdraw"), pid, tix, st.one_of(st.none(), pieces)),
@@ -111,6 +113,17 @@ async def _call(u: Under, call: tuple) -> Any:
         _, p, t, which = call
         return [_decision(d) for d in await s.schedule(ScheduleRequest(
             peer_id=p, task_id=TASKS[t], pieces=which))]
+    elif kind == "announce_schedule":  # a schedule call carrying claims: one op where offered
+        _, p, t, claimed, which, variant = call
+        ann = Announce(peer_id=p, task_id=TASKS[t],
+                       pieces=[PieceClaim(index=i, chunk=chunk(t, i, variant)) for i in claimed])
+        req = ScheduleRequest(peer_id=p, task_id=TASKS[t], pieces=which, announce=ann)
+        both = getattr(s, "announce_and_schedule", None)
+        if both is not None:
+            reply, decisions = await both(ann, req)
+        else:  # the memory store: the two calls the API makes without it
+            reply, decisions = await s.announce(ann), await s.schedule(req)
+        return reply, [_decision(d) for d in decisions]
     elif kind == "report":
         _, p, parent, t, what, piece = call
         await s.report(Report(peer_id=p, parent_id=parent, task_id=TASKS[t], piece=piece,

@@ -113,8 +113,8 @@ Client = aioredis.Redis | aioredis.RedisCluster
 # master during a failover) are not RedisErrors, but they mean the same: the store is
 # unavailable for now (the API answers 503, and the peers retry).
 _CALLS = ("register", "heartbeat", "leave", "expire", "ensure_task", "announce", "schedule",
-          "report", "withdraw", "blob_mismatch", "cordon", "uncordon", "peers", "peer", "tasks",
-          "task", "counters", "back_to_source")
+          "announce_and_schedule", "report", "withdraw", "blob_mismatch", "cordon", "uncordon",
+          "peers", "peer", "tasks", "task", "counters", "back_to_source")
 
 
 def _unavailable_as_redis_errors(cls: type[T]) -> type[T]:
@@ -263,10 +263,10 @@ class RedisStore:
                     tx.publish.append([self.feed.channel_of(wake),
                                        message(self.id, wake, wanted)])
                 if not tx or await self._applied(tx):
+                    if wake is not None:  # what applied may wake others, refused or not
+                        self.feed.wake(wake, wanted)
                     if refused is not None:
                         raise refused
-                    if wake is not None:
-                        self.feed.wake(wake, wanted)
                     return result  # type: ignore[return-value]
                 # Lost a race with another replica: back off a little, at random, and redo.
                 await asyncio.sleep(self.rng.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
@@ -402,20 +402,66 @@ class RedisStore:
             ld.peer(req.peer_id)
             ld.task(req.task_id, pieces=wanted, held=(), counted=True)  # cold: any holder?
             await ld.run()
-            task = dict.get(ld.world.state.tasks, req.task_id)
-            if task is None:
-                return
-            pieces = [p for i in wanted if (p := dict.get(task.pieces, i)) is not None]
-            holders = {h for p in pieces for h in p.holders}
-            # Candidates, and every lease holder: a task is cold only without a live lease.
-            ld.peers(holders | {le.holder for le in task.leases.values()})
-            me = dict.get(ld.world.state.peers, req.peer_id)
-            if me is not None and me.reg.idc:  # whose copy into its IDC is in flight
-                ld.peers({c for p in pieces for c in p.children or ()} - holders)
-            ld.held(req.task_id, holders)
+            self._plan_decide(ld, req, wanted)
             await ld.run()
         return await self._transact(plan, lambda w: w.state.schedule(req, w.now),
                                     lock=req.task_id, actor=req.peer_id)
+
+    @staticmethod
+    def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int]) -> None:
+        """The schedule rule's second round, once its task and pieces are loaded."""
+        task = dict.get(ld.world.state.tasks, req.task_id)
+        if task is None:
+            return
+        pieces = [p for i in wanted if (p := dict.get(task.pieces, i)) is not None]
+        holders = {h for p in pieces for h in p.holders}
+        # Candidates, and every lease holder: a task is cold only without a live lease.
+        ld.peers(holders | {le.holder for le in task.leases.values()})
+        me = dict.get(ld.world.state.peers, req.peer_id)
+        if me is not None and me.reg.idc:  # whose copy into its IDC is in flight
+            ld.peers({c for p in pieces for c in p.children or ()} - holders)
+        ld.held(req.task_id, holders)
+
+    async def announce_and_schedule(self, ann: Announce, req: ScheduleRequest
+                                    ) -> tuple[AnnounceReply, list[Decision]]:
+        """`announce(ann)` then `schedule(req)`, with the same answers, but the first decision
+        and the announcement are one store operation: one loaded state, one write (a schedule
+        call carrying its peer's claims is the commonest call; two operations were two reads
+        and two transactions). A long poll then re-decides as `schedule` does."""
+        if ann.task_id != req.task_id or ann.peer_id != req.peer_id:
+            reply = await self.announce(ann)
+            return reply, await self.schedule(req)
+        replies: list[AnnounceReply] = []
+
+        async def decide(r: ScheduleRequest) -> list[Decision]:
+            if replies:
+                return await self._decide(r)
+            reply, decisions = await self._announce_and_decide(ann, r)
+            replies.append(reply)
+            return decisions
+        decisions = await self.waiters.schedule(req, decide)
+        return replies[0], decisions
+
+    async def _announce_and_decide(self, ann: Announce, req: ScheduleRequest
+                                   ) -> tuple[AnnounceReply, list[Decision]]:
+        claimed = [c.index for c in ann.pieces]
+        wanted = list(dict.fromkeys(req.pieces))
+
+        async def plan(ld: Loader) -> None:
+            # Both rules' reads: announce's (the claimed pieces, the announcer's held count,
+            # the claimed pieces' lease holders: every lease holder is schedule's anyway).
+            ld.peer(req.peer_id)
+            ld.task(req.task_id, pieces=[*claimed, *wanted], held=[ann.peer_id], counted=True)
+            await ld.run()
+            self._plan_decide(ld, req, wanted)
+            await ld.run()
+
+        def rule(w: World) -> tuple[AnnounceReply, list[Decision]]:
+            reply = w.state.announce(ann, w.now)  # the order the API's two calls had
+            return reply, w.state.schedule(req, w.now)
+        return await self._transact(plan, rule, lock=req.task_id, actor=req.peer_id,
+                                    wake=ann.task_id if ann.pieces or ann.sealed else None,
+                                    pieces=None if ann.sealed else claimed)
 
     async def report(self, rep: Report) -> None:
         corrupt_piece = rep.kind == "corrupt" and rep.piece is not None
