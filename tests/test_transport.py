@@ -467,3 +467,18 @@ async def test_a_child_that_stops_reading_is_cut_off(
         await until(freed, 5, "the slot freed")
         assert loop.time() - started < 2.5
     assert "cut off: below 512.0 KiB/s" in caplog.text and p.upload.uploaded == 0
+
+
+async def test_piece_buffers_are_reused_only_once_let_go(
+        parents: Callable[..., Awaitable[Parent]], client: FramedClient) -> None:
+    blobs = [os.urandom(MiB) for _ in range(2)]
+    p = await parents(blobs)
+    (c1, b1), (c2, b2) = p.chunks.items()
+    first = await client.fetch(p.addr, c1, MiB)
+    held = await client.fetch(p.addr, c2, MiB)  # while `first` is held: another buffer
+    assert first is not held and bytes(first) == b1 and bytes(held) == b2
+    first_id = id(first)
+    del first
+    again = await client.fetch(p.addr, c2, MiB)  # into the buffer let go, whole
+    assert id(again) == first_id and bytes(again) == b2 and bytes(held) == b2
+    assert client.buffers.pooled == 2 * MiB

@@ -4,7 +4,8 @@ A pool per parent address of at most CONNECTIONS connections, requests multiplex
 at most the parent's window (its per-address upload slots, from WELCOME) in flight to it at
 once: a request beyond waits up to WINDOW_PATIENCE, then is `busy` without a round trip, as
 the parent itself would have answered. Each answer is received straight into a buffer of the
-piece's size (`asyncio.BufferedProtocol`: recv_into, no joins). No byte for the stall timeout
+piece's size (`asyncio.BufferedProtocol`: recv_into, no joins), reused once nothing refers to
+it any more (peer/p2p/buffers.py). No byte for the stall timeout
 while requests are pending fails them `slow` and drops the connection; a connection that dies
 fails only the requests in flight on it (`failed`), and the next request dials again.
 """
@@ -23,6 +24,7 @@ from common.limits import DEFAULT, PrioritySlots, TokenBucket
 from common.log import request_id as current_request_id
 from common.models import split_hostport
 from peer.p2p import frames
+from peer.p2p.buffers import Buffers
 from peer.parents import STALL_SECONDS, ParentError, unpack
 
 log = logging.getLogger("naiad.peer.parents")
@@ -106,6 +108,10 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         self._fail(ParentError("failed", "closed"))
 
+    def _close_idle(self) -> None:
+        self.close()
+        self.pool.buffers.release()  # a quiet child keeps no idle piece buffers
+
     # -- asyncio.BufferedProtocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,7 +179,11 @@ class _Connection(asyncio.BufferedProtocol):
                                                 f"bytes, piece has {request.size}")
         elif frame.kind not in (frames.WELCOME, frames.ERROR):
             raise frames.FrameError(f"frame kind {frame.kind} from a parent")
-        buffer = bytearray(frame.length)
+        # A whole raw piece goes into a reused buffer (peer/p2p/buffers.py); the rest is small
+        # or about to be unpacked.
+        raw = frame.kind == frames.PIECE and frame.status == frames.OK \
+            and frame.encoding == frames.RAW
+        buffer = self.pool.buffers.take(frame.length) if raw else bytearray(frame.length)
         self.reading = _Reading(frame, buffer, memoryview(buffer), request=request)
         if not frame.length:
             self._end(self.reading)
@@ -194,7 +204,7 @@ class _Connection(asyncio.BufferedProtocol):
             request.answer.set_result((frame.status, frame.encoding, reading.buffer))
         if not self.pending:
             self._disarm()
-            self._idle = self.loop.call_later(IDLE_SECONDS, self.close)
+            self._idle = self.loop.call_later(IDLE_SECONDS, self._close_idle)
 
     def _fail(self, error: ParentError, lost: bool = False) -> None:
         if self.error is None:
@@ -254,6 +264,7 @@ class _Pool:
     compress: bool
     rate: TokenBucket | None
     stall_seconds: float
+    buffers: Buffers
     limit: int = CONNECTIONS
     connections: list[_Connection] = field(default_factory=list)
     window: PrioritySlots | None = None
@@ -361,12 +372,14 @@ class FramedClient:
         self.tls = tls
         self.connections = connections
         self._pools: dict[str, _Pool] = {}
+        self.buffers = Buffers()  # shared by every parent's connections
 
     async def fetch(self, addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
         pool = self._pools.get(addr)
         if pool is None:
             pool = self._pools[addr] = _Pool(addr, self.secret, self.tls, self.compress,
-                                             self.rate, self.stall_seconds, self.connections)
+                                             self.rate, self.stall_seconds, self.buffers,
+                                             self.connections)
         return await pool.fetch(chunk, size, priority)
 
     def close(self) -> None:
