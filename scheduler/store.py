@@ -8,7 +8,6 @@ slice of it each call needs. Both long-poll `schedule` the same way (`Waiters`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
@@ -26,9 +25,11 @@ from common.models import (
     Withdraw,
 )
 from scheduler.state import CHILDREN_PER_HOLDER, ClusterState
+from scheduler.waiting import Parked, Parking, done, wakes
 
-# While every wanted piece must wait, re-decide at least this often: leases time out by the
-# clock, and a wake-up can be lost (a Redis pub/sub message is sent at most once).
+# While every wanted piece must wait, re-decide all of them at least this often, whatever woke
+# the call in between: leases time out by the clock, and a wake-up can be lost (a Redis pub/sub
+# message is sent at most once).
 RECHECK_SECONDS = 0.25
 # Parked calls one announced piece wakes, oldest first: a new holder makes room for about its
 # share of children (and the child it was leaves one place), so waking every call parked on the
@@ -64,78 +65,93 @@ class Store(Protocol):
 
 
 class Waiters:
-    """Long-polling schedule calls parked until their task changes.
+    """Long-polling schedule calls parked until what they wait for changes.
 
-    A call that must wait registers (and `watch`es its task: a store that hears of changes
-    from elsewhere starts listening for it) and then decides again, so a change that landed
-    in between still counts; `RECHECK_SECONDS` bounds the wait if a wake-up never comes.
+    A call is registered before it first decides, so a change that lands while it decides
+    still counts; woken by an announcement it re-decides only the pieces announced since
+    (scheduler/waiting.py says what wakes what), by a task-wide change or every
+    `RECHECK_SECONDS` all of them. A store that hears of changes from elsewhere (`watch`) starts
+    listening once the call must wait, then decides every piece again: what changed before it
+    listened went unheard.
     """
 
     def __init__(self, watch: Callable[[str], Awaitable[None]] | None = None,
                  unwatch: Callable[[str], None] | None = None) -> None:
-        # Per task, each parked call's event and the pieces it asks for.
-        self._events: dict[str, dict[asyncio.Event, frozenset[int]]] = {}
+        self._parked: dict[str, Parking] = {}
+        self._events: dict[Parked, asyncio.Event] = {}
         self._watch = watch
         self._unwatch = unwatch
 
     def waiting(self, task_id: str) -> int:
         """How many schedule calls on this task are parked here."""
-        return len(self._events.get(task_id, ()))
+        parking = self._parked.get(task_id)
+        return 0 if parking is None else len(parking)
 
     def notify(self, task_id: str, pieces: Iterable[int] | None = None) -> None:
-        """Wake the calls parked on a task; given the `pieces` an announcement added, only the
-        calls asking for one of them (for the others nothing changed: waking every parked call
-        on every announcement made the scheduler re-decide ~16 calls per announcement), and
-        of those the WAKE_PER_PIECE oldest per piece."""
-        parked = self._events.get(task_id)
-        if not parked:
+        """A change of a task: given the `pieces` an announcement added, only the calls
+        asking for one of them are concerned, and the WAKE_PER_PIECE oldest per piece woken
+        (waking every parked call on every announcement made the scheduler re-decide ~16
+        calls per announcement); else every call, in full."""
+        parking = self._parked.get(task_id)
+        if not parking:
             return
-        if pieces is None:
-            for event in parked:
-                event.set()
-            return
-        changed = set(pieces)
-        room = WAKE_PER_PIECE * len(changed)
-        for event, wanted in parked.items():
-            if room <= 0:
-                break
-            if not event.is_set() and not changed.isdisjoint(wanted):
-                event.set()
-                room -= 1
+        calls = parking.everyone() if pieces is None \
+            else parking.announced(pieces, WAKE_PER_PIECE)
+        events = self._events
+        for call in calls:
+            events[call].set()
 
     def notify_all(self) -> None:
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        for task_id in list(self._parked):
+            self.notify(task_id)
 
     async def schedule(self, req: ScheduleRequest,
                        decide: Callable[[ScheduleRequest], Awaitable[list[Decision]]]
                        ) -> list[Decision]:
         """`decide` until a piece is not `wait`, or `req.wait_ms` (real time) runs out."""
+        if req.wait_ms <= 0:
+            return await decide(req)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_ms / 1000
-        decisions = await decide(req)
-        if req.wait_ms <= 0 or any(d.action != "wait" for d in decisions):
-            return decisions
+        call = Parked(req.pieces, RECHECK_SECONDS)
         event = asyncio.Event()
-        events = self._events.setdefault(req.task_id, {})
-        events[event] = frozenset(req.pieces)
+        parking = self._parked.setdefault(req.task_id, Parking())
+        parking.park(call)
+        self._events[call] = event
+        watching = False
         try:
-            if self._watch is not None:
-                await self._watch(req.task_id)
             while True:
                 event.clear()
-                decisions = await decide(req)
-                remaining = deadline - loop.time()
-                if remaining <= 0 or any(d.action != "wait" for d in decisions):
-                    return decisions
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, RECHECK_SECONDS))
+                pieces = call.begin(loop.time())
+                if pieces is call.pieces:
+                    answer = call.decided(await decide(req))
+                elif pieces:
+                    answer = call.decided(await decide(
+                        req.model_copy(update={"pieces": list(pieces)})))
+                else:
+                    answer = call.answer()
+                if done(answer) or loop.time() >= deadline:
+                    return answer
+                if self._watch is not None and not watching:
+                    watching = True
+                    await self._watch(req.task_id)
+                    call.changed_all()
+                    continue
+                if not call.idle():
+                    continue
+                try:
+                    await asyncio.wait_for(event.wait(),
+                                           min(deadline, call.recheck_at) - loop.time())
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        return call.answer()
+                    call.changed_all()
         finally:
-            events.pop(event, None)
-            if not events and self._events.get(req.task_id) is events:
-                del self._events[req.task_id]
-            if self._unwatch is not None:
+            parking.unpark(call)
+            del self._events[call]
+            if not parking and self._parked.get(req.task_id) is parking:
+                del self._parked[req.task_id]
+            if watching and self._unwatch is not None:
                 self._unwatch(req.task_id)
 
 
@@ -175,9 +191,9 @@ class MemoryStore:
 
     async def announce(self, ann: Announce) -> AnnounceReply:
         reply = self.state.announce(ann, self._clock())
-        if ann.pieces or ann.sealed:
-            self.waiters.notify(ann.task_id,
-                                None if ann.sealed else (p.index for p in ann.pieces))
+        pieces = wakes(ann)
+        if pieces is None or pieces:
+            self.waiters.notify(ann.task_id, pieces)
         return reply
 
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:

@@ -62,13 +62,18 @@ def test_a_rule_change_in_the_scheduler_shows_in_the_simulation(
 
 def test_the_long_polls_wake_as_the_scheduler_store_says(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sim's long-polls read scheduler/store.py's WAKE_PER_PIECE: waking every parked call
-    on each announcement costs more re-decisions for the same pull."""
+    """The sim's long polls are scheduler/store.py's `Waiters` rules: waking every parked call
+    on each announcement (WAKE_PER_PIECE) costs more re-decisions, each of the announced pieces
+    only; a shorter RECHECK_SECONDS, many more: the timer re-decides every piece of a call."""
     before = run(small())
-    monkeypatch.setattr(scheduler.store, "WAKE_PER_PIECE", 1000)
-    after = run(small())
-    assert after.decisions > 1.2 * before.decisions
-    assert after.finished == after.survivors == 24
+    with monkeypatch.context() as m:
+        m.setattr(scheduler.store, "WAKE_PER_PIECE", 1000)
+        every = run(small())
+    monkeypatch.setattr(scheduler.store, "RECHECK_SECONDS", 0.05)
+    often = run(small())
+    assert before.decisions < every.decisions < 1.2 * before.decisions
+    assert often.decisions > 2 * before.decisions
+    assert every.finished == every.survivors == often.finished == 24
 
 
 def test_hosts_that_die_mid_pull_leave_every_survivor_complete() -> None:

@@ -1,5 +1,6 @@
-"""Parked schedule calls: an announcement wakes only the calls asking for a piece it added
-(for the others nothing changed); a task-wide change (sealed, a lease freed) wakes them all."""
+"""Parked schedule calls: an announcement wakes only the calls asking for a piece it added, and
+those re-decide only the pieces announced since their last decision (for the others nothing
+changed); a task-wide change (sealed, a lease freed) and the recheck timer re-decide them all."""
 
 from __future__ import annotations
 
@@ -8,47 +9,238 @@ from collections import Counter
 
 import pytest
 
-from common.models import Decision, ScheduleRequest
+from common.models import Announce, Decision, PieceClaim, ScheduleRequest
 from scheduler import store
 from scheduler.store import Waiters
+from scheduler.waiting import Parked, Parking, done, wakes
 
 TASK = "sha256:" + "a" * 64
 
 
-async def test_an_announcement_wakes_only_calls_for_its_pieces(
+def waits(pieces: tuple[int, ...], reason: str | None = "holders-busy") -> list[Decision]:
+    return [Decision(piece=i, action="wait", reason=reason) for i in pieces]
+
+
+# -- the pure core ----------------------------------------------------------------------------
+
+def test_a_parked_call_re_decides_only_what_was_announced_and_merges_the_rest() -> None:
+    parking = Parking()
+    call = Parked([3, 1, 2, 1], recheck=0.25)
+    parking.park(call)
+    assert call.begin(0.0) == (3, 1, 2)  # the first decision: every piece, once each
+    assert call.decided(waits((3, 1, 2))) == waits((3, 1, 2))
+    assert call.idle()
+
+    assert parking.announced([2, 9], per_piece=4) == [call]
+    assert call.begin(0.1) == (2,)
+    answer = call.decided([Decision(piece=2, action="parents", chunk="c", parents=[])])
+    assert [(d.piece, d.action) for d in answer] == [(3, "wait"), (1, "wait"), (2, "parents")]
+    assert done(answer)
+    assert answer[0].reason == "holders-busy"  # as last decided
+
+    assert parking.announced([7], per_piece=4) == []  # not its piece: nothing to re-decide
+    assert call.idle() and call.begin(0.2) == ()
+
+
+def test_the_recheck_timer_runs_from_the_last_full_decision_whatever_woke_the_call() -> None:
+    parking = Parking()
+    call = Parked([0, 1, 2], recheck=0.25)
+    parking.park(call)
+    call.begin(0.0)
+    call.decided(waits((0, 1, 2)))
+    for t in (0.1, 0.2):  # woken often by piece 1: the timer is not pushed back
+        assert call.idle()
+        parking.announced([1], per_piece=4)
+        assert call.begin(t) == (1,)
+        call.decided(waits((1,)))
+        assert call.recheck_at == 0.25
+    assert call.idle()
+    call.changed_all()  # the driver's timer fired
+    assert call.begin(0.25) == (0, 1, 2) and call.recheck_at == 0.5
+
+
+def test_a_task_wide_change_re_decides_every_piece_of_every_call() -> None:
+    parking = Parking()
+    calls = [Parked([i, i + 1], recheck=0.25) for i in range(3)]
+    for c in calls:
+        parking.park(c)
+        c.begin(0.0)
+        c.decided(waits(c.pieces))
+        assert c.idle()
+    parking.announced([1], per_piece=4)
+    assert parking.everyone() == calls
+    assert [c.begin(0.1) for c in calls] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_a_crowd_is_woken_oldest_first_and_the_rest_remember_the_announcement() -> None:
+    parking = Parking()
+    calls = [Parked([5, 6], recheck=60.0) for _ in range(5)]
+    for c in calls:
+        parking.park(c)
+        c.begin(0.0)
+        c.decided(waits(c.pieces))
+        assert c.idle()
+    assert parking.announced([5], per_piece=2) == calls[:2]
+    assert parking.announced([5], per_piece=2) == calls[2:4]  # the first two are woken already
+    # Two pieces: room for 2 x 2, the oldest not yet woken, whichever piece they park on.
+    assert parking.announced([6, 5], per_piece=2) == calls[4:]
+    assert calls[4].begin(0.1) == (5, 6)
+    # Not woken (no room), the announcement still counts when something wakes it.
+    late = Parked([8], recheck=60.0)
+    parking.park(late)
+    late.begin(0.0)
+    late.decided(waits((8,)))
+    assert late.idle()
+    assert parking.announced([5, 6], per_piece=2) == []  # every call on 5 and 6 is woken
+    assert calls[0].begin(0.2) == (5, 6)
+    assert parking.announced([8], per_piece=0) == [late]  # 0: every one
+
+
+def test_a_change_while_deciding_is_decided_next_not_lost() -> None:
+    parking = Parking()
+    call = Parked([0, 1], recheck=0.25)
+    parking.park(call)
+    assert call.begin(0.0) == (0, 1)
+    assert parking.announced([1], per_piece=4) == []  # deciding: no need to wake it
+    call.decided(waits((0, 1)))
+    assert not call.idle()  # so it decides again before it waits
+    assert call.begin(0.0) == (1,)
+    call.decided(waits((1,)))
+    assert call.idle()
+    parking.unpark(call)
+    assert len(parking) == 0 and parking.announced([0, 1], per_piece=4) == []
+
+
+def test_which_calls_an_announcement_concerns() -> None:
+    claims = [PieceClaim(index=i, chunk=f"blake3:{i:064x}") for i in (4, 2)]
+    assert wakes(Announce(peer_id="p", task_id=TASK, pieces=claims)) == {2, 4}
+    assert wakes(Announce(peer_id="p", task_id=TASK, pieces=[])) == frozenset()
+    assert wakes(Announce(peer_id="p", task_id=TASK, pieces=claims, sealed=True)) is None
+
+
+# -- Waiters, the core's async driver -------------------------------------------------------
+
+class Rules:
+    """A `decide` whose answer is `wait` until a piece is made ready; records what it was
+    asked (each call's pieces)."""
+
+    def __init__(self) -> None:
+        self.ready: set[int] = set()
+        self.asked: list[tuple[str, tuple[int, ...]]] = []
+        self.changed = asyncio.Event()
+
+    async def decide(self, req: ScheduleRequest) -> list[Decision]:
+        self.asked.append((req.peer_id, tuple(req.pieces)))
+        self.changed.set()
+        return [Decision(piece=i, action="source" if i in self.ready else "wait")
+                for i in dict.fromkeys(req.pieces)]
+
+    async def asked_by(self, peer: str, n: int) -> list[tuple[int, ...]]:
+        """Once `peer` was asked n times, what it was asked."""
+        while len(mine := [p for who, p in self.asked if who == peer]) < n:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 5)
+        return mine
+
+
+def park(waiters: Waiters, rules: Rules, peer: str, pieces: list[int],
+         wait_ms: int = 5000) -> asyncio.Task[list[Decision]]:
+    req = ScheduleRequest(peer_id=peer, task_id=TASK, pieces=pieces, wait_ms=wait_ms)
+    return asyncio.create_task(waiters.schedule(req, rules.decide))
+
+
+async def test_an_announcement_re_decides_only_its_pieces_of_the_calls_asking_for_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)  # no periodic re-decide in between
-    waiters = Waiters()
-    ready: set[int] = set()
-    decided: Counter[int] = Counter()
-    both_parked = asyncio.Event()
+    waiters, rules = Waiters(), Rules()
+    a, b = park(waiters, rules, "a", [4, 5, 6]), park(waiters, rules, "b", [7, 8])
+    assert await rules.asked_by("a", 1) == [(4, 5, 6)]  # decided once, in full, and parked
+    assert await rules.asked_by("b", 1) == [(7, 8)]
+    await asyncio.sleep(0)
+    assert waiters.waiting(TASK) == 2
+
+    waiters.notify(TASK, [5])  # still a wait: only piece 5 re-decided, the call parks again
+    assert await rules.asked_by("a", 2) == [(4, 5, 6), (5,)]
+    rules.ready.add(7)
+    waiters.notify(TASK, [7, 1])
+    answer = await b
+    assert [(d.piece, d.action) for d in answer] == [(7, "source"), (8, "wait")]
+    assert await rules.asked_by("b", 2) == [(7, 8), (7,)]
+    assert len(await rules.asked_by("a", 2)) == 2 and not a.done()  # 7 is not its piece
+
+    rules.ready.add(6)
+    waiters.notify(TASK)  # task-wide: every piece re-decided
+    assert [d.action for d in await a] == ["wait", "wait", "source"]
+    assert (await rules.asked_by("a", 3))[-1] == (4, 5, 6)
+    assert waiters.waiting(TASK) == 0
+
+
+async def test_the_recheck_timer_re_decides_every_piece(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 0.02)
+    waiters, rules = Waiters(), Rules()
+    call = park(waiters, rules, "a", [1, 2])
+    assert await rules.asked_by("a", 3) == [(1, 2)] * 3  # nothing woke it: the timer did
+    rules.ready.add(2)
+    assert [d.action for d in await call] == ["wait", "source"]
+
+
+async def test_a_long_poll_ends_with_its_last_answer_at_its_deadline() -> None:
+    waiters, rules = Waiters(), Rules()
+    answer = await park(waiters, rules, "a", [1, 2], wait_ms=50)
+    assert [d.action for d in answer] == ["wait", "wait"]
+    assert rules.asked == [("a", (1, 2))]  # nothing changed: no decision again at the end
+    assert waiters.waiting(TASK) == 0
+
+
+async def test_a_change_while_the_first_decision_is_made_is_not_lost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store whose decide awaits (Redis) may hear of a change meanwhile: the call was
+    registered before it decided, so it re-decides that piece before it parks."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    waiters, rules = Waiters(), Rules()
+    gate = asyncio.Event()
 
     async def decide(req: ScheduleRequest) -> list[Decision]:
-        decided[req.pieces[0]] += 1
-        if decided.total() == 4:  # each call decides once, registers, decides again, parks
-            both_parked.set()
-        return [Decision(piece=i, action="source" if i in ready else "wait")
-                for i in req.pieces]
+        if not rules.asked:
+            waiters.notify(TASK, [2])  # lands while this first decision is being made
+            rules.ready.add(2)
+            await gate.wait()
+            answer = [Decision(piece=i, action="wait") for i in req.pieces]
+            rules.asked.append((req.peer_id, tuple(req.pieces)))
+            return answer
+        return await rules.decide(req)
 
-    def park(piece: int) -> asyncio.Task[list[Decision]]:
-        req = ScheduleRequest(peer_id=f"p{piece}", task_id=TASK, pieces=[piece], wait_ms=5000)
-        return asyncio.create_task(waiters.schedule(req, decide))
+    call = asyncio.create_task(waiters.schedule(
+        ScheduleRequest(peer_id="a", task_id=TASK, pieces=[1, 2], wait_ms=5000), decide))
+    await asyncio.sleep(0)
+    gate.set()
+    assert [d.action for d in await call] == ["wait", "source"]
+    assert rules.asked == [("a", (1, 2)), ("a", (2,))]
 
-    five, seven = park(5), park(7)
-    await both_parked.wait()
-    assert waiters.waiting(TASK) == 2
-    before = Counter(decided)
 
-    ready.add(7)
-    waiters.notify(TASK, [7])
-    assert (await seven)[0].action == "source"
-    assert decided[5] == before[5]  # not woken: piece 7 changes nothing for it
-    assert not five.done()
+async def test_a_store_that_watches_decides_every_piece_again_once_it_listens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    watched: Counter[str] = Counter()
 
-    ready.add(5)
-    waiters.notify(TASK)  # task-wide: everyone re-decides
-    assert (await five)[0].action == "source"
-    assert waiters.waiting(TASK) == 0
+    async def watch(task_id: str) -> None:
+        watched[task_id] += 1
+
+    def unwatch(task_id: str) -> None:
+        watched[task_id] -= 1
+
+    waiters, rules = Waiters(watch, unwatch), Rules()
+    call = park(waiters, rules, "a", [1, 2])
+    assert await rules.asked_by("a", 2) == [(1, 2), (1, 2)]
+    assert watched[TASK] == 1
+    rules.ready.add(1)
+    waiters.notify(TASK, [1])
+    assert [d.action for d in await call] == ["source", "wait"]
+    assert rules.asked[-1] == ("a", (1,)) and watched[TASK] == 0
+    # An answer at once: no watch at all.
+    assert (await park(waiters, rules, "b", [1]))[0].action == "source"
+    assert watched[TASK] == 0 and waiters.waiting(TASK) == 0
 
 
 async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
@@ -62,7 +254,7 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
 
     async def decide(req: ScheduleRequest) -> list[Decision]:
         decided[req.peer_id] += 1
-        if decided.total() == 2 * crowd:
+        if decided.total() == crowd:  # each call decides once and parks
             all_parked.set()
         return [Decision(piece=3, action="parents" if req.peer_id in ready else "wait")]
 
@@ -72,6 +264,7 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
         calls.append(asyncio.create_task(waiters.schedule(req, decide)))
         await asyncio.sleep(0)  # parked in this order
     await all_parked.wait()
+    await asyncio.sleep(0)
     before = Counter(decided)
 
     # Piece 3 announced: only the oldest few re-decide (and, admitted, return).
@@ -85,6 +278,6 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
     assert woken == {f"p{n:02d}" for n in range(store.WAKE_PER_PIECE)}
     assert waiters.waiting(TASK) == crowd - store.WAKE_PER_PIECE
 
-    waiters.notify(TASK)  # task-wide: every call re-decides
+    waiters.notify_all()  # every call re-decides
     await asyncio.wait(calls, timeout=5)
     assert all(c.done() for c in calls) and waiters.waiting(TASK) == 0

@@ -10,10 +10,11 @@ What is modelled here, after the engine it stands for (peer/engine/engine.py and
   `readahead_pieces`, refilled half a window at a time; a host is done when its reader has every
   piece;
 * the batcher (batcher.py): a host's asks in one instant travel in one schedule call, which
-  long-polls (LONG_POLL_MS) while every piece in it must wait, re-decided when an announcement
-  adds one of its pieces (the WAKE_PER_PIECE parked longest per piece), when a peer expires,
-  and every RECHECK_SECONDS (scheduler/store.py `Waiters`); a `wait` answered goes back into
-  the next call;
+  long-polls (LONG_POLL_MS) while every piece in it must wait; its long poll is scheduler/
+  store.py's `Waiters` around scheduler/waiting.py's core, run as is: woken when an
+  announcement adds one of its pieces (the WAKE_PER_PIECE parked longest per piece), it
+  re-decides the pieces announced since; when a peer expires or the map is sealed, and every
+  RECHECK_SECONDS, all of them; a `wait` answered goes back into the next call;
 * parents (fetch.py, upload.py): ranked parents tried in turn; one at its upload slots, or
   holding `per_address` slots for this child already, answers busy at once; a dead one fails
   after STALL_SECONDS; a corrupt one's bytes fail verification and are reported;
@@ -80,7 +81,7 @@ from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
 from peer.upload import per_address_default
 from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
-from scheduler.store import RECHECK_SECONDS
+from scheduler.waiting import Parked, Parking, done, wakes
 
 REGISTRY = "http://registry.sim:5000"
 TASK = "sha256:" + "ab" * 32
@@ -189,10 +190,11 @@ class Call:
     batch: dict[int, tuple[Worker, frozenset[str], float]]
     req: ScheduleRequest
     deadline: float = 0.0
-    waking: bool = False
+    waking: bool = False  # a re-decision is scheduled
     done: bool = False
-    parked_at: int = 0  # the order calls were parked in (the oldest are woken first)
     session: int = 0
+    parked: Parked | None = None  # what it re-decides next, its answer so far
+    timer_at: float = 0.0  # when its one live timer (recheck or deadline) fires
 
 
 class Worker:
@@ -278,8 +280,8 @@ class Swarm:
         self.state = self._new_state()
         self.up = True
         self.session = 0  # scheduler incarnation: a restart ends every call in flight
-        self.parked: dict[int, dict[Call, None]] = defaultdict(dict)
-        self._parks = 0
+        self.parked = Parking()  # the long polls, as `Waiters` keeps them for the one task
+        self.calls: dict[Parked, Call] = {}
         self.meta = self.state.ensure_task(TaskRequest(task_id=TASK, length=length,
                                                        piece_size=params.piece_size), 0.0)
         self.piece_size = self.meta.piece_size
@@ -363,9 +365,7 @@ class Swarm:
 
     def expire_loop(self) -> None:
         if self.up and self.state.expire(self.clock.now):
-            for calls in list(self.parked.values()):
-                for call in list(calls):
-                    self._wake(call)
+            self._notify(None)
         self.clock.after(1.0, self.expire_loop)
 
     def ask(self, host: Host, worker: Worker, exclude: frozenset[str]) -> None:
@@ -398,9 +398,11 @@ class Swarm:
             self._answer_later(call, None)
             return
         call.deadline = self.clock.now + LONG_POLL_MS / 1000
+        call.parked = Parked(call.req.pieces, scheduler.store.RECHECK_SECONDS)
         self._decide(call)
 
     def _decide(self, call: Call) -> None:
+        """One turn of `Waiters.schedule`'s loop (scheduler/store.py)."""
         call.waking = False
         if call.done:
             return
@@ -409,35 +411,58 @@ class Swarm:
             self._answer_later(call, None)
             return
         now = self.clock.now
-        started = perf_counter()
-        try:
-            decisions = self.state.schedule(call.req, now)
-        except (UnknownPeer, UnknownTask):
+        parked = call.parked
+        assert parked is not None
+        pieces = parked.begin(now)
+        if pieces:
+            req = call.req if pieces is parked.pieces \
+                else call.req.model_copy(update={"pieces": list(pieces)})
+            started = perf_counter()
+            try:
+                decisions = self.state.schedule(req, now)
+            except (UnknownPeer, UnknownTask):
+                self._unpark(call)
+                self._lose(call.host)
+                self._answer_later(call, None)
+                return
+            except StateError:
+                self._unpark(call)
+                self._answer_later(call, None)
+                return
+            self.stats.sched_cpu += perf_counter() - started
+            self.stats.calls += 1
+            self.stats.decisions += len(decisions)
+            self.stats.per_second[int(now)] += len(decisions)
+            kinds = self.stats.kinds
+            for d in decisions:
+                kinds[d.reason if d.action == "wait" and d.reason else d.action] += 1
+            answer = parked.decided(decisions)
+        else:
+            answer = parked.answer()
+        if now >= call.deadline or done(answer):
             self._unpark(call)
-            self._lose(call.host)
-            self._answer_later(call, None)
+            self._answer_later(call, answer)
             return
-        except StateError:
+        if parked not in self.calls:
+            self.calls[parked] = call
+            self.parked.park(parked)
+        parked.idle()  # true: nothing happens while a decision is made here
+        at = min(parked.recheck_at, call.deadline)
+        if at != call.timer_at:  # one live timer a call, as `Waiters` waits
+            call.timer_at = at
+            self.clock.after(at - now, self._timer, call, at)
+
+    def _timer(self, call: Call, at: float) -> None:
+        if call.done or at != call.timer_at:
+            return
+        parked = call.parked
+        assert parked is not None
+        if at >= call.deadline:  # the long poll ends with its last answer
             self._unpark(call)
-            self._answer_later(call, None)
+            self._answer_later(call, parked.answer())
             return
-        self.stats.sched_cpu += perf_counter() - started
-        self.stats.calls += 1
-        self.stats.decisions += len(decisions)
-        self.stats.per_second[int(now)] += len(decisions)
-        kinds = self.stats.kinds
-        for d in decisions:
-            kinds[d.reason if d.action == "wait" and d.reason else d.action] += 1
-        if now >= call.deadline or any(d.action != "wait" for d in decisions):
-            self._unpark(call)
-            self._answer_later(call, decisions)
-            return
-        if call not in self.parked[call.req.pieces[0]]:
-            self._parks += 1
-            call.parked_at = self._parks
-            for i in call.req.pieces:
-                self.parked[i][call] = None
-        self.clock.after(min(RECHECK_SECONDS, call.deadline - now), self._wake, call)
+        parked.changed_all()
+        self._wake(call)
 
     def _wake(self, call: Call) -> None:
         if not call.waking and not call.done:
@@ -445,10 +470,8 @@ class Swarm:
             self.clock.after(0.0, self._decide, call)
 
     def _unpark(self, call: Call) -> None:
-        for i in call.req.pieces:
-            s = self.parked.get(i)
-            if s is not None:
-                s.pop(call, None)
+        if call.parked is not None and self.calls.pop(call.parked, None) is not None:
+            self.parked.unpark(call.parked)
 
     def _answer_later(self, call: Call, decisions: list[Decision] | None) -> None:
         call.done = True
@@ -513,29 +536,25 @@ class Swarm:
                 if reply is None:
                     break
                 replies.append((ann, reply))
-                self._notify([c.index for c in ann.pieces])
+                self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
 
-    def _notify(self, pieces: list[int]) -> None:
-        """`Waiters.notify` (scheduler/store.py): of the calls parked on these pieces and not
-        already woken, the WAKE_PER_PIECE x len(pieces) parked longest are woken (the
-        `wake_limit` experiment: another number; 0, every one)."""
-        parked = self.parked
-        found: dict[Call, None] = {}
-        for i in pieces:
-            calls = parked.get(i)
-            if calls:
-                found.update(calls)
-        if not found:
+    def _notify(self, pieces: frozenset[int] | None) -> None:
+        """`Waiters.notify` (scheduler/store.py) with the same core: of the calls parked on
+        these pieces and not already woken, the WAKE_PER_PIECE x len(pieces) parked longest
+        are woken (the `wake_limit` experiment: another number; 0, every one); None: every
+        call, in full."""
+        if pieces is None:
+            woken = self.parked.everyone()
+        elif pieces:
+            limit = scheduler.store.WAKE_PER_PIECE if self.p.wake_limit is None \
+                else self.p.wake_limit
+            woken = self.parked.announced(pieces, limit)
+        else:
             return
-        limit = scheduler.store.WAKE_PER_PIECE if self.p.wake_limit is None \
-            else self.p.wake_limit
-        waking = [c for c in found if not c.waking]
-        if limit:
-            waking.sort(key=lambda c: c.parked_at)
-            waking = waking[:limit * len(set(pieces))]
-        for call in waking:
-            self._wake(call)
+        calls = self.calls
+        for parked in woken:
+            self._wake(calls[parked])
 
     def _announced(self, host: Host, replies: list[tuple], attempt: int) -> None:
         host.sending = False
@@ -574,9 +593,7 @@ class Swarm:
         """The scheduler goes away for `duration` (a restart: with its state)."""
         self.up = False
         self.session += 1
-        for calls in self.parked.values():
-            for call in list(calls):
-                self._wake(call)
+        self._notify(None)  # every call in flight ends
         if restart:
             self.leases += self.state.back_to_source
             self.state = self._new_state()
@@ -618,7 +635,7 @@ class Swarm:
                 self.stats.announces += 1
                 if self._state_call(host, self.state.announce, ann) is None:
                     return
-                self._notify([c.index for c in ann.pieces])
+                self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._connected, host, session)
 
     def _connected(self, host: Host, session: int) -> None:

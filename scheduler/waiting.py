@@ -1,0 +1,171 @@
+"""What a parked long-poll re-decides when it wakes: the pure core of `Waiters`
+(scheduler/store.py), which the simulator (bench/sim/swarm.py) runs too.
+
+A schedule call whose every piece must wait is parked. Re-deciding all its pieces (up to the
+reader's window, 16) on every wake-up made most of the scheduler's work re-decisions of pieces
+nothing had changed for. A `wait` stays a valid answer for a piece until one of these, and each
+has its wake-up here:
+
+* the piece is announced (a new holder: parents, or room in the children's share as a child
+  finished; the lease holder's copy: its lease ends): `Parking.announced`, after which the
+  call re-decides only the pieces announced since its last decision;
+* a task-wide change: a peer left or expired (its lease or its children's handouts free), the
+  map sealed or reset by a blob mismatch: `Parking.everyone`, every piece;
+* the clock: a lease lapses without progress, a child's handout or a penalty ages out
+  (`lease_timeout`, PENALTY_SECONDS), and whatever else changes a decision without a
+  notification (a withdrawal, a corrupt report, a cordon, a peer's new process forgetting its
+  holdings, another holder sample): the recheck timer,
+  every piece, every `recheck` seconds from the last full decision whatever woke the call in
+  between, so a call woken often by some of its pieces still has the others looked at.
+
+The merged answer keeps the last `wait` of each piece not re-decided; the client asks again for
+every `wait` it is answered (the batcher), so a stale one costs a re-ask (or holds an on-demand
+read's origin fallback back until the next full decision), never a wrong fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common.models import Announce, Decision
+
+
+class Parked:
+    """One long-polling schedule call: which of its pieces to decide next, and its answer.
+
+    The driver loops: `begin(now)` names the pieces to decide (all of them the first time),
+    `decided` merges their decisions into the call's answer; while every piece is `wait` and
+    the call is `idle()`, it waits to be woken (`Parking.announced`, `Parking.everyone`) or
+    until `recheck_at`, when the driver calls `changed_all` and loops.
+    """
+
+    __slots__ = ("_all", "_changed", "_last", "pieces", "recheck", "recheck_at", "seq",
+                 "woken")
+
+    def __init__(self, pieces: Iterable[int], recheck: float) -> None:
+        self.pieces: tuple[int, ...] = tuple(dict.fromkeys(pieces))  # once each, in order
+        self.recheck = recheck
+        self.recheck_at = float("inf")  # set by each full decision
+        self.seq = 0  # the order calls were parked in (`Parking`)
+        # Deciding, or due to (the driver will look): an announcement need not wake it again.
+        self.woken = True
+        self._all = True  # every piece is due: never decided, a task-wide change, the timer
+        self._changed: set[int] = set()  # pieces announced since their last decision
+        self._last: dict[int, Decision] = {}
+
+    def changed_all(self) -> None:
+        """A task-wide change or the recheck timer: every piece is due."""
+        self._all = True
+
+    def begin(self, now: float) -> tuple[int, ...]:
+        """The pieces to decide now, in the call's order (all of them: `pieces` itself; empty:
+        none changed); what changes from here on is due next time."""
+        self.woken = True
+        if self._all:
+            self._all = False
+            self._changed.clear()
+            self.recheck_at = now + self.recheck
+            return self.pieces
+        if not self._changed:
+            return ()
+        due, self._changed = self._changed, set()
+        return tuple(i for i in self.pieces if i in due)
+
+    def decided(self, decisions: Iterable[Decision]) -> list[Decision]:
+        """Merge the decisions of the pieces `begin` named: the call's whole answer, in its
+        order, the other pieces as last decided."""
+        last = self._last
+        for d in decisions:
+            last[d.piece] = d
+        return self.answer()
+
+    def answer(self) -> list[Decision]:
+        """The call's answer as last decided."""
+        last = self._last
+        return [last[i] for i in self.pieces]
+
+    def idle(self) -> bool:
+        """About to wait: False if a change came in while deciding (decide again now); else the
+        call waits, and an announcement of one of its pieces may wake it."""
+        if self._all or self._changed:
+            return False
+        self.woken = False
+        return True
+
+
+class Parking:
+    """The calls parked on one task, oldest first, and by piece: an announcement touches only
+    the calls asking for a piece it adds."""
+
+    __slots__ = ("_calls", "_on", "_seq")
+
+    def __init__(self) -> None:
+        self._calls: dict[Parked, None] = {}
+        self._on: dict[int, dict[Parked, None]] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def park(self, call: Parked) -> None:
+        if call in self._calls:
+            return
+        self._seq += 1
+        call.seq = self._seq
+        self._calls[call] = None
+        for i in call.pieces:
+            self._on.setdefault(i, {})[call] = None
+
+    def unpark(self, call: Parked) -> None:
+        if call not in self._calls:
+            return
+        del self._calls[call]
+        for i in call.pieces:
+            on = self._on.get(i)
+            if on is not None:
+                on.pop(call, None)
+                if not on:
+                    del self._on[i]
+
+    def announced(self, pieces: Iterable[int], per_piece: int) -> list[Parked]:
+        """`pieces` were announced: each is due on every call asking for it; the calls to
+        wake are, of those not already woken, the `per_piece` x len(pieces) parked first (0:
+        every one). A new holder makes room for about its share of children (and the child it
+        was leaves one place), so waking a whole crowd had each re-decide only to wait again."""
+        changed = set(pieces)
+        idle: dict[Parked, None] = {}
+        for i in changed:
+            for call in self._on.get(i, ()):
+                call._changed.add(i)
+                if not call.woken:
+                    idle[call] = None
+        waking = list(idle)
+        if per_piece:
+            if len(changed) > 1:  # each piece's calls are in order, their union is not
+                waking.sort(key=lambda c: c.seq)
+            del waking[per_piece * len(changed):]
+        for call in waking:
+            call.woken = True
+        return waking
+
+    def everyone(self) -> list[Parked]:
+        """A task-wide change: every call is due in full, and woken."""
+        calls = list(self._calls)
+        for call in calls:
+            call.changed_all()
+            call.woken = True
+        return calls
+
+
+def done(decisions: Iterable[Decision]) -> bool:
+    """Whether a long poll answers now: some piece is not `wait`."""
+    return any(d.action != "wait" for d in decisions)
+
+
+def wakes(ann: Announce) -> frozenset[int] | None:
+    """Which parked calls an announcement concerns: those asking for a piece it adds (none
+    for a progress report alone), or every call on the task (None) when it seals the map (its
+    trust, which every decision reads, changed)."""
+    if ann.sealed:
+        return None
+    return frozenset(c.index for c in ann.pieces)
