@@ -61,18 +61,41 @@ def model_response(model: BaseModel, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+# What `as_json` answers for; anything else goes on up.
+ANSWERED = (RequestError, web.HTTPException, json.JSONDecodeError)
+
+
+def refused(e: RequestError) -> web.Response:
+    return error(e.status, e.message, **({"code": e.code} if e.code else {}))
+
+
+def as_json(e: Exception) -> web.Response | None:
+    """The JSON error a refused request is answered with (one of `ANSWERED`); None when `e`
+    must go on up as it is (a redirect, or an HTTP error that already is JSON)."""
+    if isinstance(e, RequestError):
+        return refused(e)
+    if isinstance(e, web.HTTPException):
+        if e.status < 400 or e.content_type == "application/json":
+            return None
+        return error(e.status, e.reason)
+    return error(400, f"invalid JSON: {e}")
+
+
+def done() -> web.Response:
+    """`{}`: a call that answers nothing but that it was done, as json_response({}) sends it
+    without encoding it each time."""
+    return web.Response(body=b"{}", content_type="application/json", charset="utf-8")
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except RequestError as e:
-        return error(e.status, e.message, **({"code": e.code} if e.code else {}))
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
+    except ANSWERED as e:
+        answer = as_json(e)
+        if answer is None:
             raise
-        return error(e.status, e.reason)
-    except json.JSONDecodeError as e:
-        return error(400, f"invalid JSON: {e}")
+        return answer
 
 
 async def bodiless(request: web.Request, status: int, headers: dict[str, str],
