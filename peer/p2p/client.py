@@ -273,12 +273,16 @@ class _Pool:
     async def fetch(self, chunk: str, size: int, priority: int) -> bytes:
         for attempt in (1, 2):
             connection = await self._connection()
-            assert self.window is not None
-            try:
-                async with asyncio.timeout(WINDOW_PATIENCE):
-                    await self.window.acquire(priority)
-            except TimeoutError:
-                raise ParentError("busy", f"{self.addr}: its window is full") from None
+            window = self.window
+            assert window is not None
+            if window.busy < window.slots:  # room: admitted at once, no timer to arm
+                await window.acquire(priority)
+            else:
+                try:
+                    async with asyncio.timeout(WINDOW_PATIENCE):
+                        await window.acquire(priority)
+                except TimeoutError:
+                    raise ParentError("busy", f"{self.addr}: its window is full") from None
             try:
                 if not connection.usable:  # lost while we waited
                     connection = await self._connection()
@@ -288,7 +292,7 @@ class _Pool:
                     continue
                 raise
             finally:
-                self.window.release()
+                self.window.release()  # a window resized meanwhile carries the count over
             return await _answer(self.addr, size, status, encoding, data)
         raise AssertionError("unreachable")
 
