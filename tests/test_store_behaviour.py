@@ -9,6 +9,7 @@ runs on real time, and the tests that need it use a short heartbeat interval and
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +35,14 @@ from common.models import (
 )
 from common.pieces import MiB
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
-from scheduler.state import PENALTY_SECONDS, Conflict, StateError, UnknownPeer, UnknownTask
+from scheduler.state import (
+    HOLDER_SAMPLE,
+    PENALTY_SECONDS,
+    Conflict,
+    StateError,
+    UnknownPeer,
+    UnknownTask,
+)
 from scheduler.store import MemoryStore, Store
 from tests.cluster import until
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, redis_server
@@ -1064,3 +1072,33 @@ async def test_claims_riding_a_schedule_call_are_one_store_operation(
         assert combined[0] <= 2 and combined[1] == 1, combined
     assert await parents(s, "B", 1) == ["A"]
     assert await parents(s, "B", 1, task_id=OTHER) == ["A"]
+
+
+async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> None:
+    """A piece many hold: the plan reads the records of the sample the rule weighs, not every
+    holder's; when the rule reaches past its sample (too few usable in it), all are read."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 3)]
+    await setup(s, "R", *crowd)
+    for pid in crowd:
+        await announce(s, pid, [0, 1])
+    records: list[int] = []
+    prefix = s.keys.peer("")[:-1]
+    read = s.read
+
+    async def counting(key: str, arg: str) -> Any:
+        records.append(sum(c[0] == "HMGET" and c[1].startswith(prefix)
+                           for c in json.loads(arg)))
+        return await read(key, arg)
+    s.read = counting  # type: ignore[method-assign]
+    d = await one(s, "R", 0)
+    assert d.action == "parents" and {p.id for p in d.parents} <= set(crowd)
+    assert HOLDER_SAMPLE < sum(records) <= HOLDER_SAMPLE + 2, records  # the sample, R
+    usable = crowd[:2]
+    for pid in crowd[2:]:
+        await s.cordon(pid)
+    records.clear()
+    d = await one(s, "R", 1)  # a sample has at most 2 usable: all holders are weighed
+    assert d.action == "parents" and {p.id for p in d.parents} == set(usable), d
+    assert sum(records) > len(crowd), records

@@ -179,8 +179,16 @@ async def _jump(stores: list[Under], keep: list[str]) -> list:
 
 async def _views(u: Under) -> Any:
     s = u.store
-    return (await s.peers(), await s.tasks(), [await s.task(t) for t in TASKS],
+    return (await s.peers(), await s.tasks(), [_by_epoch(await s.task(t)) for t in TASKS],
             await s.counters(), await s.back_to_source())
+
+
+def _by_epoch(view: dict | None) -> dict | None:
+    """A task's leases in one order: the memory store lists them in its map's history (a piece
+    leased again keeps its place), Redis in its encoding's (by epoch)."""
+    if view is not None:
+        view["leases"] = sorted(view["leases"], key=lambda le: le["epoch"])
+    return view
 
 
 async def _run(sequence: list[tuple], urls: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,7 +14,7 @@ from common.models import PeerRegistration, TaskMeta
 from scheduler.redis import records
 from scheduler.redis.keys import last_field
 from scheduler.redis.partial import Partial
-from scheduler.state import ClusterState, PeerState, TaskState, TaskTrust
+from scheduler.state import HOLDER_SAMPLE, ClusterState, PeerState, TaskState, TaskTrust
 
 if TYPE_CHECKING:
     from scheduler.redis.store import RedisStore
@@ -127,6 +128,40 @@ def _pairs(r: Any) -> dict:
     return {} if r == {} else dict(zip(r[::2], r[1::2], strict=True))
 
 
+class HolderSample(random.Random):
+    """The random numbers a loaded state's rules draw (the store's own, drawn through), except
+    the holders weighed for a decision: `choose` draws a piece's sample while the plan runs,
+    so that only the sample's records are read, and the rule's `sample` of the same holders
+    is that one. A rule that reaches past it (an unlucky sample, one that missed the
+    requester's IDC) touches records not loaded, and the call is planned again with all of
+    them (`NotLoaded`)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._chosen: dict[frozenset[str], list[str]] = {}
+        super().__init__()
+
+    def random(self) -> float:
+        return self._rng.random()
+
+    def getrandbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choose(self, holders: set[str]) -> list[str]:
+        """The holders of a piece the rule will weigh: all, or a sample drawn now."""
+        if len(holders) <= HOLDER_SAMPLE:
+            return list(holders)
+        key = frozenset(holders)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            chosen = self._chosen[key] = super().sample(list(holders), HOLDER_SAMPLE)
+        return chosen
+
+    def sample(self, population: Any, k: int, **kw: Any) -> list:
+        chosen = self._chosen.get(frozenset(population)) if k == HOLDER_SAMPLE else None
+        return list(chosen) if chosen is not None else super().sample(population, k, **kw)
+
+
 class Loader:
     """Builds a `World` in rounds: queue what to read, `run()` it (one read per slot, batched
     with other calls': each slot's part of a round is one atomic snapshot), queue what that
@@ -136,8 +171,9 @@ class Loader:
     def __init__(self, store: RedisStore) -> None:
         self.s = store
         self.k = store.keys
+        self.sample = HolderSample(store.rng)
         st = ClusterState(heartbeat_interval=store.heartbeat_interval,
-                          lease_timeout=store.lease_timeout, rng=store.rng)
+                          lease_timeout=store.lease_timeout, rng=self.sample)
         st.peers = Partial({}, ())
         st.tasks = Partial({}, ())
         st.totals.last = Partial({}, ())

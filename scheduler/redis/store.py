@@ -92,6 +92,7 @@ from scheduler.redis.diff import Tx, diff
 from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
+from scheduler.redis.partial import NotLoaded
 from scheduler.redis.scripts import APPLY_LUA, CROSS_SLOT, DUE_LUA, READ_LUA, Batched
 from scheduler.state import StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
@@ -105,6 +106,19 @@ DUE_PER_SHARD = 1000  # expired peers swept per index shard per `expire()`
 
 class StoreBusy(RuntimeError):
     """A call lost the race for its task too many times in a row."""
+
+
+class _Widen:
+    """A schedule plan's one widening: from a sample of each piece's holders to all of them,
+    once the rule reached past its sample (rare: an unlucky sample, or one that missed the
+    requester's IDC)."""
+
+    def __init__(self) -> None:
+        self.all = False
+
+    def __call__(self) -> bool:
+        widened, self.all = not self.all, True
+        return widened
 
 
 Client = aioredis.Redis | aioredis.RedisCluster
@@ -241,10 +255,13 @@ class RedisStore:
     async def _transact(self, plan: Callable[[Loader], Awaitable[None]],
                         rule: Callable[[World], T], *, lock: str | None = None,
                         actor: str | None = None, wake: str | None = None,
-                        pieces: Iterable[int] | None = None) -> T:
+                        pieces: Iterable[int] | None = None,
+                        widen: Callable[[], bool] | None = None) -> T:
         """Load (`plan`), decide (`rule`, one of ClusterState's methods), write back; again
         from the start if another replica changed the task meanwhile. `wake`: the task whose
-        long polls may decide otherwise now (those asking for `pieces`, if given)."""
+        long polls may decide otherwise now (those asking for `pieces`, if given). `widen`:
+        the plan reads less than the rule may reach for (a sample of holders); when the rule
+        does, `widen()` makes the plan read it all (True) and the call is planned again."""
         wanted = None if pieces is None else sorted(set(pieces))
 
         async def attempts() -> T:
@@ -258,6 +275,10 @@ class RedisStore:
                     # What the rule did before refusing stays done, as in the memory store
                     # (a call on an unknown task still renews its caller).
                     result, refused = None, e
+                except NotLoaded:
+                    if widen is None or not widen():
+                        raise
+                    continue  # nothing written: planned again, reading what it reached for
                 tx = diff(world, self.keys, self.slot_of, self.ttl_ms, actor)
                 if wake is not None:
                     tx.publish.append([self.feed.channel_of(wake),
@@ -398,29 +419,39 @@ class RedisStore:
     async def _decide(self, req: ScheduleRequest) -> list[Decision]:
         wanted = list(dict.fromkeys(req.pieces))
 
+        widen = _Widen()
+
         async def plan(ld: Loader) -> None:
             ld.peer(req.peer_id)
             ld.task(req.task_id, pieces=wanted, held=(), counted=True)  # cold: any holder?
             await ld.run()
-            self._plan_decide(ld, req, wanted)
+            self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
         return await self._transact(plan, lambda w: w.state.schedule(req, w.now),
-                                    lock=req.task_id, actor=req.peer_id)
+                                    lock=req.task_id, actor=req.peer_id, widen=widen)
 
     @staticmethod
-    def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int]) -> None:
-        """The schedule rule's second round, once its task and pieces are loaded."""
+    def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int], every: bool
+                     ) -> None:
+        """The schedule rule's second round, once its task and pieces are loaded: the records
+        of the holders it weighs (a sample of a piece's holders when it has more than
+        HOLDER_SAMPLE, drawn here for the rule; `every`: all of them) and their held counts,
+        every lease holder's (a task is cold only without a live lease), and for a requester
+        with an IDC its pieces' children's (whose copy into its IDC is in flight)."""
         task = dict.get(ld.world.state.tasks, req.task_id)
         if task is None:
             return
         pieces = [p for i in wanted if (p := dict.get(task.pieces, i)) is not None]
-        holders = {h for p in pieces for h in p.holders}
-        # Candidates, and every lease holder: a task is cold only without a live lease.
-        ld.peers(holders | {le.holder for le in task.leases.values()})
+        if every:
+            weighed = {h for p in pieces for h in p.holders}
+        else:
+            weighed = {h for p in pieces for h in ld.sample.choose(p.holders)}
+        ld.peers(weighed | {le.holder for le in task.leases.values()})
         me = dict.get(ld.world.state.peers, req.peer_id)
-        if me is not None and me.reg.idc:  # whose copy into its IDC is in flight
-            ld.peers({c for p in pieces for c in p.children or ()} - holders)
-        ld.held(req.task_id, holders)
+        if me is not None and me.reg.idc:
+            ld.peers({c for p in pieces for c in p.children or ()
+                      if c not in p.holders})
+        ld.held(req.task_id, weighed)
 
     async def announce_and_schedule(self, ann: Announce, req: ScheduleRequest
                                     ) -> tuple[AnnounceReply, list[Decision]]:
@@ -446,6 +477,7 @@ class RedisStore:
                                    ) -> tuple[AnnounceReply, list[Decision]]:
         claimed = [c.index for c in ann.pieces]
         wanted = list(dict.fromkeys(req.pieces))
+        widen = _Widen()
 
         async def plan(ld: Loader) -> None:
             # Both rules' reads: announce's (the claimed pieces, the announcer's held count,
@@ -453,7 +485,7 @@ class RedisStore:
             ld.peer(req.peer_id)
             ld.task(req.task_id, pieces=[*claimed, *wanted], held=[ann.peer_id], counted=True)
             await ld.run()
-            self._plan_decide(ld, req, wanted)
+            self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
 
         def rule(w: World) -> tuple[AnnounceReply, list[Decision]]:
@@ -461,7 +493,7 @@ class RedisStore:
             return reply, w.state.schedule(req, w.now)
         return await self._transact(plan, rule, lock=req.task_id, actor=req.peer_id,
                                     wake=ann.task_id if ann.pieces or ann.sealed else None,
-                                    pieces=None if ann.sealed else claimed)
+                                    pieces=None if ann.sealed else claimed, widen=widen)
 
     async def report(self, rep: Report) -> None:
         corrupt_piece = rep.kind == "corrupt" and rep.piece is not None
