@@ -154,6 +154,7 @@ class _Put:
     index: int
     chunk: str
     data: bytes | memoryview
+    verify: bool  # hashed first in the writer thread: ChunkCorrupt, nothing written
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future[None] = field(repr=False)
     written: bool = False  # a new chunk file (not one held already)
@@ -555,18 +556,22 @@ class ChunkStore:
         return data
 
     async def put_piece(self, task_id: str, index: int, chunk: str,
-                        data: bytes | memoryview) -> None:
+                        data: bytes | memoryview, verify: bool = False) -> None:
         """Store verified bytes as `chunk` and record them as piece `index` of the task;
-        CannotStore if either write fails (then neither is kept). A caller cancelled meanwhile
-        leaves the piece stored and indexed, or neither."""
+        CannotStore if either write fails (then neither is kept). With `verify` the bytes are
+        hashed first, in the same hand-off as the write (nothing is stored unless they are
+        `chunk`: else ChunkCorrupt). A caller cancelled meanwhile leaves the piece stored and
+        indexed, or neither."""
         with self._writing(f"storing piece {index} of {task_id}"):
             loop = asyncio.get_running_loop()
-            put = _Put(task_id, index, chunk, data, loop, loop.create_future())
+            put = _Put(task_id, index, chunk, data, verify, loop, loop.create_future())
             self._writer.submit(put)
             await put.done
 
     def _write_put(self, put: _Put) -> None:
         """In the writer thread."""
+        if put.verify and ids.chunk_id(put.data) != put.chunk:
+            raise ChunkCorrupt(put.chunk)
         put.written = self._write_chunk(put.chunk, put.data)
 
     def _settle(self, puts: list[_Put]) -> None:

@@ -30,7 +30,7 @@ from peer.p2p import frames
 from peer.p2p.client import FramedClient
 from peer.p2p.server import FramedEndpoint
 from peer.parents import FRAMED, ParentClient, ParentError, address
-from peer.store import ChunkStore
+from peer.store import ChunkCorrupt, ChunkStore
 from peer.upload import UploadServer
 from tests.cluster import until
 from tests.test_tls import CertAuthority
@@ -362,7 +362,10 @@ async def test_corrupt_bytes_over_the_frames_are_caught_by_the_engine(tmp_path: 
 
     kept: list[int] = []
 
-    async def keep(run: object, index: int, chunk: str, data: bytes, source: str) -> None:
+    async def keep(run: object, index: int, chunk: str, data: bytes, source: str,
+                   verify: bool = False) -> None:  # as Engine._keep, without a store
+        if not verify or ids.chunk_id(data) != chunk:
+            raise ChunkCorrupt(chunk)  # ParentFetch asks for the check; these bytes fail it
         kept.append(index)
 
     metrics = PeerMetrics()

@@ -44,12 +44,12 @@ from peer.engine.fetch import ParentFetch
 from peer.engine.origin import LeaseLapsed, OriginRuns
 from peer.engine.reader import Reader
 from peer.engine.run import LengthConflict, PieceUnavailable, Plan, TaskRun
-from peer.engine.sealing import Sealer
+from peer.engine.sealing import Sealer, chunk_id_of
 from peer.engine.seams import ChunkSource, Clock, OriginSource, RandomSource, Scheduler, SystemClock
 from peer.engine.storing import Storage
 from peer.origin import OriginError, OriginRequest
 from peer.sched_transport import SchedulerRefused, SchedulerUnavailable
-from peer.store import CannotStore, ChunkStore
+from peer.store import CannotStore, ChunkCorrupt, ChunkStore
 
 log = logging.getLogger("naiad.peer.engine")
 
@@ -254,14 +254,19 @@ class Engine:
                             run.awaited_since(index))
 
     async def _keep(self, run: TaskRun, index: int, chunk: str, data: bytes,
-                    source: str) -> None:
+                    source: str, verify: bool = False) -> None:
         """Store verified bytes, count them, announce them; seal the task when complete.
+        With `verify`, bytes not checked yet: hashed first (with the store's write, in one
+        hand-off) and ChunkCorrupt if they are not `chunk`, nothing stored, counted or told.
 
         A store that cannot take them (quota, free-space floor, a full, read-only or failing
         disk) degrades to passing the bytes through uncached: the reader still gets them,
         nobody is told this peer holds them."""
+        stored = await self.storage.put(run, index, chunk, data, verify)
+        if not stored and verify and await chunk_id_of(data) != chunk:
+            raise ChunkCorrupt(chunk)
         self.metrics.download_bytes.labels(source).inc(len(data))
-        if not await self.storage.put(run, index, chunk, data):
+        if not stored:
             return
         run.have[index] = chunk
         self.scheduler.announce(run.task_id, index, chunk, run.origin.registry)

@@ -1,4 +1,6 @@
-"""A piece from its ranked parents in turn, verified before anything else sees it.
+"""A piece from its ranked parents in turn, verified before anything else sees it: hashed by
+the keeper (`VerifyingKeep`) in the same worker hand-off as the store's write, nothing stored,
+counted or announced unless it is the chunk asked for.
 
 A parent at its upload slots (`busy`) is skipped without blame; one that failed, stalled or
 sent bytes that do not hash to the chunk id is reported to the scheduler (unless the parents
@@ -10,24 +12,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Protocol
 
 from common.limits import DEFAULT, PrioritySlots
 from common.metrics import PeerMetrics
 from common.models import ParentRef
-from peer.engine.origin import Keep
 from peer.engine.run import TaskRun
-from peer.engine.sealing import chunk_id_of
 from peer.engine.seams import ChunkSource, Decider
 from peer.parents import ParentError, address
+from peer.store import ChunkCorrupt
 
 log = logging.getLogger("naiad.peer.engine")
 
 PARENT_FETCHES = 32  # concurrent piece fetches from parents, all tasks
 
 
+class VerifyingKeep(Protocol):
+    """Keep a piece (`Engine._keep`): with `verify`, its bytes are hashed first and
+    ChunkCorrupt raised, nothing kept, unless they are `chunk`."""
+
+    def __call__(self, run: TaskRun, index: int, chunk: str, data: bytes, source: str,
+                 verify: bool = False) -> Awaitable[None]: ...
+
+
 class ParentFetch:
-    def __init__(self, peer_id: str, parents: ChunkSource, decider: Decider, keep: Keep,
-                 metrics: PeerMetrics, slots: int = PARENT_FETCHES) -> None:
+    def __init__(self, peer_id: str, parents: ChunkSource, decider: Decider,
+                 keep: VerifyingKeep, metrics: PeerMetrics,
+                 slots: int = PARENT_FETCHES) -> None:
         self.peer_id = peer_id
         self.parents = parents
         self.decider = decider
@@ -54,14 +66,15 @@ class ParentFetch:
                     if report:
                         self.decider.report(parent.id, run.task_id, index, e.kind)
                 continue
-            if await chunk_id_of(data) != chunk:
+            try:
+                await self.keep(run, index, chunk, data, "peer", verify=True)
+            except ChunkCorrupt:
                 self.metrics.verify_failures.inc()
                 log.warning("parent %s sent corrupt piece %d of %s", parent.id, index,
                             run.task_id)
                 failed.add(parent.id)
                 self.decider.report(parent.id, run.task_id, index, "corrupt")
                 continue
-            await self.keep(run, index, chunk, data, "peer")
             self.metrics.piece_seconds.labels("peer").observe(time.perf_counter() - started)
             return data, failed
         return None, failed

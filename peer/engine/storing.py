@@ -36,8 +36,11 @@ class Storage:
         self._caching = store.read_only is None  # false from a failed write to the next success
         self._writing = 0  # bytes of chunk writes under way: counted against the quota
 
-    async def put(self, run: TaskRun, index: int, chunk: str, data: bytes) -> bool:
-        """Store a verified piece; whether it is stored (else it passes through uncached)."""
+    async def put(self, run: TaskRun, index: int, chunk: str, data: bytes,
+                  verify: bool = False) -> bool:
+        """Store a verified piece; whether it is stored (else it passes through uncached).
+        With `verify`, bytes not checked yet: hashed with the write, in one hand-off, and not
+        stored unless they are `chunk` (ChunkCorrupt); not stored, they are not checked here."""
         size = len(data)
         if not self.may_write() or not self._room_for(size):
             return False
@@ -45,7 +48,7 @@ class Storage:
             return False
         self._writing += size
         try:
-            await self.store.put_piece(run.task_id, index, chunk, data)
+            await self.store.put_piece(run.task_id, index, chunk, data, verify)
         except CannotStore as e:
             self.cannot_cache(e)
             return False
@@ -160,3 +163,4 @@ class Storage:
         for task_id, indices in dropped.items():
             self.scheduler.withdraw(task_id, indices)
         self.metrics.cache_bytes.set(self.store.bytes)
+
