@@ -156,11 +156,15 @@ class Outbox:
     def announce(self, task_id: str, index: int, chunk: str,
                  registry: str | None = None) -> None:
         p = self._pending.setdefault(task_id, _Pending())
-        if not p.pieces:
+        first = not p.pieces
+        if first:
             p.since = self.clock()
         p.pieces[index] = chunk
         self._registry(task_id, p, registry)
-        self._wanted.set()
+        # A claim joining others that wait for the reader's next call changes nothing the
+        # sender waits for (their first one's wait ends first): no wake-up per piece.
+        if first or self._ride_ends(task_id, p) is None:
+            self._wanted.set()
 
     def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
         """This peer no longer holds these pieces (None: the whole task) of a task. Queued with

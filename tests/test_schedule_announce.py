@@ -24,7 +24,8 @@ from common.models import (
     ScheduleRequest,
     TaskRequest,
 )
-from peer.sched_outbox import RIDE_WAIT, Outbox
+from peer import sched_outbox
+from peer.sched_outbox import ANNOUNCE_COALESCE, RIDE_WAIT, Outbox
 from peer.sched_transport import HttpTransport, R
 from peer.scheduler_client import SchedulerClient
 from scheduler.api import SchedulerAPI
@@ -225,5 +226,34 @@ async def test_claims_of_a_task_being_read_wait_briefly_for_its_next_schedule_ca
         await until(lambda: _true(len(session.sent) == 1), 5, "the claim sent alone")
         assert time.monotonic() - queued >= RIDE_WAIT
         assert session.state.tasks[TASK].pieces[1].holders == {"me"}
+    finally:
+        loop.cancel()
+
+
+async def test_claims_waiting_for_a_schedule_call_wake_the_sender_once_not_per_piece(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sched_outbox, "RIDE_WAIT", 5.0)  # no claim goes alone in this test
+    monkeypatch.setattr(sched_outbox, "RIDE_RECENT", 5.0)
+    box, session = _outbox()
+    wakes = 0
+    wait = session.connected.wait
+
+    async def counted() -> bool:  # the sender looks for a scheduler once per wake-up
+        nonlocal wakes
+        wakes += 1
+        return await wait()
+
+    session.connected.wait = counted  # type: ignore[method-assign]
+    loop = asyncio.create_task(box.run())
+    try:
+        assert box.lend(TASK) is None  # its reader is asking
+        for i in range(8):  # each after the sender's coalescing wait for the one before
+            box.announce(TASK, i, chunk(i))
+            await asyncio.sleep(2 * ANNOUNCE_COALESCE)
+        assert session.sent == [] and wakes == 1
+        ann = box.lend(TASK)  # the reader's next call carries all eight
+        assert ann is not None and [c.index for c in ann.pieces] == list(range(8))
+        box.answered(ann, session.state.announce(ann, time.monotonic()))
+        assert session.state.tasks[TASK].pieces[7].holders == {"me"}
     finally:
         loop.cancel()
