@@ -6,6 +6,11 @@ scheduler CPU per call is the figure that is the replica's own.
 
     python bench/sched_cpu.py --runs 3 --calls 10000 --tasks 200
     python bench/sched_cpu.py --runs 1 --py-spy /tmp/sched.txt    # a raw profile as well
+    python bench/sched_cpu.py --against /tmp/old-export           # A/B, paired
+
+With --against, two schedulers run at once, this tree's and the one of the tree named, and
+every phase's calls go to both in alternating blocks (the same calls, so the same state on
+both): whatever else loads the machine loads both sides alike.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +40,12 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far (/proc/<pid>/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of all of a process's threads so far, in ns (schedstat: no 10 ms ticks)."""
+    return sum(int((t / "schedstat").read_text().split()[0])
+               for t in Path(f"/proc/{pid}/task").iterdir())
 
 
 def start_spy(pid: int, out: str) -> subprocess.Popen:
@@ -76,6 +88,93 @@ async def one_run(seed: int, args: argparse.Namespace, workdir: Path
             for (name, p), s in zip(phases.items(), cpu.values(), strict=True)}
 
 
+def spawn_in(tree: Path, port: int, workdir: Path, secret: bytes | None
+             ) -> subprocess.Popen:
+    """bench/scheduler.py's scheduler process, run from `tree` (`-m` looks in the cwd)."""
+    here, env = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.chdir(tree)
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        return sb.spawn_scheduler(port, None, workdir, secret)
+    finally:
+        os.chdir(here)
+        if env is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = env
+
+
+async def paired(seed: int, args: argparse.Namespace, workdir: Path
+                 ) -> dict[str, tuple[float, float]]:
+    """Per phase: (this tree's µs per call, the other's), the same calls to both."""
+    import aiohttp
+
+    from common import auth
+
+    w = sb.Workload(args.peers, args.tasks, args.pieces, args.calls, seed=seed)
+    sb.quiet_gc()
+    secret = None if args.unsigned else secrets.token_hex(16).encode()
+    trees = [Path(__file__).resolve().parent.parent, Path(args.against).resolve()]
+    procs, urls = [], []
+    for tree in trees:
+        port = free_port()
+        procs.append(spawn_in(tree, port, workdir, secret))
+        urls.append(f"http://127.0.0.1:{port}/api/v1")
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=2 * args.concurrency)) as s:
+            async def post(url: str, path: str, body: Any) -> None:
+                data = body.model_dump_json().encode()
+                headers = {"Content-Type": "application/json"}
+                if secret is not None:
+                    headers[auth.HEADER] = auth.sign(secret, "POST", "/api/v1" + path, data)
+                async with s.post(url + path, data=data, headers=headers) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"{path}: {r.status} {await r.text()}")
+                    await r.read()
+
+            async def phase(path: str, bodies: list[Any]) -> tuple[float, float]:
+                spent = [0, 0]
+                for k, first in enumerate(range(0, len(bodies), args.block)):
+                    block = bodies[first:first + args.block]
+                    for side in ((0, 1) if k % 2 == 0 else (1, 0)):
+                        before = cpu_ns(procs[side].pid)
+                        await sb.drive([lambda b=b, u=urls[side]: post(u, path, b)
+                                        for b in block], len(block), args.concurrency)
+                        spent[side] += cpu_ns(procs[side].pid) - before
+                return spent[0] / len(bodies) / 1e3, spent[1] / len(bodies) / 1e3
+
+            out["register"] = await phase("/peers", w.regs)
+            for t in w.tasks:
+                for url in urls:
+                    await post(url, "/tasks", t)
+            out["announce"] = await phase("/announce", w.announce)
+            out["announce1"] = await phase("/announce", w.announce1)
+            out["schedule1"] = await phase("/schedule", w.schedule1)
+            out["schedule8"] = await phase("/schedule", w.schedule8)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+    return out
+
+
+async def main_paired(args: argparse.Namespace) -> None:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="naiad-cpu-") as tmp:
+        for r in range(args.runs):
+            runs.append(await paired(r, args, Path(tmp)))
+            print(f"  run {r + 1}: " + ", ".join(f"{n} {a:.0f}/{b:.0f}us"
+                                                 for n, (a, b) in runs[-1].items()), flush=True)
+    print(f"\n| phase | scheduler CPU µs per call, this tree | {args.against} | change |")
+    print("|---|---|---|---|")
+    for name in runs[0]:
+        a = statistics.median(r[name][0] for r in runs)
+        b = statistics.median(r[name][1] for r in runs)
+        print(f"| {name} | {a:.1f} | {b:.1f} | {100 * (a - b) / b:+.0f} % |")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=10_000)
@@ -87,7 +186,13 @@ async def main() -> None:
     ap.add_argument("--unsigned", action="store_true")
     ap.add_argument("--py-spy", default=None, metavar="OUT",
                     help="record the scheduler with py-spy (raw folded stacks) into OUT")
+    ap.add_argument("--against", default=None, metavar="TREE",
+                    help="A/B: the same calls also to a scheduler run from TREE (an export)")
+    ap.add_argument("--block", type=int, default=500, help="calls per block with --against")
     args = ap.parse_args()
+    if args.against:
+        await main_paired(args)
+        return
     runs = []
     with tempfile.TemporaryDirectory(prefix="naiad-cpu-") as tmp:
         for r in range(args.runs):
