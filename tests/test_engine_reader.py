@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common.limits import DEFAULT, ON_DEMAND
 from common.pieces import MiB
 from common.ranges import ByteRange
 from peer.engine import reader
@@ -118,3 +119,95 @@ async def test_pieces_passing_through_uncached_are_held_until_reached(world: Wor
     assert bytes(got) == world.blob.data
     assert world.engine.reader.held_bytes == 0
     assert len(world.parents.fetches) == COUNT
+
+
+# -- the ask order: a whole read's far share ------------------------------------------------
+
+def test_a_whole_read_asks_a_quarter_of_its_window_in_order_a_ranged_read_all_of_it() -> None:
+    assert reader.split_window(16, whole=True) == (4, 12)
+    assert reader.split_window(16, whole=False) == (16, 0), "nydusd's ranges: in order"
+    assert reader.split_window(2, whole=True) == (1, 1)
+
+
+def test_the_far_cursor_walks_up_then_wraps_round_to_the_in_order_share() -> None:
+    taken = {7, 9}
+    got, cursor = reader.far_pieces(4, 12, 8, 3, taken.__contains__)
+    assert (got, cursor) == ([8, 10, 11], 4), "7 and 9 skipped; past the end: from lo"
+    got, cursor = reader.far_pieces(5, 12, cursor, 3, taken.__contains__)
+    assert (got, cursor) == ([5, 6, 8], 9), "round from lo (the reader moved on)"
+    assert reader.far_pieces(5, 12, 2, 2, lambda j: False) == ([5, 6], 7), "never behind lo"
+    assert reader.far_pieces(5, 12, 9, 4, lambda j: True) == ([], 9), "nothing left"
+    assert reader.far_pieces(12, 12, 3, 4, lambda j: False)[0] == [], "in-order share is all"
+
+
+class Asks:
+    """The reader's `ensure` calls in order, as (piece, priority)."""
+
+    def __init__(self, world: World) -> None:
+        self.calls: list[tuple[int, int]] = []
+        ensure = world.engine.reader.ensure
+
+        def asking(run: TaskRun, index: int, priority: int) -> asyncio.Future[bytes] | None:
+            self.calls.append((index, priority))
+            return ensure(run, index, priority)
+
+        world.engine.reader.ensure = asking
+
+    def pieces(self) -> list[int]:
+        return [i for i, _ in self.calls]
+
+
+class StartAt:
+    """The reader's rng, drawing the far cursor's start."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def randrange(self, n: int) -> int:
+        return self.index % n
+
+
+@pytest.fixture
+def window16(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """A window of 16 pieces (4 in order, 12 far) over the 24 of the blob."""
+    monkeypatch.setattr(reader, "readahead_pieces", lambda size, readahead=0: 16)
+    return reader.split_window(16, whole=True)
+
+
+async def test_a_whole_read_asks_its_far_share_from_its_drawn_start(
+        world: World, window16: tuple[int, int]) -> None:
+    near, far = window16
+    world.engine.reader.rng = StartAt(COUNT - 3)  # type: ignore[assignment]
+    asks = Asks(world)
+    run = await world.open()
+    got, views = await paused_after_first_piece(world, run, COUNT)
+    assert asks.pieces()[:near + far] == [0, 1, 2, 3, 21, 22, 23, *range(4, 13)], \
+        "in order what the client reads next, then from the drawn start, round to the first"
+    assert world.scheduler.calls[0][0] == asks.pieces()[:near + far], "in one batch"
+    assert len(run.have) == COUNT, "topped up as they came in, the reader standing still"
+    assert world.engine.reader.held_bytes <= reader.HELD_BYTES, "far pieces are not held"
+    async with contextlib.aclosing(views):  # type: ignore[type-var]
+        async for view in views:
+            got += view
+    assert bytes(got) == world.blob.data
+    assert len(world.parents.fetches) == COUNT, "nothing fetched twice"
+    assert world.downloaded("peer") == len(world.blob.data)
+    assert world.downloaded("local") == 0, "far pieces read back are not counted again"
+
+
+async def test_far_pieces_are_never_asked_as_on_demand(
+        world: World, window16: tuple[int, int]) -> None:
+    near, far = window16
+    world.engine.reader.rng = StartAt(10)  # type: ignore[assignment]
+    asks = Asks(world)
+    assert await world.read(priority=ON_DEMAND) == world.blob.data
+    assert asks.calls[:near + far] == [*((i, ON_DEMAND) for i in range(near)),
+                                       *((i, DEFAULT) for i in range(10, 10 + far))]
+
+
+async def test_a_ranged_read_asks_nothing_beyond_its_range(world: World) -> None:
+    asks = Asks(world)
+    rng = ByteRange(5 * PIECE + 10, 9 * PIECE - 1)
+    assert await world.read(rng=rng, expect=None) == world.blob.data[rng.start:rng.end + 1]
+    assert set(asks.pieces()) == set(range(5, 9))
+    assert len(world.parents.fetches) == 4

@@ -4,9 +4,12 @@ module in this process only, so a before/after is the same code with one change.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
+import peer.engine.reader
 import scheduler.policy
 import scheduler.state
+from bench.sim import swarm
 
 _rank = scheduler.policy.rank_parents
 
@@ -27,4 +30,44 @@ def children(n: int) -> None:
     scheduler.state.CHILDREN_PER_HOLDER = n
 
 
-EXPERIMENTS = {"idc-local": idc_local}
+# -- the reader's ask order (reader.py `split_window`, `far_pieces`) -------------------------
+
+def in_order() -> None:
+    """The reader before its far share: a whole read asks its whole window in order, so every
+    host wants the same pieces at once."""
+    swarm.split_window = lambda window, whole: (window, 0)  # type: ignore[assignment]
+
+
+def near_half() -> None:
+    """Half the window in order, half far (reader.py: a quarter in order)."""
+    peer.engine.reader.NEAR_SHARE = 2
+
+
+def far_rarest() -> None:
+    """The far share taken rarest first, as BitTorrent does: the pieces with the fewest
+    holders in the scheduler's view (which no peer has; the nearest of equals), in place of a
+    cursor from a start drawn per read. Every host then picks the same rarest pieces."""
+    read = swarm.Swarm._read
+    sim: list[swarm.Swarm] = []
+
+    def rarest(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
+               ) -> tuple[list[int], int]:
+        pieces = sim[-1].state.tasks[swarm.TASK].pieces
+        held = [(len(p.holders) if (p := pieces.get(j)) is not None else 0, j)
+                for j in range(lo, count) if not skip(j)]
+        return [j for _, j in sorted(held)[:room]], cursor
+
+    def reading(self: swarm.Swarm, host: swarm.Host) -> None:
+        sim[:] = [self]
+        read(self, host)
+
+    swarm.far_pieces = rarest  # type: ignore[assignment]
+    swarm.Swarm._read = reading  # type: ignore[method-assign]
+
+
+EXPERIMENTS = {
+    "idc-local": idc_local,
+    "in-order": in_order,
+    "near-half": near_half,
+    "far-rarest": far_rarest,
+}

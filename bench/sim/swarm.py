@@ -75,7 +75,13 @@ from peer.engine.acquire import (
     bypass,
 )
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
-from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces
+from peer.engine.reader import (
+    PLAN_WAIT,
+    READAHEAD_BYTES,
+    far_pieces,
+    readahead_pieces,
+    split_window,
+)
 from peer.parents import STALL_SECONDS
 from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
@@ -132,6 +138,8 @@ class Host:
     # reader
     pos: int = 0
     ahead: int = 0
+    cursor: int | None = None  # the far share's (None: not drawn yet, -1: nothing left)
+    faring: set[int] = field(default_factory=set)  # far pieces on their way
     reading: bool = False
     planning: bool = False
     blocked_since: float | None = None
@@ -878,10 +886,13 @@ class Swarm:
             self._read(host)
 
     def _read(self, host: Host) -> None:
-        """The reader: read-ahead refilled half a window at a time, pieces taken in order."""
+        """The reader (a whole-blob read): its in-order share refilled half of it at a time,
+        pieces taken in order; its far share (`split_window`, `far_pieces`) from a start drawn
+        for the read, topped up half of it at a time as pieces arrive."""
         if not host.reading:
             return
-        n, window = self.count, self.window
+        n = self.count
+        window, far = split_window(self.window, True)
         while True:
             k = host.pos
             if k >= n:
@@ -897,9 +908,21 @@ class Swarm:
             if k not in host.have:
                 if host.blocked_since is None:
                     host.blocked_since = self.clock.now
-                return
+                break
             host.blocked_since = None
             host.pos = k + 1
+        if host.cursor is None:
+            host.cursor = self.rng.randrange(n) if far else -1
+        host.faring = {j for j in host.faring if j not in host.have}
+        if host.cursor < 0 or len(host.faring) > far // 2:
+            return
+        got, host.cursor = far_pieces(host.pos + window, n, host.cursor, far - len(host.faring),
+                                      lambda j: j in host.have or j in host.workers)
+        if not got:
+            host.cursor = -1
+        for j in got:
+            self.ensure(host, j)
+            host.faring.add(j)
 
     # -- running -----------------------------------------------------------------------------
 
