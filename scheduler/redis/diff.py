@@ -99,9 +99,9 @@ class Tx:
         return stages
 
 
-def diff(w: World, keys: Keys, slot_of: SlotOf, ttl_ms: int, actor: str | None) -> Tx:
-    """The writes that turn what was loaded into what the rule left, with fences on what
-    they depend on."""
+def diff(w: World, keys: Keys, slot_of: SlotOf, ttl_ms: int, actors: list[str]) -> Tx:
+    """The writes that turn what was loaded into what the rules left, with fences on what
+    they depend on. `actors`: the calling peers, whose records are renewed."""
     tx = Tx(slot_of)
     st = w.state
     for pid, before in w.peers.items():
@@ -128,7 +128,9 @@ def diff(w: World, keys: Keys, slot_of: SlotOf, ttl_ms: int, actor: str | None) 
         gone = w.peer_tasks[pid] - after.tasks if pid in w.peer_tasks else ()
         if gone:  # holdings dropped (a new process of the peer)
             tx.op(POST, "srem", keys.peer_tasks(pid), *sorted(gone))
-    if actor is not None and dict.get(st.peers, actor) is not None:
+    for actor in dict.fromkeys(actors):
+        if dict.get(st.peers, actor) is None:
+            continue
         if w.peers.get(actor) is not None:
             tx.fence(PEER, "exists", keys.peer(actor))
         tx.op(PRE, "zaddttl", keys.index(actor), str(ttl_ms), actor)
@@ -154,7 +156,8 @@ def diff(w: World, keys: Keys, slot_of: SlotOf, ttl_ms: int, actor: str | None) 
             assert reported is not None, "byte totals change only with a peer's report"
             tx.op(POST, "hincrby", keys.counters(reported), name, str(delta))
     if st.back_to_source:
-        tx.op(COUNT, "hincrby", keys.counters(actor or ""), B2S, str(st.back_to_source))
+        tx.op(COUNT, "hincrby", keys.counters(actors[0] if actors else ""), B2S,
+              str(st.back_to_source))
     return tx
 
 

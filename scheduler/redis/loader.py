@@ -136,8 +136,9 @@ class HolderSample(random.Random):
     requester's IDC) touches records not loaded, and the call is planned again with all of
     them (`NotLoaded`)."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, loaded: Callable[[], set[str] | None]) -> None:
         self._rng = rng
+        self._loaded = loaded  # the peers whose records were read (None: all)
         self._chosen: dict[frozenset[str], list[str]] = {}
         super().__init__()
 
@@ -158,8 +159,16 @@ class HolderSample(random.Random):
         return chosen
 
     def sample(self, population: Any, k: int, **kw: Any) -> list:
-        chosen = self._chosen.get(frozenset(population)) if k == HOLDER_SAMPLE else None
-        return list(chosen) if chosen is not None else super().sample(population, k, **kw)
+        if k != HOLDER_SAMPLE:
+            return super().sample(population, k, **kw)
+        chosen = self._chosen.get(frozenset(population))
+        if chosen is not None:
+            return list(chosen)
+        # The holders grew since the plan drew (an earlier call of the same batch announced):
+        # a sample of those whose records were read, the drawn sample and the callers.
+        loaded = self._loaded()
+        pool = population if loaded is None else [h for h in population if h in loaded]
+        return super().sample(pool if len(pool) >= k else population, k, **kw)
 
 
 class Loader:
@@ -171,22 +180,24 @@ class Loader:
     def __init__(self, store: RedisStore) -> None:
         self.s = store
         self.k = store.keys
-        self.sample = HolderSample(store.rng)
+        self.sample = HolderSample(store.rng, lambda: st.peers.loaded)
         st = ClusterState(heartbeat_interval=store.heartbeat_interval,
                           lease_timeout=store.lease_timeout, rng=self.sample)
         st.peers = Partial({}, ())
         st.tasks = Partial({}, ())
         st.totals.last = Partial({}, ())
         self.world = World(st)
-        self._queued: list[tuple[Callable[[Reads], None], int, Callable[[list], None]]] = []
+        self._queued: list[tuple[Callable[[Reads], None], Callable[[list], None]]] = []
+        self._specs: dict[str, _TaskSpec] = {}
+        self._barrier: _Barrier | None = None
         self._clock_key: str | None = None
         self._asked: set[str] = set()
         self._ghosts: set[str] = set()
         self._rounds = 0
 
-    def _queue(self, add: Callable[[Reads], None], replies: int,
-               parse: Callable[[list], None]) -> None:
-        self._queued.append((add, replies, parse))
+    def _queue(self, add: Callable[[Reads], None], parse: Callable[[list], None]) -> None:
+        """`add` the commands of a read, `parse` their replies once run."""
+        self._queued.append((add, parse))
 
     def peer(self, pid: str, tasks: bool = False) -> None:
         """A peer's record (absent when expired), its cordon flag, and with `tasks` the set
@@ -206,7 +217,7 @@ class Loader:
             if tasks:
                 self.world.peer_tasks[pid] = frozenset(replies[2])
             self._add_peer(pid, replies[0], bool(replies[1]))
-        self._queue(add, 3 if tasks else 2, parse)
+        self._queue(add, parse)
 
     def peers(self, ids: Iterable[str]) -> None:
         for pid in ids:
@@ -224,15 +235,14 @@ class Loader:
         def parse(replies: list) -> None:
             if replies[0]:
                 self.world.ghosts.discard(pid)
-        self._queue(lambda p: p.exists(self.k.peer(pid)), 1, parse)
+        self._queue(lambda p: p.exists(self.k.peer(pid)), parse)
 
     def task_counts(self, ids: list[str]) -> dict[str, int]:
         counts: dict[str, int] = {}
 
         def parse(replies: list) -> None:
             counts.update(zip(ids, replies, strict=True))
-        self._queue(lambda p: [p.scard(self.k.peer_tasks(pid)) for pid in ids], len(ids),
-                    parse)
+        self._queue(lambda p: [p.scard(self.k.peer_tasks(pid)) for pid in ids], parse)
         return counts
 
     def last_counters(self, pid: str) -> None:
@@ -241,19 +251,26 @@ class Loader:
             self.world.last_counters[pid] = raw
             self.world.state.totals.last.extend(
                 {} if raw is None else {pid: records.counters(raw)}, [pid])
-        self._queue(lambda p: p.hget(self.k.counters(pid), last_field(pid)), 1, parse)
+        self._queue(lambda p: p.hget(self.k.counters(pid), last_field(pid)), parse)
 
     def task(self, tid: str, pieces: Iterable[int] | None, held: Iterable[str] | None,
              counted: bool = False) -> None:
         """A task with the given pieces and peers' held counts (None: all of them); `counted`:
-        with the sizes of the maps loaded in part."""
+        with the sizes of the maps loaded in part. Asked again before its read ran (several
+        calls' plans), it is read once with all that was asked."""
         k = self.k
-        pieces = None if pieces is None else list(dict.fromkeys(pieces))
-        held = None if held is None else list(dict.fromkeys(held))
+        queued = self._specs.get(tid)
+        if queued is not None:
+            if not queued.read:
+                queued.merge(pieces, held, counted)
+            return  # read already: what a rule reaches for beyond it fails loudly (NotLoaded)
+        spec = self._specs[tid] = _TaskSpec(pieces, held, counted)
         if self._rounds == 0 and self._clock_key is None:
             self._clock_key = k.task(tid)  # its leases are judged by its own node's clock
 
         def add(p: Reads) -> None:
+            spec.read = True
+            pieces, held, counted = spec.pieces, spec.held, spec.counted
             p.hmget(k.task(tid), *records.TASK_FIELDS)
             if pieces is None:
                 p.hgetall(k.chunk(tid))
@@ -272,10 +289,8 @@ class Loader:
                 if held:
                     p.hmget(k.held(tid), *held)
 
-        replies = 1 + (2 if pieces is None else counted + (2 if pieces else 0)) + \
-            (1 if held is None else counted + (1 if held else 0))
-
         def parse(replies: list) -> None:
+            pieces, held, counted = spec.pieces, spec.held, spec.counted
             meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
             tasks = self.world.state.tasks
             if meta_raw is None:
@@ -320,7 +335,7 @@ class Loader:
             tasks.extend({tid: task}, [tid])
             self.world.tasks[tid] = base
 
-        self._queue(add, replies, parse)
+        self._queue(add, parse)
 
     def held(self, tid: str, ids: Iterable[str]) -> None:
         """More peers' held counts of a task loaded in an earlier round."""
@@ -336,9 +351,33 @@ class Loader:
                       if c is not None}
             task.held.extend(counts, want)
             self.world.tasks[tid].held.update({pid: counts.get(pid) for pid in want})
-        self._queue(lambda p: p.hmget(self.k.held(tid), *want), 1, parse)
+        self._queue(lambda p: p.hmget(self.k.held(tid), *want), parse)
+
+    async def together(self, plans: list[Callable[[Loader], Awaitable[None]]]) -> None:
+        """Several calls' plans on this one loader, each round read once for all of them:
+        a round runs when every plan still planning has asked for it."""
+        if len(plans) == 1:
+            await plans[0](self)
+            return
+        self._barrier = barrier = _Barrier(len(plans), self._round)
+
+        async def planning(plan: Callable[[Loader], Awaitable[None]]) -> None:
+            try:
+                await plan(self)
+            finally:
+                await barrier.leave()
+        try:
+            await gather([planning(p) for p in plans])
+        finally:
+            self._barrier = None
 
     async def run(self) -> None:
+        if self._barrier is not None:
+            await self._barrier.wait()
+        else:
+            await self._round()
+
+    async def _round(self) -> None:
         if not self._queued and self._rounds:
             return
         queued, self._queued = self._queued, []
@@ -347,18 +386,21 @@ class Loader:
         reads = Reads()
         if server_time:
             reads.time()
-        for add, _, _ in queued:
+        spans = []
+        for add, _ in queued:
+            start = len(reads.cmds)
             add(reads)
-        replies = iter(await reads.run(self.s.read, self.s.group_of, self._clock_key))
+            spans.append((start, len(reads.cmds)))
+        replies = await reads.run(self.s.read, self.s.group_of, self._clock_key)
         if server_time:
-            secs, micros = next(replies)
+            secs, micros = replies[0]
             self.world.now = secs + micros / 1e6
         elif first:
             assert self.s.clock is not None
             self.world.now = self.s.clock()
         self._rounds += 1
-        for _, n, parse in queued:
-            parse([next(replies) for _ in range(n)])
+        for (_, parse), (start, end) in zip(queued, spans, strict=True):
+            parse(replies[start:end])
 
     def _add_peer(self, pid: str, values: list, flag: bool) -> None:
         w = self.world
@@ -380,3 +422,65 @@ class Loader:
             else:
                 w.peer_tasks.pop(pid, None)
         w.state.peers.extend({} if peer is None else {pid: peer}, [pid])
+
+
+@dataclass
+class _TaskSpec:
+    """What the plans of one round asked of a task (None: all of it)."""
+
+    pieces: list[int] | None
+    held: list[str] | None
+    counted: bool
+    read: bool = False
+
+    def __post_init__(self) -> None:
+        self.pieces = _unique(self.pieces)
+        self.held = _unique(self.held)
+
+    def merge(self, pieces: Iterable[int] | None, held: Iterable[str] | None,
+              counted: bool) -> None:
+        self.pieces = None if pieces is None or self.pieces is None else \
+            _unique([*self.pieces, *pieces])
+        self.held = None if held is None or self.held is None else \
+            _unique([*self.held, *held])
+        self.counted = self.counted or counted
+
+
+def _unique(items: Iterable[T] | None) -> list[T] | None:
+    return None if items is None else list(dict.fromkeys(items))
+
+
+class _Barrier:
+    """Plans of one loader in step: each `wait()` for the next round returns once every plan
+    still planning (not yet `leave()`) waits; the last to arrive runs the round for all, and
+    its failure is each waiter's."""
+
+    def __init__(self, active: int, run: Callable[[], Awaitable[None]]) -> None:
+        self.active = active
+        self.run = run
+        self.waiting: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        await self._release()
+        await fut
+
+    async def leave(self) -> None:
+        self.active -= 1
+        await self._release()
+
+    async def _release(self) -> None:
+        if not self.waiting or len(self.waiting) < self.active:
+            return
+        waiting, self.waiting = self.waiting, []
+        try:
+            await self.run()
+        except Exception as e:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(None)

@@ -69,6 +69,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -106,6 +107,57 @@ DUE_PER_SHARD = 1000  # expired peers swept per index shard per `expire()`
 
 class StoreBusy(RuntimeError):
     """A call lost the race for its task too many times in a row."""
+
+
+BATCH = 64  # calls of one task run as one, at most
+
+
+@dataclass
+class _Call:
+    """One call of `_transact`. Calls on one task queue (a replica serving a fleet pull gets
+    almost only calls on one task), and while one batch of them is read, decided and written,
+    the next gathers: it is then one read and one write for all of them, which together
+    read each peer's record once. Only other replicas make a call retry."""
+
+    plan: Callable[[Loader], Awaitable[None]]
+    rule: Callable[[World], Any]
+    actor: str | None
+    wake: str | None
+    pieces: list[int] | None  # those whose long polls to wake (None: all)
+    widen: Callable[[], bool] | None
+    done: asyncio.Future[None] | None = None
+    result: tuple[Any, StateError | None] | None = None
+    error: BaseException | None = None
+
+    def run(self, world: World) -> tuple[Any, StateError | None]:
+        try:
+            return self.rule(world), None
+        except StateError as e:
+            # What the rule did before refusing stays done, as in the memory store (a call
+            # on an unknown task still renews its caller).
+            return None, e
+
+    def cancelled(self) -> bool:
+        return self.done is not None and self.done.done()
+
+    def fail(self, e: BaseException) -> None:
+        """Unless it has its answer already."""
+        if self.result is None and self.error is None:
+            self.error = e
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        result, refused = self.result
+        if refused is not None:
+            raise refused
+        return result
 
 
 class _Widen:
@@ -175,7 +227,7 @@ class RedisStore:
         self.read = Batched(client.register_script(flags + READ_LUA), self._tasks,
                             self.group_of, stale)
         self._due = client.register_script(DUE_LUA)
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._queues: dict[str, list[_Call]] = {}  # per task: calls waiting for a batch
         self._connected = not self.cluster
         self._connecting = asyncio.Lock()
 
@@ -234,65 +286,102 @@ class RedisStore:
 
     # -- the optimistic loop ---------------------------------------------------------------
 
-    async def _locked(self, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
-        """Calls on one task queue here, so only other replicas make a call retry."""
-        if key is None:
-            return await call()
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                return await call()
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
     async def _transact(self, plan: Callable[[Loader], Awaitable[None]],
                         rule: Callable[[World], T], *, lock: str | None = None,
                         actor: str | None = None, wake: str | None = None,
                         pieces: Iterable[int] | None = None,
                         widen: Callable[[], bool] | None = None) -> T:
         """Load (`plan`), decide (`rule`, one of ClusterState's methods), write back; again
-        from the start if another replica changed the task meanwhile. `wake`: the task whose
-        long polls may decide otherwise now (those asking for `pieces`, if given). `widen`:
-        the plan reads less than the rule may reach for (a sample of holders); when the rule
+        from the start if another replica changed the task meanwhile. `lock`: the task the
+        call queues on, with this replica's other calls on it (`_Call` says how they run).
+        `actor`: the calling peer, whose record the call renews. `wake`: the task whose long
+        polls may decide otherwise now (those asking for `pieces`, if given). `widen`: the
+        plan reads less than the rule may reach for (a sample of holders); when the rule
         does, `widen()` makes the plan read it all (True) and the call is planned again."""
-        wanted = None if pieces is None else sorted(set(pieces))
+        call = _Call(plan, rule, actor, wake, None if pieces is None else sorted(set(pieces)),
+                     widen)
+        if lock is None:
+            await self._attempts([call])
+        else:
+            queue = self._queues.get(lock)
+            call.done = asyncio.get_running_loop().create_future()
+            if queue is None:
+                self._queues[lock] = [call]
+                self._spawn_drain(lock)
+            else:
+                queue.append(call)
+            await call.done
+        return call.outcome()
 
-        async def attempts() -> T:
-            for attempt in range(MAX_ATTEMPTS):
-                loader = Loader(self)
-                await plan(loader)
-                world = loader.world
+    def _spawn_drain(self, lock: str) -> None:
+        try:
+            self._tasks.spawn(self._drain(lock), "redis-task-calls")
+        except RuntimeError:  # the store closed meanwhile
+            for c in self._queues.pop(lock):
+                c.fail(RedisConnectionError("the redis store is closed"))
+
+    async def _drain(self, lock: str) -> None:
+        """A task's queued calls, in batches of what queued while the last one ran."""
+        queue = self._queues[lock]
+        batch: list[_Call] = []
+        try:
+            while True:
+                batch = [c for c in queue[:BATCH] if not c.cancelled()]
+                del queue[:BATCH]
+                if not batch:
+                    if not queue:
+                        return
+                    continue
                 try:
-                    result, refused = rule(world), None
-                except StateError as e:
-                    # What the rule did before refusing stays done, as in the memory store
-                    # (a call on an unknown task still renews its caller).
-                    result, refused = None, e
-                except NotLoaded:
-                    if widen is None or not widen():
-                        raise
-                    continue  # nothing written: planned again, reading what it reached for
-                tx = diff(world, self.keys, self.slot_of, self.ttl_ms, actor)
-                if wake is not None:
-                    tx.publish.append([self.feed.channel_of(wake),
-                                       message(self.id, wake, wanted)])
-                if not tx or await self._applied(tx):
-                    if wake is not None:  # what applied may wake others, refused or not
-                        self.feed.wake(wake, wanted)
-                    if refused is not None:
-                        raise refused
-                    return result  # type: ignore[return-value]
-                # Lost a race with another replica: back off a little, at random, and redo.
-                await asyncio.sleep(self.rng.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
-            raise StoreBusy(f"gave up after {MAX_ATTEMPTS} conflicting attempts")
-        return await self._locked(lock, attempts)
+                    await self._attempts(batch)
+                except Exception as e:  # the callers raise it
+                    for c in batch:
+                        c.fail(e)
+                for c in batch:
+                    c.finish()
+        finally:
+            del self._queues[lock]
+            for c in batch + queue:  # the store closing: the callers get an answer
+                c.fail(RedisConnectionError("the redis store is closed"))
+
+    async def _attempts(self, batch: list[_Call]) -> None:
+        """Run calls as one: one loaded state (the union of their plans), their rules in
+        order on it, one write. Their answers are those of running them one by one, as
+        the memory store does. A rule that failed other than by refusing, or reached for
+        what was not loaded, leaves nothing written: then each call runs alone."""
+        for attempt in range(MAX_ATTEMPTS):
+            loader = Loader(self)
+            await loader.together([c.plan for c in batch])
+            world = loader.world
+            try:
+                outcomes = [c.run(world) for c in batch]
+            except Exception as e:
+                if len(batch) > 1:
+                    for c in batch:
+                        try:
+                            await self._attempts([c])
+                        except Exception as alone:
+                            c.fail(alone)
+                    return
+                widen = batch[0].widen
+                if not isinstance(e, NotLoaded) or widen is None or not widen():
+                    raise
+                continue  # nothing written: planned again, reading what it reached for
+            tx = diff(world, self.keys, self.slot_of, self.ttl_ms,
+                      [c.actor for c in batch if c.actor is not None])
+            woken = [c for c in batch if c.wake is not None]
+            for c in woken:
+                tx.publish.append([self.feed.channel_of(c.wake), message(self.id, c.wake,
+                                                                         c.pieces)])
+            if not tx or await self._applied(tx):
+                for c in woken:  # what applied may wake others, refused or not
+                    self.feed.wake(c.wake, c.pieces)
+                for c, outcome in zip(batch, outcomes, strict=True):
+                    c.result = outcome
+                return
+            # Lost a race with another replica: back off a little, at random, and redo.
+            await asyncio.sleep(self.rng.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
+        raise StoreBusy(f"gave up after {MAX_ATTEMPTS} conflicting attempts")
 
     async def _applied(self, tx: Tx) -> bool:
         """Each stage's parts together, the next once they all applied; False as soon as a
