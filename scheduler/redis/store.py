@@ -16,10 +16,11 @@ key counts as one slot, so each call's writes stay one transaction, as they alwa
 Atomicity: optimistic, per task. Every write to a task's keys bumps the task's version in the
 same script that checks, before writing anything, that the version is still the one read (a
 fence). A call that raced another replica's write is re-run on fresh state. Within one
-replica, calls on the same task also queue on a local lock, so retries only happen between
-replicas. Peer fields written by several tasks' calls are merged, not fenced: `last_seen` and
-`penalty_until` only ever rise (`hmax`), load figures are last-writer-wins; a peer's byte report
-is fenced on its previous report, in the counter shard holding both.
+replica, calls on the same task queue, and those that queued while one batch ran run as the
+next batch: one loaded state, their rules in order, one write (`_Call`), so retries only happen
+between replicas. Peer fields written by several tasks' calls are merged, not fenced:
+`last_seen` and `penalty_until` only ever rise (`hmax`), load figures are last-writer-wins; a
+peer's byte report is fenced on its previous report, in the counter shard holding both.
 
 On a cluster no script spans slots, so a call's writes are applied in stages, each stage's
 parts (one per slot) together, the next only once they all applied (diff.py names the stages).
@@ -52,8 +53,11 @@ Wake-ups: Redis pub/sub (scheduler/redis/feed.py).
 Round trips: concurrent calls share script runs (`Batched`), one per Redis, or one per node of
 a cluster (its scripts may touch several slots of their node, each part still one slot's), so a
 replica serving many peers pays one round trip and one client-side command for many calls; a
-call itself is one read per node (two rounds for `schedule`, whose holders are known only once
-its pieces are read) and one write (per stage and node, on a cluster).
+call (or a batch of calls on one task) is one read per node (two rounds for `schedule`, whose
+holders are known only once its pieces are read) and one write (per stage and node, on a
+cluster). A schedule call carrying claims is one operation (`announce_and_schedule`), and a
+decision reads the records of the sample of holders its rule weighs (`HolderSample`), not of
+every holder.
 
 Clock: Redis's own `TIME`, read with the state (from the task's slot, when the call names a
 task), so replicas agree on lease and penalty deadlines whatever their host clocks say; on a
