@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,26 +282,35 @@ def spawn_scheduler(port: int, redis_url: str | None, workdir: Path,
         time.sleep(0.05)
 
 
-def decision_cost(holders: int, calls: int = 400) -> float:
+def decision_cost(holders: int, per_call: int = 2, crowd: int = 1, decisions: int = 1600
+                  ) -> tuple[float, Counter[str]]:
     """Seconds per decision of `ClusterState.schedule` alone for a task of 16 pieces that
-    `holders` peers hold whole, asked two pieces at a time (a fleet's late pieces)."""
+    `holders` peers hold whole, asked `per_call` consecutive pieces at a time (a fleet's late
+    pieces) by `crowd` requesters in turn, 1 ms apart; and the answers by kind. Past the
+    children's share (CHILDREN_PER_HOLDER per usable holder, in flight for a lease timeout) a
+    crowd's answers are mostly `holders-busy`, the commonest answer in bench.sim."""
     from scheduler.state import ClusterState
 
-    state = ClusterState(heartbeat_interval=60.0)
-    for n in range(holders + 1):
-        state.register(PeerRegistration(id=f"p{n}", upload_addr=f"10.0.{n >> 8}.{n & 255}:1"),
-                       0.0)
+    state = ClusterState(heartbeat_interval=60.0, rng=random.Random(0))
+    ids = [f"r{n}" for n in range(crowd)] + [f"p{n}" for n in range(1, holders + 1)]
+    for n, pid in enumerate(ids):
+        state.register(PeerRegistration(id=pid, upload_addr=f"10.{n >> 16}.{(n >> 8) & 255}."
+                                                            f"{n & 255}:1"), 0.0)
     state.ensure_task(TaskRequest(task_id=task_id(0), length=16 * 4 * MiB,
                                   piece_size=4 * MiB), 0.0)
     for n in range(1, holders + 1):
         state.announce(Announce(peer_id=f"p{n}", task_id=task_id(0), pieces=[
             PieceClaim(index=i, chunk=chunk_id(0, i)) for i in range(16)]), 0.0)
-    reqs = [ScheduleRequest(peer_id="p0", task_id=task_id(0), pieces=[i % 16, (i + 1) % 16])
-            for i in range(calls)]
+    calls = max(1, decisions // per_call)
+    reqs = [ScheduleRequest(peer_id=f"r{k % crowd}", task_id=task_id(0),
+                            pieces=[(k // crowd + j) % 16 for j in range(per_call)])
+            for k in range(calls)]
+    kinds: Counter[str] = Counter()
     started = time.perf_counter()
     for k, r in enumerate(reqs):
-        state.schedule(r, 1.0 + k / 1000)
-    return (time.perf_counter() - started) / (2 * calls)
+        for d in state.schedule(r, 1.0 + k / 1000):
+            kinds[d.reason if d.action == "wait" and d.reason else d.action] += 1
+    return (time.perf_counter() - started) / (per_call * calls), kinds
 
 
 def median_table(runs: list[dict[str, Phase]]) -> dict[str, dict[str, float]]:
@@ -342,11 +352,18 @@ async def main() -> None:
                          "of signatures and nonces is the difference)")
     ap.add_argument("--holders", default=None, metavar="N,N,...",
                     help="only: the rule's cost per decision when every piece has N holders "
-                         "(ClusterState alone, two-piece calls), for each N")
+                         "(ClusterState alone), for each N")
+    ap.add_argument("--per-call", default="2", metavar="K,K,...",
+                    help="with --holders: pieces per schedule call, for each K")
+    ap.add_argument("--crowd", type=int, default=1,
+                    help="with --holders: this many requesters ask in turn")
     args = ap.parse_args()
     if args.holders:
         for n in (int(x) for x in args.holders.split(",")):
-            print(f"{n} holders: {decision_cost(n) * 1e6:,.1f} us per decision", flush=True)
+            for k in (int(x) for x in args.per_call.split(",")):
+                cost, kinds = decision_cost(n, k, args.crowd)
+                print(f"{n} holders, {k} per call, crowd {args.crowd}: {cost * 1e6:,.1f} us "
+                      f"per decision {dict(kinds)}", flush=True)
         return
 
     print(f"# {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "

@@ -22,7 +22,9 @@ Pure functions over plain values, so the rule can be read and tested as a table:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import random
 from dataclasses import dataclass
 
@@ -44,9 +46,14 @@ class Candidate:
 
 def decayed(value: float, since: float, now: float) -> float:
     """`value` after exponential decay from `since` to `now`."""
+    if not value:  # most holders were handed out nothing lately: no exp
+        return value
     return value * math.exp(-max(0.0, now - since) / HANDOUT_DECAY_SECONDS)
 
 
+# Cached: a requester's location is weighed against every candidate's on every decision, and a
+# fleet has few distinct locations (racks), so pairs repeat; bounded for fleets with many.
+@functools.lru_cache(maxsize=4096)
 def location_affinity(a: str, b: str) -> float:
     """Fraction of `a`'s location path shared with `b` from the root (1.0: same place)."""
     if not a or not b:
@@ -69,7 +76,11 @@ def has_free_slot(c: Candidate) -> bool:
 
 
 def score(c: Candidate, idc: str, location: str) -> float:
-    free = 1.0 - load(c) / max(1, c.upload_slots)  # negative when over its slots
+    return _score(c, load(c), idc, location)
+
+
+def _score(c: Candidate, load: float, idc: str, location: str) -> float:
+    free = 1.0 - load / max(1, c.upload_slots)  # negative when over its slots
     return (W_LOAD * free
             + W_IDC * (1.0 if idc and c.idc == idc else 0.0)
             + W_LOCATION * location_affinity(location, c.location)
@@ -81,9 +92,15 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
                  rng: random.Random | None = None) -> list[Candidate]:
     """The best `limit` candidates, best first, only those of the requester's IDC if any is;
     ties broken at random so load spreads."""
-    rng = rng or random
-    local = [c for c in candidates if idc and c.idc == idc]
-    candidates = local or candidates
-    keyed = [(has_free_slot(c), score(c, idc, location), rng.random(), c) for c in candidates]
-    keyed.sort(key=lambda t: (not t[0], -t[1], t[2]))
+    rand = (rng or random).random
+    if idc:
+        candidates = [c for c in candidates if c.idc == idc] or candidates
+    # Every admitted decision ranks up to HOLDER_SAMPLE candidates: each load computed once
+    # (has_free_slot and score each did), and a C key for the sort.
+    keyed = [((held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(), c)
+             for c in candidates]
+    keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
     return [t[3] for t in keyed[:limit]]
+
+
+_RANK_KEY = operator.itemgetter(0, 1, 2)

@@ -485,7 +485,7 @@ class ClusterState:
             piece = task.pieces.get(index)
             parents = self._parents(task, piece, requester, exclude, now)
             if isinstance(parents, str):
-                decisions.append(Decision(piece=index, action="wait", reason=parents))
+                decisions.append(_wait(index, parents))
                 continue
             if parents:
                 decisions.append(Decision(piece=index, action="parents", chunk=piece.chunk,
@@ -496,7 +496,7 @@ class ClusterState:
                 if lease.holder == req.peer_id:
                     decisions.append(self._source(index, lease, "lease"))
                 else:
-                    decisions.append(Decision(piece=index, action="wait"))
+                    decisions.append(_wait(index, None))
                 continue
             if grant is not None and grant.last == index - 1 \
                     and grant.last - grant.first + 1 < max_run:
@@ -544,29 +544,32 @@ class ClusterState:
         holders = piece.holders
         sampled = len(holders) > HOLDER_SAMPLE
         pool = self.rng.sample(list(holders), HOLDER_SAMPLE) if sampled else holders
-        candidates = self._candidates(task, pool, exclude, now)
-        usable = len(candidates)
+        # Usable holders as their records: whether to wait needs only their number and IDC.
+        # Candidates (load, decayed handouts) are built once the requester is admitted: most
+        # decisions of a crowd are `holders-busy` (346k of 390k in bench.sim kraken, 50 hosts).
+        found = self._usable(pool, exclude, now)
+        usable = len(found)
         if sampled and usable < PARENTS_PER_PIECE:
-            candidates = self._candidates(task, holders, exclude, now)  # the sample was unlucky
-            usable = len(candidates)
+            found = self._usable(holders, exclude, now)  # the sample was unlucky
+            usable = len(found)
             sampled = False
         elif sampled:  # as many usable among all as in the sample, for the children's share
             usable = max(usable, usable * len(holders) // HOLDER_SAMPLE)
         idc = requester.reg.idc
-        if idc and candidates and not any(c.idc == idc for c in candidates):
+        if idc and found and not any(p.reg.idc == idc for p in found):
             if sampled:  # the sample missed the IDC: its holders, if any, from all of them
-                candidates += self._candidates(task, self._in_idc(holders, idc), exclude, now)
+                found += self._usable(self._in_idc(holders, idc), exclude, now)
                 sampled = False  # those are all of them
-            if not any(c.idc == idc for c in candidates) \
+            if not any(p.reg.idc == idc for p in found) \
                     and self._copy_in_flight(piece, idc, requester.id, now):
                 return "idc-copy-in-flight"
-        near = sum(c.idc == idc for c in candidates) if idc else 0
+        near = sum(p.reg.idc == idc for p in found) if idc else 0
         if near:  # offered only its IDC's holders (policy): the children's share is theirs
             usable = max(near, near * len(holders) // HOLDER_SAMPLE) if sampled else near
-        if candidates and not self._admit_child(piece, requester.id, usable, now):
+        if found and not self._admit_child(piece, requester.id, usable, now):
             return "holders-busy"
-        ranked = policy.rank_parents(candidates, requester.reg.idc, requester.reg.location,
-                                     PARENTS_PER_PIECE, self.rng)
+        ranked = policy.rank_parents(self._candidates(task, found, now), requester.reg.idc,
+                                     requester.reg.location, PARENTS_PER_PIECE, self.rng)
         if ranked:
             first = self.peers[ranked[0].peer_id]
             first.handouts = ranked[0].handouts + 1.0
@@ -576,23 +579,28 @@ class ClusterState:
                                         requester.reg.transport))
                 for c in ranked]
 
-    def _candidates(self, task: TaskState, holders: Iterable[str], exclude: set[str],
-                    now: float) -> list[policy.Candidate]:
-        """The usable ones among `holders` (known, not excluded, cordoned or penalised)."""
+    def _usable(self, holders: Iterable[str], exclude: set[str], now: float
+                ) -> list[PeerState]:
+        """The usable ones among `holders` (known, not excluded, cordoned or penalised), in
+        their order (the policy breaks ties with the rng, in this order)."""
+        peers = self.peers
+        return [peer for holder_id in holders
+                if (peer := peers.get(holder_id)) is not None and holder_id not in exclude
+                and not peer.cordoned and now >= peer.penalty_until]  # PeerState.penalised
+
+    def _candidates(self, task: TaskState, holders: list[PeerState], now: float
+                    ) -> list[policy.Candidate]:
+        """What the policy weighs of each usable holder."""
         count = task.piece_count
-        out = []
-        for holder_id in holders:
-            holder = self.peers.get(holder_id)
-            if holder is None or holder_id in exclude or holder.cordoned \
-                    or holder.penalised(now):
-                continue
-            out.append(policy.Candidate(
-                peer_id=holder_id, idc=holder.reg.idc, location=holder.reg.location,
-                upload_slots=holder.reg.upload_slots,
-                active_uploads=holder.load.active_uploads,
-                handouts=policy.decayed(holder.handouts, holder.handouts_at, now),
-                complete=task.held.get(holder_id, 0) >= count, seed=holder.reg.seed))
-        return out
+        held = task.held
+        decayed = policy.decayed
+        # Positional: a Candidate per usable holder per admitted decision, and keywords cost
+        # twice as much. The order is Candidate's fields'.
+        return [policy.Candidate(
+            (reg := holder.reg).id, reg.idc, reg.location, reg.upload_slots,
+            holder.load.active_uploads, decayed(holder.handouts, holder.handouts_at, now),
+            held.get(reg.id, 0) >= count, reg.seed)
+            for holder in holders]
 
     def _in_idc(self, peer_ids: Iterable[str], idc: str) -> list[str]:
         return [p for p in peer_ids if (peer := self.peers.get(p)) is not None
@@ -618,7 +626,7 @@ class ClusterState:
         share = CHILDREN_PER_HOLDER * holders
         since = children.get(requester)
         if since is None or now - since >= self.lease_timeout or requester in piece.holders:
-            if len(children) >= share:
+            if len(children) >= share and not self._all_in_flight(piece, children, now):
                 children = {c: t for c, t in children.items()
                             if now - t < self.lease_timeout and c not in piece.holders}
             if len(children) >= share:
@@ -627,6 +635,13 @@ class ClusterState:
         children[requester] = now
         piece.children = children
         return True
+
+    def _all_in_flight(self, piece: PieceState, children: dict[str, float], now: float) -> bool:
+        """Whether no child of `piece` is done (a holder) or stale, so pruning would keep them
+        all: a crowd's every `holders-busy` rebuilt the map in Python, while these two tests
+        run in C. The oldest is in flight only if all are (a float difference is monotonic)."""
+        return not children or (now - min(children.values()) < self.lease_timeout
+                                and piece.holders.isdisjoint(children))
 
     # -- views -----------------------------------------------------------------------------
 
@@ -666,6 +681,23 @@ class ClusterState:
             return None
         return {"holder": lease.holder, "epoch": lease.epoch, "first": lease.first,
                 "last": lease.last}
+
+
+# Wait decisions are most of the answers (a crowd's `holders-busy`: two thirds of bench.sim's
+# decisions) and frozen, so they are shared, one per piece and reason, rather than validated
+# each time; bounded, since piece indices are the peers' to choose.
+_WAITS: dict[tuple[int, str | None], Decision] = {}
+_WAITS_MAX = 1 << 16
+
+
+def _wait(index: int, reason: str | None) -> Decision:
+    d = _WAITS.get((index, reason))
+    if d is None:
+        if len(_WAITS) >= _WAITS_MAX:
+            _WAITS.clear()
+        d = _WAITS[index, reason] = Decision(piece=index, action="wait") if reason is None \
+            else Decision(piece=index, action="wait", reason=reason)  # the same fields set
+    return d
 
 
 def _unique(leases: Iterable[Lease]) -> list[Lease]:
