@@ -211,3 +211,33 @@ async def test_a_ranged_read_asks_nothing_beyond_its_range(world: World) -> None
     assert await world.read(rng=rng, expect=None) == world.blob.data[rng.start:rng.end + 1]
     assert set(asks.pieces()) == set(range(5, 9))
     assert len(world.parents.fetches) == 4
+
+
+async def test_a_read_that_stops_asks_for_no_more_far_pieces(
+        world: World, window16: tuple[int, int]) -> None:
+    near, far = window16
+    gate = asyncio.Event()  # the far pieces' parent answers once the client has gone
+    fetch = world.parents.fetch
+    firsts = {world.blob.chunk(i) for i in range(near)}
+
+    async def gated(addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
+        if chunk not in firsts:
+            await gate.wait()
+        return await fetch(addr, chunk, size, priority)
+
+    world.parents.fetch = gated  # type: ignore[method-assign]
+    asks = Asks(world)
+    run = await world.open()
+    views = aiter(world.engine.read(run, ByteRange(0, len(world.blob.data) - 1),
+                                    world.blob.digest))
+    await anext(views)
+    assert len([i for i in run.inflight if i >= near]) == far, "far pieces on their way"
+    await views.aclose()  # type: ignore[attr-defined]
+    asked = len(asks.calls)
+    gate.set()
+
+    async def settled() -> bool:
+        return not run.inflight
+    await until(settled, 10, "the pieces on their way arrived")
+    assert len(asks.calls) == asked, "their arrivals asked for no more"
+    assert len(run.have) == near + far

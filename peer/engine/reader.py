@@ -274,11 +274,10 @@ class Reader:
             return True
 
         def arrived(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
-            try:
-                keep(m, j, fut)
-            finally:
-                if j in faring:
-                    faring.discard(j)
+            keep(m, j, fut)
+            if j in faring:
+                faring.discard(j)
+                if not fut.cancelled() and fut.exception() is None:  # not the engine closing
                     top_up()
 
         def keep(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
