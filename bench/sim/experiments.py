@@ -65,7 +65,34 @@ def far_rarest() -> None:
     swarm.Swarm._read = reading  # type: ignore[method-assign]
 
 
+def far_held() -> None:
+    """The far share takes only pieces some host holds (the scheduler's view): no origin
+    lease for a far piece, so the origin sends one run at a time as before."""
+    read = swarm.Swarm._read
+    walk = swarm.far_pieces
+    sim: list[swarm.Swarm] = []
+
+    def held(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
+             ) -> tuple[list[int], int]:
+        pieces = sim[-1].state.tasks[swarm.TASK].pieces
+
+        def unheld(j: int) -> bool:
+            p = pieces.get(j)
+            return skip(j) or p is None or not p.holders
+        return walk(lo, count, cursor, room, unheld)
+
+    def reading(self: swarm.Swarm, host: swarm.Host) -> None:
+        sim[:] = [self]
+        if host.cursor == -1:  # nothing held was left: look again
+            host.cursor = 0
+        read(self, host)
+
+    swarm.far_pieces = held  # type: ignore[assignment]
+    swarm.Swarm._read = reading  # type: ignore[method-assign]
+
+
 EXPERIMENTS = {
+    "far-held": far_held,
     "idc-local": idc_local,
     "in-order": in_order,
     "near-half": near_half,
