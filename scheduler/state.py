@@ -93,6 +93,11 @@ class PeerState:
     handouts: float = 0.0
     handouts_at: float = 0.0
     tasks: set[str] = field(default_factory=set)
+    # What the policy weighs of this peer, built once for this registration and load report
+    # (the `is` keys) and refreshed per decision only in what moves: its decayed handouts and
+    # whether it holds the whole task. Cache only: never stored (scheduler/redis/records.py).
+    candidate: tuple[PeerRegistration, PeerLoad, policy.Candidate] | None = field(
+        default=None, repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -590,17 +595,23 @@ class ClusterState:
 
     def _candidates(self, task: TaskState, holders: list[PeerState], now: float
                     ) -> list[policy.Candidate]:
-        """What the policy weighs of each usable holder."""
+        """What the policy weighs of each usable holder: valid until the next decision, which
+        reuses the same objects (PeerState.candidate)."""
         count = task.piece_count
         held = task.held
         decayed = policy.decayed
-        # Positional: a Candidate per usable holder per admitted decision, and keywords cost
-        # twice as much. The order is Candidate's fields'.
-        return [policy.Candidate(
-            (reg := holder.reg).id, reg.idc, reg.location, reg.upload_slots,
-            holder.load.active_uploads, decayed(holder.handouts, holder.handouts_at, now),
-            held.get(reg.id, 0) >= count, reg.seed)
-            for holder in holders]
+        out = []
+        for holder in holders:  # an admitted decision weighs up to HOLDER_SAMPLE of them
+            reg, load, cached = holder.candidate or (None, None, None)
+            if reg is not holder.reg or load is not holder.load:
+                reg, load = holder.reg, holder.load
+                cached = policy.Candidate(reg.id, reg.idc, reg.location, reg.upload_slots,
+                                          load.active_uploads, 0.0, False, reg.seed)
+                holder.candidate = (reg, load, cached)
+            cached.handouts = decayed(holder.handouts, holder.handouts_at, now)
+            cached.complete = held.get(reg.id, 0) >= count
+            out.append(cached)
+        return out
 
     def _in_idc(self, peer_ids: Iterable[str], idc: str) -> list[str]:
         return [p for p in peer_ids if (peer := self.peers.get(p)) is not None
