@@ -1105,3 +1105,43 @@ def test_an_idc_with_a_holder_spreads_it_within_its_own_share() -> None:
     assert (d.action, d.reason) == ("wait", "holders-busy")
     cl.announce(wanting[0], [0], 0.1)  # a child finished: a second near holder, room again
     assert {p.id for p in cl.one(wanting[-1], 0, 0.1).parents} <= {"near", wanting[0]}
+
+
+# --- what a decision weighs is current (PeerState.candidate caches it per report) --------------
+
+def test_a_load_reported_between_decisions_reranks_the_holders(c: Cluster) -> None:
+    c.announce("A", [0], 0.0)
+    c.announce("B", [0], 0.0)
+    c.heartbeat("A", 0.0, active=1)
+    c.heartbeat("B", 0.0, active=2)
+    assert c.parents("C", 0, 1.0) == ["A", "B"]  # the emptier first
+    c.heartbeat("A", 10.0, active=8)  # all of A's slots now busy
+    assert c.parents("D", 0, 20.0) == ["B", "A"]
+    c.heartbeat("A", 30.0, active=0)
+    c.heartbeat("B", 30.0, active=8)
+    c.peer("E", 30.0)
+    assert c.parents("E", 0, 40.0) == ["A", "B"]
+
+
+def test_a_reregistration_between_decisions_counts_its_new_slots(c: Cluster) -> None:
+    c.announce("A", [0], 0.0)
+    c.announce("B", [0], 0.0)
+    c.heartbeat("A", 0.0, active=1)
+    c.heartbeat("B", 0.0, active=2)
+    assert c.parents("C", 0, 1.0) == ["A", "B"]
+    c.s.register(PeerRegistration(id="A", upload_addr="10.0.0.1:65002", upload_slots=1), 10.0)
+    assert c.holders(0) == {"A", "B"}  # the same process keeps its holdings
+    assert c.parents("D", 0, 20.0) == ["B", "A"]  # A's one slot is in use
+
+
+def test_a_child_done_or_stale_frees_its_place_in_a_full_share(c: Cluster) -> None:
+    c.announce("A", [0], 0.0)
+    assert c.parents("B", 0, 1.0) == ["A"]
+    assert c.parents("C", 0, 1.0) == ["A"]  # A's share: CHILDREN_PER_HOLDER = 2
+    assert c.one("D", 0, 1.1) == Decision(piece=0, action="wait", reason="holders-busy")
+    c.announce("B", [0], 1.2)  # a holder now, no longer in flight; cordoned: A's share only
+    c.s.cordon("B")
+    assert c.parents("D", 0, 1.3) == ["A"]
+    c.peer("E", 1.5)
+    assert c.one("E", 0, 1.5) == Decision(piece=0, action="wait", reason="holders-busy")
+    assert c.parents("E", 0, 1.0 + LEASE) == ["A"]  # C's fetch is stale by now
