@@ -7,6 +7,7 @@ scheduler CPU per call is the figure that is the replica's own.
     python bench/sched_cpu.py --runs 3 --calls 10000 --tasks 200
     python bench/sched_cpu.py --runs 1 --py-spy /tmp/sched.txt    # a raw profile as well
     python bench/sched_cpu.py --against /tmp/old-export           # A/B, paired
+    python bench/sched_cpu.py --edge                              # in process, no sockets
 
 With --against, two schedulers run at once, this tree's and the one of the tree named, and
 every phase's calls go to both in alternating blocks (the same calls, so the same state on
@@ -175,6 +176,82 @@ async def main_paired(args: argparse.Namespace) -> None:
         print(f"| {name} | {a:.1f} | {b:.1f} | {100 * (a - b) / b:+.0f} % |")
 
 
+class _Body:
+    """A request body already received: what aiohttp's StreamReader hands `request.read()`."""
+
+    def __init__(self, data: bytes) -> None:
+        self._chunks = [b"", data]
+
+    def set_read_chunk_size(self, size: int) -> None:
+        pass
+
+    async def readany(self) -> bytes:
+        return self._chunks.pop()
+
+
+BATCH = 100
+
+
+async def edge_costs(args: argparse.Namespace) -> None:
+    """µs per call from the app's router to the handler's response (middlewares, signature,
+    parsing, store, encoding), in process: no socket, no HTTP parsing, no loop wake-ups, so
+    a change to the edge shows without most of the machine's noise: each figure is the best
+    batch of --batches (the same calls again and again: a store cost that stays put)."""
+    import time
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from common import auth
+    from scheduler.api import SchedulerAPI
+    from scheduler.store import MemoryStore
+
+    w = sb.Workload(1000, 20, args.pieces, 2000, seed=0)
+    secret = secrets.token_hex(16).encode()
+    store = MemoryStore(heartbeat_interval=60.0)
+    app = SchedulerAPI(store, scheduler_id="bench", secret=secret).app()
+    runner = web.AppRunner(app)
+    await runner.setup()  # frozen and started, as a server's
+    for r in w.regs:
+        await store.register(r)
+    for t in w.tasks:
+        await store.ensure_task(t)
+    for a in w.announce:
+        await store.announce(a)
+
+    def requests(calls: list[tuple[str, Any]]) -> list[Any]:
+        out = []
+        for path, body in calls:
+            data = body.model_dump_json().encode()
+            req = make_mocked_request("POST", "/api/v1" + path, headers={
+                "Content-Type": "application/json", "Content-Length": str(len(data)),
+                auth.HEADER: auth.sign(secret, "POST", "/api/v1" + path, data)},
+                app=app, payload=_Body(data))  # type: ignore[arg-type]
+            out.append(req)
+        return out
+
+    beats = [(f"/peers/{pid}/heartbeat", hb) for pid, hb in w.heartbeats]
+    kinds = {"heartbeat": beats, "announce16": [("/announce", a) for a in w.announce[:2000]],
+             "announce1": [("/announce", a) for a in w.announce1],
+             "schedule1": [("/schedule", r) for r in w.schedule1],
+             "schedule8": [("/schedule", r) for r in w.schedule8]}
+    print(f"| call | µs per call, router to response (best of {args.batches} batches of "
+          f"{BATCH}) |\n|---|---|")
+    for name, calls in kinds.items():
+        best = float("inf")
+        for k in range(args.batches):
+            first = k * BATCH % len(calls)
+            reqs = requests(calls[first:first + BATCH])
+            started = time.perf_counter()
+            for req in reqs:
+                resp = await app._handle(req)
+                if resp.status != 200:
+                    raise RuntimeError(f"{name}: {resp.status} {resp.body!r}")
+            best = min(best, (time.perf_counter() - started) / len(reqs))
+        print(f"| {name} | {best * 1e6:.1f} |", flush=True)
+    await runner.cleanup()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=10_000)
@@ -189,7 +266,13 @@ async def main() -> None:
     ap.add_argument("--against", default=None, metavar="TREE",
                     help="A/B: the same calls also to a scheduler run from TREE (an export)")
     ap.add_argument("--block", type=int, default=500, help="calls per block with --against")
+    ap.add_argument("--batches", type=int, default=40, help="with --edge")
+    ap.add_argument("--edge", action="store_true",
+                    help="in process: the app's cost per call from router to response")
     args = ap.parse_args()
+    if args.edge:
+        await edge_costs(args)
+        return
     if args.against:
         await main_paired(args)
         return

@@ -5,6 +5,8 @@ and the state store's failures as 503."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -46,6 +48,18 @@ async def _post(s: aiohttp.ClientSession, url: str, path: str, body: bytes,
         h[auth.HEADER] = auth.sign(SECRET, "POST", path, body)
     async with s.post(url + path, data=body, headers=h) as r:
         return r.status, CIMultiDict(r.headers), json.loads(await r.read())
+
+
+def test_the_signature_is_the_documented_hmac_whatever_the_secret() -> None:
+    """The keyed HMAC is copied per message (auth._keyed), not keyed again: the MAC must stay
+    hmac-sha256(secret, ts \\n nonce \\n METHOD \\n path \\n sha256(body)), what peers of
+    every version send, for each secret a process holds."""
+    body = b'{"peer_id":"p1"}'
+    for secret in (b"one", b"two", b"one"):
+        header = auth.sign(secret, "post", "/api/v1/schedule", body, now=1234, nonce="ab" * 16)
+        message = f"1234\n{'ab' * 16}\nPOST\n/api/v1/schedule\n" \
+                  f"{hashlib.sha256(body).hexdigest()}".encode()
+        assert header == f"1234.{'ab' * 16}." + hmac.new(secret, message, "sha256").hexdigest()
 
 
 def test_new_ids_are_16_hex_digits_and_differ() -> None:
