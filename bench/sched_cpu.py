@@ -8,6 +8,7 @@ scheduler CPU per call is the figure that is the replica's own.
     python bench/sched_cpu.py --runs 1 --py-spy /tmp/sched.txt    # a raw profile as well
     python bench/sched_cpu.py --against /tmp/old-export           # A/B, paired
     python bench/sched_cpu.py --edge                              # in process, no sockets
+    python bench/sched_cpu.py --floor                             # a bare app: aiohttp's own
 
 With --against, two schedulers run at once, this tree's and the one of the tree named, and
 every phase's calls go to both in alternating blocks (the same calls, so the same state on
@@ -32,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import scheduler as sb
-from tests.cluster import free_port
+from tests.cluster import free_port, wait_http
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -252,6 +253,78 @@ async def edge_costs(args: argparse.Namespace) -> None:
     await runner.cleanup()
 
 
+async def serve_bare(port: int) -> None:
+    """aiohttp's own cost: one POST route answering constant bytes, on `common.web.Server`
+    (the scheduler's server, connection counting and all) with no middleware."""
+    from aiohttp import web
+
+    from common.web import Server
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b'{"decisions":[]}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/api/v1/schedule", answer)
+    server = Server(app, f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+async def floor(args: argparse.Namespace) -> None:
+    """The bare app's CPU per call under the HTTP bench's schedule8 calls (signed, though
+    nothing checks them), 32 clients: what any aiohttp route costs before its handler."""
+    import aiohttp
+
+    from common import auth
+
+    w = sb.Workload(100, 20, args.pieces, args.calls, seed=0)
+    secret = secrets.token_hex(16).encode()
+    for r in range(args.runs):
+        port = free_port()
+        proc = _spawn_bare(port)
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/api/v1/schedule", ok=(405,))  # POST only
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=args.concurrency)) as s:
+                url = f"http://127.0.0.1:{port}/api/v1/schedule"
+
+                async def post(body: Any, s: aiohttp.ClientSession = s, url: str = url
+                               ) -> None:
+                    data = body.model_dump_json().encode()
+                    headers = {"Content-Type": "application/json",
+                               auth.HEADER: auth.sign(secret, "POST", "/api/v1/schedule",
+                                                      data)}
+                    async with s.post(url, data=data, headers=headers) as resp:
+                        await resp.read()
+
+                calls = [lambda b=b: post(b) for b in w.schedule8]
+                await sb.drive(calls[:1000], 1000, args.concurrency)  # warm
+                before, user = cpu_ns(proc.pid), _user_sys(proc.pid)
+                phase = await sb.drive(calls, len(calls), args.concurrency)
+                spent = cpu_ns(proc.pid) - before
+                u, k = (a - b for a, b in zip(_user_sys(proc.pid), user, strict=True))
+        finally:
+            proc.terminate()
+            proc.wait()
+        n = len(calls)
+        print(f"  run {r + 1}: {phase.calls_per_s:,.0f} calls/s, bare app CPU "
+              f"{spent / n / 1e3:.1f} us per call (user {u / n * 1e6:.1f}, sys "
+              f"{k / n * 1e6:.1f})", flush=True)
+
+
+def _spawn_bare(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
+
+
+def _user_sys(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=10_000)
@@ -269,7 +342,16 @@ async def main() -> None:
     ap.add_argument("--batches", type=int, default=40, help="with --edge")
     ap.add_argument("--edge", action="store_true",
                     help="in process: the app's cost per call from router to response")
+    ap.add_argument("--floor", action="store_true",
+                    help="a bare aiohttp app's CPU per call (aiohttp's own cost)")
+    ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_bare is not None:
+        await serve_bare(args.serve_bare)
+        return
+    if args.floor:
+        await floor(args)
+        return
     if args.edge:
         await edge_costs(args)
         return
