@@ -70,9 +70,10 @@ class Waiters:
     A call is registered before it first decides, so a change that lands while it decides
     still counts; woken by an announcement it re-decides only the pieces announced since
     (scheduler/waiting.py says what wakes what), by a task-wide change or every
-    `RECHECK_SECONDS` all of them. A store that hears of changes from elsewhere (`watch`) starts
-    listening once the call must wait, then decides every piece again: what changed before it
-    listened went unheard.
+    `RECHECK_SECONDS` all of them. A peer's next call takes over the waits its last call was
+    answered with, if recent and not announced since (`Parking.take`). A store that hears of
+    changes from elsewhere (`watch`) starts listening once the call must wait, then decides
+    every piece again: what changed before it listened went unheard.
     """
 
     def __init__(self, watch: Callable[[str], Awaitable[None]] | None = None,
@@ -93,7 +94,7 @@ class Waiters:
         (waking every parked call on every announcement made the scheduler re-decide ~16
         calls per announcement); else every call, in full."""
         parking = self._parked.get(task_id)
-        if not parking:
+        if parking is None:  # no call on this task parked, nor answered and remembered
             return
         calls = parking.everyone() if pieces is None \
             else parking.announced(pieces, WAKE_PER_PIECE)
@@ -113,9 +114,10 @@ class Waiters:
             return await decide(req)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_ms / 1000
-        call = Parked(req.pieces, RECHECK_SECONDS)
-        event = asyncio.Event()
         parking = self._parked.setdefault(req.task_id, Parking())
+        key = (req.peer_id, req.registry, frozenset(req.exclude))  # what else decides
+        call = parking.take(key, req.pieces, RECHECK_SECONDS, loop.time())
+        event = asyncio.Event()
         parking.park(call)
         self._events[call] = event
         watching = False
@@ -131,6 +133,7 @@ class Waiters:
                 else:
                     answer = call.answer()
                 if done(answer) or loop.time() >= deadline:
+                    parking.leave(call, key, loop.time())
                     return answer
                 if self._watch is not None and not watching:
                     watching = True
@@ -144,12 +147,13 @@ class Waiters:
                                            min(deadline, call.recheck_at) - loop.time())
                 except TimeoutError:
                     if loop.time() >= deadline:
+                        parking.leave(call, key, loop.time())
                         return call.answer()
                     call.changed_all()
         finally:
             parking.unpark(call)
             del self._events[call]
-            if not parking and self._parked.get(req.task_id) is parking:
+            if parking.empty(loop.time()) and self._parked.get(req.task_id) is parking:
                 del self._parked[req.task_id]
             if watching and self._unwatch is not None:
                 self._unwatch(req.task_id)

@@ -25,7 +25,7 @@ read's origin fallback back until the next full decision), never a wrong fetch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 from common.models import Announce, Decision
 
@@ -95,17 +95,67 @@ class Parked:
 
 class Parking:
     """The calls parked on one task, oldest first, and by piece: an announcement touches only
-    the calls asking for a piece it adds."""
+    the calls asking for a piece it adds.
 
-    __slots__ = ("_calls", "_on", "_seq")
+    It also remembers, until their recheck time, the waits of calls answered: a call answered
+    because one of its pieces is not `wait` any more leaves the client to ask again at once for
+    the others (the batcher), and their first decision in the next call is the one a woken call
+    was spared. The next call with the same key (the driver's: a peer, its registry, its
+    excluded parents) takes them over (`take`), with what was announced since.
+    """
+
+    __slots__ = ("_calls", "_left", "_on", "_seq")
 
     def __init__(self) -> None:
         self._calls: dict[Parked, None] = {}
-        self._on: dict[int, dict[Parked, None]] = {}
+        self._left: dict[Hashable, Parked] = {}  # answered calls' waits, by key, oldest first
+        self._on: dict[int, dict[Parked, None]] = {}  # parked and answered calls, by piece
         self._seq = 0
 
     def __len__(self) -> int:
+        """How many calls are parked."""
         return len(self._calls)
+
+    def empty(self, now: float) -> bool:
+        """Whether nothing is parked and nothing remembered (what expired is forgotten)."""
+        self._sweep(now)
+        return not self._calls and not self._left
+
+    def take(self, key: Hashable, pieces: Iterable[int], recheck: float,
+             now: float) -> Parked:
+        """A new call: what the last call answered with this `key` left as `wait`, not
+        announced since and decided within `recheck`, is its answer so far; the rest is due."""
+        call = Parked(pieces, recheck)
+        left = self._left.pop(key, None)
+        if left is None:
+            return call
+        self._unindex(left)
+        if now >= left.recheck_at:
+            return call
+        last, changed = left._last, left._changed
+        for i in call.pieces:
+            d = last.get(i)
+            if d is not None and d.action == "wait" and i not in changed:
+                call._last[i] = d
+        if call._last:
+            call._all = False
+            call._changed = {i for i in call.pieces if i not in call._last}
+            call.recheck_at = left.recheck_at  # as old as the decisions it took over
+        return call
+
+    def leave(self, call: Parked, key: Hashable, now: float) -> None:
+        """`call` was answered: no longer parked; its waits are remembered for `key`."""
+        self.unpark(call)
+        self._sweep(now)
+        if call._all or now >= call.recheck_at \
+                or not any(d.action == "wait" for d in call._last.values()):
+            return
+        old = self._left.pop(key, None)
+        if old is not None:
+            self._unindex(old)
+        call.woken = True  # never woken: it only records what is announced
+        self._left[key] = call
+        self._index(call)
 
     def park(self, call: Parked) -> None:
         if call in self._calls:
@@ -113,19 +163,36 @@ class Parking:
         self._seq += 1
         call.seq = self._seq
         self._calls[call] = None
-        for i in call.pieces:
-            self._on.setdefault(i, {})[call] = None
+        self._index(call)
 
     def unpark(self, call: Parked) -> None:
         if call not in self._calls:
             return
         del self._calls[call]
+        self._unindex(call)
+
+    def _index(self, call: Parked) -> None:
+        for i in call.pieces:
+            self._on.setdefault(i, {})[call] = None
+
+    def _unindex(self, call: Parked) -> None:
         for i in call.pieces:
             on = self._on.get(i)
             if on is not None:
                 on.pop(call, None)
                 if not on:
                     del self._on[i]
+
+    def _sweep(self, now: float) -> None:
+        """Forget remembered waits past their recheck time, oldest first (roughly: the first
+        still fresh stops the sweep)."""
+        left = self._left
+        while left:
+            key, call = next(iter(left.items()))
+            if now < call.recheck_at:
+                return
+            del left[key]
+            self._unindex(call)
 
     def announced(self, pieces: Iterable[int], per_piece: int) -> list[Parked]:
         """`pieces` were announced: each is due on every call asking for it; the calls to
@@ -149,7 +216,10 @@ class Parking:
         return waking
 
     def everyone(self) -> list[Parked]:
-        """A task-wide change: every call is due in full, and woken."""
+        """A task-wide change: every call is due in full, and woken; nothing remembered holds."""
+        for call in self._left.values():
+            self._unindex(call)
+        self._left.clear()
         calls = list(self._calls)
         for call in calls:
             call.changed_all()

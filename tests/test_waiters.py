@@ -281,3 +281,64 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
     waiters.notify_all()  # every call re-decides
     await asyncio.wait(calls, timeout=5)
     assert all(c.done() for c in calls) and waiters.waiting(TASK) == 0
+
+
+def answered(parking: Parking, key: object, pieces: tuple[int, ...], now: float,
+             ready: int) -> Parked:
+    """A call decided at `now`, parked, then answered because `ready` is not a wait."""
+    call = parking.take(key, pieces, 0.25, now)
+    parking.park(call)
+    due = call.begin(now)
+    call.decided([Decision(piece=i, action="parents" if i == ready else "wait",
+                           reason=None if i == ready else "holders-busy", parents=[])
+                  for i in due])
+    parking.leave(call, key, now)
+    return call
+
+
+def test_a_peers_next_call_takes_over_the_waits_it_was_just_answered_with() -> None:
+    parking = Parking()
+    answered(parking, "p", (1, 2, 3), 0.0, ready=1)
+    assert len(parking) == 0 and not parking.empty(0.1)
+    parking.announced([3], per_piece=4)  # remembered: recorded, never woken
+    nxt = parking.take("p", (2, 3, 4, 1), 0.25, 0.1)
+    # 2 is as last decided; 3 was announced since, 4 is new, 1 was not a wait: due.
+    assert nxt.begin(0.1) == (3, 4, 1)
+    assert nxt.recheck_at == 0.25  # as old as the wait it took over
+    answer = nxt.decided(waits((3, 4, 1)))
+    assert [d.piece for d in answer] == [2, 3, 4, 1] and not done(answer)
+    assert parking.empty(0.1)  # taken: nothing remembered any more
+
+
+def test_remembered_waits_hold_only_for_the_same_key_within_the_recheck_time() -> None:
+    parking = Parking()
+    answered(parking, ("p", ()), (1, 2), 0.0, ready=1)
+    other = parking.take(("p", ("q",)), (2,), 0.25, 0.1)  # other parents excluded
+    assert other.begin(0.1) == (2,) and other.recheck_at == 0.35
+    answered(parking, "p", (1, 2), 0.0, ready=1)
+    late = parking.take("p", (2,), 0.25, 0.3)  # past the first decision's recheck time
+    assert late.begin(0.3) == (2,) and late.recheck_at == 0.55
+    answered(parking, "p", (1, 2), 1.0, ready=1)
+    parking.everyone()  # a task-wide change: what was remembered may be wrong
+    assert parking.empty(1.0)
+    assert parking.take("p", (2,), 0.25, 1.1).begin(1.1) == (2,)
+    answered(parking, "p", (1, 2), 2.0, ready=1)
+    assert not parking.empty(2.1) and parking.empty(2.25)  # forgotten at its recheck time
+
+
+async def test_a_peers_next_call_decides_only_what_its_last_answer_did_not_settle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    waiters, rules = Waiters(), Rules()
+    first = park(waiters, rules, "a", [1, 2, 3])
+    await rules.asked_by("a", 1)
+    await asyncio.sleep(0)
+    rules.ready.add(1)
+    waiters.notify(TASK, [1])
+    assert [d.action for d in await first] == ["source", "wait", "wait"]
+    waiters.notify(TASK, [3])  # nobody parked on 3 any more; remembered all the same
+    again = park(waiters, rules, "a", [2, 3, 4])  # the batcher asks again, and for more
+    assert await rules.asked_by("a", 3) == [(1, 2, 3), (1,), (3, 4)]
+    rules.ready.add(2)
+    waiters.notify(TASK, [2])
+    assert [d.action for d in await again] == ["source", "wait", "wait"]

@@ -405,9 +405,17 @@ class Swarm:
         if not self.up or call.session != self.session:
             self._answer_later(call, None)
             return
-        call.deadline = self.clock.now + LONG_POLL_MS / 1000
-        call.parked = Parked(call.req.pieces, scheduler.store.RECHECK_SECONDS)
+        now = self.clock.now
+        call.deadline = now + LONG_POLL_MS / 1000
+        call.parked = self.parked.take(self._key(call), call.req.pieces,
+                                       scheduler.store.RECHECK_SECONDS, now)
         self._decide(call)
+
+    @staticmethod
+    def _key(call: Call) -> tuple:
+        """`Waiters.schedule`'s: what besides the pieces a decision depends on."""
+        req = call.req
+        return req.peer_id, req.registry, frozenset(req.exclude)
 
     def _decide(self, call: Call) -> None:
         """One turn of `Waiters.schedule`'s loop (scheduler/store.py)."""
@@ -448,7 +456,7 @@ class Swarm:
         else:
             answer = parked.answer()
         if now >= call.deadline or done(answer):
-            self._unpark(call)
+            self._leave(call)
             self._answer_later(call, answer)
             return
         if parked not in self.calls:
@@ -466,7 +474,7 @@ class Swarm:
         parked = call.parked
         assert parked is not None
         if at >= call.deadline:  # the long poll ends with its last answer
-            self._unpark(call)
+            self._leave(call)
             self._answer_later(call, parked.answer())
             return
         parked.changed_all()
@@ -476,6 +484,11 @@ class Swarm:
         if not call.waking and not call.done:
             call.waking = True
             self.clock.after(0.0, self._decide, call)
+
+    def _leave(self, call: Call) -> None:
+        assert call.parked is not None
+        self.calls.pop(call.parked, None)
+        self.parked.leave(call.parked, self._key(call), self.clock.now)
 
     def _unpark(self, call: Call) -> None:
         if call.parked is not None and self.calls.pop(call.parked, None) is not None:
