@@ -1,0 +1,102 @@
+"""The Redis store's CPU per call in the replica, without HTTP: a fleet pull's calls on one task.
+
+`--peers` peers pull one task of `--pieces` 4 MiB pieces in step: each round, every peer asks for
+its next 2 pieces and tells of its last 2 (a schedule call carrying claims, as the outbox sends
+them), all at once, against one redis-server started here. `--seeds` peers hold every piece from
+the start, so decisions find parents. `--mode one` makes each call `announce_and_schedule` (one
+store operation), `--mode two` an `announce` then a `schedule` (what the API did before, and
+does for a store without it). Printed: this process's CPU per call and pieces per CPU-second
+(the load is generated in-process too, but it is a few model constructions per call).
+
+    python -m bench.redis_calls --mode one|two [--peers 64 --pieces 200 --seeds 4 --idcs 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from common.models import Announce, PeerRegistration, PieceClaim, ScheduleRequest, TaskRequest
+from common.pieces import MiB
+from scheduler.redis_store import RedisStore
+from tests.redis_servers import RedisServer
+
+TASK = "sha256:" + "e" * 64
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def chunk(i: int) -> str:
+    return f"blake3:{i:064x}"
+
+
+def claims(indices: range) -> list[PieceClaim]:
+    return [PieceClaim(index=i, chunk=chunk(i)) for i in indices]
+
+
+async def pull(url: str, args: argparse.Namespace) -> None:
+    s = RedisStore.from_url(url, heartbeat_interval=60.0, lease_timeout=2.0,
+                            rng=random.Random(1))
+    peers = [f"p{i:04d}" for i in range(args.peers)]
+    seeds = [f"s{i}" for i in range(args.seeds)]
+    for n, pid in enumerate(peers + seeds):
+        await s.register(PeerRegistration(
+            id=pid, upload_addr=f"10.0.{n // 250}.{n % 250}:65002", upload_slots=64,
+            idc=f"idc{n % args.idcs}" if args.idcs else ""))
+    await s.ensure_task(TaskRequest(task_id=TASK, length=args.pieces * 4 * MiB,
+                                    piece_size=4 * MiB))
+    for seed in seeds:
+        await s.announce(Announce(peer_id=seed, task_id=TASK,
+                                  pieces=claims(range(args.pieces))))
+
+    async def step(pid: str, r: int) -> None:
+        ann = Announce(peer_id=pid, task_id=TASK, pieces=claims(range(max(0, 2 * r - 2), 2 * r)))
+        req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[2 * r, 2 * r + 1],
+                              announce=ann if r else None)
+        if not r:
+            await s.schedule(req)
+        elif args.mode == "one":
+            await s.announce_and_schedule(ann, req)
+        else:
+            await s.announce(ann)
+            await s.schedule(req)
+
+    calls = 0
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    for r in range(args.pieces // 2):
+        await asyncio.gather(*(step(pid, r) for pid in peers))
+        calls += len(peers)
+    cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+    print(f"mode={args.mode} peers={args.peers} seeds={args.seeds} idcs={args.idcs} "
+          f"calls={calls} cpu={cpu:.2f}s wall={wall:.2f}s cpu/call={1e3 * cpu / calls:.3f}ms "
+          f"pieces/cpu-s={2 * calls / cpu:,.0f}")
+    await s.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.redis_calls",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=["one", "two"], default="one")
+    ap.add_argument("--peers", type=int, default=64)
+    ap.add_argument("--pieces", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--idcs", type=int, default=0, help="IDC labels, round robin (0: none)")
+    args = ap.parse_args()
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="naiad-redis-calls-")))
+    server.wait_ready()
+    try:
+        asyncio.run(pull(server.url, args))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
