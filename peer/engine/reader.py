@@ -2,12 +2,12 @@
 
 A reader walks the pieces covering its range in order with a bounded read-ahead
 (`readahead_pieces` asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker
-threads), so the first byte goes out before the last piece is fetched and memory stays flat. A
-whole-blob read asks only a quarter of that window in order and keeps the rest in flight from
-a point of the blob drawn for the read (`split_window`, `far_pieces`), so hosts reading one
-blob at once do not all want the same pieces:
+threads), so the first byte goes out before the last piece is fetched and memory stays flat:
 a piece fetched further ahead than HELD_BYTES is not held once stored (`holds`), it is
-read back from the store (the page cache) when the reader gets there. A whole-blob read is
+read back from the store (the page cache) when the reader gets there. A whole-blob read asks
+only a quarter of that window in order and keeps the rest in flight from a point of the blob
+drawn for the read (`split_window`, `far_pieces`), so hosts reading one blob at once do not
+all want the same pieces. A whole-blob read is
 checked against its digest before its last bytes go out. Also: where a read's bytes will come
 from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
 the background prefetch of the rest of a task.
@@ -52,9 +52,11 @@ HELD_BYTES = 16 * MiB
 PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (all held)
 # A whole-blob read asks 1/NEAR_SHARE of its window in order (what the client reads next) and
 # the rest from its far cursor. Every host reading in order made all of them want the same few
-# pieces at once: each piece spread as a tree of busy holders before any host moved on, and most
-# asks were answered holders-busy (bench.sim kraken, 100 hosts: 2.14x the fluid bound). Started
-# apart, hosts hold what the others lack: 1.19x, with fewer decisions (docs/benchmarks.md).
+# pieces at once: the origin fed one lease holder at a time at that host's downlink, and each
+# piece spread as a tree of busy holders (bench.sim kraken, 100 hosts: 2.20x the fluid bound,
+# 28,870 decisions/s). Started apart, hosts take origin runs at several points and hold what the
+# others lack: 1.21x, 9,999 decisions/s. The price, where the origin is the bottleneck or a
+# first holder is a bad one: docs/benchmarks.md. NEAR_SHARE = 1 is the old order.
 NEAR_SHARE = 4
 PLAN_WAIT = 2.0
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
