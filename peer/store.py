@@ -175,23 +175,31 @@ class _Writer:
         self._more = threading.Condition()
         self._queue: list[_Put] = []
         self._running = False
+        self._stopping = False
 
     def submit(self, put: _Put) -> None:
         with self._more:
             self._queue.append(put)
+            self._stopping = False
             if self._running:
                 self._more.notify()
                 return
             self._running = True
         threading.Thread(target=self._run, name="naiad-store-writer", daemon=True).start()
 
+    def stop(self) -> None:
+        """End the thread once what is queued is written (the store is closing)."""
+        with self._more:
+            self._stopping = True
+            self._more.notify()
+
     def _run(self) -> None:
         while True:
             with self._more:
-                if not self._queue:
+                if not self._queue and not self._stopping:
                     self._more.wait(WRITER_IDLE)
                 if not self._queue:
-                    self._running = False
+                    self._running = self._stopping = False
                     return
                 puts, self._queue = self._queue, []
             rounds: dict[asyncio.AbstractEventLoop, list[_Put]] = {}
@@ -404,6 +412,7 @@ class ChunkStore:
             log.info("removed %d chunk files no task refers to", removed)
 
     def close(self) -> None:
+        self._writer.stop()
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()

@@ -108,3 +108,17 @@ async def test_the_writer_thread_ends_when_idle_and_starts_again(
     assert not store._writer._running
     await store.put_piece(meta.task_id, 1, ids.chunk_id(second), second)
     assert len(store.pieces(meta.task_id)) == 2
+
+
+async def test_closing_the_store_ends_its_writer_thread(store: ChunkStore) -> None:
+    meta = _meta(1)
+    store.put_task(meta)
+    data = os.urandom(PIECE)
+    await store.put_piece(meta.task_id, 0, ids.chunk_id(data), data)
+    assert store._writer._running  # idle for WRITER_IDLE (5 s) before it would end alone
+    store.close()
+    for _ in range(100):  # well within WRITER_IDLE
+        if not store._writer._running:
+            break
+        await asyncio.sleep(0.01)
+    assert not store._writer._running
