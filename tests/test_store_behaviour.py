@@ -1166,3 +1166,16 @@ async def test_concurrent_calls_on_a_task_run_as_one_with_the_answers_of_one_by_
     finally:
         await mem.close()
         await red.close()
+
+
+async def test_claims_riding_a_long_poll_that_takes_over_waits_still_count(h: Harness) -> None:
+    """A poll answered once one of its pieces was ready leaves its other waits to the peer's
+    next poll, which takes them over: its claims are recorded all the same."""
+    s = h.store
+    await setup(s, "A", "B", "C")
+    await one(s, "B", 0)  # B leases 0: A waits for it
+    (d0, d1) = await schedule(s, "A", [0, 1], wait_ms=5_000)
+    assert (d0.action, d1.action) == ("wait", "source")
+    reply, (d,) = await announce_and_schedule(s, "A", [1], [0], wait_ms=1)
+    assert reply.accepted == 1 and d.action == "wait"
+    assert await holders(s, 1) == ["A"]

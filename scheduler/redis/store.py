@@ -564,6 +564,8 @@ class RedisStore:
             replies.append(reply)
             return decisions
         decisions = await self.waiters.schedule(req, decide)
+        if not replies:  # answered with waits a poll before it left, undecided: claims count
+            replies.append(await self.announce(ann))
         return replies[0], decisions
 
     async def _announce_and_decide(self, ann: Announce, req: ScheduleRequest
