@@ -14,11 +14,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from common import ids
 from common.limits import BACKGROUND, DEFAULT
 from common.metrics import PeerMetrics
 from common.tasks import TaskSet, consume_exception
 from peer.engine.run import OriginRun, TaskRun
+from peer.engine.sealing import chunk_id_of
 from peer.engine.seams import Clock, OriginSource, Scheduler
 from peer.origin import OriginError
 
@@ -147,9 +147,7 @@ class OriginRuns:
         (asyncio.wait in the run does not look at this task's outcome)."""
         fut = orun.pieces[index]
         try:
-            # In a worker thread whatever the size (blake3 releases the GIL): the loop is the
-            # busy part of a cold pull, receiving the next piece and serving the client.
-            chunk = await asyncio.to_thread(ids.chunk_id, data)
+            chunk = await chunk_id_of(data)
             if index not in run.have:
                 await self.keep(run, index, chunk, data, "origin")
                 self.metrics.piece_seconds.labels("origin").observe(
