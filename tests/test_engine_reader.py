@@ -123,10 +123,10 @@ async def test_pieces_passing_through_uncached_are_held_until_reached(world: Wor
 
 # -- the ask order: a whole read's far share ------------------------------------------------
 
-def test_a_whole_read_asks_a_quarter_of_its_window_in_order_a_ranged_read_all_of_it() -> None:
-    assert reader.split_window(16, whole=True) == (4, 12)
+def test_a_whole_read_keeps_three_quarters_of_a_window_far_a_ranged_read_none() -> None:
+    assert reader.split_window(16, whole=True) == (16, 12)
     assert reader.split_window(16, whole=False) == (16, 0), "nydusd's ranges: in order"
-    assert reader.split_window(2, whole=True) == (1, 1)
+    assert reader.split_window(4, whole=True) == (4, 3)
 
 
 def test_the_far_cursor_walks_up_then_wraps_round_to_the_in_order_share() -> None:
@@ -168,20 +168,20 @@ class StartAt:
 
 
 @pytest.fixture
-def window16(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
-    """A window of 16 pieces (4 in order, 12 far) over the 24 of the blob."""
-    monkeypatch.setattr(reader, "readahead_pieces", lambda size, readahead=0: 16)
-    return reader.split_window(16, whole=True)
+def window8(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """A window of 8 pieces in order and 6 far, over the 24 of the blob."""
+    monkeypatch.setattr(reader, "readahead_pieces", lambda size, readahead=0: 8)
+    return reader.split_window(8, whole=True)
 
 
 async def test_a_whole_read_asks_its_far_share_from_its_drawn_start(
-        world: World, window16: tuple[int, int]) -> None:
-    near, far = window16
+        world: World, window8: tuple[int, int]) -> None:
+    near, far = window8
     world.engine.reader.rng = StartAt(COUNT - 3)  # type: ignore[assignment]
     asks = Asks(world)
     run = await world.open()
     got, views = await paused_after_first_piece(world, run, COUNT)
-    assert asks.pieces()[:near + far] == [0, 1, 2, 3, 21, 22, 23, *range(4, 13)], \
+    assert asks.pieces()[:near + far] == [*range(8), 21, 22, 23, 8, 9, 10], \
         "in order what the client reads next, then from the drawn start, round to the first"
     assert world.scheduler.calls[0][0] == asks.pieces()[:near + far], "in one batch"
     assert len(run.have) == COUNT, "topped up as they came in, the reader standing still"
@@ -196,8 +196,8 @@ async def test_a_whole_read_asks_its_far_share_from_its_drawn_start(
 
 
 async def test_far_pieces_are_never_asked_as_on_demand(
-        world: World, window16: tuple[int, int]) -> None:
-    near, far = window16
+        world: World, window8: tuple[int, int]) -> None:
+    near, far = window8
     world.engine.reader.rng = StartAt(10)  # type: ignore[assignment]
     asks = Asks(world)
     assert await world.read(priority=ON_DEMAND) == world.blob.data
@@ -214,8 +214,8 @@ async def test_a_ranged_read_asks_nothing_beyond_its_range(world: World) -> None
 
 
 async def test_a_read_that_stops_asks_for_no_more_far_pieces(
-        world: World, window16: tuple[int, int]) -> None:
-    near, far = window16
+        world: World, window8: tuple[int, int]) -> None:
+    near, far = window8
     gate = asyncio.Event()  # the far pieces' parent answers once the client has gone
     fetch = world.parents.fetch
     firsts = {world.blob.chunk(i) for i in range(near)}

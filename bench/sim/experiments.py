@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-import peer.engine.reader
 import scheduler.policy
 import scheduler.state
 from bench.sim import swarm
@@ -38,9 +37,11 @@ def in_order() -> None:
     swarm.split_window = lambda window, whole: (window, 0)  # type: ignore[assignment]
 
 
-def near_half() -> None:
-    """Half the window in order, half far (reader.py: a quarter in order)."""
-    peer.engine.reader.NEAR_SHARE = 2
+def near_quarter() -> None:
+    """A quarter of the window in order and the rest far (23a5b0a), in place of the whole
+    window in order and three quarters of one far (reader.py)."""
+    swarm.split_window = lambda window, whole: (  # type: ignore[assignment]
+        (max(1, window // 4), window - max(1, window // 4)) if whole else (window, 0))
 
 
 def far_rarest() -> None:
@@ -95,6 +96,6 @@ EXPERIMENTS = {
     "far-held": far_held,
     "idc-local": idc_local,
     "in-order": in_order,
-    "near-half": near_half,
+    "near-quarter": near_quarter,
     "far-rarest": far_rarest,
 }

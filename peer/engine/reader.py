@@ -4,10 +4,10 @@ A reader walks the pieces covering its range in order with a bounded read-ahead
 (`readahead_pieces` asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker
 threads), so the first byte goes out before the last piece is fetched and memory stays flat:
 a piece fetched further ahead than HELD_BYTES is not held once stored (`holds`), it is
-read back from the store (the page cache) when the reader gets there. A whole-blob read asks
-only a quarter of that window in order and keeps the rest in flight from a point of the blob
-drawn for the read (`split_window`, `far_pieces`), so hosts reading one blob at once do not
-all want the same pieces. A whole-blob read is
+read back from the store (the page cache) when the reader gets there. A whole-blob read also
+keeps three quarters of a window in flight from a point of the blob drawn for the read
+(`split_window`, `far_pieces`), so hosts reading one blob at once do not all want the same
+pieces. A whole-blob read is
 checked against its digest before its last bytes go out. Also: where a read's bytes will come
 from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
 the background prefetch of the rest of a task.
@@ -50,14 +50,16 @@ LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
 # verify-on-serve, a second hash each.
 HELD_BYTES = 16 * MiB
 PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (all held)
-# A whole-blob read asks 1/NEAR_SHARE of its window in order (what the client reads next) and
-# the rest from its far cursor. Every host reading in order made all of them want the same few
-# pieces at once: the origin fed one lease holder at a time at that host's downlink, and each
-# piece spread as a tree of busy holders (bench.sim kraken, 100 hosts: 2.20x the fluid bound,
-# 28,870 decisions/s). Started apart, hosts take origin runs at several points and hold what the
-# others lack: 1.21x, 9,999 decisions/s. The price, where the origin is the bottleneck or a
-# first holder is a bad one: docs/benchmarks.md. NEAR_SHARE = 1 is the old order.
-NEAR_SHARE = 4
+# A whole-blob read keeps, beside its window in order (what the client reads next), FAR_SHARE
+# quarters of a window in flight from its far cursor. Every host reading in order made all of
+# them want the same few pieces at once: the origin fed one lease holder at a time at that
+# host's downlink, and each piece spread as a tree of busy holders (bench.sim kraken, 50 hosts:
+# 2.11x the fluid bound, 13,200 decisions/s). Started apart, hosts take origin runs at several
+# points and hold what the others lack: 1.19x, 7,387 decisions/s. Asking only a quarter of the
+# window in order (the rest far) gave kraken a better p99 (1.28x, not 1.38x) but slowed
+# origin-bound swarms (lab16 p50 1.40x -> 1.44x; this: 1.39x) and a lone reader's pipeline
+# (refills of 2 pieces). FAR_SHARE = 0 is the old order.
+FAR_SHARE = 3
 PLAN_WAIT = 2.0
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
 PREFETCH_TASKS = 2  # tasks prefetched at once
@@ -73,13 +75,10 @@ def readahead_pieces(piece_size: int, readahead: int = READAHEAD_BYTES) -> int:
 
 
 def split_window(window: int, whole: bool) -> tuple[int, int]:
-    """A read's window as (pieces asked in order, pieces asked from its far cursor). A ranged
-    read (nydusd's) asks in order and nothing beyond its range; a whole-blob read will need
-    every piece, so most of its window may go anywhere in the blob."""
-    if not whole:
-        return window, 0
-    near = max(1, window // NEAR_SHARE)
-    return near, window - near
+    """(pieces asked in order, pieces asked from the far cursor) for a read with this window.
+    A ranged read (nydusd's) asks in order and nothing beyond its range; a whole-blob read will
+    need every piece, so it also keeps some in flight anywhere in the blob."""
+    return window, window * FAR_SHARE // 4 if whole else 0
 
 
 def far_pieces(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
