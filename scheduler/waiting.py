@@ -14,13 +14,15 @@ has its wake-up here:
 * the clock: a lease lapses without progress, a child's handout or a penalty ages out
   (`lease_timeout`, PENALTY_SECONDS), and whatever else changes a decision without a
   notification (a withdrawal, a corrupt report, a cordon, a peer's new process forgetting its
-  holdings, another holder sample): the recheck timer,
-  every piece, every `recheck` seconds from the last full decision whatever woke the call in
-  between, so a call woken often by some of its pieces still has the others looked at.
+  holdings, another holder sample): the recheck timer, every piece, every `recheck` seconds
+  from the last full decision whatever woke the call in between, so a call woken often by some
+  of its pieces still has the others looked at.
 
-The merged answer keeps the last `wait` of each piece not re-decided; the client asks again for
-every `wait` it is answered (the batcher), so a stale one costs a re-ask (or holds an on-demand
-read's origin fallback back until the next full decision), never a wrong fetch.
+The merged answer keeps the last `wait` of each piece not re-decided, and a peer's next call
+takes over the waits its last one was answered with (`Parking.take`, within the same recheck
+time); the client asks again for every `wait` it is answered (the batcher), so a stale one costs
+a re-ask (or holds an on-demand read's origin fallback back until the next full decision),
+never a wrong fetch.
 """
 
 from __future__ import annotations
