@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,6 +104,24 @@ async def test_far_pieces_fetched_ahead_are_stored_not_held_and_read_back(world:
     assert world.downloaded("peer") == len(world.blob.data)
     assert world.downloaded("local") == 0, "read back, not counted a second time"
     assert len(world.parents.fetches) == COUNT, "nothing fetched twice"
+
+
+async def test_a_far_piece_altered_at_rest_is_caught_when_read_back(world: World) -> None:
+    """Verify-on-serve re-hashes a far piece read back even though this read fetched it: an
+    in-place rewrite with its mtime put back passes a stat stamp, not the hash."""
+    run = await world.open()
+    got, views = await paused_after_first_piece(world, run, COUNT)
+    far = COUNT - 1
+    path = world.store.chunk_path(run.have[far])
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 16)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    async with contextlib.aclosing(views):  # type: ignore[type-var]
+        async for view in views:
+            got += view
+    assert bytes(got) == world.blob.data, "the altered bytes never reached the reader"
+    assert len(world.parents.fetches) == COUNT + 1, "the altered piece was fetched again"
 
 
 async def test_pieces_passing_through_uncached_are_held_until_reached(world: World) -> None:

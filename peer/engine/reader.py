@@ -371,9 +371,10 @@ class Reader:
 
     async def _piece(self, run: TaskRun, index: int, priority: int,
                      fetched: bool = False) -> bytes:
-        """A piece's verified bytes: from the store (re-hashed with verify-on-serve), or from
-        the fetch already under way. A piece this read `fetched` and let go was counted where
-        it came from, and needs no re-hash if its file is still the one written."""
+        """A piece's verified bytes: from the store (re-hashed with verify-on-serve, even a
+        piece this read fetched and let go moments ago; without it, re-hashed when its file
+        changed since written: `ChunkStore.read_chunk`), or from the fetch already under way.
+        A piece this read `fetched` was counted where it came from."""
         for _ in range(3):
             fut = run.inflight.get(index)
             if fut is not None:
@@ -382,9 +383,8 @@ class Reader:
             if chunk is None:
                 self.ensure(run, index, priority)
                 continue
-            verify = self.verify_on_serve and not (fetched and self.store.unchanged(chunk))
             try:
-                data = await self.store.read_chunk(chunk, verify=verify)
+                data = await self.store.read_chunk(chunk, verify=self.verify_on_serve)
             except (ChunkCorrupt, OSError):  # rotten, gone, or unreadable: fetch it again
                 self.storage.drop_chunk(chunk)
                 continue
