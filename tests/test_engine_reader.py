@@ -143,9 +143,10 @@ async def test_pieces_passing_through_uncached_are_held_until_reached(world: Wor
 # -- the ask order: a whole read's far share ------------------------------------------------
 
 def test_a_whole_read_keeps_three_quarters_of_a_window_far_a_ranged_read_none() -> None:
-    assert reader.split_window(16, whole=True) == (16, 12)
-    assert reader.split_window(16, whole=False) == (16, 0), "nydusd's ranges: in order"
-    assert reader.split_window(4, whole=True) == (4, 3)
+    assert reader.split_window(16, whole=True) == (16, 16 * reader.FAR_SHARE // 4)
+    assert reader.split_window(16, whole=True, far_share=3) == (16, 12)
+    assert reader.split_window(16, whole=False, far_share=3) == (16, 0), "nydusd's: in order"
+    assert reader.split_window(4, whole=True, far_share=3) == (4, 3)
 
 
 def test_the_far_cursor_walks_up_then_wraps_round_to_the_in_order_share() -> None:
@@ -188,8 +189,9 @@ class StartAt:
 
 @pytest.fixture
 def window8(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
-    """A window of 8 pieces in order and 6 far, over the 24 of the blob."""
+    """A window of 8 pieces in order and 6 far, over the 24 of the blob (the far share on)."""
     monkeypatch.setattr(reader, "readahead_pieces", lambda size, readahead=0: 8)
+    monkeypatch.setattr(reader, "FAR_SHARE", 3)
     return reader.split_window(8, whole=True)
 
 
@@ -222,6 +224,14 @@ async def test_far_pieces_are_never_asked_as_on_demand(
     assert await world.read(priority=ON_DEMAND) == world.blob.data
     assert asks.calls[:near + far] == [*((i, ON_DEMAND) for i in range(near)),
                                        *((i, DEFAULT) for i in range(10, 10 + far))]
+
+
+async def test_by_default_a_whole_read_asks_in_order(world: World) -> None:
+    assert reader.FAR_SHARE == 0, "off by default (the lab on two cores and bench.sim idc3)"
+    world.engine.reader.rng = StartAt(10)  # type: ignore[assignment]
+    asks = Asks(world)
+    assert await world.read() == world.blob.data
+    assert asks.pieces() == list(range(COUNT))
 
 
 async def test_a_ranged_read_asks_nothing_beyond_its_range(world: World) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import scheduler.policy
 import scheduler.state
 from bench.sim import swarm
+from peer.engine import reader
 
 _rank = scheduler.policy.rank_parents
 
@@ -31,9 +32,16 @@ def children(n: int) -> None:
 
 # -- the reader's ask order (reader.py `split_window`, `far_pieces`) -------------------------
 
+def far_share() -> None:
+    """The reader's far share on (reader.py FAR_SHARE, off by default since stop 20): a whole
+    read keeps three quarters of a window more in flight from a far cursor drawn per read."""
+    swarm.split_window = lambda window, whole: (  # type: ignore[assignment]
+        reader.split_window(window, whole, 3))
+
+
 def in_order() -> None:
-    """The reader before its far share: a whole read asks its whole window in order, so every
-    host wants the same pieces at once."""
+    """The reader without a far share (its default since stop 20): a whole read asks its whole
+    window in order, so every host wants the same pieces at once."""
     swarm.split_window = lambda window, whole: (window, 0)  # type: ignore[assignment]
 
 
@@ -48,6 +56,7 @@ def far_rarest() -> None:
     """The far share taken rarest first, as BitTorrent does: the pieces with the fewest
     holders in the scheduler's view (which no peer has; the nearest of equals), in place of a
     cursor from a start drawn per read. Every host then picks the same rarest pieces."""
+    far_share()
     read = swarm.Swarm._read
     sim: list[swarm.Swarm] = []
 
@@ -69,6 +78,7 @@ def far_rarest() -> None:
 def far_held() -> None:
     """The far share takes only pieces some host holds (the scheduler's view): no origin
     lease for a far piece, so the origin sends one run at a time as before."""
+    far_share()
     read = swarm.Swarm._read
     walk = swarm.far_pieces
     sim: list[swarm.Swarm] = []
@@ -93,6 +103,7 @@ def far_held() -> None:
 
 
 EXPERIMENTS = {
+    "far-share": far_share,
     "far-held": far_held,
     "idc-local": idc_local,
     "in-order": in_order,

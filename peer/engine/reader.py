@@ -59,7 +59,12 @@ PASS_THROUGH_BYTES = 16 * MiB  # the window once pieces pass through uncached (a
 # window in order (the rest far) gave kraken a better p99 (1.28x, not 1.38x) but slowed
 # origin-bound swarms (lab16 p50 1.40x -> 1.44x; this: 1.39x) and a lone reader's pipeline
 # (refills of 2 pieces). FAR_SHARE = 0 is the old order.
-FAR_SHARE = 3
+# Off by default (stop 20): on two cores the lab at 16 x 256 MiB, origin-bound and CPU-bound,
+# took 2.07-2.26x the bound with 3, 1.80-1.99x without (the far pieces' read-backs and re-hashes,
+# more decisions, a later first copy); bench.sim idc3 sent 2.42x the blob across IDCs (2.00x
+# without: a far piece's lease lands outside the origin's IDC); a quarter of faulty hosts took
+# the origin from 1.00x to 1.39-1.52x. `python -m bench.sim --experiment far-share` runs it.
+FAR_SHARE = 0
 PLAN_WAIT = 2.0
 PREFETCH_PIECES = 4  # background prefetch: pieces in flight per task
 PREFETCH_TASKS = 2  # tasks prefetched at once
@@ -74,11 +79,13 @@ def readahead_pieces(piece_size: int, readahead: int = READAHEAD_BYTES) -> int:
     return max(READAHEAD_MIN_PIECES, readahead // max(piece_size, PIECE_FLOOR))
 
 
-def split_window(window: int, whole: bool) -> tuple[int, int]:
+def split_window(window: int, whole: bool, far_share: int | None = None) -> tuple[int, int]:
     """(pieces asked in order, pieces asked from the far cursor) for a read with this window.
     A ranged read (nydusd's) asks in order and nothing beyond its range; a whole-blob read will
-    need every piece, so it also keeps some in flight anywhere in the blob."""
-    return window, window * FAR_SHARE // 4 if whole else 0
+    need every piece, so it may also keep some in flight anywhere in the blob (`far_share`
+    quarters of a window, FAR_SHARE unless given)."""
+    share = FAR_SHARE if far_share is None else far_share
+    return window, window * share // 4 if whole else 0
 
 
 def far_pieces(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
