@@ -25,7 +25,7 @@ from common.models import (
     Withdraw,
 )
 from scheduler.state import CHILDREN_PER_HOLDER, ClusterState
-from scheduler.waiting import Parked, Parking, done, wakes
+from scheduler.waiting import Parked, Parking, call_key, done, wakes
 
 # While every wanted piece must wait, re-decide all of them at least this often, whatever woke
 # the call in between: leases time out by the clock, and a wake-up can be lost (a Redis pub/sub
@@ -115,7 +115,7 @@ class Waiters:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_ms / 1000
         parking = self._parked.setdefault(req.task_id, Parking())
-        key = (req.peer_id, req.registry, frozenset(req.exclude))  # what else decides
+        key = call_key(req)
         call = parking.take(key, req.pieces, RECHECK_SECONDS, loop.time())
         event = asyncio.Event()
         parking.park(call)

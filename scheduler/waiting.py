@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 
-from common.models import Announce, Decision
+from common.models import Announce, Decision, ScheduleRequest
 
 
 class Parked:
@@ -227,6 +227,12 @@ class Parking:
             call.changed_all()
             call.woken = True
         return calls
+
+
+def call_key(req: ScheduleRequest) -> Hashable:
+    """What a call's decisions depend on besides its pieces: the key under which a peer's next
+    call takes over the waits its last one was answered with (`Parking.take`)."""
+    return req.peer_id, req.registry, frozenset(req.exclude)
 
 
 def done(decisions: Iterable[Decision]) -> bool:

@@ -87,7 +87,7 @@ from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
 from peer.upload import per_address_default
 from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
-from scheduler.waiting import Parked, Parking, done, wakes
+from scheduler.waiting import Parked, Parking, call_key, done, wakes
 
 REGISTRY = "http://registry.sim:5000"
 TASK = "sha256:" + "ab" * 32
@@ -407,15 +407,9 @@ class Swarm:
             return
         now = self.clock.now
         call.deadline = now + LONG_POLL_MS / 1000
-        call.parked = self.parked.take(self._key(call), call.req.pieces,
+        call.parked = self.parked.take(call_key(call.req), call.req.pieces,
                                        scheduler.store.RECHECK_SECONDS, now)
         self._decide(call)
-
-    @staticmethod
-    def _key(call: Call) -> tuple:
-        """`Waiters.schedule`'s: what besides the pieces a decision depends on."""
-        req = call.req
-        return req.peer_id, req.registry, frozenset(req.exclude)
 
     def _decide(self, call: Call) -> None:
         """One turn of `Waiters.schedule`'s loop (scheduler/store.py)."""
@@ -488,7 +482,7 @@ class Swarm:
     def _leave(self, call: Call) -> None:
         assert call.parked is not None
         self.calls.pop(call.parked, None)
-        self.parked.leave(call.parked, self._key(call), self.clock.now)
+        self.parked.leave(call.parked, call_key(call.req), self.clock.now)
 
     def _unpark(self, call: Call) -> None:
         if call.parked is not None and self.calls.pop(call.parked, None) is not None:
