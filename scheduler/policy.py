@@ -71,10 +71,6 @@ def load(c: Candidate) -> float:
     return max(float(c.active_uploads), c.handouts)
 
 
-def has_free_slot(c: Candidate) -> bool:
-    return load(c) < c.upload_slots
-
-
 def score(c: Candidate, idc: str, location: str) -> float:
     return _score(c, load(c), idc, location)
 
@@ -96,7 +92,7 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: each load computed once
-    # (has_free_slot and score each did), and a C key for the sort.
+    # (a free-slot test and score each did), and a C key for the sort.
     keyed = [((held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(), c)
              for c in candidates]
     keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
