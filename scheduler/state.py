@@ -561,20 +561,23 @@ class ClusterState:
         elif sampled:  # as many usable among all as in the sample, for the children's share
             usable = max(usable, usable * len(holders) // HOLDER_SAMPLE)
         idc = requester.reg.idc
-        if idc and found and not any(p.reg.idc == idc for p in found):
+        near = [p for p in found if p.reg.idc == idc] if idc else []
+        if idc and found and not near:
             if sampled:  # the sample missed the IDC: its holders, if any, from all of them
-                found += self._usable(self._in_idc(holders, idc), exclude, now)
+                near = self._usable(self._in_idc(holders, idc), exclude, now)
+                found += near
                 sampled = False  # those are all of them
-            if not any(p.reg.idc == idc for p in found) \
-                    and self._copy_in_flight(piece, idc, requester.id, now):
+            if not near and self._copy_in_flight(piece, idc, requester.id, now):
                 return "idc-copy-in-flight"
-        near = sum(p.reg.idc == idc for p in found) if idc else 0
         if near:  # offered only its IDC's holders (policy): the children's share is theirs
-            usable = max(near, near * len(holders) // HOLDER_SAMPLE) if sampled else near
+            usable = max(len(near), len(near) * len(holders) // HOLDER_SAMPLE) if sampled \
+                else len(near)
         if found and not self._admit_child(piece, requester.id, usable, now):
             return "holders-busy"
-        ranked = policy.rank_parents(self._candidates(task, found, now), requester.reg.idc,
-                                     requester.reg.location, PARENTS_PER_PIECE, self.rng)
+        # The policy keeps only the IDC's holders when there are any: weigh just those.
+        ranked = policy.rank_parents(self._candidates(task, near or found, now),
+                                     requester.reg.idc, requester.reg.location,
+                                     PARENTS_PER_PIECE, self.rng)
         if ranked:
             first = self.peers[ranked[0].peer_id]
             first.handouts = ranked[0].handouts + 1.0
