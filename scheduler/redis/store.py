@@ -516,7 +516,8 @@ class RedisStore:
 
         async def plan(ld: Loader) -> None:
             ld.peer(req.peer_id)
-            ld.task(req.task_id, pieces=wanted, held=(), counted=True)  # cold: any holder?
+            ld.task(req.task_id, pieces=wanted, held=(), counted=True,  # cold: any holder?
+                    children=wanted)
             await ld.run()
             self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
@@ -578,7 +579,8 @@ class RedisStore:
             # Both rules' reads: announce's (the claimed pieces, the announcer's held count,
             # the claimed pieces' lease holders: every lease holder is schedule's anyway).
             ld.peer(req.peer_id)
-            ld.task(req.task_id, pieces=[*claimed, *wanted], held=[ann.peer_id], counted=True)
+            ld.task(req.task_id, pieces=[*claimed, *wanted], held=[ann.peer_id], counted=True,
+                    children=wanted)
             await ld.run()
             self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
