@@ -124,7 +124,8 @@ class Result:
     announces: float
     heartbeats: float
     cross_idc: float  # multiples of the blob
-    events: int
+    events: int  # every event the clock ran (the simulator's own unit of work)
+    piece_events: dict[str, int]  # a piece asked, decided, moved, announced, reported
     transfers: int
     wall: float
     sim_seconds: float
@@ -135,6 +136,11 @@ class Result:
     sched_cpu: float  # seconds of this machine's core in ClusterState per simulated second
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
+
+    @property
+    def pieces(self) -> int:
+        """Piece events: what the final line's events/s counts (bench/sim/__init__.py)."""
+        return sum(self.piece_events.values())
 
     @property
     def p50(self) -> float:
@@ -168,12 +174,14 @@ class Result:
                f"  origin leases {self.leases}, origin steps by reason "
                f"{dict(sorted(self.reasons.items()))}; pieces given up "
                f"{self.gave_up}; corrupt pieces caught {self.corrupt_caught}",
-               f"  simulation: {self.sim_seconds:.1f} s simulated in {self.wall:.1f} s wall, "
-               f"{self.events:,} events ({self.events / self.wall:,.0f}/s), {self.transfers:,} "
-               f"piece transfers ({self.transfers / self.wall:,.0f}/s)"]
+               f"  simulation: {self.sim_seconds:.1f} s simulated in {self.wall:.1f} s wall; "
+               f"{self.pieces:,} piece events ({self.pieces / self.wall:,.0f}/s: "
+               + ", ".join(f"{k} {v:,}" for k, v in self.piece_events.items())
+               + f"), {self.transfers:,} piece transfers ({self.transfers / self.wall:,.0f}/s), "
+               f"{self.events:,} clock events ({self.events / self.wall:,.0f}/s)"]
         out.append(f"sim scenario={sc.name} hosts={sc.hosts} p50={self.p50 / b:.3f}x "
                    f"p99={self.p99 / b:.3f}x origin={self.origin:.3f}x "
-                   f"decisions={self.decisions:.0f}/s events={self.events / self.wall:.0f}/s")
+                   f"decisions={self.decisions:.0f}/s events={self.pieces / self.wall:.0f}/s")
         return out
 
 
@@ -219,7 +227,10 @@ def run(sc: Scenario, seed: int = 1) -> Result:
         busiest_x=max(up, default=0) / sc.length, decisions=st.decisions / span,
         decisions_peak=max(st.per_second.values(), default=0), calls=st.calls / span,
         announces=st.announces / span, heartbeats=st.heartbeats / span,
-        cross_idc=st.cross_idc / sc.length, events=sim.clock.events, transfers=st.transfers,
+        cross_idc=st.cross_idc / sc.length, events=sim.clock.events,
+        piece_events={"asked": st.asked, "decided": st.decisions, "moved": st.transfers,
+                      "announced": st.announced, "reported": st.reports},
+        transfers=st.transfers,
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
         sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,

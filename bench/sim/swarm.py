@@ -252,7 +252,9 @@ class Worker:
 
 @dataclass
 class Stats:
+    asked: int = 0  # pieces asked in schedule calls sent (a piece asked again counts again)
     decisions: int = 0  # pieces decided by ClusterState.schedule, re-decisions included
+    announced: int = 0  # pieces in announcements the scheduler took (re-announced included)
     calls: int = 0  # ClusterState.schedule calls
     announces: int = 0  # announce calls (progress and re-announcements included)
     heartbeats: int = 0
@@ -262,9 +264,15 @@ class Stats:
     gave_up: int = 0
     cross_idc: float = 0.0  # bytes
     sched_cpu: float = 0.0  # wall seconds spent in ClusterState's rules
+    # (The simulator's speed is counted in piece events, `piece_events`; bench/sim/__init__.py.)
     origin_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # decisions
+
+    @property
+    def piece_events(self) -> int:
+        """A piece asked, decided, moved (parent or origin), announced or reported."""
+        return self.asked + self.decisions + self.transfers + self.announced + self.reports
 
 
 class Swarm:
@@ -398,6 +406,7 @@ class Swarm:
         req = ScheduleRequest.model_construct(
             peer_id=host.id, task_id=TASK, pieces=list(batch), exclude=sorted(exclude)[:256],
             wait_ms=LONG_POLL_MS, registry=REGISTRY)
+        self.stats.asked += len(batch)
         call = Call(host, batch, req, session=self.session)
         self.clock.after(self.p.rtt / 2, self._arrive, call)
 
@@ -550,6 +559,7 @@ class Swarm:
                 reply = self._state_call(host, self.state.announce, ann)
                 if reply is None:
                     break
+                self.stats.announced += len(ann.pieces)
                 replies.append((ann, reply))
                 self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
@@ -650,6 +660,7 @@ class Swarm:
                 self.stats.announces += 1
                 if self._state_call(host, self.state.announce, ann) is None:
                     return
+                self.stats.announced += len(ann.pieces)
                 self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._connected, host, session)
 
