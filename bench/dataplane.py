@@ -112,6 +112,14 @@ class Snapshot:
     ticks: dict[str, int]  # process → user + system ticks, all its threads (ended ones too)
     threads: dict[str, int]  # "process main" or "process thread TID" → ns on a CPU (schedstat)
     children_s: float  # this process's reaped children (curl): user + system seconds
+    self_s: float  # this process's own user + system seconds
+    machine: tuple[int, int]  # all cores' busy ticks (user, nice, system, irq, softirq), steal
+
+
+def machine_ticks() -> tuple[int, int]:
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return user + nice + system + irq + softirq, steal
 
 
 def snapshot(procs: dict[str, int]) -> Snapshot:
@@ -125,8 +133,10 @@ def snapshot(procs: dict[str, int]) -> Snapshot:
             label = "main" if task.name == str(pid) else f"thread {task.name}"
             threads[f"{name} {label}"] = ns
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
     return Snapshot({name: cpu_ticks(pid) for name, pid in procs.items()}, threads,
-                    children.ru_utime + children.ru_stime)
+                    children.ru_utime + children.ru_stime, own.ru_utime + own.ru_stime,
+                    machine_ticks())
 
 
 @dataclass
@@ -135,6 +145,11 @@ class Cpu:
     by_process: dict[str, float]  # each process, all its threads; curl's from its rusage
     busiest: str  # the busiest single thread: "a main" (a peer's event loop), "a thread", "curl"
     busiest_ms_per_MiB: float
+    # What else ran meanwhile: every core's busy time minus the pull's processes' and the
+    # bench's own (other users of this shared machine, kernel threads), and the time the
+    # hypervisor ran something else on our cores (steal). Not part of `total`.
+    others_ms_per_MiB: float = 0.0
+    steal_ms_per_MiB: float = 0.0
 
     @property
     def total(self) -> float:
@@ -156,7 +171,10 @@ def cpu_between(before: Snapshot, after: Snapshot, mib: float) -> Cpu:
     threads["curl"] = by["curl"]  # curl moves the bytes on one thread
     busiest = max(threads, key=threads.__getitem__)
     label = busiest.rsplit(" ", 1)[0] if " thread " in busiest else busiest  # drop the tid
-    return Cpu(by, label, threads[busiest])
+    busy = (after.machine[0] - before.machine[0]) * 1000 / TICK / mib
+    own = (after.self_s - before.self_s) * 1000 / mib
+    steal = (after.machine[1] - before.machine[1]) * 1000 / TICK / mib
+    return Cpu(by, label, threads[busiest], max(0.0, busy - sum(by.values()) - own), steal)
 
 
 @dataclass
@@ -166,6 +184,15 @@ class Pair:
     cpu_ms_per_MiB: float  # the peer serving the timed pull (with --aa the registry): all threads
     naiad_cpu: Cpu
     baseline_cpu: Cpu
+    baseline_after_s: float | None = None  # with --aba: the baseline again, after naiad's pull
+
+    @property
+    def baseline_mean_s(self) -> float:
+        """What naiad's time is compared with: the baseline's, or with --aba the mean of the
+        baseline's before and after it."""
+        if self.baseline_after_s is None:
+            return self.baseline_s
+        return (self.baseline_s + self.baseline_after_s) / 2
 
 
 @dataclass
@@ -181,7 +208,7 @@ Timed = tuple[float, Cpu]
 
 async def one_run(work: Path, registry: Registry, size: int, k: int,
                   paths: tuple[str, ...] = NAMES, *, prepare: str = "prefault",
-                  aa: bool = False) -> Run:
+                  aa: bool = False, aba: bool = False) -> Run:
     run_dir = work / f"run{k}"
     run_dir.mkdir()
     repo = f"bench/dataplane{k}"
@@ -233,7 +260,8 @@ async def one_run(work: Path, registry: Registry, size: int, k: int,
         async def pair(name: str, baseline: Callable[[], Awaitable[Timed]], serving: str,
                        naiad_url: str) -> None:
             """The baseline, then naiad's pull from `serving`; with --aa the baseline again in
-            naiad's place and naiad's pull after it, untimed, so the next pair starts alike."""
+            naiad's place and naiad's pull after it, untimed, so the next pair starts alike;
+            with --aba the baseline once more at the end."""
             base_s, base_cpu = await baseline()
             if aa:
                 seconds, cpu = await baseline()
@@ -241,7 +269,8 @@ async def one_run(work: Path, registry: Registry, size: int, k: int,
                 serving = "registry"
             else:
                 seconds, cpu = await timed(naiad_url)
-            pairs[name] = Pair(seconds, base_s, cpu.by_process[serving], cpu, base_cpu)
+            after = (await baseline())[0] if aba else None
+            pairs[name] = Pair(seconds, base_s, cpu.by_process[serving], cpu, base_cpu, after)
 
         if "cold" in paths:
             await pair("cold", to_new_file, "a", a.url + path)
@@ -277,6 +306,8 @@ def cpu_summary(cpus: list[Cpu], seconds: list[float], base_s: list[float], mib:
         "total": statistics.median(c.total for c in cpus),
         "busiest": [c.busiest for c in cpus],
         "busiest_ms_per_MiB": statistics.median(c.busiest_ms_per_MiB for c in cpus),
+        "others_ms_per_MiB": statistics.median(c.others_ms_per_MiB for c in cpus),
+        "steal_ms_per_MiB": statistics.median(c.steal_ms_per_MiB for c in cpus),
         "bound_ms_per_MiB": statistics.median(c.bound(cores) for c in cpus),
         "bound_ratio": statistics.median(c.bound(cores) / (b * 1000 / mib)
                                          for c, b in zip(cpus, base_s, strict=True)),
@@ -290,10 +321,10 @@ def summarise(runs: list[Run], size: int, cores: int = os.cpu_count() or 1) -> d
             continue
         pairs = [r.pairs[p.name] for r in runs]
         naiad = [size / x.naiad_s / 1e6 for x in pairs]
-        base = [size / x.baseline_s / 1e6 for x in pairs]
-        ratio = [x.naiad_s / x.baseline_s for x in pairs]
+        base = [size / x.baseline_mean_s / 1e6 for x in pairs]
+        ratio = [x.naiad_s / x.baseline_mean_s for x in pairs]
         cpu = [x.cpu_ms_per_MiB for x in pairs]
-        base_s = [x.baseline_s for x in pairs]
+        base_s = [x.baseline_mean_s for x in pairs]
         mib = size / MiB
         out[p.name] = {
             "naiad": p.naiad, "baseline": p.baseline,
@@ -305,8 +336,8 @@ def summarise(runs: list[Run], size: int, cores: int = os.cpu_count() or 1) -> d
             "cpu": {"cores": cores,
                     "naiad": cpu_summary([x.naiad_cpu for x in pairs],
                                          [x.naiad_s for x in pairs], base_s, mib, cores),
-                    "baseline": cpu_summary([x.baseline_cpu for x in pairs], base_s, base_s,
-                                            mib, cores)},
+                    "baseline": cpu_summary([x.baseline_cpu for x in pairs],
+                                            [x.baseline_s for x in pairs], base_s, mib, cores)},
         }
     return out
 
@@ -338,8 +369,9 @@ def cpu_table(paths: dict[str, dict]) -> str:
                     for n in r["cpu"][side]["by_process"]}, key=lambda n: (n == "curl", n))
     cores = next(iter(paths.values()))["cpu"]["cores"] if paths else 1
     lines = [f"| path | side | wall | {' | '.join(procs)} | all | busiest thread "
-             f"| bound on {cores} cores | bound / baseline wall | measured / baseline wall |",
-             "|---|---|---|" + "---|" * len(procs) + "---|---|---|---|---|"]
+             f"| bound on {cores} cores | bound / baseline wall | measured / baseline wall "
+             "| others, steal |",
+             "|---|---|---|" + "---|" * len(procs) + "---|---|---|---|---|---|"]
     for name, r in paths.items():
         for side in ("baseline", "naiad"):
             c = r["cpu"][side]
@@ -350,19 +382,20 @@ def cpu_table(paths: dict[str, dict]) -> str:
                 f"| {name} | {side} | {c['wall_ms_per_MiB']:.2f} | {' | '.join(cells)} "
                 f"| {c['total']:.2f} | {busiest} {c['busiest_ms_per_MiB']:.2f} "
                 f"| {c['bound_ms_per_MiB']:.2f} | {c['bound_ratio']:.2f} × "  # noqa: RUF001
-                f"| {measured:.2f} × |")  # noqa: RUF001
+                f"| {measured:.2f} × "  # noqa: RUF001
+                f"| {c['others_ms_per_MiB']:.2f}, {c['steal_ms_per_MiB']:.2f} |")
     return "\n".join(lines)
 
 
 async def measure(size: int, runs: int, paths: tuple[str, ...] = NAMES, *,
-                  prepare: str = "prefault", aa: bool = False) -> list[Run]:
+                  prepare: str = "prefault", aa: bool = False, aba: bool = False) -> list[Run]:
     with tempfile.TemporaryDirectory(prefix="naiad-dataplane-") as tmp:
         work = Path(tmp)
         registry = Registry(work / "registry")
         try:
             await registry.ready()
-            return [await one_run(work, registry, size, k, paths, prepare=prepare, aa=aa)
-                    for k in range(runs)]
+            return [await one_run(work, registry, size, k, paths, prepare=prepare, aa=aa,
+                                  aba=aba) for k in range(runs)]
         finally:
             registry.stop()
 
@@ -380,6 +413,8 @@ def main() -> None:
                         "nothing (the method before 2026-12-02)")
     parser.add_argument("--aa", action="store_true",
                         help="time a second baseline in naiad's place (checks the method)")
+    parser.add_argument("--aba", action="store_true",
+                        help="time the baseline again after naiad's pull; compare with the mean")
     parser.add_argument("--cpu", action="store_true",
                         help="also print every process's CPU per path and the bound it sets")
     parser.add_argument("--json", metavar="FILE", type=Path, help="write the results here")
@@ -390,7 +425,7 @@ def main() -> None:
     config = fresh_config()
     try:
         results = asyncio.run(measure(args.size * MiB, args.runs, paths,
-                                      prepare=args.prepare, aa=args.aa))
+                                      prepare=args.prepare, aa=args.aa, aba=args.aba))
     finally:
         shutil.rmtree(config, ignore_errors=True)
     summary = summarise(results, args.size * MiB)
@@ -398,7 +433,7 @@ def main() -> None:
     result = {
         "command": "python bench/dataplane.py " + shlex.join(sys.argv[1:]),
         "machine": where, "commit": commit(), "size_MiB": args.size, "runs": args.runs,
-        "prepare": args.prepare, "aa": args.aa,
+        "prepare": args.prepare, "aa": args.aa, "aba": args.aba,
         "paths": summary,
         # Reached only when every timed curl got --size MiB and every copy matched its digest.
         "verified": [{"digest": r.digest, "copies": r.copies, "received": r.received}
@@ -406,6 +441,7 @@ def main() -> None:
         "pairs": [{name: asdict(p) for name, p in r.pairs.items()} for r in results],
     }
     aa = "; A/A: naiad replaced by a second baseline" if args.aa else ""
+    aa += "; baseline before and after naiad, their mean" if args.aba else ""
     print(f"# {result['command']}; naiad {result['commit']}; {where['node']}, "
           f"{where['cores']} cores, Linux {where['kernel']}, Python {where['python']}, "
           f"{where['date']}; prepare {args.prepare}{aa}; medians of {args.runs} runs "

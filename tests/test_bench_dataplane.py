@@ -62,23 +62,30 @@ def test_dataplane_bench_measures_every_path_and_verifies_the_bytes(tmp_path: Pa
 
 
 def test_aa_times_a_second_baseline_in_naiads_place(tmp_path: Path) -> None:
-    result, _ = run_bench(tmp_path, "--aa", "--paths", "cold,warm_verify", "--prepare", "none")
+    result, _ = run_bench(tmp_path, "--aa", "--aba", "--paths", "cold,warm_verify",
+                          "--prepare", "none")
 
-    assert result["aa"] and result["prepare"] == "none"
+    assert result["aa"] and result["aba"] and result["prepare"] == "none"
     [pair] = result["pairs"]
     for name in ("cold", "warm_verify"):
         # naiad's side was served by the registry: its figure is the registry's.
         assert pair[name]["cpu_ms_per_MiB"] == pair[name]["naiad_cpu"]["by_process"]["registry"]
+        # With --aba the ratio is over the mean of the baseline before and after.
+        p = pair[name]
+        mean = (p["baseline_s"] + p["baseline_after_s"]) / 2
+        assert abs(result["paths"][name]["ratio"][0] * mean / p["naiad_s"] - 1) < 1e-9
     [run] = result["verified"]
     assert set(run["copies"].values()) == {run["digest"]}
-    # Per path two baselines and naiad's pull, untimed.
-    assert run["received"] == [4 << 20] * 6
+    # Per path the baseline, the second in naiad's place, naiad's pull untimed, the baseline.
+    assert run["received"] == [4 << 20] * 8
 
 
 def test_cpu_between_counts_every_process_and_names_the_busiest_thread() -> None:
-    before = Snapshot({"registry": 0, "a": 10}, {"a main": 0, "a thread 7": 0}, 1.0)
+    before = Snapshot({"registry": 0, "a": 10}, {"a main": 0, "a thread 7": 0}, 1.0, 5.0,
+                      (1000, 3))
     after = Snapshot({"registry": TICK // 10, "a": 10 + TICK // 2},
-                     {"a main": 150_000_000, "a thread 7": 350_000_000, "a thread 9": 0}, 1.2)
+                     {"a main": 150_000_000, "a thread 7": 350_000_000, "a thread 9": 0}, 1.2,
+                     5.1, (1000 + TICK, 3 + TICK // 10))
 
     cpu = cpu_between(before, after, mib=100)
 
@@ -87,3 +94,5 @@ def test_cpu_between_counts_every_process_and_names_the_busiest_thread() -> None
     assert cpu.busiest == "a thread" and cpu.busiest_ms_per_MiB == 3.5
     # Eight ms/MiB over two cores is 4 a MiB; over four, the busiest thread's 3.5 bounds it.
     assert cpu.bound(2) == pytest.approx(4.0) and cpu.bound(4) == 3.5
+    # The machine was busy 1 s: 0.8 s of it the pull's, 0.1 s the bench's, 0.1 s someone else's.
+    assert cpu.others_ms_per_MiB == pytest.approx(1.0) and cpu.steal_ms_per_MiB == 1.0
