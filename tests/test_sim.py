@@ -163,3 +163,11 @@ def test_the_speed_is_counted_in_piece_events() -> None:
     assert r.pieces == sum(pe.values())
     last = r.lines()[-1]
     assert last.endswith(f" events={r.pieces / r.wall:.0f}/s")
+
+
+def test_a_wall_limit_cuts_a_run_short_and_says_so() -> None:
+    r = run(small(), wall_limit=0.0)  # the wall clock is looked at every 4,096 events
+    assert not r.complete and r.events == 4096
+    assert r.finished < r.survivors
+    assert any(line.startswith("  CUT SHORT at the wall limit") for line in r.lines())
+    assert run(small(hosts=4), wall_limit=600.0).complete

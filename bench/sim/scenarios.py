@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -136,6 +137,7 @@ class Result:
     sched_cpu: float  # seconds of this machine's core in ClusterState per simulated second
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
+    complete: bool = True  # False: cut short at the wall limit
 
     @property
     def pieces(self) -> int:
@@ -179,6 +181,13 @@ class Result:
                + ", ".join(f"{k} {v:,}" for k, v in self.piece_events.items())
                + f"), {self.transfers:,} piece transfers ({self.transfers / self.wall:,.0f}/s), "
                f"{self.events:,} clock events ({self.events / self.wall:,.0f}/s)"]
+        if not self.complete:
+            whole = sc.hosts * math.ceil(sc.length / self.piece_size)
+            out.append(f"  CUT SHORT at the wall limit ({self.wall:.0f} s): {self.finished} of "
+                       f"{self.survivors} hosts complete, {self.transfers:,} of {whole:,} "
+                       f"pieces moved ({self.transfers / whole:.1%}); at this run's rate so far "
+                       f"the whole would take ~{self.wall * whole / max(self.transfers, 1):,.0f}"
+                       f" s wall; the figures above are of the hosts done")
         out.append(f"sim scenario={sc.name} hosts={sc.hosts} p50={self.p50 / b:.3f}x "
                    f"p99={self.p99 / b:.3f}x origin={self.origin:.3f}x "
                    f"decisions={self.decisions:.0f}/s events={self.pieces / self.wall:.0f}/s")
@@ -209,10 +218,19 @@ def build(sc: Scenario, seed: int) -> Swarm:
     return sim
 
 
-def run(sc: Scenario, seed: int = 1) -> Result:
+def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None) -> Result:
+    """The scenario, to its end or for at most `wall_limit` seconds of wall time (progress
+    on stderr every minute)."""
     started = time.perf_counter()
     sim = build(sc, seed)
-    sim.run()
+
+    def progress() -> None:
+        st = sim.stats
+        t = time.perf_counter() - started
+        print(f"  ... {t:.0f} s wall: simulated {sim.clock.now:.2f} s, "
+              f"{sc.hosts - sim.pulling} of {sc.hosts} hosts done, {st.transfers:,} pieces "
+              f"moved, {st.piece_events / t:,.0f} piece events/s", file=sys.stderr, flush=True)
+    complete = sim.run(wall_limit=wall_limit, progress=progress)
     wall = time.perf_counter() - started
     alive = [h for h in sim.hosts if h.alive]
     times = [h.done_at - h.start_at for h in alive if h.done_at is not None]
@@ -234,4 +252,4 @@ def run(sc: Scenario, seed: int = 1) -> Result:
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
         sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,
-        kinds=dict(st.kinds))
+        kinds=dict(st.kinds), complete=complete)

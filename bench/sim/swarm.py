@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -90,6 +91,7 @@ from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
 from scheduler.waiting import Parked, Parking, call_key, done, wakes
 
 REGISTRY = "http://registry.sim:5000"
+PROGRESS_WALL = 60.0  # a run with a wall limit reports progress this often (wall seconds)
 TASK = "sha256:" + "ab" * 32
 
 
@@ -944,9 +946,33 @@ class Swarm:
 
     # -- running -----------------------------------------------------------------------------
 
-    def run(self, until: float = 3600.0) -> None:
-        self.clock.at(1.0, self.expire_loop)
-        self.clock.run(until, stop=lambda: self.pulling <= 0)
+    def run(self, until: float = 3600.0, wall_limit: float | None = None,
+            progress: Callable[[], None] | None = None) -> bool:
+        """Until every host is done (or simulated `until`); with `wall_limit`, at most that
+        many seconds of wall time, calling `progress` every PROGRESS_WALL of them. False:
+        cut short at the wall limit."""
+        clock = self.clock
+        clock.at(1.0, self.expire_loop)
+        if wall_limit is None:
+            clock.run(until, stop=lambda: self.pulling <= 0)
+            return True
+        started = perf_counter()
+        report = [started + PROGRESS_WALL]
+        cut = [False]
+
+        def stop() -> bool:
+            if self.pulling <= 0:
+                return True
+            if clock.events & 4095:  # the wall clock looked at every 4,096 events
+                return False
+            t = perf_counter()
+            if progress is not None and t >= report[0]:
+                report[0] = t + PROGRESS_WALL
+                progress()
+            cut[0] = t - started >= wall_limit
+            return cut[0]
+        clock.run(until, stop)
+        return not cut[0]
 
 
 def percentile(values: list[float], q: float) -> float:
