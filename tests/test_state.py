@@ -1306,3 +1306,26 @@ def test_a_task_view_lists_its_leases_by_epoch(c: Cluster) -> None:
     assert c.one("C", 4, 1.0).epoch == 3
     view = c.s.task_view(c.s.tasks[TASK], detail=True)
     assert [le["epoch"] for le in view["leases"]] == [2, 3]
+
+
+@pytest.mark.parametrize("holders", [HOLDER_SAMPLE + 1, 64, 277, 278, 2600])
+def test_the_holder_sample_draws_as_random_sample(holders: int) -> None:
+    """The memory store's sample is `random.sample`'s, draw for draw (its algorithm inlined):
+    a Python whose `random.sample` draws otherwise fails here, not in a store's comparison."""
+    from scheduler.state import _draw_sample
+    population = [f"h{i}" for i in range(holders)]
+    ours, theirs = random.Random(holders), random.Random(holders)
+    for _ in range(50):
+        assert _draw_sample(ours, population) == theirs.sample(population, HOLDER_SAMPLE)
+    assert ours.getstate() == theirs.getstate()
+
+
+def test_a_candidates_handouts_are_policy_decayed(c: Cluster) -> None:
+    from scheduler import policy
+    c.announce("A", [0], 0.0)
+    for t, who in ((1.0, "B"), (1.3, "C")):
+        c.one(who, 0, t)
+    a = c.s.peers["A"]
+    for now in (1.3, 1.7, 9.0):
+        (cand,) = c.s._candidates(c.s.tasks[TASK], [a], now)
+        assert cand.handouts == policy.decayed(a.handouts, a.handouts_at, now) > 0
