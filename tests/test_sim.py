@@ -171,3 +171,18 @@ def test_a_wall_limit_cuts_a_run_short_and_says_so() -> None:
     assert r.finished < r.survivors
     assert any(line.startswith("  CUT SHORT at the wall limit") for line in r.lines())
     assert run(small(hosts=4), wall_limit=600.0).complete
+
+
+def test_idc_blind_shows_what_the_idc_rules_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three IDCs: with the labels the blob crosses into each of the two IDCs without the
+    origin once; with the scheduler blind to them, many times."""
+    from bench.sim import experiments
+    sc = replace(scaled(SCENARIOS["idc3"](), 24, None), length=128 << 20)
+    labelled = run(sc)
+    monkeypatch.setattr(scheduler.state.ClusterState, "register",
+                        scheduler.state.ClusterState.register)  # put back after the test
+    experiments.idc_blind()
+    blind = run(sc)
+    assert labelled.cross_idc == pytest.approx(2.0)
+    assert blind.cross_idc > 4 * labelled.cross_idc
+    assert blind.finished == blind.survivors == 24
