@@ -48,7 +48,11 @@ class Clock:
             heapq.heappush(self._heap, (t, self._seq, fn, args))
 
     def after(self, dt: float, fn: Callable[..., Any], *args: Any) -> None:
-        self.at(self.now + dt, fn, *args)
+        self._seq += 1  # `at(now + dt)`, inlined: most events are scheduled this way
+        if dt <= 0.0:
+            self._instant.append((self._seq, fn, args))
+        else:
+            heapq.heappush(self._heap, (self.now + dt, self._seq, fn, args))
 
     def reserve(self) -> int:
         """A sequence number for an event that may be pushed later (`push`) with this key."""
@@ -164,34 +168,40 @@ class Network:
             flows.update(link.flows)
         if not flows:
             return
-        left: dict[Link, float] = {}
-        count: dict[Link, int] = {}
+        # Each link of those flows: [the capacity it has left for them, how many of them are
+        # not rated yet]. A link is dropped once all of its are rated.
+        room: dict[Link, list] = {}
         for f in flows:
+            rate = f.rate
             for link in f.links:
-                if link in left:
-                    left[link] += f.rate
-                    count[link] += 1
+                r = room.get(link)
+                if r is None:
+                    room[link] = [link.capacity - link.alloc + rate, 1]
                 else:
-                    left[link] = link.capacity - link.alloc + f.rate
-                    count[link] = 1
+                    r[0] += rate
+                    r[1] += 1
+        unrated = dict(flows)
         rates: dict[Flow, float] = {}
-        while count:
-            best, share = None, 0.0
-            for link, n in count.items():
-                s = left[link] / n
-                if best is None or s < share:
+        while room:
+            items = iter(room.items())
+            best, r = next(items)
+            share = r[0] / r[1]
+            for link, r in items:  # the tightest link, the first of equals
+                s = r[0] / r[1]
+                if s < share:
                     best, share = link, s
-            assert best is not None
             share = max(share, 0.0)
             for f in best.flows:
-                if f in flows and f not in rates:
+                if f in unrated:
+                    del unrated[f]
                     rates[f] = share
                     for link in f.links:
-                        left[link] -= share
-                        if count[link] == 1:
-                            del count[link]  # every flow of it is rated: it is done with
+                        r = room[link]
+                        if r[1] == 1:
+                            del room[link]
                         else:
-                            count[link] -= 1
+                            r[0] -= share
+                            r[1] -= 1
         clock = self.clock
         for f, rate in rates.items():
             if f is not new and abs(rate - f.rate) <= EPSILON * max(1.0, rate):

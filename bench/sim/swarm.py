@@ -305,6 +305,7 @@ class Swarm:
         self.piece_size = self.meta.piece_size
         self.count = piece_count(length, self.piece_size)
         self.chunks = [chunk_id(i) for i in range(self.count)]
+        self.sizes = [self.size(i) for i in range(self.count)]  # looked up per transfer
         self.window = readahead_pieces(self.piece_size, params.readahead)
         self.per_address = per_address_default(params.upload_slots)
         self.origin_bytes = 0.0
@@ -749,7 +750,7 @@ class Swarm:
                       report: bool) -> None:
         if up not in up.parent.uploads:
             return
-        size = self.size(up.worker.index)
+        size = self.sizes[up.worker.index]
         links = self.links(up.parent.up, up.parent.idc, up.child)
         up.flow = self.net.start(links, size, lambda: self._uploaded(up, parents, k, failed,
                                                                      report))
@@ -775,7 +776,7 @@ class Swarm:
                   report: bool) -> None:
         self._end_upload(up)
         parent, host, worker = up.parent, up.child, up.worker
-        size = self.size(worker.index)
+        size = self.sizes[worker.index]
         parent.uploaded += size
         self.stats.transfers += 1
         if parent.idc != host.idc:
@@ -832,11 +833,11 @@ class Swarm:
             return
         i = run.next
         links = self.links(self.origin, self.origin_idc, host)
-        run.flow = self.net.start(links, self.size(i), lambda: self._origin_got(run, i))
+        run.flow = self.net.start(links, self.sizes[i], lambda: self._origin_got(run, i))
 
     def _origin_got(self, run: OriginRun, i: int) -> None:
         host = run.host
-        size = self.size(i)
+        size = self.sizes[i]
         self.origin_bytes += size
         self.stats.transfers += 1
         if host.idc != self.origin_idc:
