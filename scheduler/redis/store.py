@@ -98,7 +98,15 @@ from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
 from scheduler.redis.partial import NotLoaded
-from scheduler.redis.scripts import APPLY_LUA, CROSS_SLOT, DUE_LUA, READ_LUA, Batched
+from scheduler.redis.scripts import (
+    APPLY_LUA,
+    CROSS_SLOT,
+    DUE_LUA,
+    READ_LUA,
+    Batched,
+    closed,
+    spawn_or_fail,
+)
 from scheduler.state import StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
 
@@ -318,11 +326,10 @@ class RedisStore:
         return call.outcome()
 
     def _spawn_drain(self, lock: str) -> None:
-        try:
-            self._tasks.spawn(self._drain(lock), "redis-task-calls")
-        except RuntimeError:  # the store closed meanwhile
+        def fail(e: BaseException) -> None:
             for c in self._queues.pop(lock):
-                c.fail(RedisConnectionError("the redis store is closed"))
+                c.fail(e)
+        spawn_or_fail(self._tasks, self._drain(lock), "redis-task-calls", fail)
 
     async def _drain(self, lock: str) -> None:
         """A task's queued calls, in batches of what queued while the last one ran."""
@@ -346,7 +353,7 @@ class RedisStore:
         finally:
             del self._queues[lock]
             for c in batch + queue:  # the store closing: the callers get an answer
-                c.fail(RedisConnectionError("the redis store is closed"))
+                c.fail(closed())
 
     async def _attempts(self, batch: list[_Call]) -> None:
         """Run calls as one: one loaded state (the union of their plans), their rules in
