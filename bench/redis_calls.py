@@ -14,7 +14,8 @@ does for a store without it). Printed: this process's CPU per call and pieces pe
 pieces): N peers hold every one of `--pieces` pieces, then `--peers` requesters each ask for
 one piece a round, `--rounds` rounds (each decision admits its requester as a child in flight).
 Printed: CPU per decision and the bytes each decision sent to Redis (script arguments, reads
-and writes) and read back, from the store's own script calls.
+and writes) and read back, from the store's own script calls; then the same per claim, each
+requester claiming the pieces it was handed.
 
     python -m bench.redis_calls --holders 2600 --pieces 64 [--peers 64 --rounds 10]
 """
@@ -141,6 +142,20 @@ async def holders(url: str, args: argparse.Namespace) -> None:
           f"cpu/decision={1e3 * cpu / decisions:.3f}ms "
           f"read: sent={read.sent / decisions:,.0f} B back={read.back / decisions:,.0f} B "
           f"write: sent={apply.sent / decisions:,.0f} B per decision")
+    # Then each requester claims the pieces it was handed: a claim on a piece N peers hold.
+    read.sent = read.back = apply.sent = 0
+    cpu = cpu_seconds()
+    claimed = 0
+    for n, pid in enumerate(peers):
+        mine = sorted({(r + n) % args.pieces for r in range(args.rounds)})
+        await asyncio.gather(*(s.announce(Announce(peer_id=pid, task_id=TASK,
+                                                   pieces=claims(range(i, i + 1))))
+                               for i in mine))
+        claimed += len(mine)
+    cpu = cpu_seconds() - cpu
+    print(f"claims={claimed} cpu/claim={1e3 * cpu / claimed:.3f}ms "
+          f"read: sent={read.sent / claimed:,.0f} B back={read.back / claimed:,.0f} B "
+          f"write: sent={apply.sent / claimed:,.0f} B per claim")
     await s.close()
 
 
