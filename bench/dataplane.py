@@ -93,6 +93,10 @@ PATHS = (
 NAMES = tuple(p.name for p in PATHS)
 
 PREPARES = ("prefault", "none")
+# Others' CPU beside a pull above which its pair is counted as contended: a tenth of a cold
+# pull's ~2.5-5 ms of CPU per MiB. In the A/A runs the pulls that took 1.4-1.6 x their
+# partner's had 1.5-2.6 ms/MiB of others' CPU beside them, the ones within 10 % under 0.2.
+CONTENDED = 0.25
 PREFAULT_MAX = 4 << 30
 
 
@@ -185,6 +189,14 @@ class Pair:
     naiad_cpu: Cpu
     baseline_cpu: Cpu
     baseline_after_s: float | None = None  # with --aba: the baseline again, after naiad's pull
+    baseline_after_cpu: Cpu | None = None
+
+    @property
+    def contended(self) -> bool:
+        """Whether anything else on the machine ran beside one of the pair's pulls for more
+        than CONTENDED ms of CPU per MiB (on a shared machine the usual cause of a slow pull)."""
+        cpus = (self.naiad_cpu, self.baseline_cpu, self.baseline_after_cpu)
+        return any(c.others_ms_per_MiB > CONTENDED for c in cpus if c is not None)
 
     @property
     def baseline_mean_s(self) -> float:
@@ -269,8 +281,9 @@ async def one_run(work: Path, registry: Registry, size: int, k: int,
                 serving = "registry"
             else:
                 seconds, cpu = await timed(naiad_url)
-            after = (await baseline())[0] if aba else None
-            pairs[name] = Pair(seconds, base_s, cpu.by_process[serving], cpu, base_cpu, after)
+            after, after_cpu = await baseline() if aba else (None, None)
+            pairs[name] = Pair(seconds, base_s, cpu.by_process[serving], cpu, base_cpu, after,
+                               after_cpu)
 
         if "cold" in paths:
             await pair("cold", to_new_file, "a", a.url + path)
@@ -325,14 +338,18 @@ def summarise(runs: list[Run], size: int, cores: int = os.cpu_count() or 1) -> d
         ratio = [x.naiad_s / x.baseline_mean_s for x in pairs]
         cpu = [x.cpu_ms_per_MiB for x in pairs]
         base_s = [x.baseline_mean_s for x in pairs]
+        # Pairs no other work overlapped (see Pair.contended): the same ratio, less noise.
+        clean = [x.naiad_s / x.baseline_mean_s for x in pairs if not x.contended]
         mib = size / MiB
         out[p.name] = {
             "naiad": p.naiad, "baseline": p.baseline,
             "naiad_MBps": naiad, "baseline_MBps": base, "ratio": ratio, "cpu_ms_per_MiB": cpu,
+            "uncontended_ratio": clean,
             "median": {"naiad_MBps": statistics.median(naiad),
                        "baseline_MBps": statistics.median(base),
                        "ratio": statistics.median(ratio),
-                       "cpu_ms_per_MiB": statistics.median(cpu)},
+                       "cpu_ms_per_MiB": statistics.median(cpu),
+                       "uncontended_ratio": statistics.median(clean) if clean else None},
             "cpu": {"cores": cores,
                     "naiad": cpu_summary([x.naiad_cpu for x in pairs],
                                          [x.naiad_s for x in pairs], base_s, mib, cores),
@@ -348,16 +365,18 @@ def runs_of(values: list[float], fmt: str) -> str:
 
 def table(paths: dict[str, dict]) -> str:
     lines = ["| path | naiad MB/s | baseline | baseline MB/s | time / baseline "
-             "| serving peer's CPU, ms/MiB |",
-             "|---|---|---|---|---|---|"]
+             "| serving peer's CPU, ms/MiB | time / baseline, uncontended pairs |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in paths.items():
         m = r["median"]
+        clean = (f"{m['uncontended_ratio']:.2f} × ({runs_of(r['uncontended_ratio'], '.2f')})"  # noqa: RUF001
+                 if r["uncontended_ratio"] else "none")
         lines.append(
             f"| {name}: {r['naiad']} | {m['naiad_MBps']:,.0f} ({runs_of(r['naiad_MBps'], ',.0f')})"
             f" | {r['baseline']} | {m['baseline_MBps']:,.0f} "
             f"({runs_of(r['baseline_MBps'], ',.0f')}) | {m['ratio']:.2f} × "  # noqa: RUF001
             f"({runs_of(r['ratio'], '.2f')}) | {m['cpu_ms_per_MiB']:.2f} "
-            f"({runs_of(r['cpu_ms_per_MiB'], '.2f')}) |")
+            f"({runs_of(r['cpu_ms_per_MiB'], '.2f')}) | {clean} |")
     return "\n".join(lines)
 
 

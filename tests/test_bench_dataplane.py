@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dataplane import TICK, Snapshot, cpu_between  # noqa: E402
+from bench.dataplane import CONTENDED, TICK, Cpu, Pair, Snapshot, cpu_between  # noqa: E402
 
 PATHS = {"cold", "p2p", "warm_verify", "warm_no_verify"}
 SERVING = {"cold": "a", "p2p": "b", "warm_verify": "a", "warm_no_verify": "plain"}
@@ -45,6 +45,7 @@ def test_dataplane_bench_measures_every_path_and_verifies_the_bytes(tmp_path: Pa
                                                      *SERVING.values()}, pair[side]
         assert pair["cpu_ms_per_MiB"] == pair["naiad_cpu"]["by_process"][SERVING[name]]
         assert r["cpu"]["cores"] == result["machine"]["cores"]
+        assert set(r["uncontended_ratio"]) <= set(r["ratio"])
     [run] = result["verified"]
     assert set(run["copies"]) == {"registry", "a", "b", "plain"}
     assert set(run["copies"].values()) == {run["digest"]}
@@ -96,3 +97,14 @@ def test_cpu_between_counts_every_process_and_names_the_busiest_thread() -> None
     assert cpu.bound(2) == pytest.approx(4.0) and cpu.bound(4) == 3.5
     # The machine was busy 1 s: 0.8 s of it the pull's, 0.1 s the bench's, 0.1 s someone else's.
     assert cpu.others_ms_per_MiB == pytest.approx(1.0) and cpu.steal_ms_per_MiB == 1.0
+
+
+def test_a_pair_is_contended_when_other_work_ran_beside_any_of_its_pulls() -> None:
+    def cpu(others: float) -> Cpu:
+        return Cpu({"registry": 1.0}, "curl", 1.0, others)
+
+    quiet, busy = cpu(0.0), cpu(CONTENDED * 2)
+    assert not Pair(1.0, 1.0, 0.0, quiet, quiet).contended
+    assert Pair(1.0, 1.0, 0.0, busy, quiet).contended
+    assert Pair(1.0, 1.0, 0.0, quiet, busy).contended
+    assert Pair(1.0, 1.0, 0.0, quiet, quiet, 1.0, busy).contended  # the baseline after (--aba)
