@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -113,11 +113,27 @@ def prefault(nbytes: int) -> None:
 
 @dataclass(frozen=True)
 class Snapshot:
+    pids: dict[str, int]  # the pull's processes
     ticks: dict[str, int]  # process → user + system ticks, all its threads (ended ones too)
     threads: dict[str, int]  # "process main" or "process thread TID" → ns on a CPU (schedstat)
     children_s: float  # this process's reaped children (curl): user + system seconds
     self_s: float  # this process's own user + system seconds
     machine: tuple[int, int]  # all cores' busy ticks (user, nice, system, irq, softirq), steal
+    everyone: dict[str, int] = field(default_factory=dict)  # "comm pid" → ticks, every process
+
+
+def every_process() -> dict[str, int]:
+    """Ticks of every process on the machine (kernel threads too), to name who else ran."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[f"{comm} {stat.parent.name}"] = int(fields[11]) + int(fields[12])
+    return out
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -138,9 +154,9 @@ def snapshot(procs: dict[str, int]) -> Snapshot:
             threads[f"{name} {label}"] = ns
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return Snapshot({name: cpu_ticks(pid) for name, pid in procs.items()}, threads,
+    return Snapshot(procs, {name: cpu_ticks(pid) for name, pid in procs.items()}, threads,
                     children.ru_utime + children.ru_stime, own.ru_utime + own.ru_stime,
-                    machine_ticks())
+                    machine_ticks(), every_process())
 
 
 @dataclass
@@ -154,6 +170,7 @@ class Cpu:
     # hypervisor ran something else on our cores (steal). Not part of `total`.
     others_ms_per_MiB: float = 0.0
     steal_ms_per_MiB: float = 0.0
+    others_top: list[tuple[str, float]] = field(default_factory=list)  # who, ms/MiB: the top 3
 
     @property
     def total(self) -> float:
@@ -178,7 +195,13 @@ def cpu_between(before: Snapshot, after: Snapshot, mib: float) -> Cpu:
     busy = (after.machine[0] - before.machine[0]) * 1000 / TICK / mib
     own = (after.self_s - before.self_s) * 1000 / mib
     steal = (after.machine[1] - before.machine[1]) * 1000 / TICK / mib
-    return Cpu(by, label, threads[busiest], max(0.0, busy - sum(by.values()) - own), steal)
+    ours = {f" {pid}" for pid in (os.getpid(), *before.pids.values())}
+    others = sorted(((who, (ticks - before.everyone.get(who, 0)) * 1000 / TICK / mib)
+                     for who, ticks in after.everyone.items()
+                     if not any(who.endswith(pid) for pid in ours)),
+                    key=lambda x: -x[1])
+    return Cpu(by, label, threads[busiest], max(0.0, busy - sum(by.values()) - own), steal,
+               [(who, round(ms, 2)) for who, ms in others[:3] if ms > 0])
 
 
 @dataclass
