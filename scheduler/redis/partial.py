@@ -101,3 +101,62 @@ class Partial(dict):
         self.loaded = None  # known now: empty
         self.unloaded = 0
         self.cleared = True
+
+
+class PartialSet:
+    """A piece's holders loaded in part: how many there are (`size`), whether some peers are
+    among them (`known`), and a sample of them drawn by Redis (`sample`, known members).
+    Asking about any other peer, or iterating, raises `NotLoaded`. `add` and `discard` of a
+    known peer keep the size right and are kept for the diff (`added`, `removed`)."""
+
+    __slots__ = ("added", "known", "removed", "sample", "size")
+
+    def __init__(self, size: int, known: dict[str, bool], sample: list[str]) -> None:
+        self.size = size
+        self.known = known
+        self.sample = sample
+        for pid in sample:
+            known[pid] = True
+        self.added: set[str] = set()
+        self.removed: set[str] = set()
+
+    def extend(self, known: dict[str, bool]) -> None:
+        """Peers asked about in a later round."""
+        for pid, member in known.items():
+            self.known.setdefault(pid, member)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __contains__(self, pid: object) -> bool:
+        member = self.known.get(pid)  # type: ignore[call-overload]
+        if member is None:
+            raise NotLoaded(pid)
+        return member
+
+    def __iter__(self):
+        raise NotLoaded("iterating holders loaded in part")
+
+    def isdisjoint(self, other: Iterable[str]) -> bool:
+        return not any(pid in self for pid in other)
+
+    def add(self, pid: str) -> None:
+        if pid not in self:
+            self.known[pid] = True
+            self.size += 1
+            if pid in self.removed:
+                self.removed.discard(pid)
+            else:
+                self.added.add(pid)
+
+    def discard(self, pid: str) -> None:
+        if pid in self:
+            self.known[pid] = False
+            self.size -= 1
+            if pid in self.added:
+                self.added.discard(pid)
+            else:
+                self.removed.add(pid)
