@@ -12,14 +12,17 @@ scheduler and real peers as processes.
   against the same.
 
 Each run pushes a fresh random blob and starts a fresh scheduler and fresh peers (fresh stores);
-within a run each naiad measure directly follows its own baseline measure, and both sides of a
-pair start alike: every process quiet, dirty pages synced, and then (`--prepare prefault`, the
-default) 8 x --size of anonymous memory touched and freed (at most 4 GiB), so that the new page
-cache either side writes comes from memory the guest holds, not from memory a Firecracker host
-took back through free page reporting, which costs ~10 times more to write into and made the
-baselines swing 285-1,033 MB/s (docs/benchmarks.md, "A fair baseline"). `--aa` replaces each
-naiad measure by a second baseline (naiad's pull still runs, untimed, so later pairs start from
-the same state): the ratio then shows what the method itself contributes, ~1.0 if it is fair.
+within a run each naiad measure sits between two baseline measures (before and after; naiad's
+time is compared with their mean; `--no-aba`: the one before only), each pull starting with
+every process quiet and dirty pages synced. `--aa` replaces each naiad measure by another
+baseline (naiad's pull still runs, untimed, so later pairs start from the same state): the
+ratio then shows what the method itself contributes, ~1.0 if it is fair. On a shared machine
+the noise is other work beside a pull: each pull records every core's busy time beyond its own
+processes' ("others", and who), and a pair with more than CONTENDED ms/MiB of it beside any of
+its pulls is contended; the table gives the ratio over the uncontended pairs too.
+`--prepare prefault` touches and frees 8 x --size of memory (at most 4 GiB) before each timed
+pull, against memory a Firecracker host took back (docs/benchmarks.md, "A fair baseline"); it
+measured no fairer here and adds the kernel's page reporting beside the pulls, so it is off.
 Every timed curl must exit 0 with exactly --size MiB; after the timed pulls each copy (the
 baseline's file, and every peer's, by curl | sha256sum) is checked against the digest. Prints
 medians as MB/s and the ratio of times (naiad / baseline: 1.0 is as fast as curl from the
@@ -92,7 +95,7 @@ PATHS = (
 
 NAMES = tuple(p.name for p in PATHS)
 
-PREPARES = ("prefault", "none")
+PREPARES = ("none", "prefault")
 # Others' CPU beside a pull above which its pair is counted as contended: a tenth of a cold
 # pull's ~2.5-5 ms of CPU per MiB. In the A/A runs the pulls that took 1.4-1.6 x their
 # partner's had 1.5-2.6 ms/MiB of others' CPU beside them, the ones within 10 % under 0.2.
@@ -103,9 +106,8 @@ PREFAULT_MAX = 4 << 30
 def prefault(nbytes: int) -> None:
     """Touch `nbytes` of new anonymous memory and free it at once. On this VM (a Firecracker guest
     with free page reporting) the kernel's next page cache then comes from memory the host backs
-    again, not from memory it took back, which costs ~10 times more to write into; measured in
-    docs/benchmarks.md ("A fair baseline"): 4 GiB kept four 512 MiB writes in a row cheap, 1-2 GiB
-    not."""
+    again, not from memory it took back, which costs ~10 times more to write into: 4 GiB kept four
+    512 MiB writes in a row cheap, 1-2 GiB not (docs/benchmarks.md, "A fair baseline")."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
     with mmap.mmap(-1, nbytes, flags=flags):
         pass
@@ -242,8 +244,8 @@ Timed = tuple[float, Cpu]
 
 
 async def one_run(work: Path, registry: Registry, size: int, k: int,
-                  paths: tuple[str, ...] = NAMES, *, prepare: str = "prefault",
-                  aa: bool = False, aba: bool = False) -> Run:
+                  paths: tuple[str, ...] = NAMES, *, prepare: str = "none",
+                  aa: bool = False, aba: bool = True) -> Run:
     run_dir = work / f"run{k}"
     run_dir.mkdir()
     repo = f"bench/dataplane{k}"
@@ -432,7 +434,7 @@ def cpu_table(paths: dict[str, dict]) -> str:
 
 
 async def measure(size: int, runs: int, paths: tuple[str, ...] = NAMES, *,
-                  prepare: str = "prefault", aa: bool = False, aba: bool = False) -> list[Run]:
+                  prepare: str = "none", aa: bool = False, aba: bool = True) -> list[Run]:
     with tempfile.TemporaryDirectory(prefix="naiad-dataplane-") as tmp:
         work = Path(tmp)
         registry = Registry(work / "registry")
@@ -452,13 +454,14 @@ def main() -> None:
     parser.add_argument("--paths", default=",".join(NAMES),
                         help="comma-separated, of " + ", ".join(NAMES) + " (default: all); "
                         "a path left out that another needs is run untimed")
-    parser.add_argument("--prepare", choices=PREPARES, default="prefault",
-                        help="before each timed pull: touch and free memory (default), or "
-                        "nothing (the method before 2026-12-02)")
+    parser.add_argument("--prepare", choices=PREPARES, default="none",
+                        help="before each timed pull: nothing more than quiet and sync "
+                        "(default), or touch and free memory")
     parser.add_argument("--aa", action="store_true",
                         help="time a second baseline in naiad's place (checks the method)")
-    parser.add_argument("--aba", action="store_true",
-                        help="time the baseline again after naiad's pull; compare with the mean")
+    parser.add_argument("--aba", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the baseline again after naiad's pull and compare naiad "
+                        "with the mean of the two (default; --no-aba: the one before only)")
     parser.add_argument("--cpu", action="store_true",
                         help="also print every process's CPU per path and the bound it sets")
     parser.add_argument("--json", metavar="FILE", type=Path, help="write the results here")

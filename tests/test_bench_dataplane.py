@@ -49,10 +49,11 @@ def test_dataplane_bench_measures_every_path_and_verifies_the_bytes(tmp_path: Pa
     [run] = result["verified"]
     assert set(run["copies"]) == {"registry", "a", "b", "plain"}
     assert set(run["copies"].values()) == {run["digest"]}
-    # Two baselines to a file, two to /dev/null, four naiad paths and the untimed fill.
-    assert run["received"] == [4 << 20] * 9
+    # Per path a baseline before and after naiad's pull; and the untimed fill.
+    assert run["received"] == [4 << 20] * 13
     assert result["machine"]["cores"] >= 1 and result["machine"]["kernel"]
-    assert result["commit"] and result["prepare"] == "prefault" and not result["aa"]
+    assert result["commit"] and result["prepare"] == "none" and not result["aa"]
+    assert result["aba"]
     # The table names every path, with a ratio; --cpu adds a baseline and a naiad row each.
     for name in PATHS:
         assert any(line.startswith(f"| {name}:") and "\N{MULTIPLICATION SIGN}" in line
