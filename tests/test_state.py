@@ -1329,3 +1329,19 @@ def test_a_candidates_handouts_are_policy_decayed(c: Cluster) -> None:
     for now in (1.3, 1.7, 9.0):
         (cand,) = c.s._candidates(c.s.tasks[TASK], [a], now)
         assert cand.handouts == policy.decayed(a.handouts, a.handouts_at, now) > 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.add("z"), lambda h: h.discard("a"), lambda h: h.remove("a"), lambda h: h.pop(),
+    lambda h: h.clear(), lambda h: h.update({"z"}), lambda h: h.difference_update({"a"}),
+    lambda h: h.intersection_update({"a"}), lambda h: h.symmetric_difference_update({"a", "z"}),
+    lambda h: h.__ior__({"z"}), lambda h: h.__iand__({"a"}), lambda h: h.__isub__({"a"}),
+    lambda h: h.__ixor__({"z"})])
+def test_holders_list_follows_every_change_in_place(change) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.state import Holders
+    holders = Holders(f"h{i}" for i in range(40))
+    for x in ("a", "b"):
+        holders.add(x)
+    assert holders.ordered() is holders.ordered() == list(holders)
+    change(holders)
+    assert holders.ordered() == list(holders)
