@@ -121,11 +121,12 @@ class Snapshot:
     children_s: float  # this process's reaped children (curl): user + system seconds
     self_s: float  # this process's own user + system seconds
     machine: tuple[int, int]  # all cores' busy ticks (user, nice, system, irq, softirq), steal
-    everyone: dict[str, int] = field(default_factory=dict)  # "comm pid" → ticks, every process
+    everyone: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid → comm, ticks
 
 
-def every_process() -> dict[str, int]:
-    """Ticks of every process on the machine (kernel threads too), to name who else ran."""
+def every_process() -> dict[int, tuple[str, int]]:
+    """Name and ticks of every process on the machine (kernel threads too), to say who else
+    ran. By pid: a kernel worker's name changes with the work it runs."""
     out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -134,7 +135,7 @@ def every_process() -> dict[str, int]:
             continue
         comm = text[text.index("(") + 1:text.rindex(")")]
         fields = text.rsplit(")", 1)[1].split()
-        out[f"{comm} {stat.parent.name}"] = int(fields[11]) + int(fields[12])
+        out[int(stat.parent.name)] = comm, int(fields[11]) + int(fields[12])
     return out
 
 
@@ -197,10 +198,10 @@ def cpu_between(before: Snapshot, after: Snapshot, mib: float) -> Cpu:
     busy = (after.machine[0] - before.machine[0]) * 1000 / TICK / mib
     own = (after.self_s - before.self_s) * 1000 / mib
     steal = (after.machine[1] - before.machine[1]) * 1000 / TICK / mib
-    ours = {f" {pid}" for pid in (os.getpid(), *before.pids.values())}
-    others = sorted(((who, (ticks - before.everyone.get(who, 0)) * 1000 / TICK / mib)
-                     for who, ticks in after.everyone.items()
-                     if not any(who.endswith(pid) for pid in ours)),
+    ours = {os.getpid(), *before.pids.values()}
+    others = sorted(((f"{comm} {pid}", (ticks - before.everyone.get(pid, ("", 0))[1])
+                      * 1000 / TICK / mib)
+                     for pid, (comm, ticks) in after.everyone.items() if pid not in ours),
                     key=lambda x: -x[1])
     return Cpu(by, label, threads[busiest], max(0.0, busy - sum(by.values()) - own), steal,
                [(who, round(ms, 2)) for who, ms in others[:3] if ms > 0])
