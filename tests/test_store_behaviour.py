@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis import exceptions as redis_exceptions
 
 import scheduler.store as store_module
 from common.models import (
@@ -35,7 +34,6 @@ from common.models import (
     Withdraw,
 )
 from common.pieces import MiB
-from scheduler.redis.keys import LAYOUT, MOVED
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import (
     HOLDER_SAMPLE,
@@ -1106,11 +1104,9 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
     assert sum(records) > len(crowd), records
 
 
-async def test_a_hand_out_and_a_claim_write_only_their_child_and_holder(
-        redis_h: Harness) -> None:
-    """A piece's holders (a set) and its children in flight (a hash) are keys of their own: a
-    decision on a piece many hold writes the one child it admitted, and a claim of it the one
-    holder it adds and the piece's count, whatever the number of holders."""
+async def test_a_hand_out_writes_only_the_child_it_admitted(redis_h: Harness) -> None:
+    """A piece's holders and its children in flight are stored apart: a decision on a piece
+    many hold writes the one child it admitted, not the piece's holders."""
     s = redis_h.store
     assert isinstance(s, RedisStore)
     crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
@@ -1124,55 +1120,38 @@ async def test_a_hand_out_and_a_claim_write_only_their_child_and_holder(
         specs.append(json.loads(arg))
         return await apply(key, arg)
     s.apply = recording  # type: ignore[method-assign]
-
-    def ops(key: str) -> list[tuple[str, list[str]]]:
-        return [(o[0], o[2:]) for spec in specs for o in spec["o"] if spec["k"][o[1] - 1] == key]
     assert (await one(s, "R", 0)).action == "parents"
-    assert ops(s.keys.holders(TASK, 0)) == [] and ops(s.keys.pieces(TASK)) == []
-    assert ops(s.keys.children(TASK, 0)) == [("hset", ["R", repr(redis_h.clock.t)])]
-    specs.clear()
-    await announce(s, "R", [0])
-    assert ops(s.keys.holders(TASK, 0)) == [("sadd", ["R"])]
-    assert ops(s.keys.pieces(TASK)) == [("hset", ["0", str(len(crowd) + 1)])]
-    assert ops(s.keys.children(TASK, 0)) == []
+    ops = [(o[0], spec["k"][o[1] - 1], o[2:]) for spec in specs for o in spec["o"]]
+    assert all(key != s.keys.holders(TASK) for _, key, _ in ops), ops
+    assert [(op, args) for op, key, args in ops if key == s.keys.children(TASK, 0)] == \
+        [("hset", ["R", repr(redis_h.clock.t)])]
 
 
-async def test_a_layout_1_map_is_migrated_before_the_first_call(redis_h: Harness) -> None:
-    """Layout 1 kept every piece's holders, and the children in flight after them, in one
-    hash (`H,D|A=t`). A store's first call moves them into this layout's keys, sealed map and
-    leases untouched, and leaves a string in their place: a replica of layout 1 still running
-    fails its calls on the task (a 503) rather than decide on a map it no longer sees."""
+async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
+        redis_h: Harness) -> None:
+    """A rolling upgrade: a replica of the earlier layout keeps a piece's children after its
+    holders in the one field (`H|A=t`). Its holders read as holders here and this layout's
+    field (`H`) reads as holders there; what it recorded counts toward the children's share
+    here, stays while an announcement rewrites the holders, and moves into the children hash
+    at this layout's next decision on the piece."""
     s = redis_h.store
     assert isinstance(s, RedisStore)
     await setup(s, "H", "A", "B", "C", "D")
-    await schedule(s, "H", [0, 1])
-    await announce(s, "H", [0, 1])
-    await announce(s, "D", [0])
-    before = await s.task(TASK)
-    client, k = s.redis, s.keys
+    await schedule(s, "H", [0])
+    await announce(s, "H", [0])
+    await announce(s, "D", [1])
+    client = s.redis
     t = repr(redis_h.clock.t)
-    # The task as layout 1 left it: holders and children in one hash, no layout mark.
-    for key in (k.pieces(TASK), k.holders(TASK, 0), k.holders(TASK, 1), k.layout,
-                k.legacy_holders(TASK)):
-        await client.delete(key)
-    await client.hset(k.legacy_holders(TASK), mapping={"0": f"D,H|A={t}", "1": "H"})
-    fresh = await redis_h.new_store()
-    assert isinstance(fresh, RedisStore)
-    assert sorted(await holders(fresh, 0)) == ["D", "H"] and await holders(fresh, 1) == ["H"]
-    assert await fresh.task(TASK) == before  # what layout 1 had, whole
-    assert await client.get(k.legacy_holders(TASK)) == MOVED
-    assert await client.get(k.layout) == LAYOUT
-    assert await client.hgetall(k.children(TASK, 0)) == {"A": t}
-    with pytest.raises(redis_exceptions.ResponseError, match="WRONGTYPE"):
-        await client.hget(k.legacy_holders(TASK), "0")  # what a layout 1 replica reads
-    # A's hand-out by the layout 1 replica still counts: two children per usable holder.
-    assert await parents(fresh, "B", 0) in (["D", "H"], ["H", "D"])
-    assert (await one(fresh, "C", 0)).action == "parents"  # 2 holders: a share of 4
-    await peer(fresh, "E")
-    await peer(fresh, "F")
-    assert (await one(fresh, "E", 0)).action == "parents"
-    d = await one(fresh, "F", 0)
+    await client.hset(s.keys.holders(TASK), "0", f"H|A={t}")  # A sent to H by that replica
+    await announce(s, "D", [0])
+    assert await client.hget(s.keys.holders(TASK), "0") == f"D,H|A={t}"
+    await s.withdraw(Withdraw(peer_id="D", task_id=TASK, pieces=[0]))
+    assert await client.hget(s.keys.holders(TASK), "0") == f"H|A={t}"
+    assert await parents(s, "B", 0) == ["H"]
+    d = await one(s, "C", 0)  # two children in flight for one holder: A and B
     assert (d.action, d.reason) == ("wait", "holders-busy")
+    assert await client.hget(s.keys.holders(TASK), "0") == "H"
+    assert await client.hgetall(s.keys.children(TASK, 0)) == {"A": t, "B": t}
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])

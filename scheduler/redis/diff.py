@@ -24,9 +24,9 @@ from typing import Any
 
 from common.pieces import piece_count
 from scheduler.redis import records
-from scheduler.redis.keys import B2S, MOVED, Keys, SlotOf, last_field
+from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
 from scheduler.redis.loader import TaskBase, World
-from scheduler.redis.partial import Partial, PartialSet
+from scheduler.redis.partial import Partial
 from scheduler.redis.scripts import ARGS_PER_OP
 from scheduler.state import TaskState
 
@@ -173,7 +173,6 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
         assert task.meta is not None
         tx.fence(TASK, "eq", key, "v", None)  # created by one replica only
         tx.op(PRE, "sadd", keys.tasks, tid)
-        tx.op(TASK, "set", keys.legacy_holders(tid), MOVED)  # a layout 1 replica: refused
         writes += ["meta", task.meta.model_dump_json(), "created_at", records.f(task.created_at),
                    "next_epoch", str(task.next_epoch), "leases", leases,
                    "trust", task.trust.model_dump_json()]
@@ -188,47 +187,38 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
             writes += ["leases", leases]
     chunk_set: list[str] = []
     chunk_del: list[str] = []
-    count_set: list[str] = []
-    count_del: list[str] = []
-    per_piece: list[tuple[str, str, list[str]]] = []  # ops on pieces' holders and children
+    holders_set: list[str] = []
+    holders_del: list[str] = []
+    children: list[tuple[str, str, list[str]]] = []  # ops on pieces' children hashes
     pieces: Any = task.pieces
     cleared = isinstance(pieces, Partial) and pieces.cleared
     if cleared:
         tx.op(TASK, "del", keys.chunk(tid))
-        tx.op(TASK, "del", keys.pieces(tid))
+        tx.op(TASK, "del", keys.holders(tid))
         assert before.meta is not None
         for index in range(piece_count(before.meta.length, before.meta.piece_size)):
-            per_piece += [("del", keys.holders(tid, index), []),
-                          ("del", keys.children(tid, index), [])]
+            children.append(("del", keys.children(tid, index), []))
     for index in set(before.pieces) | set(dict.keys(pieces)):
         old = None if cleared else before.pieces.get(index)
         piece = dict.get(pieces, index)
         if piece is None:
             if old is not None:
                 chunk_del.append(str(index))
-                count_del.append(str(index))
-                per_piece += [("del", keys.holders(tid, index), []),
-                              ("del", keys.children(tid, index), [])]
+                holders_del.append(str(index))
+                children.append(("del", keys.children(tid, index), []))
             continue
         if piece.chunk is not None:
             if old is None or old.chunk != piece.chunk:
                 chunk_set += [str(index), piece.chunk]
         elif old is not None and old.chunk is not None:
             chunk_del.append(str(index))
-        holders = piece.holders
-        if isinstance(holders, PartialSet):
-            added, removed = holders.added, holders.removed
-        else:
-            was = frozenset() if old is None or old.holders is None else old.holders
-            added, removed = holders - was, was - holders
-        if added:
-            per_piece.append(("sadd", keys.holders(tid, index), sorted(added)))
-        if removed:
-            per_piece.append(("srem", keys.holders(tid, index), sorted(removed)))
-        if old is None or old.count != len(holders):
-            count_set += [str(index), str(len(holders))]
-        if not isinstance(piece.children, Partial):  # loaded (or made) by the rule
-            _diff_children(per_piece, keys.children(tid, index),
+        loaded = old is None or not isinstance(piece.children, Partial)  # the rule's to write
+        if old is None or piece.holders != old.holders or (loaded and old.legacy):
+            # An earlier layout's children stay in the field until they are moved.
+            legacy = "" if loaded or not old.legacy else "|" + old.legacy
+            holders_set += [str(index), records.encode_holders(piece.holders) + legacy]
+        if loaded:
+            _diff_children(children, keys.children(tid, index),
                            {} if old is None or old.children is None else old.children,
                            piece.children or {})
     held_set: list[str] = []
@@ -245,8 +235,8 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
                 held_del.append(pid)
         elif count != old:
             held_set += [pid, str(count)]
-    changed = bool(writes or chunk_set or chunk_del or count_set or count_del
-                   or held_set or held_del or cleared or held_cleared or per_piece)
+    changed = bool(writes or chunk_set or chunk_del or holders_set or holders_del
+                   or held_set or held_del or cleared or held_cleared or children)
     if not changed:
         return
     if before.version is not None:
@@ -255,13 +245,13 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     tx.op(TASK, "hset", key, *writes)
     for name, k, args in (("hset", keys.chunk(tid), chunk_set),
                           ("hdel", keys.chunk(tid), chunk_del),
-                          ("hset", keys.pieces(tid), count_set),
-                          ("hdel", keys.pieces(tid), count_del),
+                          ("hset", keys.holders(tid), holders_set),
+                          ("hdel", keys.holders(tid), holders_del),
                           ("hset", keys.held(tid), held_set),
                           ("hdel", keys.held(tid), held_del)):
         if args:
             tx.op(TASK, name, k, *args)
-    for name, k, args in per_piece:
+    for name, k, args in children:
         tx.op(TASK, name, k, *args)
 
 

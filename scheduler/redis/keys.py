@@ -34,30 +34,21 @@ class Keys:
     def __init__(self, prefix: str = "naiad:") -> None:
         self.p = prefix
 
-    # A task's slot: its record, chunk ids, pieces, holders, children and held counts, fenced
-    # together. `pieces` names the pieces known (index -> how many hold it); each piece's
-    # holders are a set of their own, changed by one member per announcement and read by a
-    # decision as a sample (SRANDMEMBER), and its children in flight a hash of their own,
-    # changed by one field per hand-out.
+    # A task's slot: its record, chunk ids, holders, children and held counts, fenced
+    # together. A piece's holders (one field of `holders`, changed by announcements) and its
+    # children in flight (a hash of its own, one field per child, changed by every hand-out)
+    # are apart, so a decision writes only the child it admitted.
     def task(self, tid: str) -> str:
         return f"{self.p}task:{{{tid}}}"
 
     def chunk(self, tid: str) -> str:
         return f"{self.p}chunk:{{{tid}}}"
 
-    def pieces(self, tid: str) -> str:
-        return f"{self.p}pieces:{{{tid}}}"
-
-    def holders(self, tid: str, index: int) -> str:
-        return f"{self.p}holders:{{{tid}}}:{index}"
+    def holders(self, tid: str) -> str:
+        return f"{self.p}holders:{{{tid}}}"
 
     def children(self, tid: str, index: int) -> str:
         return f"{self.p}children:{{{tid}}}:{index}"
-
-    def legacy_holders(self, tid: str) -> str:
-        """Layout 1's one hash of every piece's holders (and children): `MIGRATE_LUA` moves it
-        into layout 2's keys and leaves a string in its place."""
-        return f"{self.p}holders:{{{tid}}}"
 
     def held(self, tid: str) -> str:
         return f"{self.p}held:{{{tid}}}"
@@ -93,10 +84,6 @@ class Keys:
         return f"{self.p}tasks"
 
     @property
-    def layout(self) -> str:
-        return f"{self.p}layout"
-
-    @property
     def history(self) -> str:
         return f"{self.p}history"
 
@@ -106,5 +93,3 @@ def last_field(pid: str) -> str:
 
 
 B2S = "back_to_source"  # a counter shard's field: pieces sent back to the origin
-LAYOUT = "2"  # the keys' layout: 1 kept a piece's holders and children in one field
-MOVED = "moved to layout 2"  # layout 1's holders key, once migrated: a string, not a hash

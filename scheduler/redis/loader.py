@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -12,11 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from common.models import PeerRegistration, TaskMeta
 from scheduler.redis import records
 from scheduler.redis.keys import last_field
-from scheduler.redis.partial import Partial, PartialSet
+from scheduler.redis.partial import Partial
 from scheduler.state import (
     HOLDER_SAMPLE,
     ClusterState,
-    Holders,
     PeerState,
     PieceState,
     TaskState,
@@ -34,8 +34,8 @@ class PieceBase:
     """A piece as loaded."""
 
     chunk: str | None
-    count: int | None  # how many hold it, as recorded (None: not recorded, layout 1's piece)
-    holders: frozenset[str] | None  # all of them; None: loaded in part (a PartialSet)
+    holders: frozenset[str]
+    legacy: str  # children an earlier layout's replica wrote after the holders ("": none)
     children: dict[str, float] | None  # its children hash; None: not loaded
 
 
@@ -113,16 +113,6 @@ class Reads:
     def smembers(self, key: str) -> None:
         self._add(key, _values, "SMEMBERS", key)
 
-    def srandmember(self, key: str, count: int) -> None:
-        self._add(key, _values, "SRANDMEMBER", key, count)
-
-    def smismember(self, key: str, *members: str) -> None:
-        self._add(key, _values, "SMISMEMBER", key, *members)
-
-    def all_holders(self, pieces_key: str, prefix: str) -> None:
-        """Every piece's holders: {index: [peer...]} (the read script's own command)."""
-        self._add(pieces_key, _holders, "ALLHOLDERS", pieces_key, prefix)
-
     def zrange(self, key: str) -> None:
         self._add(key, _values, "ZRANGE", key, 0, -1)
 
@@ -156,24 +146,51 @@ def _values(r: Any) -> list:
     return [] if r == {} else [None if x is False else x for x in r]  # cjson: {} for empty
 
 
-def _holders(r: Any) -> dict:
-    return {} if r == {} else {i: _values(m) for i, m in zip(r[::2], r[1::2], strict=True)}
-
-
 def _pairs(r: Any) -> dict:
     return {} if r == {} else dict(zip(r[::2], r[1::2], strict=True))
 
 
-class LoadedState(ClusterState):
-    """A call's slice of state. A piece's holders loaded in part are weighed by the sample
-    Redis drew for the plan (SRANDMEMBER): only the sample's records are read. A rule that
-    reaches past it (an unlucky sample, one that missed the requester's IDC) iterates the
-    holders, which raises `NotLoaded`, and the call is planned again with all of them."""
+class HolderSample(random.Random):
+    """The random numbers a loaded state's rules draw (the store's own, drawn through), except
+    the holders weighed for a decision: `choose` draws a piece's sample while the plan runs,
+    so that only the sample's records are read, and the rule's `sample` of the same holders
+    is that one. A rule that reaches past it (an unlucky sample, one that missed the
+    requester's IDC) touches records not loaded, and the call is planned again with all of
+    them (`NotLoaded`)."""
 
-    def _sample(self, piece: PieceState, holders: set[str]) -> list[str]:
-        if isinstance(holders, PartialSet):
-            return holders.sample
-        return super()._sample(piece, holders)
+    def __init__(self, rng: random.Random, loaded: Callable[[], set[str] | None]) -> None:
+        self._rng = rng
+        self._loaded = loaded  # the peers whose records were read (None: all)
+        self._chosen: dict[frozenset[str], list[str]] = {}
+        super().__init__()
+
+    def random(self) -> float:
+        return self._rng.random()
+
+    def getrandbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choose(self, holders: set[str]) -> list[str]:
+        """The holders of a piece the rule will weigh: all, or a sample drawn now."""
+        if len(holders) <= HOLDER_SAMPLE:
+            return list(holders)
+        key = frozenset(holders)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            chosen = self._chosen[key] = super().sample(list(holders), HOLDER_SAMPLE)
+        return chosen
+
+    def sample(self, population: Any, k: int, **kw: Any) -> list:
+        if k != HOLDER_SAMPLE:
+            return super().sample(population, k, **kw)
+        chosen = self._chosen.get(frozenset(population))
+        if chosen is not None:
+            return list(chosen)
+        # The holders grew since the plan drew (an earlier call of the same batch announced):
+        # a sample of those whose records were read, the drawn sample and the callers.
+        loaded = self._loaded()
+        pool = population if loaded is None else [h for h in population if h in loaded]
+        return super().sample(pool if len(pool) >= k else population, k, **kw)
 
 
 class Loader:
@@ -185,8 +202,9 @@ class Loader:
     def __init__(self, store: RedisStore) -> None:
         self.s = store
         self.k = store.keys
-        st = LoadedState(heartbeat_interval=store.heartbeat_interval,
-                         lease_timeout=store.lease_timeout, rng=store.rng)
+        self.sample = HolderSample(store.rng, lambda: st.peers.loaded)
+        st = ClusterState(heartbeat_interval=store.heartbeat_interval,
+                          lease_timeout=store.lease_timeout, rng=self.sample)
         st.peers = Partial({}, ())
         st.tasks = Partial({}, ())
         st.totals.last = Partial({}, ())
@@ -258,53 +276,38 @@ class Loader:
         self._queue(lambda p: p.hget(self.k.counters(pid), last_field(pid)), parse)
 
     def task(self, tid: str, pieces: Iterable[int] | None, held: Iterable[str] | None,
-             counted: bool = False, *, members: Iterable[str] = (),
-             sample: Iterable[int] = (), whole: Iterable[int] = (),
-             children: Iterable[int] = ()) -> None:
-        """A task with the given pieces and peers' held counts (None: all of them, holders
-        included); `counted`: with the sizes of the maps loaded in part. Of the pieces given,
-        their holders are loaded in part (`PartialSet`): whether each of `members` is one,
-        for those in `sample` a sample of HOLDER_SAMPLE drawn by Redis (all of them when
-        fewer), for those in `whole` all; `children`: those whose children in flight the
-        rule reads (only a decision does). Asked again before its read ran (several calls'
-        plans), it is read once with all that was asked."""
+             counted: bool = False, children: Iterable[int] = ()) -> None:
+        """A task with the given pieces and peers' held counts (None: all of them); `counted`:
+        with the sizes of the maps loaded in part; `children`: the pieces (of those) whose
+        children in flight the rule reads (only a decision does). Asked again before its
+        read ran (several calls' plans), it is read once with all that was asked."""
         k = self.k
         queued = self._specs.get(tid)
         if queued is not None:
             if not queued.read:
-                queued.merge(pieces, held, counted, members, sample, whole, children)
+                queued.merge(pieces, held, counted, children)
             return  # read already: what a rule reaches for beyond it fails loudly (NotLoaded)
-        spec = self._specs[tid] = _TaskSpec(pieces, held, counted, list(members), list(sample),
-                                            list(whole), list(children))
+        spec = self._specs[tid] = _TaskSpec(pieces, held, counted, list(children))
         if self._rounds == 0 and self._clock_key is None:
             self._clock_key = k.task(tid)  # its leases are judged by its own node's clock
 
         def add(p: Reads) -> None:
             spec.read = True
-            pieces, held = spec.pieces, spec.held
+            pieces, held, counted = spec.pieces, spec.held, spec.counted
             p.hmget(k.task(tid), *records.TASK_FIELDS)
             if pieces is None:
                 p.hgetall(k.chunk(tid))
-                p.hgetall(k.pieces(tid))
-                p.all_holders(k.pieces(tid), k.holders(tid, 0)[:-1])
+                p.hgetall(k.holders(tid))
             else:
-                if spec.counted:
-                    p.hlen(k.pieces(tid))
+                if counted:
+                    p.hlen(k.holders(tid))
                 if pieces:
                     p.hmget(k.chunk(tid), *pieces)
-                    p.hmget(k.pieces(tid), *pieces)
-                whole, sample = set(spec.whole), set(spec.sample)
-                for i in pieces:
-                    if i in whole:
-                        p.smembers(k.holders(tid, i))
-                    elif i in sample:
-                        p.srandmember(k.holders(tid, i), HOLDER_SAMPLE)
-                    if spec.members and i not in whole:
-                        p.smismember(k.holders(tid, i), *spec.members)
+                    p.hmget(k.holders(tid), *pieces)
             if held is None:
                 p.hgetall(k.held(tid))
             else:
-                if spec.counted:
+                if counted:
                     p.hlen(k.held(tid))
                 if held:
                     p.hmget(k.held(tid), *held)
@@ -313,8 +316,10 @@ class Loader:
 
         def parse(replies: list) -> None:
             pieces, held, counted = spec.pieces, spec.held, spec.counted
-            r = iter(replies)
-            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = next(r)
+            asked = len(spec.children)
+            kids = dict(zip(spec.children, replies[len(replies) - asked:], strict=True))
+            replies = replies[:len(replies) - asked]
+            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
             tasks = self.world.state.tasks
             if meta_raw is None:
                 tasks.extend({}, [tid])
@@ -323,40 +328,32 @@ class Loader:
             base = TaskBase(version=version, meta=records.meta(meta_raw),
                             next_epoch=int(next_epoch), leases=leases_raw or "",
                             trust=records.trust(trust_raw) if trust_raw else TaskTrust())
+            r = iter(replies[1:])
             piece_map = Partial({}, pieces)
-            # A piece is known while it has a count, or a chunk id (set by a replica of layout
-            # 1 after the migration: its claims are checked against it all the same).
-            rows: list[tuple[int, str | None, str | None, Any]] = []
             if pieces is None:
-                chunks, counts, everyone = next(r), next(r), next(r)
-                for i in {*map(int, chunks), *map(int, counts)}:
-                    rows.append((i, chunks.get(str(i)), counts.get(str(i)),
-                                 Holders(everyone.get(str(i), ()))))
+                chunks, holder_map = next(r), next(r)
+                rows = ((int(i), chunks.get(i), raw) for i, raw in holder_map.items())
             else:
                 total = next(r) if counted else None
-                chunks, counts = (next(r), next(r)) if pieces else ((), ())
-                whole, sample = set(spec.whole), set(spec.sample)
-                for i, chunk, count in zip(pieces, chunks, counts, strict=True):
-                    holders: Any = None
-                    if i in whole:
-                        holders = Holders(next(r))
-                    else:
-                        drawn = next(r) if i in sample else []
-                        known = dict(zip(spec.members, map(bool, next(r)), strict=True)) \
-                            if spec.members else {}
-                        size = int(count or 0)
-                        holders = Holders(drawn) if i in sample and len(drawn) >= size \
-                            else PartialSet(size, known, drawn)
-                    rows.append((i, chunk, count, holders))
-            for i, chunk, count, holders in rows:
-                if count is None and chunk is None:
+                rows = zip(pieces, next(r), next(r), strict=True) if pieces else ()
+            for i, chunk, raw in rows:
+                if raw is None:  # a piece exists while it has a holders field
                     base.pieces[i] = None
                     continue
-                base.pieces[i] = PieceBase(
-                    chunk, None if count is None else int(count),
-                    None if isinstance(holders, PartialSet) else frozenset(holders), None)
+                holders, legacy = records.decode_holders(raw)
+                loaded = kids.get(i)
+                if loaded is None:
+                    children: Any = unloaded()
+                    before = None
+                else:
+                    before = records.decode_children(loaded.items())
+                    children = dict(before)
+                    for c, t in records.decode_legacy(legacy).items():
+                        children[c] = max(t, children.get(c, t))
+                    children = children or None
                 dict.__setitem__(piece_map, i, PieceState(chunk=chunk, holders=holders,
-                                                          children=unloaded()))
+                                                          children=children))
+                base.pieces[i] = PieceBase(chunk, frozenset(holders), legacy, before)
             if pieces is not None:
                 piece_map.unloaded = None if total is None else \
                     max(0, total - dict.__len__(piece_map))
@@ -372,12 +369,6 @@ class Loader:
                 held_map = Partial(counts, held, unloaded=None if total is None
                                    else max(0, total - len(counts)))
                 base.held.update({pid: counts.get(pid) for pid in held})
-            for i in spec.children:
-                kids = records.decode_children(next(r).items())
-                piece = dict.get(piece_map, i)
-                if piece is not None:
-                    piece.children = dict(kids) or None
-                    base.pieces[i].children = kids  # type: ignore[union-attr]
             task = TaskState(meta=base.meta, created_at=float(created_at), pieces=piece_map,
                              leases=records.decode_leases(leases_raw), held=held_map,
                              next_epoch=base.next_epoch, trust=base.trust)
@@ -385,22 +376,6 @@ class Loader:
             self.world.tasks[tid] = base
 
         self._queue(add, parse)
-
-    def members(self, tid: str, index: int, ids: Iterable[str]) -> None:
-        """Whether more peers hold a piece whose holders were loaded in part, in an earlier
-        round (a decision's children: whether each is a holder by now)."""
-        task = dict.get(self.world.state.tasks, tid)
-        piece = None if task is None else dict.get(task.pieces, index)
-        if piece is None or not isinstance(piece.holders, PartialSet):
-            return
-        holders = piece.holders
-        want = [pid for pid in dict.fromkeys(ids) if pid not in holders.known]
-        if not want:
-            return
-
-        def parse(replies: list) -> None:
-            holders.extend(dict(zip(want, map(bool, replies[0]), strict=True)))
-        self._queue(lambda p: p.smismember(self.k.holders(tid, index), *want), parse)
 
     def held(self, tid: str, ids: Iterable[str]) -> None:
         """More peers' held counts of a task loaded in an earlier round."""
@@ -496,29 +471,22 @@ class _TaskSpec:
     pieces: list[int] | None
     held: list[str] | None
     counted: bool
-    members: list[str]
-    sample: list[int]
-    whole: list[int]
     children: list[int]
     read: bool = False
 
     def __post_init__(self) -> None:
         self.pieces = _unique(self.pieces)
         self.held = _unique(self.held)
-        for name in ("members", "sample", "whole", "children"):
-            setattr(self, name, list(dict.fromkeys(getattr(self, name))))
+        self.children = list(dict.fromkeys(self.children))
 
-    def merge(self, pieces: Iterable[int] | None, held: Iterable[str] | None, counted: bool,
-              members: Iterable[str], sample: Iterable[int], whole: Iterable[int],
-              children: Iterable[int]) -> None:
+    def merge(self, pieces: Iterable[int] | None, held: Iterable[str] | None,
+              counted: bool, children: Iterable[int]) -> None:
         self.pieces = None if pieces is None or self.pieces is None else \
             _unique([*self.pieces, *pieces])
         self.held = None if held is None or self.held is None else \
             _unique([*self.held, *held])
         self.counted = self.counted or counted
-        for name, more in (("members", members), ("sample", sample), ("whole", whole),
-                           ("children", children)):
-            setattr(self, name, list(dict.fromkeys([*getattr(self, name), *more])))
+        self.children = list(dict.fromkeys([*self.children, *children]))
 
 
 def _unique(items: Iterable[T] | None) -> list[T] | None:

@@ -90,6 +90,25 @@ def peer_hash(peer: PeerState) -> list[str]:
             for x in (p.name, p.encode(v))]
 
 
+def encode_holders(holders: set[str]) -> str:
+    """A piece's field in the holders hash: `a,b` (peer ids cannot hold `,`, `|` or `=`)."""
+    return ",".join(sorted(holders))
+
+
+def decode_holders(raw: str) -> tuple[set[str], str]:
+    """A piece's holders, and what follows a `|`: the children a replica of the earlier layout
+    wrote into the same field (`a,b|c=t,d=t`, rewritten whole on every hand-out). Each layout
+    reads the other's field as its own: a replica of the earlier one sees the holders, and
+    the children it records are moved into the children hash at this layout's next decision
+    on the piece (`decode_legacy`)."""
+    holders, _, legacy = raw.partition("|")
+    return set(holders.split(",")) if holders else set(), legacy
+
+
+def decode_legacy(legacy: str) -> dict[str, float]:
+    return decode_children(kv.partition("=")[::2] for kv in legacy.split(",")) if legacy else {}
+
+
 def decode_children(pairs: Any) -> dict[str, float]:
     """A piece's children hash (child -> when it was handed the piece), as `(child, t)`."""
     return {c: float(t) for c, t in pairs}

@@ -84,54 +84,13 @@ return results
 # document: one bulk string to parse rather than one per field, which is most of a pure-Python
 # client's cost.
 READ_LUA = """
-local function all_holders(pieces, prefix)
-  local out = {}
-  for _, i in ipairs(redis.call('HKEYS', pieces)) do
-    out[#out + 1] = i
-    out[#out + 1] = redis.call('SMEMBERS', prefix .. i)
-  end
-  return out
-end
 local outs = {}
 for j = 1, #ARGV do
   local out = {}
-  for i, c in ipairs(cjson.decode(ARGV[j])) do
-    if c[1] == 'ALLHOLDERS' then out[i] = all_holders(c[2], c[3])
-    else out[i] = redis.call(unpack(c)) end
-  end
+  for i, c in ipairs(cjson.decode(ARGV[j])) do out[i] = redis.call(unpack(c)) end
   outs[j] = cjson.encode(out)
 end
 return outs
-"""
-# Layout 1 to 2, one task (KEYS[1]: its layout 1 holders hash; ARGV: its pieces key, the
-# prefixes of its pieces' holders and children keys, its record, and what to leave in
-# KEYS[1]'s place). Each field `a,b|c=t` becomes the piece's count, holders set and children
-# (a child the children hash has already keeps its time); the task's version moves, so a
-# replica of layout 1 mid-call fails its fence, and reads a string where it wants a hash from
-# then on: its calls fail (503, the peers ask another scheduler) rather than decide on a map
-# it no longer sees. Idempotent: a task migrated already is left as it is.
-MIGRATE_LUA = """
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
-local flat = redis.call('HGETALL', KEYS[1])
-for j = 1, #flat, 2 do
-  local i, raw = flat[j], flat[j + 1]
-  local bar = string.find(raw, '|', 1, true)
-  local holders, kids = raw, ''
-  if bar then holders, kids = string.sub(raw, 1, bar - 1), string.sub(raw, bar + 1) end
-  local members = {}
-  for h in string.gmatch(holders, '[^,]+') do members[#members + 1] = h end
-  for n = 1, #members, 1000 do
-    redis.call('SADD', ARGV[2] .. i, unpack(members, n, math.min(n + 999, #members)))
-  end
-  for c, t in string.gmatch(kids, '([^,=]+)=([^,]+)') do
-    redis.call('HSETNX', ARGV[3] .. i, c, t)
-  end
-  redis.call('HSET', ARGV[1], i, #members)
-end
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[5])
-if redis.call('EXISTS', ARGV[4]) == 1 then redis.call('HINCRBY', ARGV[4], 'v', 1) end
-return 1
 """
 # The peers of one index shard whose records are due to expire by that shard's clock.
 DUE_LUA = """

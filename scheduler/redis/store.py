@@ -55,16 +55,9 @@ a cluster (its scripts may touch several slots of their node, each part still on
 replica serving many peers pays one round trip and one client-side command for many calls; a
 call (or a batch of calls on one task) is one read per node (two rounds for `schedule`, whose
 holders are known only once its pieces are read) and one write (per stage and node, on a
-cluster). A schedule call carrying claims is one operation (`announce_and_schedule`).
-
-Per piece, what a call reads and writes does not grow with its holders (keys.py): a piece's
-holders are a set and its children in flight a hash, each a key of its own. A decision reads a
-sample of HOLDER_SAMPLE holders drawn by Redis (SRANDMEMBER) and whether its requester and the
-piece's children are holders (SMISMEMBER), which the rule's holders answer (`PartialSet`), and
-writes the one child it admitted; a claim reads whether its peer holds the piece and writes
-that one holder. Layout 1 (every piece's holders and children in one field of one hash,
-rewritten whole on every hand-out: ~37 KB with 2,600 holders) is migrated before a store's
-first call (`_migrate`).
+cluster). A schedule call carrying claims is one operation (`announce_and_schedule`), and a
+decision reads the records of the sample of holders its rule weighs (`HolderSample`), not of
+every holder.
 
 Clock: Redis's own `TIME`, read with the state (from the task's slot, when the call names a
 task), so replicas agree on lease and penalty deadlines whatever their host clocks say; on a
@@ -102,14 +95,13 @@ from common.models import (
 from common.tasks import RestartCounter, TaskSet
 from scheduler.redis.diff import Tx, diff
 from scheduler.redis.feed import ALL, ChangeFeed, message
-from scheduler.redis.keys import B2S, LAYOUT, MOVED, SHARDS, Keys, cluster_slot, one_slot
+from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
-from scheduler.redis.partial import NotLoaded, PartialSet
+from scheduler.redis.partial import NotLoaded
 from scheduler.redis.scripts import (
     APPLY_LUA,
     CROSS_SLOT,
     DUE_LUA,
-    MIGRATE_LUA,
     READ_LUA,
     Batched,
     closed,
@@ -256,8 +248,7 @@ class RedisStore:
                             self.group_of, stale)
         self._due = client.register_script(DUE_LUA)
         self._queues: dict[str, list[_Call]] = {}  # per task: calls waiting for a batch
-        self._migrate_task = client.register_script(flags + MIGRATE_LUA)
-        self._connected = False
+        self._connected = not self.cluster
         self._connecting = asyncio.Lock()
 
     @classmethod
@@ -277,34 +268,14 @@ class RedisStore:
         await self.redis.aclose()
 
     async def _connect(self) -> None:
-        """Before the first call: on a cluster, learn its map of slots once (redis-py's client
-        learning it under concurrent first calls closes connections other calls are using);
-        the keys' layout migrated if need be."""
+        """On a cluster, learn its map of slots once before the first call: redis-py's client
+        learning it under concurrent first calls closes connections other calls are using."""
         if self._connected:
             return
         async with self._connecting:
             if not self._connected:
-                if self.cluster:
-                    await self.redis.initialize()
-                await self._migrate()
+                await self.redis.initialize()
                 self._connected = True
-
-    async def _migrate(self) -> None:
-        """Layout 1's tasks into this layout (`MIGRATE_LUA`), once per Redis, before this
-        store's first call. Scheduler replicas are upgraded together: one of layout 1 still
-        running answers 503 for a migrated task (the peers fail over to the next scheduler),
-        never a decision on a map it no longer sees."""
-        k = self.keys
-        if await self.redis.get(k.layout) == LAYOUT:
-            return
-        tasks = sorted(await self.redis.smembers(k.tasks))
-        for tid in tasks:
-            await self._migrate_task(keys=[k.legacy_holders(tid)], args=[
-                k.pieces(tid), k.holders(tid, 0)[:-1], k.children(tid, 0)[:-1], k.task(tid),
-                MOVED])
-        await self.redis.set(k.layout, LAYOUT)
-        if tasks:
-            log.info("redis layout %s: %d tasks migrated", LAYOUT, len(tasks))
 
     async def _node_client(self, attempt: int) -> aioredis.Redis:
         """The change feed's own connection on a cluster: a node (the next one each time the
@@ -537,7 +508,7 @@ class RedisStore:
 
         async def plan(ld: Loader) -> None:
             ld.peer(ann.peer_id)
-            ld.task(ann.task_id, pieces=claimed, held=[ann.peer_id], members=[ann.peer_id])
+            ld.task(ann.task_id, pieces=claimed, held=[ann.peer_id])
             await ld.run()
             task = dict.get(ld.world.state.tasks, ann.task_id)
             if task is None:
@@ -569,11 +540,9 @@ class RedisStore:
             # count (the claimed pieces' lease holders: every lease holder is schedule's).
             ld.peer(req.peer_id)
             ld.task(req.task_id, pieces=[*claimed, *wanted], counted=True,  # cold: any holder?
-                    held=() if ann is None else [ann.peer_id], members=[req.peer_id],
-                    sample=() if widen.all else wanted, whole=wanted if widen.all else (),
-                    children=wanted)
+                    held=() if ann is None else [ann.peer_id], children=wanted)
             await ld.run()
-            self._plan_decide(ld, req, wanted)
+            self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
 
         def rule(w: World) -> tuple[AnnounceReply | None, list[Decision]]:
@@ -584,28 +553,26 @@ class RedisStore:
                                     wake=wake, pieces=pieces, widen=widen)
 
     @staticmethod
-    def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int]) -> None:
+    def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int], every: bool
+                     ) -> None:
         """The schedule rule's second round, once its task and pieces are loaded: the records
-        of the holders it weighs (the sample Redis drew of a piece's holders when they were
-        loaded in part, else all of them) and their held counts, every lease holder's (a task
-        is cold only without a live lease), whether the pieces' children hold them by now,
-        and for a requester with an IDC the children's records (whose copy into its IDC is in
-        flight)."""
+        of the holders it weighs (a sample of a piece's holders when it has more than
+        HOLDER_SAMPLE, drawn here for the rule; `every`: all of them) and their held counts,
+        every lease holder's (a task is cold only without a live lease), and for a requester
+        with an IDC its pieces' children's (whose copy into its IDC is in flight)."""
         task = dict.get(ld.world.state.tasks, req.task_id)
         if task is None:
             return
-        pieces = {i: p for i in wanted if (p := dict.get(task.pieces, i)) is not None}
-        weighed = {h for p in pieces.values()
-                   for h in (p.holders.sample if isinstance(p.holders, PartialSet)
-                             else p.holders)}
+        pieces = [p for i in wanted if (p := dict.get(task.pieces, i)) is not None]
+        if every:
+            weighed = {h for p in pieces for h in p.holders}
+        else:
+            weighed = {h for p in pieces for h in ld.sample.choose(p.holders)}
         ld.peers(weighed | {le.holder for le in task.leases.values()})
-        for i, p in pieces.items():
-            if p.children and isinstance(p.holders, PartialSet):
-                ld.members(req.task_id, i, p.children)
         me = dict.get(ld.world.state.peers, req.peer_id)
         if me is not None and me.reg.idc:
-            ld.peers({c for p in pieces.values() for c in p.children or ()
-                      if isinstance(p.holders, PartialSet) or c not in p.holders})
+            ld.peers({c for p in pieces for c in p.children or ()
+                      if c not in p.holders})
         ld.held(req.task_id, weighed)
 
     async def announce_and_schedule(self, ann: Announce, req: ScheduleRequest
@@ -638,8 +605,7 @@ class RedisStore:
             ld.peer(rep.peer_id)
             ld.peer(rep.parent_id)
             if corrupt_piece:
-                ld.task(rep.task_id, pieces=[rep.piece], held=[rep.parent_id],
-                        members=[rep.parent_id])
+                ld.task(rep.task_id, pieces=[rep.piece], held=[rep.parent_id])
             await ld.run()
         await self._transact(plan, lambda w: w.state.report(rep, w.now),
                              lock=rep.task_id if corrupt_piece else None)
@@ -647,7 +613,7 @@ class RedisStore:
     async def withdraw(self, wd: Withdraw) -> None:
         async def plan(ld: Loader) -> None:
             ld.peer(wd.peer_id)
-            ld.task(wd.task_id, pieces=wd.pieces, held=[wd.peer_id], members=[wd.peer_id])
+            ld.task(wd.task_id, pieces=wd.pieces, held=[wd.peer_id])
             await ld.run()
         await self._transact(plan, lambda w: w.state.withdraw(wd), lock=wd.task_id)
 
