@@ -97,8 +97,8 @@ NAMES = tuple(p.name for p in PATHS)
 
 PREPARES = ("none", "prefault")
 # Others' CPU beside a pull above which its pair is counted as contended: a tenth of a cold
-# pull's ~2.5-5 ms of CPU per MiB. In the A/A runs the pulls that took 1.4-1.6 x their
-# partner's had 1.5-2.6 ms/MiB of others' CPU beside them, the ones within 10 % under 0.2.
+# pull's ~2.5-5 ms of CPU per MiB. In the A/A runs the slowest pulls had 1.4-3.2 ms/MiB of
+# others' CPU beside them; pairs under 0.25 mostly agreed within 15 %.
 CONTENDED = 0.25
 PREFAULT_MAX = 4 << 30
 
