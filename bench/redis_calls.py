@@ -13,7 +13,7 @@ does for a store without it). Printed: this process's CPU per call and pieces pe
 `--holders N` measures a decision on a piece many peers hold instead (a fleet pull's late
 pieces): N peers hold every one of `--pieces` pieces, then `--peers` requesters each ask for
 one piece a round, `--rounds` rounds (each decision admits its requester as a child in flight).
-Printed: CPU per decision and the bytes each decision sent to Redis (script arguments, reads
+Printed: CPU per decision (this process's and redis-server's) and the bytes each decision sent to Redis (script arguments, reads
 and writes) and read back, from the store's own script calls; then the same per claim, each
 requester claiming the pieces it was handed.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import resource
 import tempfile
@@ -104,8 +105,14 @@ class Bytes:
         return reply
 
 
-async def holders(url: str, args: argparse.Namespace) -> None:
-    """Decisions on pieces `args.holders` peers hold."""
+def pid_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (redis-server's: what the shard spends)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
+    """Decisions on pieces `args.holders` peers hold; `shard`: redis-server's pid."""
     s = RedisStore.from_url(url, heartbeat_interval=600.0, lease_timeout=2.0,
                             rng=random.Random(1))
     crowd = [f"holder-{i:06d}" for i in range(args.holders)]  # ids of 13 characters
@@ -126,7 +133,7 @@ async def holders(url: str, args: argparse.Namespace) -> None:
     s.read, s.apply = read, apply  # type: ignore[assignment]
     decisions = 0
     actions: dict[str, int] = {}
-    cpu, wall = cpu_seconds(), time.perf_counter()
+    cpu, wall, redis_cpu = cpu_seconds(), time.perf_counter(), pid_cpu(shard)
     for r in range(args.rounds):
         answers = await asyncio.gather(*(
             s.schedule(ScheduleRequest(peer_id=pid, task_id=TASK,
@@ -137,14 +144,16 @@ async def holders(url: str, args: argparse.Namespace) -> None:
                 actions[d.action] = actions.get(d.action, 0) + 1
         decisions += len(peers)
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+    redis_cpu = pid_cpu(shard) - redis_cpu
     print(f"holders={args.holders} pieces={args.pieces} requesters={args.peers} "
           f"decisions={decisions} {actions} cpu={cpu:.2f}s wall={wall:.2f}s "
           f"cpu/decision={1e3 * cpu / decisions:.3f}ms "
+          f"redis-cpu/decision={1e3 * redis_cpu / decisions:.3f}ms "
           f"read: sent={read.sent / decisions:,.0f} B back={read.back / decisions:,.0f} B "
           f"write: sent={apply.sent / decisions:,.0f} B per decision")
     # Then each requester claims the pieces it was handed: a claim on a piece N peers hold.
     read.sent = read.back = apply.sent = 0
-    cpu = cpu_seconds()
+    cpu, redis_cpu = cpu_seconds(), pid_cpu(shard)
     claimed = 0
     for n, pid in enumerate(peers):
         mine = sorted({(r + n) % args.pieces for r in range(args.rounds)})
@@ -152,8 +161,9 @@ async def holders(url: str, args: argparse.Namespace) -> None:
                                                    pieces=claims(range(i, i + 1))))
                                for i in mine))
         claimed += len(mine)
-    cpu = cpu_seconds() - cpu
+    cpu, redis_cpu = cpu_seconds() - cpu, pid_cpu(shard) - redis_cpu
     print(f"claims={claimed} cpu/claim={1e3 * cpu / claimed:.3f}ms "
+          f"redis-cpu/claim={1e3 * redis_cpu / claimed:.3f}ms "
           f"read: sent={read.sent / claimed:,.0f} B back={read.back / claimed:,.0f} B "
           f"write: sent={apply.sent / claimed:,.0f} B per claim")
     await s.close()
@@ -174,7 +184,8 @@ def main() -> None:
     server = RedisServer(Path(tempfile.mkdtemp(prefix="naiad-redis-calls-")))
     server.wait_ready()
     try:
-        asyncio.run(holders(server.url, args) if args.holders else pull(server.url, args))
+        asyncio.run(holders(server.url, args, server.proc.popen.pid) if args.holders
+                    else pull(server.url, args))
     finally:
         server.stop()
 
