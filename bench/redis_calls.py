@@ -13,9 +13,9 @@ does for a store without it). Printed: this process's CPU per call and pieces pe
 `--holders N` measures a decision on a piece many peers hold instead (a fleet pull's late
 pieces): N peers hold every one of `--pieces` pieces, then `--peers` requesters each ask for
 one piece a round, `--rounds` rounds (each decision admits its requester as a child in flight).
-Printed: CPU per decision (this process's and redis-server's) and the bytes each decision sent to Redis (script arguments, reads
-and writes) and read back, from the store's own script calls; then the same per claim, each
-requester claiming the pieces it was handed.
+Printed: CPU per decision (this process's and redis-server's) and the bytes each decision sent
+to Redis (script arguments, reads and writes) and read back, from the store's own script calls;
+then the same per claim, each requester claiming the pieces it was handed.
 
     python -m bench.redis_calls --holders 2600 --pieces 64 [--peers 64 --rounds 10]
 """
