@@ -27,6 +27,7 @@ from common.pieces import MiB
 from scheduler.state import (
     CHILDREN_PER_HOLDER,
     HOLDER_SAMPLE,
+    LEASE_SPREAD,
     MAX_LEASE_PIECES,
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
@@ -393,6 +394,80 @@ def test_partial_overlap_waits_for_leased_and_leases_the_rest(c: Cluster) -> Non
     assert ds[2].reason == ds[3].reason == "no-holder"
     assert (ds[2].first, ds[2].last) == (4, 5)
     assert ds[2].epoch > first[0].epoch
+
+
+SPREAD = MAX_LEASE_PIECES // LEASE_SPREAD  # pieces a requester may hold leased in a crowd
+
+
+def _crowd(n: int = 3 * MAX_LEASE_PIECES, **reg: object) -> Cluster:
+    """A task others take part in: X and Y hold piece 0; A, B and C ask the rest."""
+    cl = Cluster()
+    for pid in ("X", "Y", "A", "B", "C"):
+        cl.peer(pid, **reg)
+    cl.task(pieces=n)
+    cl.schedule("X", [0], 0.0)
+    cl.announce("X", [0], 0.1)
+    cl.announce("Y", [0], 0.1)
+    return cl
+
+
+def test_crowd_leases_are_spread_over_requesters() -> None:
+    """Everyone asks the same window: each requester leases a run's 1/LEASE_SPREAD, so the
+    origin sends at several points of it at once (not one lease holder's downlink)."""
+    cl = _crowd()
+    window = range(1, 1 + MAX_LEASE_PIECES)
+    a = cl.schedule("A", window, 1.0)
+    assert [d.action for d in a] == ["source"] * SPREAD + ["wait"] * (MAX_LEASE_PIECES - SPREAD)
+    assert {(d.first, d.last) for d in a[:SPREAD]} == {(1, SPREAD)}
+    assert {d.reason for d in a[SPREAD:]} == {"lease-spread"}
+    b = cl.schedule("B", window, 1.1)
+    assert [d.action for d in b[:SPREAD]] == ["wait"] * SPREAD  # A's lease
+    assert {(d.first, d.last) for d in b[SPREAD:2 * SPREAD]} == {(1 + SPREAD, 2 * SPREAD)}
+    assert {d.action for d in b[SPREAD:2 * SPREAD]} == {"source"}
+    assert {d.reason for d in b[2 * SPREAD:]} == {"lease-spread"}
+    # A asking again keeps its own lease and still may take no more.
+    again = cl.schedule("A", window, 1.2)
+    assert [d.reason for d in again[:SPREAD]] == ["lease"] * SPREAD
+    assert {d.reason for d in again[2 * SPREAD:]} == {"lease-spread"}
+
+
+def test_a_spread_lease_holder_leases_again_as_its_pieces_land() -> None:
+    cl = _crowd()
+    window = range(1, 1 + MAX_LEASE_PIECES)
+    cl.schedule("A", window, 1.0)
+    cl.announce("A", [1, 2], 1.1)  # two of its leased pieces are held: room for two more
+    ds = cl.schedule("A", range(3, 1 + MAX_LEASE_PIECES), 1.2)
+    sources = [d.piece for d in ds if d.action == "source" and d.reason != "lease"]
+    assert sources == [SPREAD + 1, SPREAD + 2]
+
+
+def test_a_spread_lease_that_lapsed_frees_its_holders_room() -> None:
+    cl = _crowd()
+    cl.schedule("A", range(1, 1 + SPREAD), 1.0)
+    ds = cl.schedule("A", range(1 + SPREAD, 1 + 2 * SPREAD), 1.0 + LEASE)  # own lease lapsed
+    assert {d.action for d in ds} == {"source"}
+
+
+def test_a_lone_reader_leases_whole_runs() -> None:
+    """Nobody else holds or leases a piece: nobody else would lease the rest, so no spread."""
+    cl = Cluster()
+    cl.peer("A")
+    cl.peer("B")  # registered, not taking part
+    cl.task(pieces=2 * MAX_LEASE_PIECES)
+    ds = cl.schedule("A", range(MAX_LEASE_PIECES), 0.0)
+    assert {d.action for d in ds} == {"source"}
+    cl.announce("A", [0], 0.1)
+    ds = cl.schedule("A", range(MAX_LEASE_PIECES, 2 * MAX_LEASE_PIECES), 0.2)
+    assert {(d.action, d.first, d.last) for d in ds} == {
+        ("source", MAX_LEASE_PIECES, 2 * MAX_LEASE_PIECES - 1)}
+
+
+def test_requesters_with_an_idc_lease_whole_runs() -> None:
+    """Spread leases land in every IDC, and a piece leased outside the origin's crosses back
+    into it: with IDC labels the runs stay whole."""
+    cl = _crowd(idc="east")
+    ds = cl.schedule("A", range(1, 1 + MAX_LEASE_PIECES), 1.0)
+    assert {d.action for d in ds} == {"source"}
 
 
 def test_lease_holder_asking_again_keeps_its_lease(c: Cluster) -> None:

@@ -102,7 +102,14 @@ def far_held() -> None:
     swarm.Swarm._read = reading  # type: ignore[method-assign]
 
 
+def whole_leases() -> None:
+    """Leases in whole runs, as before the spread (scheduler.state.LEASE_SPREAD = 0): one
+    requester leases every piece it asks that nobody holds or leases."""
+    scheduler.state.LEASE_SPREAD = 0
+
+
 EXPERIMENTS = {
+    "whole-leases": whole_leases,
     "far-share": far_share,
     "far-held": far_held,
     "idc-local": idc_local,
