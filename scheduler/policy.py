@@ -42,6 +42,14 @@ class Candidate:
     handouts: float  # decayed count of recent handouts
     complete: bool
     seed: bool
+    upload_rate: float = 0.0  # bytes/s it uploads at while it has uploads (0.0: not known)
+
+
+# A holder uploading at under this share of the best of its fellow candidates' rates (those
+# known) is not offered while another is: a slow uplink still sends bytes, so it never stalls
+# a child into blaming it, while its children, reading in order, wait on it (bench.sim lab16
+# with a quarter of the uplinks at 1/20: p99 4.7x the fluid bound).
+SLOW_SHARE = 0.25
 
 
 def decayed(value: float, since: float, now: float) -> float:
@@ -91,12 +99,26 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     rand = (rng or random).random
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
+    best = max((c.upload_rate for c in candidates), default=0.0)
+    flags = [slow(c.upload_rate, best) for c in candidates]
+    if not all(flags):  # a slow holder is not offered while another can be
+        candidates = [c for c, f in zip(candidates, flags, strict=True) if not f]
+        flags = [False] * len(candidates)
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: each load computed once
     # (a free-slot test and score each did), and a C key for the sort.
-    keyed = [((held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(), c)
-             for c in candidates]
-    keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
-    return [t[3] for t in keyed[:limit]]
+    keyed = [(f, (held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(),
+              c) for c, f in zip(candidates, flags, strict=True)]
+    keyed.sort(key=_RANK_KEY)  # slow last, no free slot next, then the best score, at random
+    return [t[4] for t in keyed[:limit]]
 
 
-_RANK_KEY = operator.itemgetter(0, 1, 2)
+def slow(rate: float, best: float) -> bool:
+    """Whether a holder uploading at `rate` (bytes/s; 0.0: not known) is slow beside `best`
+    (one that finished no upload over a whole interval: ClusterState's STALLED_RATE)."""
+    return 0.0 < rate < SLOW_SHARE * best
+
+
+STALLED_RATE = 1.0
+
+
+_RANK_KEY = operator.itemgetter(0, 1, 2, 3)

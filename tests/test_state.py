@@ -24,6 +24,7 @@ from common.models import (
     TaskRequest,
 )
 from common.pieces import MiB
+from scheduler import policy
 from scheduler.state import (
     CHILDREN_PER_HOLDER,
     HOLDER_SAMPLE,
@@ -399,11 +400,19 @@ def test_partial_overlap_waits_for_leased_and_leases_the_rest(c: Cluster) -> Non
 SPREAD = MAX_LEASE_PIECES // LEASE_SPREAD  # pieces a requester may hold leased in a crowd
 
 
+def _uploads_at(cl: Cluster, pid: str, rate: float, now: float) -> None:
+    """Two heartbeats with uploads running through the interval: `rate` bytes/s seen."""
+    cl.heartbeat(pid, now, active=1, uploaded=0)
+    cl.heartbeat(pid, now + 0.01, active=1, uploaded=int(rate * HB))
+
+
 def _crowd(n: int = 3 * MAX_LEASE_PIECES, **reg: object) -> Cluster:
-    """A task others take part in: X and Y hold piece 0; A, B and C ask the rest."""
+    """A task others take part in: X and Y hold piece 0; A, B and C, whose uploads are known
+    to go well, ask the rest."""
     cl = Cluster()
     for pid in ("X", "Y", "A", "B", "C"):
         cl.peer(pid, **reg)
+        _uploads_at(cl, pid, 10e6, 0.0)
     cl.task(pieces=n)
     cl.schedule("X", [0], 0.0)
     cl.announce("X", [0], 0.1)
@@ -446,6 +455,65 @@ def test_a_spread_lease_that_lapsed_frees_its_holders_room() -> None:
     cl.schedule("A", range(1, 1 + SPREAD), 1.0)
     ds = cl.schedule("A", range(1 + SPREAD, 1 + 2 * SPREAD), 1.0 + LEASE)  # own lease lapsed
     assert {d.action for d in ds} == {"source"}
+
+
+def test_a_requester_not_known_to_upload_well_leaves_spread_leases_to_others() -> None:
+    """It would be its leased pieces' only holder: while another leases, one whose uploads
+    are slow beside the lease holders', or under way and not measured yet, waits (a slow
+    first holder held the crowd back behind it, and leased on as it got ahead); an idle
+    newcomer leases."""
+    cl = _crowd()
+    cl.peer("busy")
+    cl.heartbeat("busy", 0.5, active=3)
+    cl.peer("slow")
+    _uploads_at(cl, "slow", 10e6 * policy.SLOW_SHARE / 2, 0.0)
+    cl.peer("new")
+    cl.schedule("A", range(1, 1 + SPREAD), 1.0)  # another's live lease
+    for pid in ("busy", "slow"):
+        ds = cl.schedule(pid, range(1 + SPREAD, 1 + 2 * SPREAD), 1.1)
+        assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
+    assert {d.action for d in cl.schedule("new", range(1 + SPREAD, 1 + 2 * SPREAD), 1.2)} == {
+        "source"}
+
+
+def test_with_nobody_leasing_a_slow_requester_still_leases() -> None:
+    """No live lease elsewhere: someone must fetch what nobody holds, whatever its uplink."""
+    cl = _crowd()
+    cl.peer("slow")
+    _uploads_at(cl, "slow", policy.STALLED_RATE, 0.0)
+    ds = cl.schedule("slow", range(1, 1 + MAX_LEASE_PIECES), 1.0)
+    assert [d.action for d in ds][:SPREAD] == ["source"] * SPREAD
+
+
+def test_heartbeats_estimate_a_peers_upload_rate() -> None:
+    """From the uploaded counter (peers report no rate): over an interval with uploads at
+    both ends; stalled if none finished; kept over idle intervals; a new process starts
+    unknown."""
+    cl = Cluster()
+    cl.peer("A")
+    rate = lambda: cl.s.peers["A"].load.upload_rate  # noqa: E731
+    cl.heartbeat("A", 0.0, active=0, uploaded=0)
+    cl.heartbeat("A", 2.0, active=2, uploaded=MiB)  # began uploading within the interval
+    assert rate() == 0.0
+    cl.heartbeat("A", 4.0, active=1, uploaded=MiB + 8 * MiB)
+    assert rate() == pytest.approx(8 * MiB / HB)
+    cl.heartbeat("A", 6.0, active=0, uploaded=10 * MiB)
+    assert rate() == pytest.approx(8 * MiB / HB)  # idle since: the estimate stands
+    cl.heartbeat("A", 8.0, active=3, uploaded=10 * MiB)
+    cl.heartbeat("A", 10.0, active=3, uploaded=10 * MiB)  # busy, nothing finished
+    assert rate() == policy.STALLED_RATE
+    cl.heartbeat("A", 12.0, active=3, uploaded=0, started_at=2.0)  # a new process
+    assert rate() == 0.0
+
+
+def test_a_rate_the_peer_reports_is_kept() -> None:
+    cl = Cluster()
+    cl.peer("A")
+    cl.s.heartbeat("A", Heartbeat(load=PeerLoad(active_uploads=1, upload_rate=5.0),
+                                  counters=PeerCounters(started_at=1.0, uploaded=0)), 0.0)
+    cl.s.heartbeat("A", Heartbeat(load=PeerLoad(active_uploads=1, upload_rate=7.0),
+                                  counters=PeerCounters(started_at=1.0, uploaded=MiB)), 2.0)
+    assert cl.s.peers["A"].load.upload_rate == 7.0
 
 
 def test_a_lone_reader_leases_whole_runs() -> None:
