@@ -108,7 +108,14 @@ def whole_leases() -> None:
     scheduler.state.LEASE_SPREAD = 0
 
 
+def no_slow() -> None:
+    """Slow holders offered like any other (scheduler.policy.SLOW_SHARE = 0): nothing is
+    slow beside anything, so neither ranking nor spread leases look at upload rates."""
+    scheduler.policy.SLOW_SHARE = 0.0
+
+
 EXPERIMENTS = {
+    "no-slow": no_slow,
     "whole-leases": whole_leases,
     "far-share": far_share,
     "far-held": far_held,
