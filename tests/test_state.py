@@ -459,9 +459,9 @@ def test_a_spread_lease_that_lapsed_frees_its_holders_room() -> None:
 
 def test_a_requester_not_known_to_upload_well_leaves_spread_leases_to_others() -> None:
     """It would be its leased pieces' only holder: while another leases, one whose uploads
-    are slow beside the lease holders', or under way and not measured yet, waits (a slow
-    first holder held the crowd back behind it, and leased on as it got ahead); an idle
-    newcomer leases."""
+    are slow beside the lease holders', or under way and not measured yet, or that is
+    penalised waits (a slow first holder held the crowd back behind it, and leased on as it
+    got ahead); an idle newcomer leases."""
     cl = _crowd()
     cl.peer("busy")
     cl.heartbeat("busy", 0.5, active=3)
@@ -469,7 +469,9 @@ def test_a_requester_not_known_to_upload_well_leaves_spread_leases_to_others() -
     _uploads_at(cl, "slow", 10e6 * policy.SLOW_SHARE / 2, 0.0)
     cl.peer("new")
     cl.schedule("A", range(1, 1 + SPREAD), 1.0)  # another's live lease
-    for pid in ("busy", "slow"):
+    cl.peer("corrupt")
+    cl.report("X", "corrupt", "corrupt", 0.5)
+    for pid in ("busy", "slow", "corrupt"):
         ds = cl.schedule(pid, range(1 + SPREAD, 1 + 2 * SPREAD), 1.1)
         assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
     assert {d.action for d in cl.schedule("new", range(1 + SPREAD, 1 + 2 * SPREAD), 1.2)} == {
