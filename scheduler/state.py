@@ -589,12 +589,12 @@ class ClusterState:
                     best = max(best, self.peers[lease.holder].load.upload_rate)
         if not leasing and len(task.held) <= 1:
             return None
-        if leasing and (requester.penalised(now) or not _uploads_well(requester.load, best)):
+        if leasing and (_suspect(requester, now) or not _uploads_well(requester.load, best)):
             # It would be its pieces' only holder for a while: while others lease, one whose
-            # uploads are slow, or under way and not measured yet, or that is penalised (a
-            # corrupt one's pieces were fetched from the origin again) leaves them to the
-            # others (a slow uplink that leased held the crowd back behind it, so it got ahead
-            # and leased on: bench.sim lab16 --slow 0.25, p99 6.6x the bound).
+            # uploads are slow, or under way and not measured yet, or that served corrupt
+            # bytes (its pieces were fetched from the origin again) leaves them to the others
+            # (a slow uplink that leased held the crowd back behind it, so it got ahead and
+            # leased on: bench.sim lab16 --slow 0.25, p99 6.6x the bound).
             return 0
         return max(1, max_run // LEASE_SPREAD) - mine
 
@@ -779,6 +779,11 @@ def _wait(index: int, reason: str | None) -> Decision:
         d = _WAITS[index, reason] = Decision(piece=index, action="wait") if reason is None \
             else Decision(piece=index, action="wait", reason=reason)  # the same fields set
     return d
+
+
+def _suspect(peer: PeerState, now: float) -> bool:
+    """Penalised for bytes it served: its own pieces would be unusable as parents."""
+    return peer.penalised(now) and peer.penalty_reason in ("corrupt", "mismatch")
 
 
 def _uploads_well(load: PeerLoad, best: float) -> bool:
