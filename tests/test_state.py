@@ -115,6 +115,12 @@ def c() -> Cluster:
     return cl
 
 
+def _uploads_at(cl: Cluster, pid: str, rate: float, now: float) -> None:
+    """Two heartbeats with uploads running through the interval: `rate` bytes/s seen."""
+    cl.heartbeat(pid, now, active=1, uploaded=0)
+    cl.heartbeat(pid, now + 0.01, active=1, uploaded=int(rate * HB))
+
+
 # --- registration -----------------------------------------------------------------------------
 
 def test_register_new_peer() -> None:
@@ -400,12 +406,6 @@ def test_partial_overlap_waits_for_leased_and_leases_the_rest(c: Cluster) -> Non
 SPREAD = MAX_LEASE_PIECES // LEASE_SPREAD  # pieces a requester may hold leased in a crowd
 
 
-def _uploads_at(cl: Cluster, pid: str, rate: float, now: float) -> None:
-    """Two heartbeats with uploads running through the interval: `rate` bytes/s seen."""
-    cl.heartbeat(pid, now, active=1, uploaded=0)
-    cl.heartbeat(pid, now + 0.01, active=1, uploaded=int(rate * HB))
-
-
 def _crowd(n: int = 3 * MAX_LEASE_PIECES, **reg: object) -> Cluster:
     """A task others take part in: X and Y hold piece 0; A, B and C, whose uploads are known
     to go well, ask the rest."""
@@ -459,23 +459,39 @@ def test_a_spread_lease_that_lapsed_frees_its_holders_room() -> None:
 
 def test_a_requester_not_known_to_upload_well_leaves_spread_leases_to_others() -> None:
     """It would be its leased pieces' only holder: while another leases, one whose uploads
-    are slow beside the lease holders', or under way and not measured yet, or that is
-    penalised waits (a slow first holder held the crowd back behind it, and leased on as it
-    got ahead); an idle newcomer leases."""
+    are slow beside the lease holders', or not measured beside a measured one, or that
+    served corrupt bytes, waits (a slow first holder held the crowd back behind it, and
+    leased on as it got ahead); one measured fine leases."""
     cl = _crowd()
-    cl.peer("busy")
-    cl.heartbeat("busy", 0.5, active=3)
+    cl.peer("new")
     cl.peer("slow")
     _uploads_at(cl, "slow", 10e6 * policy.SLOW_SHARE / 2, 0.0)
-    cl.peer("new")
-    cl.schedule("A", range(1, 1 + SPREAD), 1.0)  # another's live lease
     cl.peer("corrupt")
+    _uploads_at(cl, "corrupt", 10e6, 0.0)
     cl.report("X", "corrupt", "corrupt", 0.5)
-    for pid in ("busy", "slow", "corrupt"):
+    cl.schedule("A", range(1, 1 + SPREAD), 1.0)  # another's live lease
+    for pid in ("new", "slow", "corrupt"):
         ds = cl.schedule(pid, range(1 + SPREAD, 1 + 2 * SPREAD), 1.1)
         assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
-    assert {d.action for d in cl.schedule("new", range(1 + SPREAD, 1 + 2 * SPREAD), 1.2)} == {
+    assert {d.action for d in cl.schedule("B", range(1 + SPREAD, 1 + 2 * SPREAD), 1.2)} == {
         "source"}
+
+
+def test_at_a_pulls_start_requesters_not_measured_lease_spread() -> None:
+    """Nobody measured yet: no rate to go by, so an idle requester leases its share; one with
+    uploads under way and no estimate yet does not."""
+    cl = Cluster()
+    for pid in ("A", "B", "C"):
+        cl.peer(pid)
+    cl.task(pieces=3 * MAX_LEASE_PIECES)
+    cl.schedule("A", [0], 0.0)
+    cl.announce("A", [0], 0.1)
+    cl.schedule("A", range(1, 1 + SPREAD), 0.2)
+    ds = cl.schedule("B", range(1 + SPREAD, 1 + 2 * SPREAD), 0.3)
+    assert {d.action for d in ds} == {"source"}
+    cl.heartbeat("C", 0.3, active=2)
+    ds = cl.schedule("C", range(1 + 2 * SPREAD, 1 + 3 * SPREAD), 0.4)
+    assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
 
 
 def test_with_nobody_leasing_a_slow_requester_still_leases() -> None:
