@@ -13,6 +13,8 @@ Pure functions over plain values, so the rule can be read and tested as a table:
   one before a busy near one) sent ~98x the blob across IDC links in bench.sim's idc3 (300
   hosts); near ones alone, with ClusterState's copy-in-flight wait, 2.00x. Far holders listed
   after the near ones still crossed 12x (60 hosts): a child tries its parents in turn.
+* A holder known to upload at under SLOW_SHARE of the best rate among the others (ClusterState
+  estimates each peer's from its heartbeats) is offered only when every one is that slow.
 * Then **proximity**: same IDC, then the longest shared prefix of the `a|b|c` location.
 * Then holders that **finished** the task (they will not leave mid-way for lack of pieces) and
   **seed** peers.
@@ -100,16 +102,14 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
     best = max((c.upload_rate for c in candidates), default=0.0)
-    flags = [slow(c.upload_rate, best) for c in candidates]
-    if not all(flags):  # a slow holder is not offered while another can be
-        candidates = [c for c, f in zip(candidates, flags, strict=True) if not f]
-        flags = [False] * len(candidates)
+    if best:  # a slow holder is offered only when every one is
+        candidates = [c for c in candidates if not slow(c.upload_rate, best)] or candidates
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: each load computed once
     # (a free-slot test and score each did), and a C key for the sort.
-    keyed = [(f, (held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(),
-              c) for c, f in zip(candidates, flags, strict=True)]
-    keyed.sort(key=_RANK_KEY)  # slow last, no free slot next, then the best score, at random
-    return [t[4] for t in keyed[:limit]]
+    keyed = [((held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(), c)
+             for c in candidates]
+    keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
+    return [t[3] for t in keyed[:limit]]
 
 
 def slow(rate: float, best: float) -> bool:
@@ -121,4 +121,4 @@ def slow(rate: float, best: float) -> bool:
 STALLED_RATE = 1.0
 
 
-_RANK_KEY = operator.itemgetter(0, 1, 2, 3)
+_RANK_KEY = operator.itemgetter(0, 1, 2)

@@ -54,8 +54,8 @@ MAX_LEASE_BYTES = 64 * MiB
 # holds live leases for at most a run's 1/LEASE_SPREAD pieces, and the rest of what it asks
 # waits for another requester to lease (or a holder). Leased in whole runs, every host wanting
 # the same pieces in order made the origin send to one lease holder at a time, at that host's
-# downlink (bench.sim kraken: 300 MB/s of a 10 Gbit/s origin), and each piece then spread as a
-# tree from one holder, half of whose hosts had nothing to upload. 0: whole runs (off).
+# downlink (bench.sim kraken: 300 MB/s of a 10 Gbit/s origin), and each piece then spread from
+# that one holder while every host wanted the same next ones. 0: whole runs (off).
 LEASE_SPREAD = 4
 # "mismatch": authored chunk ids of a map whose assembled blob failed its digest.
 PENALTY_SECONDS = {"failed": 5.0, "slow": 10.0, "corrupt": 60.0, "conflict": 60.0,
