@@ -9,12 +9,22 @@ does for a store without it). Printed: this process's CPU per call and pieces pe
 (the load is generated in-process too, but it is a few model constructions per call).
 
     python -m bench.redis_calls --mode one|two [--peers 64 --pieces 200 --seeds 4 --idcs 0]
+
+`--holders N` measures a decision on a piece many peers hold instead (a fleet pull's late
+pieces): N peers hold every one of `--pieces` pieces, then `--peers` requesters each ask for
+one piece a round, `--rounds` rounds (each decision admits its requester as a child in flight).
+Printed: CPU per decision (this process's and redis-server's) and the bytes each decision sent
+to Redis (script arguments, reads and writes) and read back, from the store's own script calls;
+then the same per claim, each requester claiming the pieces it was handed.
+
+    python -m bench.redis_calls --holders 2600 --pieces 64 [--peers 64 --rounds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import resource
 import tempfile
@@ -81,6 +91,84 @@ async def pull(url: str, args: argparse.Namespace) -> None:
     await s.close()
 
 
+class Bytes:
+    """Bytes through one of the store's script batchers (`RedisStore.read`, `.apply`)."""
+
+    def __init__(self, call) -> None:
+        self.call = call
+        self.sent = self.back = 0
+
+    async def __call__(self, key: str, arg: str):
+        self.sent += len(arg)
+        reply = await self.call(key, arg)
+        self.back += len(reply) if isinstance(reply, str) else 0
+        return reply
+
+
+def pid_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (redis-server's: what the shard spends)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
+    """Decisions on pieces `args.holders` peers hold; `shard`: redis-server's pid."""
+    s = RedisStore.from_url(url, heartbeat_interval=600.0, lease_timeout=2.0,
+                            rng=random.Random(1))
+    crowd = [f"holder-{i:06d}" for i in range(args.holders)]  # ids of 13 characters
+    peers = [f"p{i:04d}" for i in range(args.peers)]
+
+    async def batched(calls) -> None:
+        calls = list(calls)
+        for n in range(0, len(calls), 64):
+            await asyncio.gather(*calls[n:n + 64])
+    await batched(s.register(PeerRegistration(
+        id=pid, upload_addr=f"10.{n // 62500}.{n // 250 % 250}.{n % 250}:65002",
+        upload_slots=64)) for n, pid in enumerate(crowd + peers))
+    await s.ensure_task(TaskRequest(task_id=TASK, length=args.pieces * 4 * MiB,
+                                    piece_size=4 * MiB))
+    await batched(s.announce(Announce(peer_id=pid, task_id=TASK,
+                                      pieces=claims(range(args.pieces)))) for pid in crowd)
+    read, apply = Bytes(s.read), Bytes(s.apply)
+    s.read, s.apply = read, apply  # type: ignore[assignment]
+    decisions = 0
+    actions: dict[str, int] = {}
+    cpu, wall, redis_cpu = cpu_seconds(), time.perf_counter(), pid_cpu(shard)
+    for r in range(args.rounds):
+        answers = await asyncio.gather(*(
+            s.schedule(ScheduleRequest(peer_id=pid, task_id=TASK,
+                                       pieces=[(r + n) % args.pieces]))
+            for n, pid in enumerate(peers)))
+        for ds in answers:
+            for d in ds:
+                actions[d.action] = actions.get(d.action, 0) + 1
+        decisions += len(peers)
+    cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+    redis_cpu = pid_cpu(shard) - redis_cpu
+    print(f"holders={args.holders} pieces={args.pieces} requesters={args.peers} "
+          f"decisions={decisions} {actions} cpu={cpu:.2f}s wall={wall:.2f}s "
+          f"cpu/decision={1e3 * cpu / decisions:.3f}ms "
+          f"redis-cpu/decision={1e3 * redis_cpu / decisions:.3f}ms "
+          f"read: sent={read.sent / decisions:,.0f} B back={read.back / decisions:,.0f} B "
+          f"write: sent={apply.sent / decisions:,.0f} B per decision")
+    # Then each requester claims the pieces it was handed: a claim on a piece N peers hold.
+    read.sent = read.back = apply.sent = 0
+    cpu, redis_cpu = cpu_seconds(), pid_cpu(shard)
+    claimed = 0
+    for n, pid in enumerate(peers):
+        mine = sorted({(r + n) % args.pieces for r in range(args.rounds)})
+        await asyncio.gather(*(s.announce(Announce(peer_id=pid, task_id=TASK,
+                                                   pieces=claims(range(i, i + 1))))
+                               for i in mine))
+        claimed += len(mine)
+    cpu, redis_cpu = cpu_seconds() - cpu, pid_cpu(shard) - redis_cpu
+    print(f"claims={claimed} cpu/claim={1e3 * cpu / claimed:.3f}ms "
+          f"redis-cpu/claim={1e3 * redis_cpu / claimed:.3f}ms "
+          f"read: sent={read.sent / claimed:,.0f} B back={read.back / claimed:,.0f} B "
+          f"write: sent={apply.sent / claimed:,.0f} B per claim")
+    await s.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.redis_calls",
                                  description=__doc__.split("\n")[0])
@@ -89,11 +177,15 @@ def main() -> None:
     ap.add_argument("--pieces", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--idcs", type=int, default=0, help="IDC labels, round robin (0: none)")
+    ap.add_argument("--holders", type=int, default=0,
+                    help="decisions on pieces this many peers hold (0: the pull in step)")
+    ap.add_argument("--rounds", type=int, default=10, help="with --holders")
     args = ap.parse_args()
     server = RedisServer(Path(tempfile.mkdtemp(prefix="naiad-redis-calls-")))
     server.wait_ready()
     try:
-        asyncio.run(pull(server.url, args))
+        asyncio.run(holders(server.url, args, server.proc.popen.pid) if args.holders
+                    else pull(server.url, args))
     finally:
         server.stop()
 

@@ -62,9 +62,17 @@ class PrioritySlots:
                 self.busy += 1
                 fut.set_result(None)
 
-    async def acquire(self, priority: int) -> None:
+    def try_acquire(self, priority: int) -> bool:
+        """Take a slot now if one is free and nobody waits, acquire's rule for admission at
+        once (whatever `priority`: a slot freed while others wait is theirs); False: the caller
+        would have to queue."""
         if self.busy < self.slots and not self._waiters:
             self.busy += 1
+            return True
+        return False
+
+    async def acquire(self, priority: int) -> None:
+        if self.try_acquire(priority):
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (-priority, next(self._seq), self._clock(), fut))

@@ -212,6 +212,8 @@ class _Writer:
             for loop, done in rounds.items():
                 with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits
                     loop.call_soon_threadsafe(self._settle, done)
+            # Not kept while idle: a piece's buffer is reused once nothing else refers to it.
+            del puts, rounds, done, put
 
 
 def _kind(path: Path) -> str:

@@ -257,13 +257,8 @@ class SchedulerAPI:
             # would: the call that asks for the next pieces tells of the last ones.
             if req.announce.peer_id != req.peer_id:
                 raise RequestError(400, "announce: peer_id must be the requester's")
-            both = getattr(self.store, "announce_and_schedule", None)
-            if both is not None:  # one store operation (on Redis: one read, one write)
-                announced, decisions = await self._call(both(req.announce, req))
-            else:
-                announced = await self._call(self.store.announce(req.announce))
-                started = time.perf_counter()
-                decisions = await self._call(self.store.schedule(req))
+            announced, decisions = await self._call(  # on Redis: one read, one write
+                self.store.announce_and_schedule(req.announce, req))
         else:
             decisions = await self._call(self.store.schedule(req))
         if req.wait_ms == 0:

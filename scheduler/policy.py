@@ -101,13 +101,23 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     rand = (rng or random).random
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
-    best = max((c.upload_rate for c in candidates), default=0.0)
-    if best:  # a slow holder is offered only when every one is
-        candidates = [c for c in candidates if not slow(c.upload_rate, best)] or candidates
-    # Every admitted decision ranks up to HOLDER_SAMPLE candidates: each load computed once
-    # (a free-slot test and score each did), and a C key for the sort.
-    keyed = [((held := load(c)) >= c.upload_slots, -_score(c, held, idc, location), rand(), c)
-             for c in candidates]
+    floor = SLOW_SHARE * max([c.upload_rate for c in candidates], default=0.0)
+    if floor:  # a slow holder (`slow`, inlined) is offered only when every one is
+        candidates = [c for c in candidates if not 0.0 < c.upload_rate < floor] or candidates
+    # Every admitted decision ranks up to HOLDER_SAMPLE candidates: `load` and `_score`
+    # inlined (three calls a candidate were half the ranking's cost), the same float operations
+    # in the same order so the ranking and its ties are the same; a C key for the sort.
+    keyed = []
+    for c in candidates:
+        uploads, handouts = float(c.active_uploads), c.handouts
+        held = handouts if handouts > uploads else uploads  # load(c): max, the first if equal
+        slots = c.upload_slots
+        score = (W_LOAD * (1.0 - held / (slots if slots > 1 else 1))
+                 + W_IDC * (1.0 if idc and c.idc == idc else 0.0)
+                 + W_LOCATION * (location_affinity(location, c.location) if location else 0.0)
+                 + W_COMPLETE * c.complete
+                 + W_SEED * c.seed)
+        keyed.append((held >= slots, -score, rand(), c))
     keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
     return [t[3] for t in keyed[:limit]]
 

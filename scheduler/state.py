@@ -14,9 +14,11 @@ scanning (a scan is fine where a store can load everything: leave, expire, blob 
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -105,6 +107,10 @@ class PeerState:
     # whether it holds the whole task. Cache only: never stored (scheduler/redis/records.py).
     candidate: tuple[PeerRegistration, PeerLoad, policy.Candidate] | None = field(
         default=None, repr=False, compare=False)
+    # How a decision names this peer as a parent, by transport, for this registration: a
+    # validated ParentRef cost ~2 us, three per admitted decision. Cache only, like `candidate`.
+    refs: tuple[PeerRegistration, dict[int, ParentRef]] | None = field(
+        default=None, repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -123,10 +129,49 @@ class Lease:
     progress_at: float
 
 
+class Holders(set[str]):
+    """A piece's holders: a set that keeps its own list, in its iteration order, from one
+    mutation to the next. Every sampled decision (HOLDER_SAMPLE of more holders) draws from
+    that list, and copying 2,600 ids for each one cost ~20 us; a crowd decides a piece several
+    times between two of its announcements. The order is the set's, so the draws are those of
+    `list(holders)`."""
+
+    __slots__ = ("_order",)
+
+    def __init__(self, *args: Iterable[str]) -> None:
+        super().__init__(*args)
+        self._order: list[str] | None = None
+
+    def ordered(self) -> list[str]:
+        """The holders as a list, in the set's order; not to be changed."""
+        order = self._order
+        if order is None:
+            order = self._order = list(self)
+        return order
+
+
+
+def _dropping_order(mutator: Callable[..., Any]) -> Callable[..., Any]:
+    def mutate(self: Holders, *args: Any) -> Any:
+        self._order = None
+        return mutator(self, *args)
+    mutate.__name__ = mutator.__name__
+    return mutate
+
+
+# Every mutator drops the list: a set changed in place may iterate in another order.
+for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+              "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
+              "__isub__", "__ixor__"):
+    setattr(Holders, _name, _dropping_order(getattr(set, _name)))
+del _name
+
+
 @dataclass
 class PieceState:
     chunk: str | None = None
-    holders: set[str] = field(default_factory=set)
+    # A plain set is fine too (the Redis store loads one): only a `Holders` keeps its list.
+    holders: set[str] = field(default_factory=Holders)
     # Peers sent to fetch this piece from a holder, and when: children in flight, who will be
     # holders soon. None until the first (most pieces of a big cluster never need it).
     children: dict[str, float] | None = None
@@ -508,6 +553,7 @@ class ClusterState:
             task.trust = task.trust.model_copy(update={"registry": req.registry})
         grant: Lease | None = None
         decisions: list[Decision] = []
+        sourced = False  # a source decision is in `decisions`
         spread: int | None = None  # leased pieces the requester may still take (None: unbounded)
         counted = False
         for index in wanted:
@@ -524,6 +570,7 @@ class ClusterState:
             if lease is not None and self._lease_live(lease, now):
                 if lease.holder == req.peer_id:
                     decisions.append(self._source(index, lease, "lease"))
+                    sourced = True
                 else:
                     decisions.append(_wait(index, None))
                 continue
@@ -553,7 +600,10 @@ class ClusterState:
                 reason = "no-holder"
             task.leases[index] = grant
             decisions.append(self._source(index, grant, reason))
+            sourced = True
         # A run's decisions carry its final bounds, known only once the run stopped growing.
+        if not sourced:
+            return decisions
         return [self._with_bounds(d, task) for d in decisions]
 
     @staticmethod
@@ -611,7 +661,9 @@ class ClusterState:
             return []
         holders = piece.holders
         sampled = len(holders) > HOLDER_SAMPLE
-        pool = self.rng.sample(list(holders), HOLDER_SAMPLE) if sampled else holders
+        pool = self._sample(piece, holders) if sampled else holders
+        if self._surely_busy(piece, pool, requester, exclude, now):
+            return "holders-busy"
         # Usable holders as their records: whether to wait needs only their number and IDC.
         # Candidates (load, decayed handouts) are built once the requester is admitted: most
         # decisions of a crowd are `holders-busy` (346k of 390k in bench.sim kraken, 50 hosts).
@@ -645,19 +697,67 @@ class ClusterState:
             first = self.peers[ranked[0].peer_id]
             first.handouts = ranked[0].handouts + 1.0
             first.handouts_at = now
-        return [ParentRef(id=c.peer_id, addr=self.peers[c.peer_id].reg.upload_addr,
-                          transport=min(self.peers[c.peer_id].reg.transport,
-                                        requester.reg.transport))
-                for c in ranked]
+        transport = requester.reg.transport
+        return [self._ref(self.peers[c.peer_id], transport) for c in ranked]
+
+    @staticmethod
+    def _ref(holder: PeerState, transport: int) -> ParentRef:
+        """`holder` as a parent for a requester speaking up to `transport`."""
+        reg = holder.reg
+        transport = min(reg.transport, transport)
+        cached = holder.refs
+        if cached is None or cached[0] is not reg:
+            cached = holder.refs = (reg, {})
+        ref = cached[1].get(transport)
+        if ref is None:
+            ref = cached[1][transport] = ParentRef(id=reg.id, addr=reg.upload_addr,
+                                                   transport=transport)
+        return ref
+
+    def _surely_busy(self, piece: PieceState, pool: Iterable[str], requester: PeerState,
+                     exclude: set[str], now: float) -> bool:
+        """Whether `requester` must wait for `piece` (`holders-busy`) however many of its
+        holders are usable, as long as one of `pool` is (of its IDC, if it has one): the
+        children in flight fill the share of all of them, and `requester` is not one. A
+        crowd's commonest answer, found without listing the usable holders and their IDCs; the
+        full rule gives the same answer, prunes nothing (no child is stale) and reads no more
+        than it does (the pool's records first, then the children)."""
+        idc = requester.reg.idc
+        for peer in self._usable_iter(pool, exclude, now):
+            if not idc or peer.reg.idc == idc:
+                break
+        else:
+            return False  # none usable (not a wait), or none of its IDC: the full rule's to say
+        children = piece.children
+        if not children or len(children) < CHILDREN_PER_HOLDER * len(piece.holders):
+            return False
+        since = children.get(requester.id)
+        if since is not None and now - since < self.lease_timeout \
+                and requester.id not in piece.holders:
+            return False  # a child already: admitted again
+        return self._all_in_flight(piece, children, now)
+
+    def _sample(self, piece: PieceState, holders: set[str]) -> list[str]:
+        """The HOLDER_SAMPLE of a piece's holders (more than that) a decision weighs: the
+        only draw of the holder sample, one `rng.sample` of them in their set's order. A store
+        that plans its reads can draw it ahead through the same rng (or override this)."""
+        order = holders.ordered() if type(holders) is Holders else list(holders)
+        if type(self.rng) is random.Random:
+            return _draw_sample(self.rng, order)
+        return self.rng.sample(order, HOLDER_SAMPLE)  # a store's own (HolderSample)
 
     def _usable(self, holders: Iterable[str], exclude: set[str], now: float
                 ) -> list[PeerState]:
         """The usable ones among `holders` (known, not excluded, cordoned or penalised), in
         their order (the policy breaks ties with the rng, in this order)."""
+        return list(self._usable_iter(holders, exclude, now))
+
+    def _usable_iter(self, holders: Iterable[str], exclude: set[str], now: float
+                     ) -> Iterator[PeerState]:
         peers = self.peers
-        return [peer for holder_id in holders
+        return (peer for holder_id in holders
                 if (peer := peers.get(holder_id)) is not None and holder_id not in exclude
-                and not peer.cordoned and now >= peer.penalty_until]  # PeerState.penalised
+                and not peer.cordoned and now >= peer.penalty_until)  # PeerState.penalised
 
     def _candidates(self, task: TaskState, holders: list[PeerState], now: float
                     ) -> list[policy.Candidate]:
@@ -665,7 +765,7 @@ class ClusterState:
         reuses the same objects (PeerState.candidate)."""
         count = task.piece_count
         held = task.held
-        decayed = policy.decayed
+        exp, half = math.exp, policy.HANDOUT_DECAY_SECONDS
         out = []
         for holder in holders:  # an admitted decision weighs up to HOLDER_SAMPLE of them
             reg, load, cached = holder.candidate or (None, None, None)
@@ -675,7 +775,11 @@ class ClusterState:
                                           load.active_uploads, 0.0, False, reg.seed,
                                           load.upload_rate)
                 holder.candidate = (reg, load, cached)
-            cached.handouts = decayed(holder.handouts, holder.handouts_at, now)
+            handouts = holder.handouts
+            if handouts:  # policy.decayed's expression inlined (~0.4 us a call, 24 a decision)
+                elapsed = now - holder.handouts_at
+                handouts = handouts * exp(-(elapsed if elapsed > 0.0 else 0.0) / half)
+            cached.handouts = handouts
             cached.complete = held.get(reg.id, 0) >= count
             out.append(cached)
         return out
@@ -750,10 +854,10 @@ class ClusterState:
                 {"index": i, "chunk": p.chunk, "holders": sorted(p.holders),
                  "lease": self._lease_view(task.leases.get(i))}
                 for i, p in sorted(task.pieces.items())]
-            # By first piece: spread leases are not granted in piece order, and a store that
-            # rebuilds the table (Redis) lists it in its own.
+            # By epoch, as the Redis store lists them: the memory store's map keeps a piece's
+            # first place when it is leased again, so its order was its history's.
             out["leases"] = [self._lease_view(le) for le in sorted(
-                _unique(task.leases.values()), key=lambda le: le.first)]
+                _unique(task.leases.values()), key=lambda le: le.epoch)]
         return out
 
     @staticmethod
@@ -779,6 +883,40 @@ def _wait(index: int, reason: str | None) -> Decision:
         d = _WAITS[index, reason] = Decision(piece=index, action="wait") if reason is None \
             else Decision(piece=index, action="wait", reason=reason)  # the same fields set
     return d
+
+
+# random.sample's threshold between its two ways of drawing, for HOLDER_SAMPLE.
+_SAMPLE_POOL_MAX = 21 + 4 ** math.ceil(math.log(HOLDER_SAMPLE * 3, 4))
+
+
+def _draw_sample(rng: random.Random, population: list[str]) -> list[str]:
+    """`rng.sample(population, HOLDER_SAMPLE)` of more: the same draws and the same result
+    (CPython 3.11's algorithm with `_randbelow` inlined; tests/test_state.py checks it against
+    `random.sample`). A sampled decision drew 24 numbers through two Python calls each: a
+    third of a crowd's decision at 64 holders."""
+    n = len(population)
+    getrandbits = rng.getrandbits
+    out = []
+    if n <= _SAMPLE_POOL_MAX:  # draw from a shrinking copy
+        pool = list(population)
+        for i in range(HOLDER_SAMPLE):
+            m = n - i
+            bits = m.bit_length()
+            j = getrandbits(bits)
+            while j >= m:
+                j = getrandbits(bits)
+            out.append(pool[j])
+            pool[j] = pool[m - 1]
+        return out
+    picked: set[int] = set()
+    bits = n.bit_length()
+    for _ in range(HOLDER_SAMPLE):
+        j = getrandbits(bits)
+        while j >= n or j in picked:  # out of range, or drawn already: draw again
+            j = getrandbits(bits)
+        picked.add(j)
+        out.append(population[j])
+    return out
 
 
 def _suspect(peer: PeerState, now: float) -> bool:

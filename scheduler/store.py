@@ -50,6 +50,11 @@ class Store(Protocol):
     async def ensure_task(self, req: TaskRequest) -> TaskMeta: ...
     async def announce(self, ann: Announce) -> AnnounceReply: ...
     async def schedule(self, req: ScheduleRequest) -> list[Decision]: ...
+    async def announce_and_schedule(self, ann: Announce, req: ScheduleRequest
+                                    ) -> tuple[AnnounceReply, list[Decision]]:
+        """A schedule call carrying its peer's claims: `announce(ann)` then `schedule(req)`,
+        with their answers (a store may make it one operation: Redis does)."""
+        ...
     async def report(self, rep: Report) -> None: ...
     async def withdraw(self, wd: Withdraw) -> None: ...
     async def blob_mismatch(self, peer_id: str, task_id: str,
@@ -205,6 +210,10 @@ class MemoryStore:
 
     async def _decide(self, req: ScheduleRequest) -> list[Decision]:
         return self.state.schedule(req, self._clock())
+
+    async def announce_and_schedule(self, ann: Announce, req: ScheduleRequest
+                                    ) -> tuple[AnnounceReply, list[Decision]]:
+        return await self.announce(ann), await self.schedule(req)
 
     async def report(self, rep: Report) -> None:
         self.state.report(rep, self._clock())

@@ -32,8 +32,10 @@ from peer.engine import (
     PieceUnavailable,
     TaskRun,
 )
+from peer.engine import origin
 from peer.engine.storing import FULL_BACKOFF, OPEN_HOLD
 from peer.origin import OriginError, OriginRequest
+from peer.p2p import buffers
 from peer.parents import ParentError
 from peer.sched_transport import SchedulerUnavailable
 from peer.store import CannotStore, ChunkStore
@@ -191,15 +193,17 @@ class Parents:
 
 class Stream:
     def __init__(self, data: bytes, clock: Clock, gate: asyncio.Event | None,
-                 tick: float) -> None:
+                 tick: float, part: int | None = None) -> None:
         self.data, self.clock, self.gate, self.tick = data, clock, gate, tick
+        self.part = part  # bytes per read at most, as a socket's blocks arrive
         self.at = 0
 
     async def read(self, n: int = -1) -> bytes:
         if self.at and self.gate is not None:
             await self.gate.wait()  # after the first part: held until the test lets it go
         self.clock.t += self.tick
-        part = self.data[self.at:self.at + (n if n >= 0 else len(self.data))]
+        n = n if n >= 0 else len(self.data)
+        part = self.data[self.at:self.at + min(n, self.part or n)]
         self.at += len(part)
         await asyncio.sleep(0)
         return part
@@ -215,6 +219,7 @@ class Origin:
         self.fail = 0
         self.gate: asyncio.Event | None = None
         self.tick = 0.0  # clock seconds per read
+        self.part: int | None = None  # bytes per read at most
 
     @contextlib.asynccontextmanager
     async def open_range(self, req: OriginRequest, start: int, end: int,
@@ -224,7 +229,7 @@ class Origin:
         if self.fail:
             self.fail -= 1
             raise OriginError("origin answered 503", 503)
-        yield Stream(self.data[start:end + 1], self.clock, self.gate, self.tick)
+        yield Stream(self.data[start:end + 1], self.clock, self.gate, self.tick, self.part)
 
 
 class Store(ChunkStore):
@@ -434,6 +439,33 @@ async def test_a_lease_fetches_its_whole_run_in_one_origin_request_with_progress
     assert world.scheduler.progressed and set(world.scheduler.progressed) == {1}
     assert len(world.scheduler.announced) == world.blob.layout.count
     assert world.downloaded("origin") == len(world.blob.data)
+
+
+async def test_origin_pieces_fill_reused_buffers_that_an_idle_engine_lets_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buffers, "POOLED_MIN", PIECE)  # pool this test's small pieces
+    w = make_world(tmp_path, 40 * PIECE + 1000)
+    try:
+        last = w.blob.layout.count - 1
+        w.scheduler.policy = lambda p, exclude, n: Decision(  # leases of 4 pieces
+            piece=p, action="source", epoch=p // 4 + 1, first=p // 4 * 4,
+            last=min(p // 4 * 4 + 3, last), reason="no-holder")
+        w.origin.part = 10_000  # blocks that straddle the pieces' edges
+        pool = w.engine.origin.buffers
+        taken: list[int] = []
+        take = pool.take
+        monkeypatch.setattr(pool, "take", lambda size: taken.append(id(b := take(size))) or b)
+        assert await w.read() == w.blob.data
+        assert w.store.pieces(w.blob.digest) == {i: w.blob.chunk(i)
+                                                 for i in range(w.blob.layout.count)}
+        assert len(taken) == w.blob.layout.count
+        assert len(set(taken)) < len(taken), "buffers are reused once let go"
+        assert pool.pooled <= origin.ORIGIN_BUFFERS
+        await asyncio.sleep(0)
+        assert pool.pooled == 0, "an idle engine keeps no spare piece buffers"
+    finally:
+        await w.engine.close()
+        w.store.close()
 
 
 async def test_a_failed_run_is_asked_for_again_and_taken_over_under_a_new_epoch(

@@ -93,3 +93,18 @@ async def test_waited_is_how_long_urgent_work_has_queued() -> None:
     with pytest.raises(asyncio.CancelledError):
         await background
     assert slots.waited(0) == 0.0
+
+
+async def test_try_acquire_admits_only_when_a_slot_is_free_and_nobody_waits() -> None:
+    slots = PrioritySlots(1)
+    assert slots.try_acquire(1)
+    assert not slots.try_acquire(6)  # full, however urgent
+    waiter = asyncio.create_task(slots.acquire(1))
+    await asyncio.sleep(0)
+    slots.release()  # the freed slot is the queued waiter's, not a newcomer's
+    assert not slots.try_acquire(6)
+    await waiter
+    assert slots.busy == 1
+    slots.release()
+    assert slots.try_acquire(6)
+    assert slots.busy == 1

@@ -16,8 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+from redis.exceptions import RedisError
 
-from common.models import Heartbeat, PeerCounters, PeerRegistration
+import scheduler.store as store_module
+from common.models import (
+    Announce,
+    Decision,
+    Heartbeat,
+    PeerCounters,
+    PeerRegistration,
+    PieceClaim,
+    ScheduleRequest,
+    TaskRequest,
+)
 from scheduler.history_redis import RedisHistory
 from scheduler.redis_store import RedisStore
 from tests.cluster import (
@@ -36,6 +48,7 @@ from tests.redis_servers import RedisCluster
 from tests.test_e2e_replicas import _pull, _reached
 
 MiB = 1 << 20
+TASK = "sha256:" + "f" * 64
 PROMOTION_BOUND = 20.0  # seconds from the kill to answers again (node timeout 1 s + election)
 
 
@@ -222,3 +235,54 @@ async def test_an_unreachable_cluster_is_no_mistake(tmp_path: Path) -> None:
 
 async def _logged(logs: str, what: str) -> bool:
     return any("WARNING" in line and what in line for line in logs.splitlines())
+
+
+async def test_wake_ups_between_replicas_outlive_the_feeds_node(
+        redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica hears the others' changes on one subscriber connection to one node. That node
+    killed (a master: its replica is promoted), the feed subscribes again on another node, and
+    a long poll parked on it is woken by an announcement on another replica, not by the
+    periodic re-decision (made longer than the test)."""
+    monkeypatch.setattr(store_module, "RECHECK_SECONDS", 60.0)
+    a, b = (RedisStore.from_url(redis_cluster.url, cluster=True, heartbeat_interval=60.0,
+                                lease_timeout=30.0) for _ in range(2))
+    try:
+        for s in (a, b):
+            await s.start()
+            await asyncio.wait_for(s.subscribed.wait(), 10)
+        for pid in ("H", "R"):
+            await a.register(PeerRegistration(id=pid, upload_addr=f"127.0.0.1:{free_port()}"))
+        await a.ensure_task(TaskRequest(task_id=TASK, length=2 * MiB, piece_size=MiB))
+        assert [d.action for d in await a.schedule(
+            ScheduleRequest(peer_id="H", task_id=TASK, pieces=[0]))] == ["source"]
+        listening = a.feed._pubsub.connection  # the node the feed of `a` is on
+        victim = next(n for n in redis_cluster.nodes if n.port == listening.port)
+        assert redis.Redis(port=victim.port).role()[0] == b"master"  # the first node: a master
+        victim.proc.kill()
+        async def lost() -> bool:
+            return not a.subscribed.is_set()
+        await until(lost, 10, "the feed lost with its node")
+        await asyncio.wait_for(a.subscribed.wait(), PROMOTION_BOUND)
+        for survivor in redis_cluster.alive():
+            redis_cluster.wait_ok(survivor)
+
+        async def poll() -> list[Decision]:
+            while True:  # until the cluster answers (a 503 for the API meanwhile)
+                try:
+                    return await a.schedule(ScheduleRequest(
+                        peer_id="R", task_id=TASK, pieces=[0], wait_ms=20_000))
+                except RedisError:
+                    await asyncio.sleep(0.1)
+        parked = asyncio.create_task(poll())
+        async def waiting() -> bool:
+            return a.waiters.waiting(TASK) > 0
+        await until(waiting, PROMOTION_BOUND, "R's poll parked")
+        started = time.monotonic()
+        await b.announce(Announce(peer_id="H", task_id=TASK, pieces=[
+            PieceClaim(index=0, chunk="blake3:" + "0" * 64)]))
+        (d,) = await asyncio.wait_for(parked, 10)
+        assert d.action == "parents" and [p.id for p in d.parents] == ["H"], d
+        assert time.monotonic() - started < 5.0
+    finally:
+        await a.close()
+        await b.close()

@@ -124,3 +124,65 @@ def test_links_are_shared_max_min_fairly() -> None:
     # a: 1 MB by 0.2 s, 4 MB more by 0.7, the last 5 MB at 10 MB/s
     assert done["a"] == pytest.approx(1.2)
     assert up.carried == pytest.approx(12e6)
+
+
+def test_the_clock_runs_equal_times_in_the_order_scheduled() -> None:
+    """Events of the current instant (a FIFO) and of the heap, reserved keys included, run in
+    one (time, order scheduled) order."""
+    clock = Clock()
+    ran: list[str] = []
+    reserved = 0
+
+    def first() -> None:
+        nonlocal reserved
+        clock.after(0.0, ran.append, "now-1")
+        reserved = clock.reserve()  # a key taken now, pushed at once for this instant
+        clock.after(0.0, ran.append, "now-2")
+        clock.push(clock.now, reserved, ran.append, "reserved")
+        clock.at(clock.now - 1.0, ran.append, "late")  # the past is now
+
+    clock.at(1.0, first)
+    clock.at(1.0, ran.append, "heap-1")
+    clock.at(2.0, ran.append, "heap-2")
+    clock.run(1.5)
+    assert ran == ["heap-1", "now-1", "reserved", "now-2", "late"]
+    assert clock.now == 1.0
+    clock.run(3.0)
+    assert ran[-1] == "heap-2" and clock.events == 7
+
+
+def test_the_speed_is_counted_in_piece_events() -> None:
+    """events/s on the last line counts pieces asked, decided, moved, announced, reported:
+    each a count the run keeps, none of them the clock's timers."""
+    r = run(small(corrupt=0.1))
+    pe = r.piece_events
+    assert pe["moved"] == r.transfers >= 24 * 16
+    assert pe["decided"] == sum(r.kinds.values())
+    assert pe["asked"] >= 24 * 16 and pe["reported"] >= r.corrupt_caught > 0
+    assert 23 * 16 <= pe["announced"] <= pe["moved"]  # a host's last claims may be in flight
+    assert r.pieces == sum(pe.values())
+    last = r.lines()[-1]
+    assert last.endswith(f" events={r.pieces / r.wall:.0f}/s")
+
+
+def test_a_wall_limit_cuts_a_run_short_and_says_so() -> None:
+    r = run(small(), wall_limit=0.0)  # the wall clock is looked at every 4,096 events
+    assert not r.complete and r.events == 4096
+    assert r.finished < r.survivors
+    assert any(line.startswith("  CUT SHORT at the wall limit") for line in r.lines())
+    assert run(small(hosts=4), wall_limit=600.0).complete
+
+
+def test_idc_blind_shows_what_the_idc_rules_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three IDCs: with the labels the blob crosses into each of the two IDCs without the
+    origin once; with the scheduler blind to them, many times."""
+    from bench.sim import experiments
+    sc = replace(scaled(SCENARIOS["idc3"](), 24, None), length=128 << 20)
+    labelled = run(sc)
+    monkeypatch.setattr(scheduler.state.ClusterState, "register",
+                        scheduler.state.ClusterState.register)  # put back after the test
+    experiments.idc_blind()
+    blind = run(sc)
+    assert labelled.cross_idc == pytest.approx(2.0)
+    assert blind.cross_idc > 4 * labelled.cross_idc
+    assert blind.finished == blind.survivors == 24

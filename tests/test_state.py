@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from common.models import (
@@ -22,6 +22,7 @@ from common.models import (
     Report,
     ScheduleRequest,
     TaskRequest,
+    Withdraw,
 )
 from common.pieces import MiB
 from scheduler import policy
@@ -1306,3 +1307,202 @@ def test_a_child_done_or_stale_frees_its_place_in_a_full_share(c: Cluster) -> No
     c.peer("E", 1.5)
     assert c.one("E", 0, 1.5) == Decision(piece=0, action="wait", reason="holders-busy")
     assert c.parents("E", 0, 1.0 + LEASE) == ["A"]  # C's fetch is stale by now
+
+
+# --- the cost of a decision: shortcuts that answer as the full rule would ---------------------
+
+class FullRule(ClusterState):
+    """The rule without its `holders-busy` shortcut, to compare the shortcut against."""
+
+    def _surely_busy(self, *args: object) -> bool:
+        return False
+
+
+class CountingShortcut(ClusterState):
+    taken = 0
+
+    def _surely_busy(self, *args: object) -> bool:
+        busy = super()._surely_busy(*args)  # type: ignore[arg-type]
+        self.taken += busy
+        return busy
+
+
+@settings(max_examples=60, deadline=None)
+@given(holders=st.integers(1, 30), idcs=st.booleans(), seed=st.integers(0, 2**32))
+def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
+        holders: int, idcs: bool, seed: int) -> None:
+    """The same calls on the rule with and without `_surely_busy`: the same decisions, the
+    same children in flight, the same random numbers drawn (holder samples, ties), whatever
+    the holders' count (sampled past HOLDER_SAMPLE), IDCs, penalties, cordons, exclusions,
+    children that finish or go stale. A crowd of 90 on two pieces at a time, drawn from
+    `seed`."""
+    sides = [CountingShortcut(lease_timeout=LEASE, rng=random.Random(seed)),
+             FullRule(lease_timeout=LEASE, rng=random.Random(seed))]
+    peers = [f"p{i:02d}" for i in range(90)]
+    for s in sides:
+        for n, pid in enumerate(peers):
+            s.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{n + 1}:1",
+                                        idc=f"i{n % 3}" if idcs and n % 5 else ""), 0.0)
+        s.ensure_task(TaskRequest(task_id=TASK, length=4 * MiB, piece_size=MiB), 0.0)
+        for pid in peers[:holders]:
+            s.announce(Announce(peer_id=pid, task_id=TASK,
+                                pieces=[PieceClaim(index=i, chunk=chunk(i)) for i in range(4)]),
+                       0.0)
+    ops = random.Random(seed)
+    handed: list[tuple[str, int]] = []  # (child, piece) handed out, to finish later
+    now = 0.0
+    for _ in range(300):
+        now += 0.01
+        roll = ops.random()
+        pid = ops.choice(peers)
+        if roll < 0.8:
+            piece = ops.randrange(2)
+            req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[piece, piece + 2],
+                                  exclude=[ops.choice(peers)] if ops.random() < 0.2 else [])
+            answers = [s.schedule(req, now) for s in sides]
+            assert answers[0] == answers[1]
+            handed += [(pid, d.piece) for d in answers[0] if d.action == "parents"]
+            continue
+        if roll >= 0.96:
+            now += LEASE / 4
+            continue
+        if roll < 0.9:
+            if not handed:
+                continue
+            child, piece = handed.pop(ops.randrange(len(handed)))
+            ann = Announce(peer_id=child, task_id=TASK,
+                           pieces=[PieceClaim(index=piece, chunk=chunk(piece))])
+        cordon = ops.random() < 0.5
+        for s in sides:
+            if roll < 0.9:
+                s.announce(ann, now)
+            elif roll < 0.93:
+                s.report(Report(peer_id=peers[-1], parent_id=pid, task_id=TASK, kind="failed"),
+                         now)
+            else:
+                (s.cordon if cordon else s.uncordon)(pid)
+    a, b = (s.tasks[TASK] for s in sides)
+    assert {i: p.children for i, p in a.pieces.items()} == \
+        {i: p.children for i, p in b.pieces.items()}
+    assert sides[0].rng.getstate() == sides[1].rng.getstate()
+    assert {p: (s.handouts, s.handouts_at) for p, s in sides[0].peers.items()} == \
+        {p: (s.handouts, s.handouts_at) for p, s in sides[1].peers.items()}
+    event(f"shortcut taken: {min(sides[0].taken // 10 * 10, 100)}+")
+
+
+@pytest.mark.parametrize("holders", [1, HOLDER_SAMPLE + 6])
+def test_a_crowd_past_the_childrens_share_is_answered_by_the_shortcut(holders: int) -> None:
+    s = CountingShortcut(lease_timeout=LEASE, rng=random.Random(0))
+    ids = [f"h{i}" for i in range(holders)] + [f"c{i}" for i in range(3 * holders)]
+    for n, pid in enumerate(ids):
+        s.register(PeerRegistration(id=pid, upload_addr=f"10.0.{n // 250}.{n % 250}:1"), 0.0)
+    s.ensure_task(TaskRequest(task_id=TASK, length=MiB, piece_size=MiB), 0.0)
+    for pid in ids[:holders]:
+        s.announce(Announce(peer_id=pid, task_id=TASK,
+                            pieces=[PieceClaim(index=0, chunk=chunk(0))]), 0.0)
+    answers = Counter(d.reason or d.action for pid in ids[holders:] for d in s.schedule(
+        ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[0]), 0.5))
+    assert answers == {"parents": CHILDREN_PER_HOLDER * holders, "holders-busy": holders}
+    assert s.taken == holders
+
+
+class FirstHolders(ClusterState):
+    """A store's own holder sample (the Redis store plans its reads with one)."""
+
+    def _sample(self, piece: object, holders: set[str]) -> list[str]:
+        return sorted(holders)[:HOLDER_SAMPLE]
+
+
+def test_the_holder_sample_is_the_sample_hooks() -> None:
+    s = FirstHolders(rng=random.Random(0))
+    ids = [f"h{i:03d}" for i in range(HOLDER_SAMPLE * 4)]
+    for n, pid in enumerate([*ids, "me"]):
+        s.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{n % 250}:1"), 0.0)
+    s.ensure_task(TaskRequest(task_id=TASK, length=MiB, piece_size=MiB), 0.0)
+    for pid in ids:
+        s.announce(Announce(peer_id=pid, task_id=TASK,
+                            pieces=[PieceClaim(index=0, chunk=chunk(0))]), 0.0)
+    for t in range(10):
+        (d,) = s.schedule(ScheduleRequest(peer_id="me", task_id=TASK, pieces=[0]), 5.0 * t)
+        assert {p.id for p in d.parents} <= set(ids[:HOLDER_SAMPLE]), d
+
+
+def test_the_default_sample_draws_as_rng_sample_of_the_holders_listed() -> None:
+    """What the Redis store's HolderSample reproduces: one `rng.sample(list(holders), n)`, in
+    the set's order, the list kept from one change of the holders to the next."""
+    cl = Cluster()
+    ids = [f"h{i:03d}" for i in range(HOLDER_SAMPLE * 3)]
+    for pid in ids:
+        cl.peer(pid)
+    cl.task(pieces=1)
+    for pid in ids[:-1]:
+        cl.announce(pid, [0], 0.0)
+    piece = cl.s.tasks[TASK].pieces[0]
+    for _ in range(2):
+        expect = random.Random(7).sample(list(piece.holders), HOLDER_SAMPLE)
+        cl.s.rng = random.Random(7)
+        assert cl.s._sample(piece, piece.holders) == expect
+        cl.announce(ids[-1], [0], 1.0)  # a holder more: the list follows
+    assert set(piece.holders.ordered()) == set(ids)  # type: ignore[attr-defined]
+    cl.s.withdraw(Withdraw(peer_id=ids[0], task_id=TASK, pieces=[0]))
+    assert piece.holders.ordered() == list(piece.holders)  # type: ignore[attr-defined]
+    assert ids[0] not in piece.holders.ordered()  # type: ignore[attr-defined]
+
+
+def test_a_parent_is_named_with_its_current_address_and_transport(c: Cluster) -> None:
+    c.announce("A", [0], 0.0)
+    c.s.register(PeerRegistration(id="C", upload_addr="10.9.9.3:1", transport=2), 0.0)
+    addr = c.s.peers["A"].reg.upload_addr
+    assert [(p.addr, p.transport) for p in c.one("B", 0, 1.0).parents] == [(addr, 1)]
+    c.s.register(PeerRegistration(id="A", upload_addr="10.9.9.1:2", transport=2), 5.0)
+    assert [(p.addr, p.transport) for p in c.one("B", 0, 10.0).parents] == [("10.9.9.1:2", 1)]
+    assert [(p.addr, p.transport) for p in c.one("C", 0, 10.0).parents] == [("10.9.9.1:2", 2)]
+
+
+def test_a_task_view_lists_its_leases_by_epoch(c: Cluster) -> None:
+    assert c.one("A", 4, 0.0).epoch == 1
+    assert c.one("B", 0, 0.0).epoch == 2
+    c.announce("A", [4], 0.5)  # lease 1 ends; piece 4 leased again later, under epoch 3
+    c.s.withdraw(Withdraw(peer_id="A", task_id=TASK, pieces=[4]))
+    assert c.one("C", 4, 1.0).epoch == 3
+    view = c.s.task_view(c.s.tasks[TASK], detail=True)
+    assert [le["epoch"] for le in view["leases"]] == [2, 3]
+
+
+@pytest.mark.parametrize("holders", [HOLDER_SAMPLE + 1, 64, 277, 278, 2600])
+def test_the_holder_sample_draws_as_random_sample(holders: int) -> None:
+    """The memory store's sample is `random.sample`'s, draw for draw (its algorithm inlined):
+    a Python whose `random.sample` draws otherwise fails here, not in a store's comparison."""
+    from scheduler.state import _draw_sample
+    population = [f"h{i}" for i in range(holders)]
+    ours, theirs = random.Random(holders), random.Random(holders)
+    for _ in range(50):
+        assert _draw_sample(ours, population) == theirs.sample(population, HOLDER_SAMPLE)
+    assert ours.getstate() == theirs.getstate()
+
+
+def test_a_candidates_handouts_are_policy_decayed(c: Cluster) -> None:
+    from scheduler import policy
+    c.announce("A", [0], 0.0)
+    for t, who in ((1.0, "B"), (1.3, "C")):
+        c.one(who, 0, t)
+    a = c.s.peers["A"]
+    for now in (1.3, 1.7, 9.0):
+        (cand,) = c.s._candidates(c.s.tasks[TASK], [a], now)
+        assert cand.handouts == policy.decayed(a.handouts, a.handouts_at, now) > 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.add("z"), lambda h: h.discard("a"), lambda h: h.remove("a"), lambda h: h.pop(),
+    lambda h: h.clear(), lambda h: h.update({"z"}), lambda h: h.difference_update({"a"}),
+    lambda h: h.intersection_update({"a"}), lambda h: h.symmetric_difference_update({"a", "z"}),
+    lambda h: h.__ior__({"z"}), lambda h: h.__iand__({"a"}), lambda h: h.__isub__({"a"}),
+    lambda h: h.__ixor__({"z"})])
+def test_holders_list_follows_every_change_in_place(change) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.state import Holders
+    holders = Holders(f"h{i}" for i in range(40))
+    for x in ("a", "b"):
+        holders.add(x)
+    assert holders.ordered() is holders.ordered() == list(holders)
+    change(holders)
+    assert holders.ordered() == list(holders)

@@ -1104,6 +1104,56 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
     assert sum(records) > len(crowd), records
 
 
+async def test_a_hand_out_writes_only_the_child_it_admitted(redis_h: Harness) -> None:
+    """A piece's holders and its children in flight are stored apart: a decision on a piece
+    many hold writes the one child it admitted, not the piece's holders."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
+    await setup(s, "R", *crowd)
+    for pid in crowd:
+        await announce(s, pid, [0])
+    specs: list[dict] = []
+    apply = s.apply
+
+    async def recording(key: str, arg: str) -> Any:
+        specs.append(json.loads(arg))
+        return await apply(key, arg)
+    s.apply = recording  # type: ignore[method-assign]
+    assert (await one(s, "R", 0)).action == "parents"
+    ops = [(o[0], spec["k"][o[1] - 1], o[2:]) for spec in specs for o in spec["o"]]
+    assert all(key != s.keys.holders(TASK) for _, key, _ in ops), ops
+    assert [(op, args) for op, key, args in ops if key == s.keys.children(TASK, 0)] == \
+        [("hset", ["R", repr(redis_h.clock.t)])]
+
+
+async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
+        redis_h: Harness) -> None:
+    """A rolling upgrade: a replica of the earlier layout keeps a piece's children after its
+    holders in the one field (`H|A=t`). Its holders read as holders here and this layout's
+    field (`H`) reads as holders there; what it recorded counts toward the children's share
+    here, stays while an announcement rewrites the holders, and moves into the children hash
+    at this layout's next decision on the piece."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    await setup(s, "H", "A", "B", "C", "D")
+    await schedule(s, "H", [0])
+    await announce(s, "H", [0])
+    await announce(s, "D", [1])
+    client = s.redis
+    t = repr(redis_h.clock.t)
+    await client.hset(s.keys.holders(TASK), "0", f"H|A={t}")  # A sent to H by that replica
+    await announce(s, "D", [0])
+    assert await client.hget(s.keys.holders(TASK), "0") == f"D,H|A={t}"
+    await s.withdraw(Withdraw(peer_id="D", task_id=TASK, pieces=[0]))
+    assert await client.hget(s.keys.holders(TASK), "0") == f"H|A={t}"
+    assert await parents(s, "B", 0) == ["H"]
+    d = await one(s, "C", 0)  # two children in flight for one holder: A and B
+    assert (d.action, d.reason) == ("wait", "holders-busy")
+    assert await client.hget(s.keys.holders(TASK), "0") == "H"
+    assert await client.hgetall(s.keys.children(TASK, 0)) == {"A": t, "B": t}
+
+
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
 async def test_concurrent_calls_on_a_task_run_as_one_with_the_answers_of_one_by_one(
         request: pytest.FixtureRequest, kind: str) -> None:

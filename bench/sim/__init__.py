@@ -32,6 +32,12 @@ the simulation's own speed. The last line is
 
     sim scenario=NAME hosts=H p50=…x p99=…x origin=…x decisions=…/s events=…/s
 
-where decisions/s is per simulated second (what the scheduler must sustain) and events/s per
-second of wall time (the simulator's speed: every discrete event it processed).
+where decisions/s is per simulated second (what the scheduler must sustain) and events/s is
+the simulator's speed: **piece events** per second of wall time, where a piece event is one
+piece asked (each piece of a schedule call sent; asked again, counted again), decided (each
+piece `ClusterState.schedule` decided, a long poll's re-decisions included), moved (a piece's
+bytes delivered whole by a parent or the origin, corrupt ones included), announced (each piece
+of an announcement the scheduler took, re-announcements included) or reported (a failed or
+corrupt parent). The line above it gives each count, and the clock's own events (every timer,
+message and flow finish it ran: the simulator's unit of work, not what the issue counts).
 """

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", action="append", default=[],
                     choices=sorted(experiments.EXPERIMENTS),
                     help="a rule change tried in this process (bench/sim/experiments.py)")
+    ap.add_argument("--max-wall", type=float,
+                    help="stop after this many seconds of wall time and say how far the run got "
+                         "(progress on stderr every minute)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
         # The scheduler iterates sets of peer ids: the same seed gives the same run only
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         sc.params.readahead = args.readahead << 20
     if args.wake_limit is not None:
         sc.params.wake_limit = args.wake_limit
-    result = run(sc, args.seed)
+    result = run(sc, args.seed, args.max_wall)
     print("\n".join(result.lines()))
     return 0 if result.finished == result.survivors else 1
 

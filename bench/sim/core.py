@@ -5,13 +5,21 @@ A flow crosses a tuple of links (its sender's uplink, its receiver's downlink, a
 links between them). When a flow starts or ends, only the flows sharing one of its links are
 re-rated, by progressive filling over the capacity those flows' links have left once every
 other flow keeps its rate: never more than a link carries, and cheap, since a change touches a
-few dozen flows, not the whole swarm. A flow whose rate changed gets a new finish event (older
-ones are dropped by a version check when they come up).
+few dozen flows, not the whole swarm.
+
+What keeps the simulator fast without changing a run (the same seed gives the same figures,
+to the bit, as the plain heap did): every event has a key (time, sequence number) and runs in
+key order. An event for the current instant (`after(0)`, the batcher's flush, a woken long
+poll) goes in a FIFO rather than the heap, and is merged with the heap by its key. A flow whose
+rate changes gets a new finish key, but it is pushed only when it is earlier than the finish
+event the flow already has queued; a queued event that comes up before the flow's finish pushes
+the finish key then (a flow slowed by a newcomer, most re-ratings, costs no heap entry).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,30 +28,57 @@ EPSILON = 1e-9
 
 
 class Clock:
-    """The event heap: `at(t, fn, *args)` runs fn(*args) at simulated time t, in time order
+    """The event queue: `at(t, fn, *args)` runs fn(*args) at simulated time t, in time order
     and, at equal times, in the order scheduled."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., Any], tuple]] = []
+        # Events at `now`, in the order scheduled: each key is later than any heap entry's
+        # pushed before the clock got here, not than one pushed with a key reserved earlier.
+        self._instant: deque[tuple[int, Callable[..., Any], tuple]] = deque()
         self._seq = 0
-        self.events = 0
+        self.events = 0  # every event run, a flow's early finish event included
 
     def at(self, t: float, fn: Callable[..., Any], *args: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (max(t, self.now), self._seq, fn, args))
+        if t <= self.now:
+            self._instant.append((self._seq, fn, args))
+        else:
+            heapq.heappush(self._heap, (t, self._seq, fn, args))
 
     def after(self, dt: float, fn: Callable[..., Any], *args: Any) -> None:
-        self.at(self.now + dt, fn, *args)
+        self._seq += 1  # `at(now + dt)`, inlined: most events are scheduled this way
+        if dt <= 0.0:
+            self._instant.append((self._seq, fn, args))
+        else:
+            heapq.heappush(self._heap, (self.now + dt, self._seq, fn, args))
+
+    def reserve(self) -> int:
+        """A sequence number for an event that may be pushed later (`push`) with this key."""
+        self._seq += 1
+        return self._seq
+
+    def push(self, t: float, seq: int, fn: Callable[..., Any], *args: Any) -> None:
+        """An event with a key reserved earlier; t >= now."""
+        heapq.heappush(self._heap, (t, seq, fn, args))
 
     def run(self, until: float, stop: Callable[[], bool] | None = None) -> None:
-        heap = self._heap
-        while heap:
-            t, _, fn, args = heapq.heappop(heap)
-            if t > until:
-                heapq.heappush(heap, (t, 0, fn, args))
+        heap, instant = self._heap, self._instant
+        pop, popleft = heapq.heappop, instant.popleft
+        while True:
+            if instant:
+                if heap and heap[0][0] <= self.now and heap[0][1] < instant[0][0]:
+                    _, _, fn, args = pop(heap)
+                else:
+                    _, fn, args = popleft()
+            elif heap:
+                if heap[0][0] > until:
+                    return
+                t, _, fn, args = pop(heap)
+                self.now = t
+            else:
                 return
-            self.now = t
             self.events += 1
             fn(*args)
             if stop is not None and stop():
@@ -66,8 +101,14 @@ class Flow:
     done: Callable[[], None]
     rate: float = 0.0
     since: float = 0.0  # when `remaining` was last brought up to date
-    version: int = 0
     alive: bool = True
+    # Its finish: the key (due_at, due) it ends at (due 0: none, its rate is 0), and the key
+    # of the earliest event queued for it (queued 0: none). A queued event that is not the
+    # finish pushes the finish when it comes up; later ones find their key stale.
+    due_at: float = 0.0
+    due: int = 0
+    queued_at: float = 0.0
+    queued: int = 0
 
 
 class Network:
@@ -105,8 +146,14 @@ class Network:
                 link.carried += moved
         flow.since = now
 
-    def _finished(self, flow: Flow, version: int) -> None:
-        if not flow.alive or flow.version != version:
+    def _due(self, flow: Flow, seq: int) -> None:
+        if not flow.alive or seq != flow.queued:
+            return  # over, or a later event than the one queued first
+        if seq != flow.due:  # it came up before the flow's finish: queue that
+            flow.queued = flow.due
+            if flow.due:
+                flow.queued_at = flow.due_at
+                self.clock.push(flow.due_at, flow.due, self._due, flow, flow.due)
             return
         self._settle(flow)
         flow.remaining = 0.0
@@ -121,32 +168,40 @@ class Network:
             flows.update(link.flows)
         if not flows:
             return
-        left: dict[Link, float] = {}
-        count: dict[Link, int] = {}
+        # Each link of those flows: [the capacity it has left for them, how many of them are
+        # not rated yet]. A link is dropped once all of its are rated.
+        room: dict[Link, list] = {}
         for f in flows:
+            rate = f.rate
             for link in f.links:
-                if link in left:
-                    left[link] += f.rate
-                    count[link] += 1
+                r = room.get(link)
+                if r is None:
+                    room[link] = [link.capacity - link.alloc + rate, 1]
                 else:
-                    left[link] = link.capacity - link.alloc + f.rate
-                    count[link] = 1
+                    r[0] += rate
+                    r[1] += 1
+        unrated = dict(flows)
         rates: dict[Flow, float] = {}
-        while len(rates) < len(flows):
-            best, share = None, 0.0
-            for link, n in count.items():
-                if n:
-                    s = left[link] / n
-                    if best is None or s < share:
-                        best, share = link, s
-            assert best is not None
+        while room:
+            items = iter(room.items())
+            best, r = next(items)
+            share = r[0] / r[1]
+            for link, r in items:  # the tightest link, the first of equals
+                s = r[0] / r[1]
+                if s < share:
+                    best, share = link, s
             share = max(share, 0.0)
             for f in best.flows:
-                if f in flows and f not in rates:
+                if f in unrated:
+                    del unrated[f]
                     rates[f] = share
                     for link in f.links:
-                        left[link] -= share
-                        count[link] -= 1
+                        r = room[link]
+                        if r[1] == 1:
+                            del room[link]
+                        else:
+                            r[0] -= share
+                            r[1] -= 1
         clock = self.clock
         for f, rate in rates.items():
             if f is not new and abs(rate - f.rate) <= EPSILON * max(1.0, rate):
@@ -155,6 +210,11 @@ class Network:
             for link in f.links:
                 link.alloc += rate - f.rate
             f.rate = rate
-            f.version += 1
             if rate > 0:
-                clock.at(clock.now + max(f.remaining, 0.0) / rate, self._finished, f, f.version)
+                t = max(clock.now + max(f.remaining, 0.0) / rate, clock.now)
+                f.due_at, f.due = t, clock.reserve()
+                if not f.queued or (t, f.due) < (f.queued_at, f.queued):
+                    f.queued_at, f.queued = t, f.due
+                    clock.push(t, f.due, self._due, f, f.due)
+            else:
+                f.due = 0

@@ -3,27 +3,25 @@ module in this process only, so a before/after is the same code with one change.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
-import scheduler.policy
 import scheduler.state
 from bench.sim import swarm
+from common.models import PeerRegistration
 from peer.engine import reader
 
-_rank = scheduler.policy.rank_parents
+_register = scheduler.state.ClusterState.register
 
 
-def _idc_local(candidates: list[scheduler.policy.Candidate], idc: str, location: str,
-               limit: int, rng: random.Random | None = None) -> list[scheduler.policy.Candidate]:
-    """Holders in the requester's IDC only, whenever there is one (busy or not): a piece
-    crosses into an IDC about once and spreads inside it as a tree."""
-    local = [c for c in candidates if idc and c.idc == idc]
-    return _rank(local or candidates, idc, location, limit, rng)
-
-
-def idc_local() -> None:
-    scheduler.policy.rank_parents = _idc_local
+def idc_blind() -> None:
+    """The scheduler is not told the hosts' IDC and location labels (they register with
+    none) while the network keeps its IDC links: what the IDC rules save (a piece crossing
+    into an IDC once, `_copy_in_flight`; near holders only, `rank_parents`). (The earlier
+    `idc-local`, near holders only whenever there is one, is the rule itself since ca29ad2.)"""
+    def register(self: scheduler.state.ClusterState, reg: PeerRegistration, now: float
+                 ) -> scheduler.state.PeerState:
+        return _register(self, reg.model_copy(update={"idc": "", "location": ""}), now)
+    scheduler.state.ClusterState.register = register  # type: ignore[method-assign]
 
 
 def children(n: int) -> None:
@@ -119,7 +117,7 @@ EXPERIMENTS = {
     "whole-leases": whole_leases,
     "far-share": far_share,
     "far-held": far_held,
-    "idc-local": idc_local,
+    "idc-blind": idc_blind,
     "in-order": in_order,
     "near-quarter": near_quarter,
     "far-rarest": far_rarest,

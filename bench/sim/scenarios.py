@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -124,7 +125,8 @@ class Result:
     announces: float
     heartbeats: float
     cross_idc: float  # multiples of the blob
-    events: int
+    events: int  # every event the clock ran (the simulator's own unit of work)
+    piece_events: dict[str, int]  # a piece asked, decided, moved, announced, reported
     transfers: int
     wall: float
     sim_seconds: float
@@ -135,6 +137,12 @@ class Result:
     sched_cpu: float  # seconds of this machine's core in ClusterState per simulated second
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
+    complete: bool = True  # False: cut short at the wall limit
+
+    @property
+    def pieces(self) -> int:
+        """Piece events: what the final line's events/s counts (bench/sim/__init__.py)."""
+        return sum(self.piece_events.values())
 
     @property
     def p50(self) -> float:
@@ -168,12 +176,21 @@ class Result:
                f"  origin leases {self.leases}, origin steps by reason "
                f"{dict(sorted(self.reasons.items()))}; pieces given up "
                f"{self.gave_up}; corrupt pieces caught {self.corrupt_caught}",
-               f"  simulation: {self.sim_seconds:.1f} s simulated in {self.wall:.1f} s wall, "
-               f"{self.events:,} events ({self.events / self.wall:,.0f}/s), {self.transfers:,} "
-               f"piece transfers ({self.transfers / self.wall:,.0f}/s)"]
+               f"  simulation: {self.sim_seconds:.1f} s simulated in {self.wall:.1f} s wall; "
+               f"{self.pieces:,} piece events ({self.pieces / self.wall:,.0f}/s: "
+               + ", ".join(f"{k} {v:,}" for k, v in self.piece_events.items())
+               + f"), {self.transfers:,} piece transfers ({self.transfers / self.wall:,.0f}/s), "
+               f"{self.events:,} clock events ({self.events / self.wall:,.0f}/s)"]
+        if not self.complete:
+            whole = sc.hosts * math.ceil(sc.length / self.piece_size)
+            out.append(f"  CUT SHORT at the wall limit ({self.wall:.0f} s): {self.finished} of "
+                       f"{self.survivors} hosts complete, {self.transfers:,} of {whole:,} "
+                       f"pieces moved ({self.transfers / whole:.1%}); at this run's rate so far "
+                       f"the whole would take ~{self.wall * whole / max(self.transfers, 1):,.0f}"
+                       f" s wall; the figures above are of the hosts done")
         out.append(f"sim scenario={sc.name} hosts={sc.hosts} p50={self.p50 / b:.3f}x "
                    f"p99={self.p99 / b:.3f}x origin={self.origin:.3f}x "
-                   f"decisions={self.decisions:.0f}/s events={self.events / self.wall:.0f}/s")
+                   f"decisions={self.decisions:.0f}/s events={self.pieces / self.wall:.0f}/s")
         return out
 
 
@@ -201,10 +218,19 @@ def build(sc: Scenario, seed: int) -> Swarm:
     return sim
 
 
-def run(sc: Scenario, seed: int = 1) -> Result:
+def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None) -> Result:
+    """The scenario, to its end or for at most `wall_limit` seconds of wall time (progress
+    on stderr every minute)."""
     started = time.perf_counter()
     sim = build(sc, seed)
-    sim.run()
+
+    def progress() -> None:
+        st = sim.stats
+        t = time.perf_counter() - started
+        print(f"  ... {t:.0f} s wall: simulated {sim.clock.now:.2f} s, "
+              f"{sc.hosts - sim.pulling} of {sc.hosts} hosts done, {st.transfers:,} pieces "
+              f"moved, {st.piece_events / t:,.0f} piece events/s", file=sys.stderr, flush=True)
+    complete = sim.run(wall_limit=wall_limit, progress=progress)
     wall = time.perf_counter() - started
     alive = [h for h in sim.hosts if h.alive]
     times = [h.done_at - h.start_at for h in alive if h.done_at is not None]
@@ -219,8 +245,11 @@ def run(sc: Scenario, seed: int = 1) -> Result:
         busiest_x=max(up, default=0) / sc.length, decisions=st.decisions / span,
         decisions_peak=max(st.per_second.values(), default=0), calls=st.calls / span,
         announces=st.announces / span, heartbeats=st.heartbeats / span,
-        cross_idc=st.cross_idc / sc.length, events=sim.clock.events, transfers=st.transfers,
+        cross_idc=st.cross_idc / sc.length, events=sim.clock.events,
+        piece_events={"asked": st.asked, "decided": st.decisions, "moved": st.transfers,
+                      "announced": st.announced, "reported": st.reports},
+        transfers=st.transfers,
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
         sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,
-        kinds=dict(st.kinds))
+        kinds=dict(st.kinds), complete=complete)

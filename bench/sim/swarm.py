@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -90,6 +91,7 @@ from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
 from scheduler.waiting import Parked, Parking, call_key, done, wakes
 
 REGISTRY = "http://registry.sim:5000"
+PROGRESS_WALL = 60.0  # a run with a wall limit reports progress this often (wall seconds)
 TASK = "sha256:" + "ab" * 32
 
 
@@ -252,7 +254,9 @@ class Worker:
 
 @dataclass
 class Stats:
+    asked: int = 0  # pieces asked in schedule calls sent (a piece asked again counts again)
     decisions: int = 0  # pieces decided by ClusterState.schedule, re-decisions included
+    announced: int = 0  # pieces in announcements the scheduler took (re-announced included)
     calls: int = 0  # ClusterState.schedule calls
     announces: int = 0  # announce calls (progress and re-announcements included)
     heartbeats: int = 0
@@ -262,9 +266,15 @@ class Stats:
     gave_up: int = 0
     cross_idc: float = 0.0  # bytes
     sched_cpu: float = 0.0  # wall seconds spent in ClusterState's rules
+    # (The simulator's speed is counted in piece events, `piece_events`; bench/sim/__init__.py.)
     origin_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kinds: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # decisions
+
+    @property
+    def piece_events(self) -> int:
+        """A piece asked, decided, moved (parent or origin), announced or reported."""
+        return self.asked + self.decisions + self.transfers + self.announced + self.reports
 
 
 class Swarm:
@@ -295,6 +305,7 @@ class Swarm:
         self.piece_size = self.meta.piece_size
         self.count = piece_count(length, self.piece_size)
         self.chunks = [chunk_id(i) for i in range(self.count)]
+        self.sizes = [self.size(i) for i in range(self.count)]  # looked up per transfer
         self.window = readahead_pieces(self.piece_size, params.readahead)
         self.per_address = per_address_default(params.upload_slots)
         self.origin_bytes = 0.0
@@ -398,6 +409,7 @@ class Swarm:
         req = ScheduleRequest.model_construct(
             peer_id=host.id, task_id=TASK, pieces=list(batch), exclude=sorted(exclude)[:256],
             wait_ms=LONG_POLL_MS, registry=REGISTRY)
+        self.stats.asked += len(batch)
         call = Call(host, batch, req, session=self.session)
         self.clock.after(self.p.rtt / 2, self._arrive, call)
 
@@ -550,6 +562,7 @@ class Swarm:
                 reply = self._state_call(host, self.state.announce, ann)
                 if reply is None:
                     break
+                self.stats.announced += len(ann.pieces)
                 replies.append((ann, reply))
                 self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
@@ -650,6 +663,7 @@ class Swarm:
                 self.stats.announces += 1
                 if self._state_call(host, self.state.announce, ann) is None:
                     return
+                self.stats.announced += len(ann.pieces)
                 self._notify(wakes(ann))
         self.clock.after(self.p.rtt / 2, self._connected, host, session)
 
@@ -736,7 +750,7 @@ class Swarm:
                       report: bool) -> None:
         if up not in up.parent.uploads:
             return
-        size = self.size(up.worker.index)
+        size = self.sizes[up.worker.index]
         links = self.links(up.parent.up, up.parent.idc, up.child)
         up.flow = self.net.start(links, size, lambda: self._uploaded(up, parents, k, failed,
                                                                      report))
@@ -762,7 +776,7 @@ class Swarm:
                   report: bool) -> None:
         self._end_upload(up)
         parent, host, worker = up.parent, up.child, up.worker
-        size = self.size(worker.index)
+        size = self.sizes[worker.index]
         parent.uploaded += size
         self.stats.transfers += 1
         if parent.idc != host.idc:
@@ -819,11 +833,11 @@ class Swarm:
             return
         i = run.next
         links = self.links(self.origin, self.origin_idc, host)
-        run.flow = self.net.start(links, self.size(i), lambda: self._origin_got(run, i))
+        run.flow = self.net.start(links, self.sizes[i], lambda: self._origin_got(run, i))
 
     def _origin_got(self, run: OriginRun, i: int) -> None:
         host = run.host
-        size = self.size(i)
+        size = self.sizes[i]
         self.origin_bytes += size
         self.stats.transfers += 1
         if host.idc != self.origin_idc:
@@ -933,9 +947,33 @@ class Swarm:
 
     # -- running -----------------------------------------------------------------------------
 
-    def run(self, until: float = 3600.0) -> None:
-        self.clock.at(1.0, self.expire_loop)
-        self.clock.run(until, stop=lambda: self.pulling <= 0)
+    def run(self, until: float = 3600.0, wall_limit: float | None = None,
+            progress: Callable[[], None] | None = None) -> bool:
+        """Until every host is done (or simulated `until`); with `wall_limit`, at most that
+        many seconds of wall time, calling `progress` every PROGRESS_WALL of them. False:
+        cut short at the wall limit."""
+        clock = self.clock
+        clock.at(1.0, self.expire_loop)
+        if wall_limit is None:
+            clock.run(until, stop=lambda: self.pulling <= 0)
+            return True
+        started = perf_counter()
+        report = [started + PROGRESS_WALL]
+        cut = [False]
+
+        def stop() -> bool:
+            if self.pulling <= 0:
+                return True
+            if clock.events & 4095:  # the wall clock looked at every 4,096 events
+                return False
+            t = perf_counter()
+            if progress is not None and t >= report[0]:
+                report[0] = t + PROGRESS_WALL
+                progress()
+            cut[0] = t - started >= wall_limit
+            return cut[0]
+        clock.run(until, stop)
+        return not cut[0]
 
 
 def percentile(values: list[float], q: float) -> float:

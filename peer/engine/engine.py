@@ -183,7 +183,10 @@ class Engine:
     def _update_active(self) -> None:
         active = sum(1 for r in self.runs.values() if r.inflight)
         self.metrics.tasks_active.set(active)
-        self.activity.set_busy(bool(active) or any(r.readers for r in self.runs.values()))
+        busy = bool(active) or any(r.readers for r in self.runs.values())
+        self.activity.set_busy(busy)
+        if not busy:  # nothing read or fetched: an idle peer keeps no spare piece buffers
+            self.origin.buffers.release()
 
     async def _work(self, run: TaskRun, index: int, fut: asyncio.Future[bytes],
                     decided: asyncio.Future[tuple[str, str | None]]) -> None:

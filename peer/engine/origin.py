@@ -21,6 +21,7 @@ from peer.engine.run import OriginRun, TaskRun
 from peer.engine.sealing import chunk_id_of
 from peer.engine.seams import Clock, OriginSource, Scheduler
 from peer.origin import OriginError
+from peer.p2p.buffers import Buffers
 
 log = logging.getLogger("naiad.peer.engine")
 
@@ -31,7 +32,10 @@ PROGRESS_EVERY = 0.5
 # double the origin's bytes.
 LEASE_LAPSE = 2.0
 STORE_AHEAD = 4  # pieces read from the origin but not yet stored, at most
-READ_SIZE = 256 << 10
+# Reused piece buffers: what one pull keeps in use (a reader's HELD_BYTES, STORE_AHEAD per
+# run, the store's queue) with room to spare; beyond it a piece gets a fresh buffer.
+ORIGIN_BUFFERS = 32 << 20
+READ_SIZE = 256 << 10  # a direct read's parts (peer/engine/reader.py)
 
 # Keep a verified piece: (run, index, chunk id, bytes, source).
 Keep = Callable[[TaskRun, int, str, bytes, str], Awaitable[None]]
@@ -50,6 +54,7 @@ class OriginRuns:
         self.metrics = metrics
         self.tasks = tasks
         self.clock = clock
+        self.buffers = Buffers(ORIGIN_BUFFERS)  # let go when the engine is idle
 
     async def piece(self, run: TaskRun, epoch: int | None, first: int, last: int,
                     index: int | None = None) -> bytes:
@@ -91,19 +96,23 @@ class OriginRuns:
                         break
                     started = time.perf_counter()
                     _, size = layout.span(i)
-                    parts, got = [], 0
-                    while got < size:
-                        part = await stream.read(min(READ_SIZE, size - got))
-                        if not part:
-                            raise OriginError(f"origin body ended inside piece {i}")
-                        parts.append(part)
-                        got += len(part)
-                        if epoch is not None and self.clock.monotonic() - last_progress \
-                                > PROGRESS_EVERY:
-                            last_progress = self.clock.monotonic()
-                            self.scheduler.progress(run.task_id, epoch)
-                    data = b"".join(parts)
-                    del parts
+                    # The piece's bytes are copied once, into a reused buffer: reads of the
+                    # rest of the piece take the stream's blocks as they are, where a join
+                    # of fixed-size reads into a fresh block copied each byte twice more
+                    # (and page-faulted the new block in).
+                    data = self.buffers.take(size)
+                    with memoryview(data) as view:
+                        got = 0
+                        while got < size:
+                            part = await stream.read(size - got)
+                            if not part:
+                                raise OriginError(f"origin body ended inside piece {i}")
+                            view[got:got + len(part)] = part
+                            got += len(part)
+                            if epoch is not None and self.clock.monotonic() - last_progress \
+                                    > PROGRESS_EVERY:
+                                last_progress = self.clock.monotonic()
+                                self.scheduler.progress(run.task_id, epoch)
                     storing.add(asyncio.create_task(
                         self._keep_piece(run, orun, i, data, started)))
                     if len(storing) >= STORE_AHEAD:

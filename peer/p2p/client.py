@@ -275,9 +275,7 @@ class _Pool:
             connection = await self._connection()
             window = self.window
             assert window is not None
-            if window.busy < window.slots:  # room: admitted at once, no timer to arm
-                await window.acquire(priority)
-            else:
+            if not window.try_acquire(priority):  # no room at once: wait, but not long
                 try:
                     async with asyncio.timeout(WINDOW_PATIENCE):
                         await window.acquire(priority)

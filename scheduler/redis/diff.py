@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.pieces import piece_count
 from scheduler.redis import records
 from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
 from scheduler.redis.loader import TaskBase, World
@@ -188,11 +189,15 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     chunk_del: list[str] = []
     holders_set: list[str] = []
     holders_del: list[str] = []
+    children: list[tuple[str, str, list[str]]] = []  # ops on pieces' children hashes
     pieces: Any = task.pieces
     cleared = isinstance(pieces, Partial) and pieces.cleared
     if cleared:
         tx.op(TASK, "del", keys.chunk(tid))
         tx.op(TASK, "del", keys.holders(tid))
+        assert before.meta is not None
+        for index in range(piece_count(before.meta.length, before.meta.piece_size)):
+            children.append(("del", keys.children(tid, index), []))
     for index in set(before.pieces) | set(dict.keys(pieces)):
         old = None if cleared else before.pieces.get(index)
         piece = dict.get(pieces, index)
@@ -200,15 +205,22 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
             if old is not None:
                 chunk_del.append(str(index))
                 holders_del.append(str(index))
-            continue
-        encoded = records.encode_piece(piece)
-        if old is not None and old[0] == piece.chunk and old[1] == encoded:
+                children.append(("del", keys.children(tid, index), []))
             continue
         if piece.chunk is not None:
-            chunk_set += [str(index), piece.chunk]
-        elif old is not None and old[0] is not None:
+            if old is None or old.chunk != piece.chunk:
+                chunk_set += [str(index), piece.chunk]
+        elif old is not None and old.chunk is not None:
             chunk_del.append(str(index))
-        holders_set += [str(index), encoded]
+        loaded = old is None or not isinstance(piece.children, Partial)  # the rule's to write
+        if old is None or piece.holders != old.holders or (loaded and old.legacy):
+            # An earlier layout's children stay in the field until they are moved.
+            legacy = "" if loaded or not old.legacy else "|" + old.legacy
+            holders_set += [str(index), records.encode_holders(piece.holders) + legacy]
+        if loaded:
+            _diff_children(children, keys.children(tid, index),
+                           {} if old is None or old.children is None else old.children,
+                           piece.children or {})
     held_set: list[str] = []
     held_del: list[str] = []
     held: Any = task.held
@@ -224,7 +236,7 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
         elif count != old:
             held_set += [pid, str(count)]
     changed = bool(writes or chunk_set or chunk_del or holders_set or holders_del
-                   or held_set or held_del or cleared or held_cleared)
+                   or held_set or held_del or cleared or held_cleared or children)
     if not changed:
         return
     if before.version is not None:
@@ -239,3 +251,20 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
                           ("hdel", keys.held(tid), held_del)):
         if args:
             tx.op(TASK, name, k, *args)
+    for name, k, args in children:
+        tx.op(TASK, name, k, *args)
+
+
+def _diff_children(out: list[tuple[str, str, list[str]]], key: str, before: dict[str, float],
+                   after: dict[str, float]) -> None:
+    """A piece's children hash: the entries a decision changed (most admit one child)."""
+    if not after:
+        if before:
+            out.append(("del", key, []))
+        return
+    changed = [x for c, t in after.items() if before.get(c) != t for x in (c, records.f(t))]
+    gone = [c for c in before if c not in after]
+    if changed:
+        out.append(("hset", key, changed))
+    if gone:
+        out.append(("hdel", key, gone))

@@ -34,7 +34,10 @@ class Keys:
     def __init__(self, prefix: str = "naiad:") -> None:
         self.p = prefix
 
-    # A task's slot: its record, chunk ids, holders and held counts, fenced together.
+    # A task's slot: its record, chunk ids, holders, children and held counts, fenced
+    # together. A piece's holders (one field of `holders`, changed by announcements) and its
+    # children in flight (a hash of its own, one field per child, changed by every hand-out)
+    # are apart, so a decision writes only the child it admitted.
     def task(self, tid: str) -> str:
         return f"{self.p}task:{{{tid}}}"
 
@@ -43,6 +46,9 @@ class Keys:
 
     def holders(self, tid: str) -> str:
         return f"{self.p}holders:{{{tid}}}"
+
+    def children(self, tid: str, index: int) -> str:
+        return f"{self.p}children:{{{tid}}}:{index}"
 
     def held(self, tid: str) -> str:
         return f"{self.p}held:{{{tid}}}"

@@ -14,12 +14,34 @@ from common.models import PeerRegistration, TaskMeta
 from scheduler.redis import records
 from scheduler.redis.keys import last_field
 from scheduler.redis.partial import Partial
-from scheduler.state import HOLDER_SAMPLE, ClusterState, PeerState, TaskState, TaskTrust
+from scheduler.state import (
+    HOLDER_SAMPLE,
+    ClusterState,
+    PeerState,
+    PieceState,
+    TaskState,
+    TaskTrust,
+)
 
 if TYPE_CHECKING:
     from scheduler.redis.store import RedisStore
 
 T = TypeVar("T")
+
+
+@dataclass
+class PieceBase:
+    """A piece as loaded."""
+
+    chunk: str | None
+    holders: frozenset[str]
+    legacy: str  # children an earlier layout's replica wrote after the holders ("": none)
+    children: dict[str, float] | None  # its children hash; None: not loaded
+
+
+def unloaded() -> Partial:
+    """A piece's children, not loaded: a rule that reads them fails loudly (`NotLoaded`)."""
+    return Partial({}, (), unloaded=None)
 
 
 @dataclass
@@ -31,7 +53,7 @@ class TaskBase:
     next_epoch: int = 1
     leases: str = ""
     trust: TaskTrust = field(default_factory=TaskTrust)
-    pieces: dict[int, tuple[str | None, str] | None] = field(default_factory=dict)  # encoded
+    pieces: dict[int, PieceBase | None] = field(default_factory=dict)
     held: dict[str, int | None] = field(default_factory=dict)
 
 
@@ -254,17 +276,18 @@ class Loader:
         self._queue(lambda p: p.hget(self.k.counters(pid), last_field(pid)), parse)
 
     def task(self, tid: str, pieces: Iterable[int] | None, held: Iterable[str] | None,
-             counted: bool = False) -> None:
+             counted: bool = False, children: Iterable[int] = ()) -> None:
         """A task with the given pieces and peers' held counts (None: all of them); `counted`:
-        with the sizes of the maps loaded in part. Asked again before its read ran (several
-        calls' plans), it is read once with all that was asked."""
+        with the sizes of the maps loaded in part; `children`: the pieces (of those) whose
+        children in flight the rule reads (only a decision does). Asked again before its
+        read ran (several calls' plans), it is read once with all that was asked."""
         k = self.k
         queued = self._specs.get(tid)
         if queued is not None:
             if not queued.read:
-                queued.merge(pieces, held, counted)
+                queued.merge(pieces, held, counted, children)
             return  # read already: what a rule reaches for beyond it fails loudly (NotLoaded)
-        spec = self._specs[tid] = _TaskSpec(pieces, held, counted)
+        spec = self._specs[tid] = _TaskSpec(pieces, held, counted, list(children))
         if self._rounds == 0 and self._clock_key is None:
             self._clock_key = k.task(tid)  # its leases are judged by its own node's clock
 
@@ -288,9 +311,14 @@ class Loader:
                     p.hlen(k.held(tid))
                 if held:
                     p.hmget(k.held(tid), *held)
+            for i in spec.children:
+                p.hgetall(k.children(tid, i))
 
         def parse(replies: list) -> None:
             pieces, held, counted = spec.pieces, spec.held, spec.counted
+            asked = len(spec.children)
+            kids = dict(zip(spec.children, replies[len(replies) - asked:], strict=True))
+            replies = replies[:len(replies) - asked]
             meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
             tasks = self.world.state.tasks
             if meta_raw is None:
@@ -312,8 +340,20 @@ class Loader:
                 if raw is None:  # a piece exists while it has a holders field
                     base.pieces[i] = None
                     continue
-                dict.__setitem__(piece_map, i, records.decode_piece(chunk, raw))
-                base.pieces[i] = (chunk, raw)
+                holders, legacy = records.decode_holders(raw)
+                loaded = kids.get(i)
+                if loaded is None:
+                    children: Any = unloaded()
+                    before = None
+                else:
+                    before = records.decode_children(loaded.items())
+                    children = dict(before)
+                    for c, t in records.decode_legacy(legacy).items():
+                        children[c] = max(t, children.get(c, t))
+                    children = children or None
+                dict.__setitem__(piece_map, i, PieceState(chunk=chunk, holders=holders,
+                                                          children=children))
+                base.pieces[i] = PieceBase(chunk, frozenset(holders), legacy, before)
             if pieces is not None:
                 piece_map.unloaded = None if total is None else \
                     max(0, total - dict.__len__(piece_map))
@@ -431,19 +471,22 @@ class _TaskSpec:
     pieces: list[int] | None
     held: list[str] | None
     counted: bool
+    children: list[int]
     read: bool = False
 
     def __post_init__(self) -> None:
         self.pieces = _unique(self.pieces)
         self.held = _unique(self.held)
+        self.children = list(dict.fromkeys(self.children))
 
     def merge(self, pieces: Iterable[int] | None, held: Iterable[str] | None,
-              counted: bool) -> None:
+              counted: bool, children: Iterable[int]) -> None:
         self.pieces = None if pieces is None or self.pieces is None else \
             _unique([*self.pieces, *pieces])
         self.held = None if held is None or self.held is None else \
             _unique([*self.held, *held])
         self.counted = self.counted or counted
+        self.children = list(dict.fromkeys([*self.children, *children]))
 
 
 def _unique(items: Iterable[T] | None) -> list[T] | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.models import PeerCounters, PeerLoad, PeerRegistration, TaskMeta
-from scheduler.state import Lease, PeerState, PieceState, TaskTrust
+from scheduler.state import Lease, PeerState, TaskTrust
 
 
 def f(value: float) -> str:
@@ -90,21 +90,28 @@ def peer_hash(peer: PeerState) -> list[str]:
             for x in (p.name, p.encode(v))]
 
 
-def encode_piece(piece: PieceState) -> str:
-    """A piece's field in the holders hash: `a,b`, then `|c=t,d=t` while children are in
-    flight (peer ids cannot hold `,`, `|` or `=`)."""
-    out = ",".join(sorted(piece.holders))
-    if piece.children:
-        out += "|" + ",".join(f"{c}={f(t)}" for c, t in sorted(piece.children.items()))
-    return out
+def encode_holders(holders: set[str]) -> str:
+    """A piece's field in the holders hash: `a,b` (peer ids cannot hold `,`, `|` or `=`)."""
+    return ",".join(sorted(holders))
 
 
-def decode_piece(chunk: str | None, raw: str) -> PieceState:
-    holders, _, children = raw.partition("|")
-    return PieceState(chunk=chunk, holders=set(holders.split(",")) if holders else set(),
-                      children={c: float(t) for c, _, t in
-                                (kv.partition("=") for kv in children.split(","))}
-                      if children else None)
+def decode_holders(raw: str) -> tuple[set[str], str]:
+    """A piece's holders, and what follows a `|`: the children a replica of the earlier layout
+    wrote into the same field (`a,b|c=t,d=t`, rewritten whole on every hand-out). Each layout
+    reads the other's field as its own: a replica of the earlier one sees the holders, and
+    the children it records are moved into the children hash at this layout's next decision
+    on the piece (`decode_legacy`)."""
+    holders, _, legacy = raw.partition("|")
+    return set(holders.split(",")) if holders else set(), legacy
+
+
+def decode_legacy(legacy: str) -> dict[str, float]:
+    return decode_children(kv.partition("=")[::2] for kv in legacy.split(",")) if legacy else {}
+
+
+def decode_children(pairs: Any) -> dict[str, float]:
+    """A piece's children hash (child -> when it was handed the piece), as `(child, t)`."""
+    return {c: float(t) for c, t in pairs}
 
 
 def encode_leases(leases: dict[int, Lease]) -> str:

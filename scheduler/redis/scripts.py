@@ -4,7 +4,7 @@ one script run per slot."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -106,6 +106,27 @@ NOT_LOCAL = "non local key"  # the error of a run sent on a stale map of slots
 ARGS_PER_OP = 2000  # Lua's unpack() is limited to a few thousand values
 
 
+def closed() -> RedisConnectionError:
+    """What a call on a closed store gets: unavailable, as when Redis is down (a 503)."""
+    return RedisConnectionError("the redis store is closed")
+
+
+def spawn_or_fail(tasks: TaskSet, coro: Coroutine[Any, Any, Any], name: str,
+                  fail: Callable[[BaseException], None]) -> None:
+    """`coro` on the store's tasks, or, once the store closed, `fail(closed())`: the callers
+    waiting on what it would have done get an answer."""
+    try:
+        tasks.spawn(coro, name)
+    except RuntimeError:
+        fail(closed())
+
+
+def _fail(batch: list[tuple[str, asyncio.Future]], e: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(e)
+
+
 class Batched:
     """Calls of one script made in the same turn of the event loop, sent as one script run per
     group (`group_of` their routing key: everything on one Redis, a node on a cluster): a
@@ -133,28 +154,25 @@ class Batched:
         batch.append((arg, fut))
         if len(batch) >= self.LIMIT:
             del self._pending[slot]
-            self.tasks.spawn(self._send(route, batch), "redis-script")
+            self._spawn(route, batch)
         return await fut
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         for route, batch in pending.values():
-            try:
-                self.tasks.spawn(self._send(route, batch), "redis-script")
-            except RuntimeError:  # the store closed meanwhile: its callers get an answer
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(RedisConnectionError("the redis store is closed"))
+            self._spawn(route, batch)
+
+    def _spawn(self, route: str, batch: list[tuple[str, asyncio.Future]]) -> None:
+        spawn_or_fail(self.tasks, self._send(route, batch), "redis-script",
+                      lambda e: _fail(batch, e))
 
     async def _send(self, route: str, batch: list[tuple[str, asyncio.Future]]) -> None:
         try:
             replies = await self.script(keys=[route], args=[arg for arg, _ in batch])
         except Exception as e:  # handed to every caller, who raises it
             if self.stale is not None and NOT_LOCAL in str(e):
-                self.tasks.spawn(self.stale(), "redis-slots")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
+                spawn_or_fail(self.tasks, self.stale(), "redis-slots", lambda _: None)
+            _fail(batch, e)
             return
         except BaseException:
             for _, fut in batch:

@@ -98,9 +98,18 @@ from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
 from scheduler.redis.partial import NotLoaded
-from scheduler.redis.scripts import APPLY_LUA, CROSS_SLOT, DUE_LUA, READ_LUA, Batched
+from scheduler.redis.scripts import (
+    APPLY_LUA,
+    CROSS_SLOT,
+    DUE_LUA,
+    READ_LUA,
+    Batched,
+    closed,
+    spawn_or_fail,
+)
 from scheduler.state import StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
+from scheduler.waiting import wakes
 
 log = logging.getLogger("naiad.scheduler.redis")
 T = TypeVar("T")
@@ -175,6 +184,13 @@ class _Widen:
     def __call__(self) -> bool:
         widened, self.all = not self.all, True
         return widened
+
+
+def _woken(ann: Announce) -> tuple[str | None, frozenset[int] | None]:
+    """The task whose long polls an announcement may wake (None: none), and which of them
+    (`wakes`: those asking for a piece it adds; None: all)."""
+    pieces = wakes(ann)
+    return (ann.task_id if pieces is None or pieces else None), pieces
 
 
 Client = aioredis.Redis | aioredis.RedisCluster
@@ -318,11 +334,10 @@ class RedisStore:
         return call.outcome()
 
     def _spawn_drain(self, lock: str) -> None:
-        try:
-            self._tasks.spawn(self._drain(lock), "redis-task-calls")
-        except RuntimeError:  # the store closed meanwhile
+        def fail(e: BaseException) -> None:
             for c in self._queues.pop(lock):
-                c.fail(RedisConnectionError("the redis store is closed"))
+                c.fail(e)
+        spawn_or_fail(self._tasks, self._drain(lock), "redis-task-calls", fail)
 
     async def _drain(self, lock: str) -> None:
         """A task's queued calls, in batches of what queued while the last one ran."""
@@ -346,7 +361,7 @@ class RedisStore:
         finally:
             del self._queues[lock]
             for c in batch + queue:  # the store closing: the callers get an answer
-                c.fail(RedisConnectionError("the redis store is closed"))
+                c.fail(closed())
 
     async def _attempts(self, batch: list[_Call]) -> None:
         """Run calls as one: one loaded state (the union of their plans), their rules in
@@ -501,27 +516,41 @@ class RedisStore:
             # Whether a claimed piece's lease is live depends on its holder being alive.
             ld.peers(task.leases[i].holder for i in claimed if i in task.leases)
             await ld.run()
+        wake, pieces = _woken(ann)
         return await self._transact(plan, lambda w: w.state.announce(ann, w.now),
-                                    lock=ann.task_id, actor=ann.peer_id,
-                                    wake=ann.task_id if ann.pieces or ann.sealed else None,
-                                    pieces=None if ann.sealed else claimed)
+                                    lock=ann.task_id, actor=ann.peer_id, wake=wake,
+                                    pieces=pieces)
 
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:
         return await self.waiters.schedule(req, self._decide)
 
     async def _decide(self, req: ScheduleRequest) -> list[Decision]:
-        wanted = list(dict.fromkeys(req.pieces))
+        return (await self._decide_with(None, req))[1]
 
+    async def _decide_with(self, ann: Announce | None, req: ScheduleRequest
+                           ) -> tuple[AnnounceReply | None, list[Decision]]:
+        """A schedule call's decision, and with `ann` the claims riding it recorded first
+        (the order the API's two calls had): one plan reads for both rules, one write."""
+        wanted = list(dict.fromkeys(req.pieces))
+        claimed = [] if ann is None else [c.index for c in ann.pieces]
         widen = _Widen()
 
         async def plan(ld: Loader) -> None:
+            # Announce's reads besides schedule's: the claimed pieces, the announcer's held
+            # count (the claimed pieces' lease holders: every lease holder is schedule's).
             ld.peer(req.peer_id)
-            ld.task(req.task_id, pieces=wanted, held=(), counted=True)  # cold: any holder?
+            ld.task(req.task_id, pieces=[*claimed, *wanted], counted=True,  # cold: any holder?
+                    held=() if ann is None else [ann.peer_id], children=wanted)
             await ld.run()
             self._plan_decide(ld, req, wanted, widen.all)
             await ld.run()
-        return await self._transact(plan, lambda w: w.state.schedule(req, w.now),
-                                    lock=req.task_id, actor=req.peer_id, widen=widen)
+
+        def rule(w: World) -> tuple[AnnounceReply | None, list[Decision]]:
+            reply = None if ann is None else w.state.announce(ann, w.now)
+            return reply, w.state.schedule(req, w.now)
+        wake, pieces = (None, None) if ann is None else _woken(ann)
+        return await self._transact(plan, rule, lock=req.task_id, actor=req.peer_id,
+                                    wake=wake, pieces=pieces, widen=widen)
 
     @staticmethod
     def _plan_decide(ld: Loader, req: ScheduleRequest, wanted: list[int], every: bool
@@ -560,35 +589,14 @@ class RedisStore:
         async def decide(r: ScheduleRequest) -> list[Decision]:
             if replies:
                 return await self._decide(r)
-            reply, decisions = await self._announce_and_decide(ann, r)
+            reply, decisions = await self._decide_with(ann, r)
+            assert reply is not None
             replies.append(reply)
             return decisions
         decisions = await self.waiters.schedule(req, decide)
         if not replies:  # answered with waits a poll before it left, undecided: claims count
             replies.append(await self.announce(ann))
         return replies[0], decisions
-
-    async def _announce_and_decide(self, ann: Announce, req: ScheduleRequest
-                                   ) -> tuple[AnnounceReply, list[Decision]]:
-        claimed = [c.index for c in ann.pieces]
-        wanted = list(dict.fromkeys(req.pieces))
-        widen = _Widen()
-
-        async def plan(ld: Loader) -> None:
-            # Both rules' reads: announce's (the claimed pieces, the announcer's held count,
-            # the claimed pieces' lease holders: every lease holder is schedule's anyway).
-            ld.peer(req.peer_id)
-            ld.task(req.task_id, pieces=[*claimed, *wanted], held=[ann.peer_id], counted=True)
-            await ld.run()
-            self._plan_decide(ld, req, wanted, widen.all)
-            await ld.run()
-
-        def rule(w: World) -> tuple[AnnounceReply, list[Decision]]:
-            reply = w.state.announce(ann, w.now)  # the order the API's two calls had
-            return reply, w.state.schedule(req, w.now)
-        return await self._transact(plan, rule, lock=req.task_id, actor=req.peer_id,
-                                    wake=ann.task_id if ann.pieces or ann.sealed else None,
-                                    pieces=None if ann.sealed else claimed, widen=widen)
 
     async def report(self, rep: Report) -> None:
         corrupt_piece = rep.kind == "corrupt" and rep.piece is not None
