@@ -13,6 +13,8 @@ Pure functions over plain values, so the rule can be read and tested as a table:
   one before a busy near one) sent ~98x the blob across IDC links in bench.sim's idc3 (300
   hosts); near ones alone, with ClusterState's copy-in-flight wait, 2.00x. Far holders listed
   after the near ones still crossed 12x (60 hosts): a child tries its parents in turn.
+* A holder known to upload at under SLOW_SHARE of the best rate among the others (ClusterState
+  estimates each peer's from its heartbeats) is offered only when every one is that slow.
 * Then **proximity**: same IDC, then the longest shared prefix of the `a|b|c` location.
 * Then holders that **finished** the task (they will not leave mid-way for lack of pieces) and
   **seed** peers.
@@ -42,6 +44,14 @@ class Candidate:
     handouts: float  # decayed count of recent handouts
     complete: bool
     seed: bool
+    upload_rate: float = 0.0  # bytes/s it uploads at while it has uploads (0.0: not known)
+
+
+# A holder uploading at under this share of the best of its fellow candidates' rates (those
+# known) is not offered while another is: a slow uplink still sends bytes, so it never stalls
+# a child into blaming it, while its children, reading in order, wait on it (bench.sim lab16
+# with a quarter of the uplinks at 1/20: p99 4.7x the fluid bound).
+SLOW_SHARE = 0.25
 
 
 def decayed(value: float, since: float, now: float) -> float:
@@ -91,6 +101,9 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     rand = (rng or random).random
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
+    floor = SLOW_SHARE * max([c.upload_rate for c in candidates], default=0.0)
+    if floor:  # a slow holder (`slow`, inlined) is offered only when every one is
+        candidates = [c for c in candidates if not 0.0 < c.upload_rate < floor] or candidates
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: `load` and `_score`
     # inlined (three calls a candidate were half the ranking's cost), the same float operations
     # in the same order so the ranking and its ties are the same; a C key for the sort.
@@ -107,6 +120,15 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
         keyed.append((held >= slots, -score, rand(), c))
     keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
     return [t[3] for t in keyed[:limit]]
+
+
+def slow(rate: float, best: float) -> bool:
+    """Whether a holder uploading at `rate` (bytes/s; 0.0: not known) is slow beside `best`
+    (one that finished no upload over a whole interval: ClusterState's STALLED_RATE)."""
+    return 0.0 < rate < SLOW_SHARE * best
+
+
+STALLED_RATE = 1.0
 
 
 _RANK_KEY = operator.itemgetter(0, 1, 2)

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from scheduler.policy import (
     HANDOUT_DECAY_SECONDS,
+    SLOW_SHARE,
+    STALLED_RATE,
     Candidate,
     decayed,
     location_affinity,
@@ -23,10 +25,10 @@ from scheduler.policy import (
 
 def cand(peer_id: str, *, idc: str = "", location: str = "", upload_slots: int = 4,
          active_uploads: int = 0, handouts: float = 0.0, complete: bool = False,
-         seed: bool = False) -> Candidate:
+         seed: bool = False, upload_rate: float = 0.0) -> Candidate:
     return Candidate(peer_id=peer_id, idc=idc, location=location, upload_slots=upload_slots,
                      active_uploads=active_uploads, handouts=handouts, complete=complete,
-                     seed=seed)
+                     seed=seed, upload_rate=upload_rate)
 
 
 def first(cands: list[Candidate], idc: str = "", location: str = "", seed: int = 0) -> str:
@@ -38,6 +40,42 @@ def always_first(cands: list[Candidate], idc: str = "", location: str = "") -> s
     winners = {first(cands, idc, location, seed) for seed in range(30)}
     assert len(winners) == 1, f"no strict preference: {winners}"
     return winners.pop()
+
+
+# --- slow holders -----------------------------------------------------------------------------
+
+FAST = 10e6
+
+
+def ranked(cands: list[Candidate], seed: int = 0) -> list[str]:
+    return [c.peer_id for c in rank_parents(cands, "", "", 3, random.Random(seed))]
+
+
+def test_a_slow_holder_is_not_offered_while_another_is() -> None:
+    """Slow beside the best known rate of its fellows: left out, even when it is idle and the
+    fast ones are busy (a slow upload never stalls, so a child would wait on it)."""
+    slow = cand("slow", upload_rate=FAST * SLOW_SHARE * 0.9)
+    fast = cand("fast", upload_rate=FAST, active_uploads=4)  # no free slot
+    unknown = cand("new")  # never uploaded: not known to be slow
+    for seed in range(10):
+        assert ranked([slow, fast, unknown], seed)[-1] != "slow"
+        assert "slow" not in ranked([slow, fast, unknown], seed)
+    assert ranked([cand("ok", upload_rate=FAST * SLOW_SHARE * 1.1), fast], 0)[0] == "ok"
+
+
+def test_a_stalled_holder_is_slow_beside_one_known_to_finish_uploads() -> None:
+    stalled = cand("stalled", upload_rate=STALLED_RATE)
+    assert ranked([stalled, cand("ok", upload_rate=1e3, active_uploads=3)]) == ["ok"]
+    # Beside holders never measured there is nothing to compare with: big pieces on a slow
+    # link may take longer than an interval.
+    assert sorted(ranked([stalled, cand("new")])) == ["new", "stalled"]
+
+
+def test_when_every_holder_is_slow_they_are_ranked_as_usual() -> None:
+    a = cand("a", upload_rate=STALLED_RATE, active_uploads=3)
+    b = cand("b", upload_rate=STALLED_RATE)
+    assert always_first([a, b]) == "b"
+    assert sorted(ranked([a, b])) == ["a", "b"]
 
 
 # --- decay ------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ from common.models import (
     Withdraw,
 )
 from common.pieces import MiB
+from scheduler import policy
 from scheduler.state import (
     CHILDREN_PER_HOLDER,
     HOLDER_SAMPLE,
+    LEASE_SPREAD,
     MAX_LEASE_PIECES,
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
@@ -112,6 +114,12 @@ def c() -> Cluster:
         cl.peer(pid)
     cl.task()
     return cl
+
+
+def _uploads_at(cl: Cluster, pid: str, rate: float, now: float) -> None:
+    """Two heartbeats with uploads running through the interval: `rate` bytes/s seen."""
+    cl.heartbeat(pid, now, active=1, uploaded=0)
+    cl.heartbeat(pid, now + 0.01, active=1, uploaded=int(rate * HB))
 
 
 # --- registration -----------------------------------------------------------------------------
@@ -394,6 +402,159 @@ def test_partial_overlap_waits_for_leased_and_leases_the_rest(c: Cluster) -> Non
     assert ds[2].reason == ds[3].reason == "no-holder"
     assert (ds[2].first, ds[2].last) == (4, 5)
     assert ds[2].epoch > first[0].epoch
+
+
+SPREAD = MAX_LEASE_PIECES // LEASE_SPREAD  # pieces a requester may hold leased in a crowd
+
+
+def _crowd(n: int = 3 * MAX_LEASE_PIECES, **reg: object) -> Cluster:
+    """A task others take part in: X and Y hold piece 0; A, B and C, whose uploads are known
+    to go well, ask the rest."""
+    cl = Cluster()
+    for pid in ("X", "Y", "A", "B", "C"):
+        cl.peer(pid, **reg)
+        _uploads_at(cl, pid, 10e6, 0.0)
+    cl.task(pieces=n)
+    cl.schedule("X", [0], 0.0)
+    cl.announce("X", [0], 0.1)
+    cl.announce("Y", [0], 0.1)
+    return cl
+
+
+def test_crowd_leases_are_spread_over_requesters() -> None:
+    """Everyone asks the same window: each requester leases a run's 1/LEASE_SPREAD, so the
+    origin sends at several points of it at once (not one lease holder's downlink)."""
+    cl = _crowd()
+    window = range(1, 1 + MAX_LEASE_PIECES)
+    a = cl.schedule("A", window, 1.0)
+    assert [d.action for d in a] == ["source"] * SPREAD + ["wait"] * (MAX_LEASE_PIECES - SPREAD)
+    assert {(d.first, d.last) for d in a[:SPREAD]} == {(1, SPREAD)}
+    assert {d.reason for d in a[SPREAD:]} == {"lease-spread"}
+    b = cl.schedule("B", window, 1.1)
+    assert [d.action for d in b[:SPREAD]] == ["wait"] * SPREAD  # A's lease
+    assert {(d.first, d.last) for d in b[SPREAD:2 * SPREAD]} == {(1 + SPREAD, 2 * SPREAD)}
+    assert {d.action for d in b[SPREAD:2 * SPREAD]} == {"source"}
+    assert {d.reason for d in b[2 * SPREAD:]} == {"lease-spread"}
+    # A asking again keeps its own lease and still may take no more.
+    again = cl.schedule("A", window, 1.2)
+    assert [d.reason for d in again[:SPREAD]] == ["lease"] * SPREAD
+    assert {d.reason for d in again[2 * SPREAD:]} == {"lease-spread"}
+
+
+def test_a_spread_lease_holder_leases_again_as_its_pieces_land() -> None:
+    cl = _crowd()
+    window = range(1, 1 + MAX_LEASE_PIECES)
+    cl.schedule("A", window, 1.0)
+    cl.announce("A", [1, 2], 1.1)  # two of its leased pieces are held: room for two more
+    ds = cl.schedule("A", range(3, 1 + MAX_LEASE_PIECES), 1.2)
+    sources = [d.piece for d in ds if d.action == "source" and d.reason != "lease"]
+    assert sources == [SPREAD + 1, SPREAD + 2]
+
+
+def test_a_spread_lease_that_lapsed_frees_its_holders_room() -> None:
+    cl = _crowd()
+    cl.schedule("A", range(1, 1 + SPREAD), 1.0)
+    ds = cl.schedule("A", range(1 + SPREAD, 1 + 2 * SPREAD), 1.0 + LEASE)  # own lease lapsed
+    assert {d.action for d in ds} == {"source"}
+
+
+def test_a_requester_not_known_to_upload_well_leaves_spread_leases_to_others() -> None:
+    """It would be its leased pieces' only holder: while another leases, one whose uploads
+    are slow beside the lease holders', or not measured beside a measured one, or that
+    served corrupt bytes, waits (a slow first holder held the crowd back behind it, and
+    leased on as it got ahead); one measured fine leases."""
+    cl = _crowd()
+    cl.peer("new")
+    cl.peer("slow")
+    _uploads_at(cl, "slow", 10e6 * policy.SLOW_SHARE / 2, 0.0)
+    cl.peer("corrupt")
+    _uploads_at(cl, "corrupt", 10e6, 0.0)
+    cl.report("X", "corrupt", "corrupt", 0.5)
+    cl.schedule("A", range(1, 1 + SPREAD), 1.0)  # another's live lease
+    for pid in ("new", "slow", "corrupt"):
+        ds = cl.schedule(pid, range(1 + SPREAD, 1 + 2 * SPREAD), 1.1)
+        assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
+    assert {d.action for d in cl.schedule("B", range(1 + SPREAD, 1 + 2 * SPREAD), 1.2)} == {
+        "source"}
+
+
+def test_at_a_pulls_start_requesters_not_measured_lease_spread() -> None:
+    """Nobody measured yet: no rate to go by, so an idle requester leases its share; one with
+    uploads under way and no estimate yet does not."""
+    cl = Cluster()
+    for pid in ("A", "B", "C"):
+        cl.peer(pid)
+    cl.task(pieces=3 * MAX_LEASE_PIECES)
+    cl.schedule("A", [0], 0.0)
+    cl.announce("A", [0], 0.1)
+    cl.schedule("A", range(1, 1 + SPREAD), 0.2)
+    ds = cl.schedule("B", range(1 + SPREAD, 1 + 2 * SPREAD), 0.3)
+    assert {d.action for d in ds} == {"source"}
+    cl.heartbeat("C", 0.3, active=2)
+    ds = cl.schedule("C", range(1 + 2 * SPREAD, 1 + 3 * SPREAD), 0.4)
+    assert {(d.action, d.reason) for d in ds} == {("wait", "lease-spread")}
+
+
+def test_with_nobody_leasing_a_slow_requester_still_leases() -> None:
+    """No live lease elsewhere: someone must fetch what nobody holds, whatever its uplink."""
+    cl = _crowd()
+    cl.peer("slow")
+    _uploads_at(cl, "slow", policy.STALLED_RATE, 0.0)
+    ds = cl.schedule("slow", range(1, 1 + MAX_LEASE_PIECES), 1.0)
+    assert [d.action for d in ds][:SPREAD] == ["source"] * SPREAD
+
+
+def test_heartbeats_estimate_a_peers_upload_rate() -> None:
+    """From the uploaded counter (peers report no rate): over an interval with uploads at
+    both ends; stalled if none finished; kept over idle intervals; a new process starts
+    unknown."""
+    cl = Cluster()
+    cl.peer("A")
+    rate = lambda: cl.s.peers["A"].load.upload_rate  # noqa: E731
+    cl.heartbeat("A", 0.0, active=0, uploaded=0)
+    cl.heartbeat("A", 2.0, active=2, uploaded=MiB)  # began uploading within the interval
+    assert rate() == 0.0
+    cl.heartbeat("A", 4.0, active=1, uploaded=MiB + 8 * MiB)
+    assert rate() == pytest.approx(8 * MiB / HB)
+    cl.heartbeat("A", 6.0, active=0, uploaded=10 * MiB)
+    assert rate() == pytest.approx(8 * MiB / HB)  # idle since: the estimate stands
+    cl.heartbeat("A", 8.0, active=3, uploaded=10 * MiB)
+    cl.heartbeat("A", 10.0, active=3, uploaded=10 * MiB)  # busy, nothing finished
+    assert rate() == policy.STALLED_RATE
+    cl.heartbeat("A", 12.0, active=3, uploaded=0, started_at=2.0)  # a new process
+    assert rate() == 0.0
+
+
+def test_a_rate_the_peer_reports_is_kept() -> None:
+    cl = Cluster()
+    cl.peer("A")
+    cl.s.heartbeat("A", Heartbeat(load=PeerLoad(active_uploads=1, upload_rate=5.0),
+                                  counters=PeerCounters(started_at=1.0, uploaded=0)), 0.0)
+    cl.s.heartbeat("A", Heartbeat(load=PeerLoad(active_uploads=1, upload_rate=7.0),
+                                  counters=PeerCounters(started_at=1.0, uploaded=MiB)), 2.0)
+    assert cl.s.peers["A"].load.upload_rate == 7.0
+
+
+def test_a_lone_reader_leases_whole_runs() -> None:
+    """Nobody else holds or leases a piece: nobody else would lease the rest, so no spread."""
+    cl = Cluster()
+    cl.peer("A")
+    cl.peer("B")  # registered, not taking part
+    cl.task(pieces=2 * MAX_LEASE_PIECES)
+    ds = cl.schedule("A", range(MAX_LEASE_PIECES), 0.0)
+    assert {d.action for d in ds} == {"source"}
+    cl.announce("A", [0], 0.1)
+    ds = cl.schedule("A", range(MAX_LEASE_PIECES, 2 * MAX_LEASE_PIECES), 0.2)
+    assert {(d.action, d.first, d.last) for d in ds} == {
+        ("source", MAX_LEASE_PIECES, 2 * MAX_LEASE_PIECES - 1)}
+
+
+def test_requesters_with_an_idc_lease_whole_runs() -> None:
+    """Spread leases land in every IDC, and a piece leased outside the origin's crosses back
+    into it: with IDC labels the runs stay whole."""
+    cl = _crowd(idc="east")
+    ds = cl.schedule("A", range(1, 1 + MAX_LEASE_PIECES), 1.0)
+    assert {d.action for d in ds} == {"source"}
 
 
 def test_lease_holder_asking_again_keeps_its_lease(c: Cluster) -> None:

@@ -100,7 +100,21 @@ def far_held() -> None:
     swarm.Swarm._read = reading  # type: ignore[method-assign]
 
 
+def whole_leases() -> None:
+    """Leases in whole runs, as before the spread (scheduler.state.LEASE_SPREAD = 0): one
+    requester leases every piece it asks that nobody holds or leases."""
+    scheduler.state.LEASE_SPREAD = 0
+
+
+def no_slow() -> None:
+    """Slow holders offered like any other (scheduler.policy.SLOW_SHARE = 0): nothing is
+    slow beside anything, so neither ranking nor spread leases look at upload rates."""
+    scheduler.policy.SLOW_SHARE = 0.0
+
+
 EXPERIMENTS = {
+    "no-slow": no_slow,
+    "whole-leases": whole_leases,
     "far-share": far_share,
     "far-held": far_held,
     "idc-blind": idc_blind,
