@@ -52,6 +52,8 @@ class Candidate:
 # a child into blaming it, while its children, reading in order, wait on it (bench.sim lab16
 # with a quarter of the uplinks at 1/20: p99 4.7x the fluid bound).
 SLOW_SHARE = 0.25
+# The rate ClusterState gives a peer whose uploads ran a whole interval and none finished.
+STALLED_RATE = 1.0
 
 
 def decayed(value: float, since: float, now: float) -> float:
@@ -101,9 +103,9 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     rand = (rng or random).random
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
-    floor = SLOW_SHARE * max([c.upload_rate for c in candidates], default=0.0)
-    if floor:  # a slow holder (`slow`, inlined) is offered only when every one is
-        candidates = [c for c in candidates if not 0.0 < c.upload_rate < floor] or candidates
+    best = max([c.upload_rate for c in candidates], default=0.0)
+    if best:  # a slow holder is offered only when every one is
+        candidates = [c for c in candidates if not slow(c.upload_rate, best)] or candidates
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: `load` and `_score`
     # inlined (three calls a candidate were half the ranking's cost), the same float operations
     # in the same order so the ranking and its ties are the same; a C key for the sort.
@@ -127,8 +129,6 @@ def slow(rate: float, best: float) -> bool:
     (one that finished no upload over a whole interval: ClusterState's STALLED_RATE)."""
     return 0.0 < rate < SLOW_SHARE * best
 
-
-STALLED_RATE = 1.0
 
 
 _RANK_KEY = operator.itemgetter(0, 1, 2)
