@@ -47,6 +47,7 @@ import aiohttp
 import redis
 from pydantic import BaseModel
 
+from bench.loopback import cpu_seconds
 from bench.scheduler import RedisServer, spawn_scheduler, until_ping
 from common.limits import DEFAULT
 from common.models import (
@@ -93,12 +94,6 @@ def fleet_line(hosts: int, size: str, store: str, demand: float, replica: float,
     return (f"fleet hosts={hosts} size={size} store={store} demanded={demand:.0f}/s "
             f"replica={replica:.0f}/s shard={shard:.0f}/s p99={p99_ms:.1f}ms "
             f"replicas={replicas} shards={shards}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -141,6 +141,11 @@ def cpu_ticks(pid: int) -> int:
     return _ticks(Path(f"/proc/{pid}/stat"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (all its threads)."""
+    return cpu_ticks(pid) / TICK
+
+
 def thread_ticks(pid: int) -> dict[str, int]:
     """User + system clock ticks per thread, keyed `name/tid`: the event loop's thread is the
     one named like the process, worker threads (`asyncio_N`) are the hashing and file writes."""

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+from bench import loopback
 from common.models import Announce, PeerRegistration, PieceClaim, ScheduleRequest, TaskRequest
 from common.pieces import MiB
 from scheduler.redis_store import RedisStore
@@ -105,12 +105,6 @@ class Bytes:
         return reply
 
 
-def pid_cpu(pid: int) -> float:
-    """A process's CPU seconds so far (redis-server's: what the shard spends)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
     """Decisions on pieces `args.holders` peers hold; `shard`: redis-server's pid."""
     s = RedisStore.from_url(url, heartbeat_interval=600.0, lease_timeout=2.0,
@@ -133,7 +127,7 @@ async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
     s.read, s.apply = read, apply  # type: ignore[assignment]
     decisions = 0
     actions: dict[str, int] = {}
-    cpu, wall, redis_cpu = cpu_seconds(), time.perf_counter(), pid_cpu(shard)
+    cpu, wall, redis_cpu = cpu_seconds(), time.perf_counter(), loopback.cpu_seconds(shard)
     for r in range(args.rounds):
         answers = await asyncio.gather(*(
             s.schedule(ScheduleRequest(peer_id=pid, task_id=TASK,
@@ -144,7 +138,7 @@ async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
                 actions[d.action] = actions.get(d.action, 0) + 1
         decisions += len(peers)
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
-    redis_cpu = pid_cpu(shard) - redis_cpu
+    redis_cpu = loopback.cpu_seconds(shard) - redis_cpu
     print(f"holders={args.holders} pieces={args.pieces} requesters={args.peers} "
           f"decisions={decisions} {actions} cpu={cpu:.2f}s wall={wall:.2f}s "
           f"cpu/decision={1e3 * cpu / decisions:.3f}ms "
@@ -153,7 +147,7 @@ async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
           f"write: sent={apply.sent / decisions:,.0f} B per decision")
     # Then each requester claims the pieces it was handed: a claim on a piece N peers hold.
     read.sent = read.back = apply.sent = 0
-    cpu, redis_cpu = cpu_seconds(), pid_cpu(shard)
+    cpu, redis_cpu = cpu_seconds(), loopback.cpu_seconds(shard)
     claimed = 0
     for n, pid in enumerate(peers):
         mine = sorted({(r + n) % args.pieces for r in range(args.rounds)})
@@ -161,7 +155,7 @@ async def holders(url: str, args: argparse.Namespace, shard: int) -> None:
                                                    pieces=claims(range(i, i + 1))))
                                for i in mine))
         claimed += len(mine)
-    cpu, redis_cpu = cpu_seconds() - cpu, pid_cpu(shard) - redis_cpu
+    cpu, redis_cpu = cpu_seconds() - cpu, loopback.cpu_seconds(shard) - redis_cpu
     print(f"claims={claimed} cpu/claim={1e3 * cpu / claimed:.3f}ms "
           f"redis-cpu/claim={1e3 * redis_cpu / claimed:.3f}ms "
           f"read: sent={read.sent / claimed:,.0f} B back={read.back / claimed:,.0f} B "
