@@ -102,7 +102,11 @@ class RegisterReply(Model):
 
 class PeerLoad(Model):
     active_uploads: int = Field(0, ge=0)
-    upload_rate: float = Field(0.0, ge=0, description="bytes/s over the last interval")
+    # Peers send 0 today: the scheduler estimates it from the heartbeats' `uploaded` counter
+    # (ClusterState._upload_rate); a peer that measures its own rate may send it instead.
+    upload_rate: float = Field(0.0, ge=0, description=(
+        "bytes/s the peer uploads at while it has uploads; 0: not measured (the scheduler "
+        "then estimates it from successive heartbeats' uploaded counter)"))
     free_disk: int = Field(0, ge=0)
 
 
