@@ -68,6 +68,8 @@ from bench.loopback import (
     push_random,
     quiet,
     sha256_of_file,
+    stat_fields,
+    thread_ns,
 )
 from tests.cluster import Cluster, Registry
 
@@ -134,7 +136,7 @@ def every_process() -> dict[int, tuple[str, int]]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         comm = text[text.index("(") + 1:text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
+        fields = stat_fields(text)
         out[int(stat.parent.name)] = comm, int(fields[11]) + int(fields[12])
     return out
 
@@ -148,12 +150,8 @@ def machine_ticks() -> tuple[int, int]:
 def snapshot(procs: dict[str, int]) -> Snapshot:
     threads = {}
     for name, pid in procs.items():
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                ns = int((task / "schedstat").read_text().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # the thread ended while we looked
-            label = "main" if task.name == str(pid) else f"thread {task.name}"
+        for tid, ns in thread_ns(pid).items():
+            label = "main" if tid == pid else f"thread {tid}"
             threads[f"{name} {label}"] = ns
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = resource.getrusage(resource.RUSAGE_SELF)

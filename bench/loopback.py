@@ -1,7 +1,7 @@
 """What the loopback benchmarks share: a fresh per-user config for the daemons they start, a
 random blob pushed into the registry without holding it in memory, `curl` as the client (timed,
-its byte count checked, or its output hashed), CPU ticks per process and per thread from /proc,
-and the machine and commit a result was measured on."""
+its byte count checked, or its output hashed), CPU time per process and per thread and RSS
+from /proc, and the machine and commit a result was measured on."""
 
 from __future__ import annotations
 
@@ -159,8 +159,45 @@ def thread_ticks(pid: int) -> dict[str, int]:
     return out
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds a process has used (all its threads), apart."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat").read_text())
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def thread_ns(pid: int) -> dict[int, int]:
+    """Nanoseconds each live thread of a process has run on a CPU, by thread id (schedstat:
+    finer than the 10 ms ticks of /proc/PID/stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended while we looked
+    return out
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds all of a process's live threads have run on a CPU (schedstat)."""
+    return sum(thread_ns(pid).values())
+
+
+def rss_kib(pid: int) -> int:
+    """A process's resident set now, KiB (ProcessLookupError once it has exited)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ProcessLookupError(pid)
+
+
+def stat_fields(text: str) -> list[str]:
+    """The fields of a /proc/…/stat line after the command name (which may hold spaces and
+    parentheses): index 11 is utime, 12 stime."""
+    return text.rsplit(")", 1)[1].split()
+
+
 def _ticks(stat: Path) -> int:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(stat.read_text())
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 

@@ -28,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loopback import curl_seconds, push_file
+from bench.loopback import curl_seconds, push_file, rss_kib
 from tests.cluster import Cluster, Node, Registry, push_blob
 
 MiB = 1 << 20
@@ -56,10 +56,7 @@ async def range_latencies(url: str, size: int, n: int, seed: int) -> tuple[float
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(pid) / 1024
 
 
 def pct(values: list[float], q: float) -> float:

@@ -33,21 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import scheduler as sb
+from bench.loopback import cpu_ns, cpu_seconds, user_system_seconds
 from tests.cluster import free_port, wait_http
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (/proc/<pid>/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time of all of a process's threads so far, in ns (schedstat: no 10 ms ticks)."""
-    return sum(int((t / "schedstat").read_text().split()[0])
-               for t in Path(f"/proc/{pid}/task").iterdir())
 
 
 def start_spy(pid: int, out: str) -> subprocess.Popen:
@@ -303,10 +290,10 @@ async def floor(args: argparse.Namespace) -> None:
 
                 calls = [lambda b=b: post(b) for b in w.schedule8]
                 await sb.drive(calls[:1000], 1000, args.concurrency)  # warm
-                before, user = cpu_ns(proc.pid), _user_sys(proc.pid)
+                before, user = cpu_ns(proc.pid), user_system_seconds(proc.pid)
                 phase = await sb.drive(calls, len(calls), args.concurrency)
                 spent = cpu_ns(proc.pid) - before
-                u, k = (a - b for a, b in zip(_user_sys(proc.pid), user, strict=True))
+                u, k = (a - b for a, b in zip(user_system_seconds(proc.pid), user, strict=True))
         finally:
             proc.terminate()
             proc.wait()
@@ -318,11 +305,6 @@ async def floor(args: argparse.Namespace) -> None:
 
 def _spawn_bare(port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
-
-
-def _user_sys(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 async def main() -> None:

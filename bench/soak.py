@@ -53,6 +53,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.loopback import cpu_seconds, rss_kib
 from tests.cluster import (
     Cluster,
     CountingProxy,
@@ -279,9 +280,9 @@ class Soak:
                 if not d.up:
                     continue
                 try:
-                    rss = _rss_kib(d.pid)
+                    rss = rss_kib(d.pid)
                     fds = len(os.listdir(f"/proc/{d.pid}/fd"))
-                    cpu = _cpu_seconds(d.pid)
+                    cpu = cpu_seconds(d.pid)
                 except (FileNotFoundError, ProcessLookupError):
                     continue
                 self.samples.append(Sample(self.now(), d.name, d.restarts, rss, fds, cpu))
@@ -308,18 +309,6 @@ class Soak:
             f.write("at,daemon,run,rss_kib,fds,cpu_s\n")
             f.writelines(f"{s.at:.1f},{s.daemon},{s.run},{s.rss_kib},{s.fds},{s.cpu_s:.2f}\n"
                          for s in self.samples)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise ProcessLookupError(pid)
 
 
 async def run(args: argparse.Namespace) -> tuple[Soak, dict[str, float]]:
