@@ -23,8 +23,15 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def error_body(message: str, **extra: object) -> bytes:
+    """The JSON of a refusal, `{"error": ..., **extra}`: what `error` sends, as bytes for a
+    transport that is not aiohttp's (the scheduler's framed calls)."""
+    return json.dumps({"error": message, **extra}).encode()
+
+
 def error(status: int, message: str, **extra: object) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return web.Response(body=error_body(message, **extra), status=status,
+                        content_type="application/json", charset="utf-8")
 
 
 def unavailable(message: str) -> web.Response:
@@ -45,7 +52,11 @@ class RequestError(Exception):
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
+    return parse_json(await request.read(), model)
+
+
+def parse_json(raw: bytes, model: type[M]) -> M:
+    """A request body through its wire model; RequestError(400) naming what is wrong."""
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as e:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from common import auth
@@ -55,8 +56,8 @@ from common.web import (
     done,
     healthy,
     is_loopback,
-    model_response,
     parse_body,
+    parse_json,
     refused,
 )
 from scheduler import access, access_api, history, openapi, preheat
@@ -66,6 +67,9 @@ from scheduler.store import Store
 
 log = logging.getLogger("naiad.scheduler.api")
 API = "/api/v1"
+# A hot route's core: (peer id from the path, body bytes, caller's address) -> reply bytes.
+Core = Callable[[str | None, bytes, str | None], Awaitable[bytes]]
+DONE = b"{}"  # what a call that answers nothing but that it was done replies
 # (method, route) pairs peers call: guarded by the cluster secret.
 INTERNAL = {
     ("POST", f"{API}/peers"), ("POST", f"{API}/peers/{{peer_id}}/heartbeat"),
@@ -79,13 +83,13 @@ INTERNAL = {
 _UNAVAILABLE = Throttle(REPORT_EVERY)  # Redis down: one line a period, not one per call
 
 
-def store_unavailable(request: web.Request, e: RedisError | StoreBusy) -> RequestError:
+def store_unavailable(where: str, e: RedisError | StoreBusy) -> RequestError:
     """Redis down or restarting: a 503 peers treat as "scheduler unavailable" (they fall back
     and retry), not a 500 with a traceback."""
     dropped = _UNAVAILABLE.ready()
     if dropped is not None:
-        log.warning("%s %s: state store unavailable (%s); answered 503 (%d more not "
-                    "logged)", request.method, request.path, describe(e), dropped)
+        log.warning("%s: state store unavailable (%s); answered 503 (%d more not "
+                    "logged)", where, describe(e), dropped)
     return RequestError(503, f"scheduler state store unavailable: {e}")
 
 
@@ -103,7 +107,7 @@ def edge(verifier: auth.Verifier | None,
             refusal = await auth.admit(verifier, internal, request)
             return refusal if refusal is not None else await handler(request)
         except (RedisError, StoreBusy) as e:
-            return refused(store_unavailable(request, e))
+            return refused(store_unavailable(f"{request.method} {request.path}", e))
         except ANSWERED as e:
             answer = as_json(e)
             if answer is None:
@@ -125,7 +129,7 @@ class SchedulerAPI:
         self.udp_addr = udp_addr
         self.token = token
         self.secret = secret
-        self._verifier = auth.Verifier(secret) if secret is not None else None
+        self.verifier = auth.Verifier(secret) if secret is not None else None
         self._snapshot: dict[str, int] = {"origin": 0, "peer": 0, "local": 0, "served": 0,
                                           "uploaded": 0}
         self.metrics = SchedulerMetrics(lambda: self._snapshot, self._ratio)
@@ -145,7 +149,7 @@ class SchedulerAPI:
 
     def app(self) -> web.Application:
         app = request_ids(web.Application(
-            client_max_size=4 << 20, middlewares=[edge(self._verifier, self._internal)]),
+            client_max_size=4 << 20, middlewares=[edge(self.verifier, self._internal)]),
             middleware=False)
         r = app.router
         r.add_post(f"{API}/peers", self.register)
@@ -215,41 +219,53 @@ class SchedulerAPI:
 
     # -- internal --------------------------------------------------------------------------
 
-    async def register(self, request: web.Request) -> web.Response:
-        reg = await parse_body(request, PeerRegistration)
-        host, _ = split_hostport(reg.upload_addr)
-        if is_loopback(host) and request.remote and not is_loopback(request.remote):
-            raise RequestError(400, f"upload address {reg.upload_addr} is loopback but the "
-                                    f"peer connects from {request.remote}: set --advertise")
-        await self.store.register(reg)
-        return model_response(RegisterReply(
-            peer_id=reg.id, heartbeat_interval=self.store.heartbeat_interval,
-            udp_addr=self.udp_addr, scheduler_id=self.scheduler_id))
+    # The hot routes, each one core (peer id from the path, body bytes, the caller's address
+    # -> reply bytes) that both the aiohttp route and the framed edge (scheduler/framed.py)
+    # call: the same validation, refusals (RequestError), store failures and metrics.
 
-    async def heartbeat(self, request: web.Request) -> web.Response:
-        hb = await parse_body(request, Heartbeat)
+    def cores(self) -> dict[str, Core]:
+        """The framed routes' cores by name (common.callframes.ROUTES and PEER_ROUTES)."""
+        return {"peers": self.register_core, "heartbeat": self.heartbeat_core,
+                "leave": self.leave_core, "tasks": self.ensure_task_core,
+                "announce": self.announce_core, "schedule": self.schedule_core,
+                "reports": self.report_core, "withdraw": self.withdraw_core,
+                "mismatches": self.mismatch_core, "work": self.work_core}
+
+    async def register_core(self, _: str | None, body: bytes, remote: str | None) -> bytes:
+        reg = parse_json(body, PeerRegistration)
+        host, _ = split_hostport(reg.upload_addr)
+        if is_loopback(host) and remote and not is_loopback(remote):
+            raise RequestError(400, f"upload address {reg.upload_addr} is loopback but the "
+                                    f"peer connects from {remote}: set --advertise")
+        await self.store.register(reg)
+        return RegisterReply(
+            peer_id=reg.id, heartbeat_interval=self.store.heartbeat_interval,
+            udp_addr=self.udp_addr, scheduler_id=self.scheduler_id).model_dump_json().encode()
+
+    async def heartbeat_core(self, peer_id: str | None, body: bytes, _: str | None) -> bytes:
+        hb = parse_json(body, Heartbeat)
         try:
-            await self._call(self.store.heartbeat(request.match_info["peer_id"], hb))
+            await self._call(self.store.heartbeat(peer_id or "", hb))
         except RequestError:
             self._beats["unknown"].inc()
             raise
         self._beats["accepted"].inc()
-        return done()
+        return DONE
 
-    async def leave(self, request: web.Request) -> web.Response:
-        await self._call(self.store.leave(request.match_info["peer_id"]))
-        return done()
+    async def leave_core(self, peer_id: str | None, _: bytes, __: str | None) -> bytes:
+        await self._call(self.store.leave(peer_id or ""))
+        return DONE
 
-    async def ensure_task(self, request: web.Request) -> web.Response:
-        req = await parse_body(request, TaskRequest)
-        return model_response(await self._call(self.store.ensure_task(req)))
+    async def ensure_task_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        req = parse_json(body, TaskRequest)
+        return _encoded(await self._call(self.store.ensure_task(req)))
 
-    async def announce(self, request: web.Request) -> web.Response:
-        ann = await parse_body(request, Announce)
-        return model_response(await self._call(self.store.announce(ann)))
+    async def announce_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        ann = parse_json(body, Announce)
+        return _encoded(await self._call(self.store.announce(ann)))
 
-    async def schedule(self, request: web.Request) -> web.Response:
-        req = await parse_body(request, ScheduleRequest)
+    async def schedule_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        req = parse_json(body, ScheduleRequest)
         announced = None
         started = time.perf_counter()
         if req.announce is not None:
@@ -269,21 +285,63 @@ class SchedulerAPI:
         granted = sum(1 for d in decisions if d.action == "source" and d.first == d.piece)
         if granted:
             self.metrics.back_to_source.inc(granted)
-        return model_response(ScheduleReply(decisions=decisions, announced=announced))
+        return _encoded(ScheduleReply(decisions=decisions, announced=announced))
+
+    async def report_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        await self._call(self.store.report(parse_json(body, Report)))
+        return DONE
+
+    async def withdraw_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        await self._call(self.store.withdraw(parse_json(body, Withdraw)))
+        return DONE
+
+    async def mismatch_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+        m = parse_json(body, BlobMismatch)
+        await self._call(self.store.blob_mismatch(m.peer_id, m.task_id, m.registry))
+        return DONE
+
+    async def work_core(self, peer_id: str | None, body: bytes, _: str | None) -> bytes:
+        """What a seed peer should fetch for the running preheat jobs."""
+        parse_json(body, Heartbeat)
+        items = []
+        for job in await self._refreshed(list(self.jobs.jobs.values())):
+            items += [WorkItem(job=job.id, task_id=i.task_id, url=i.url, registry=i.registry,
+                               digest=i.digest) for i in preheat.work_for(job, peer_id or "")]
+        return _encoded(Work(items=items[:MAX_BATCH]))
+
+    # The aiohttp routes of the same calls.
+
+    async def register(self, request: web.Request) -> web.Response:
+        return _answer(await self.register_core(None, await request.read(), request.remote))
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        return _answer(await self.heartbeat_core(request.match_info["peer_id"],
+                                                 await request.read(), None))
+
+    async def leave(self, request: web.Request) -> web.Response:
+        return _answer(await self.leave_core(request.match_info["peer_id"], b"", None))
+
+    async def ensure_task(self, request: web.Request) -> web.Response:
+        return _answer(await self.ensure_task_core(None, await request.read(), None))
+
+    async def announce(self, request: web.Request) -> web.Response:
+        return _answer(await self.announce_core(None, await request.read(), None))
+
+    async def schedule(self, request: web.Request) -> web.Response:
+        return _answer(await self.schedule_core(None, await request.read(), None))
 
     async def report(self, request: web.Request) -> web.Response:
-        rep = await parse_body(request, Report)
-        await self._call(self.store.report(rep))
-        return done()
+        return _answer(await self.report_core(None, await request.read(), None))
 
     async def withdraw(self, request: web.Request) -> web.Response:
-        await self._call(self.store.withdraw(await parse_body(request, Withdraw)))
-        return done()
+        return _answer(await self.withdraw_core(None, await request.read(), None))
 
     async def mismatch(self, request: web.Request) -> web.Response:
-        m = await parse_body(request, BlobMismatch)
-        await self._call(self.store.blob_mismatch(m.peer_id, m.task_id, m.registry))
-        return done()
+        return _answer(await self.mismatch_core(None, await request.read(), None))
+
+    async def work(self, request: web.Request) -> web.Response:
+        return _answer(await self.work_core(request.match_info["peer_id"],
+                                            await request.read(), None))
 
     # -- operators -------------------------------------------------------------------------
 
@@ -377,16 +435,6 @@ class SchedulerAPI:
         view = (await self._refreshed([job]))[0].view()
         return web.json_response(view if full else _public_job(view))
 
-    async def work(self, request: web.Request) -> web.Response:
-        """What a seed peer should fetch for the running preheat jobs."""
-        await parse_body(request, Heartbeat)
-        peer_id = request.match_info["peer_id"]
-        items = []
-        for job in await self._refreshed(list(self.jobs.jobs.values())):
-            items += [WorkItem(job=job.id, task_id=i.task_id, url=i.url, registry=i.registry,
-                               digest=i.digest) for i in preheat.work_for(job, peer_id)]
-        return model_response(Work(items=items[:MAX_BATCH]))
-
     async def openapi(self, _: web.Request) -> web.Response:
         return web.json_response(openapi.document())
 
@@ -416,6 +464,18 @@ PRIVATE_PEER = frozenset({"upload_addr"})
 PRIVATE_TASK = frozenset({"piece_map", "leases"})
 PRIVATE_JOB = frozenset({"target", "error"})
 PRIVATE_JOB_ITEM = frozenset({"url"})
+
+
+def _encoded(model: BaseModel) -> bytes:
+    return model.model_dump_json().encode()
+
+
+def _answer(body: bytes) -> web.Response:
+    """A core's reply over HTTP: `{}` as `web.done()` sends it, anything else as
+    `model_response` does."""
+    if body is DONE:
+        return done()
+    return web.Response(body=body, content_type="application/json")
 
 
 def _public_peer(view: dict) -> dict:
