@@ -1,6 +1,7 @@
-"""The peer's side of the scheduler protocol, assembled from five parts each tested alone:
+"""The peer's side of the scheduler protocol, assembled from six parts each tested alone:
 
 - peer/sched_transport.py: signed calls, and what counts as a usable reply;
+- peer/sched_framed.py: the hot calls over one persistent framed connection, where offered;
 - peer/sched_session.py: registration with failover across `--scheduler` URLs;
 - peer/sched_heartbeats.py: heartbeats over UDP, over HTTP when datagrams go unanswered;
 - peer/sched_reannounce.py: everything the store holds, told after each registration;
@@ -40,6 +41,7 @@ from common.models import (
     WorkItem,
 )
 from common.tasks import RestartCounter, TaskSet
+from peer.sched_framed import FramedTransport
 from peer.sched_heartbeats import Heartbeats, UdpBeacon
 from peer.sched_outbox import Outbox
 from peer.sched_reannounce import reannounce
@@ -67,7 +69,9 @@ class SchedulerClient:
                  transport: Transport | None = None) -> None:
         self.registration = registration
         self.store = store
-        self.transport = transport or HttpTransport(session, secret)
+        # The hot calls over one framed connection per scheduler, HTTP where it has none.
+        self._own = transport is None
+        self.transport = transport or FramedTransport(HttpTransport(session, secret), secret)
         self.session = FailoverSession(urls, registration, self.transport, self._reannounce)
         self.outbox = Outbox(registration.id, self.session)
         self.heartbeats = Heartbeats(self.session, heartbeat, UdpBeacon(secret))
@@ -112,6 +116,8 @@ class SchedulerClient:
                                         None, seconds=2.0)
         await self._tasks.close()
         self.heartbeats.close()
+        if self._own and isinstance(self.transport, FramedTransport):
+            await self.transport.close()
 
     async def _reannounce(self) -> None:
         await reannounce(self.registration.id, self.store, self.session,

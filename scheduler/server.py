@@ -26,6 +26,7 @@ from common.tasks import TaskSet
 from common.web import ClientLimits, Server
 from scheduler import history
 from scheduler.api import SchedulerAPI
+from scheduler.framed import FramedCalls
 from scheduler.history_redis import RedisHistory
 from scheduler.liveness import HeartbeatListener
 from scheduler.redis_store import RedisStore
@@ -53,6 +54,9 @@ class SchedulerConfig:
     # rhythm, not the traffic's) and samples kept (720: an hour at 5 s).
     history_interval: float | None = None
     history_samples: int = history.CAPACITY
+    # Peers' hot calls over persistent framed connections on `listen` (scheduler/framed.py);
+    # False answers them as a scheduler from before it did (HTTP's 400 to the preface).
+    framed: bool = True
 
 
 class SchedulerService:
@@ -68,7 +72,9 @@ class SchedulerService:
                                 secret=config.secret,
                                 allow=AllowList(config.allow_registries, owner="scheduler"),
                                 history_log=self.history)
-        self.server = Server(self.api.app(), config.listen, config.tls, config.limits)
+        self.framed = FramedCalls(self.api) if config.framed else None
+        self.server = Server(self.api.app(), config.listen, config.tls, config.limits,
+                             sniffed=self.framed)
         self.udp = HeartbeatListener(self.store, config.udp, config.secret,
                                      self.api.metrics.heartbeats) if config.udp else None
         self.api.metrics.registry.register(self.restarts)
