@@ -63,7 +63,8 @@ from common.sizes import parse_size
 from common.tasks import TaskSet
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
-from peer.sched_transport import HttpTransport
+from peer.sched_framed import FramedTransport
+from peer.sched_transport import HttpTransport, Transport
 from peer.scheduler_client import SchedulerClient
 from tests.cluster import free_port
 
@@ -108,6 +109,7 @@ class Tally:
     latencies: list[float] = field(default_factory=list)  # of calls that never wait
     polls: list[float] = field(default_factory=list)  # of schedule calls (may long-poll)
     want: int = 0  # claims the pulls make in all
+    framed: int = 0  # calls that went over a framed connection (the rest: HTTP)
     all_announced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def accepted(self, claims: int) -> None:
@@ -135,17 +137,20 @@ class TimedTransport:
     latency is kept apart from the others': p99 is over the calls that never wait (the
     announcements that go alone)."""
 
-    def __init__(self, inner: HttpTransport, tally: Tally) -> None:
+    def __init__(self, inner: Transport, tally: Tally) -> None:
         self.inner = inner
         self.tally = tally
 
     async def post(self, url: str, path: str, body: BaseModel | None, reply: type[R] | None,
                    seconds: float = 5.0) -> R | None:
         kind = _KINDS.get(path.rsplit("/", 1)[1], "other")
+        framed = getattr(self.inner, "framed", 0)
         t0 = time.perf_counter()
         out = await self.inner.post(url, path, body, reply, seconds)
         took = time.perf_counter() - t0
         self.tally.calls[kind] += 1
+        if getattr(self.inner, "framed", 0) > framed:
+            self.tally.framed += 1
         if isinstance(out, ScheduleReply):
             self.tally.polls.append(took)
             # getattr: the same bench measures builds from before `announce` rode along.
@@ -247,19 +252,25 @@ class Measured:
 
 async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
                  host_rate: float, seconds: float,
-                 cpu: Callable[[], tuple[float, float]]) -> Measured:
+                 cpu: Callable[[], tuple[float, float]], framed: bool = True) -> Measured:
     """Join `simulate` hosts, then time their pulls (at most `seconds`) until every piece is
-    decided and announced."""
+    decided and announced. `framed`: each host calls over its own framed connection where
+    the scheduler offers one (as a peer does), else every call is HTTP."""
     tally = Tally()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
-        transport = TimedTransport(HttpTransport(session, secret), tally)
-        hosts = [Host(n, url, session, secret, task, host_rate, transport)
+        http = HttpTransport(session, secret)
+        inner: list[Transport] = [FramedTransport(http, secret) if framed else http
+                                  for _ in range(simulate)]
+        timed = [TimedTransport(t, tally) for t in inner]
+        hosts = [Host(n, url, session, secret, task, host_rate, timed[n])
                  for n in range(simulate)]
         tasks = TaskSet("fleet")
         try:
             await asyncio.gather(*(h.join() for h in hosts))
-            transport.tally = tally = Tally()  # what the pulls send, without the joins
+            tally = Tally()  # what the pulls send, without the joins
+            for t in timed:
+                t.tally = tally
             sched0, store0 = cpu()
             started = time.perf_counter()
             tally.want = simulate * hosts[0].count
@@ -278,6 +289,9 @@ async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
             await tasks.close()
             for h in hosts:
                 await h.client.stop(leave=False)
+            for t in inner:
+                if isinstance(t, FramedTransport):
+                    await t.close()
     return Measured(elapsed, tally, sched1 - sched0, store1 - store0, done)
 
 
@@ -345,6 +359,9 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-rate", default="300MB/s", help="each host's pull rate")
     ap.add_argument("--simulate", type=int, default=64,
                     help="hosts simulated (at most --hosts): enough to load one replica")
+    ap.add_argument("--transport", choices=["framed", "http"], default="framed",
+                    help="how the simulated peers call the scheduler: framed where it is "
+                         "offered (as peers do), or HTTP only")
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
     args = ap.parse_args(argv)
@@ -380,7 +397,7 @@ async def main(argv: list[str] | None = None) -> int:
                 return cpu_seconds(proc.pid), sum(cpu_seconds(p) for p in store_pids)
 
             m = await replay(f"http://127.0.0.1:{port}", secret, task, simulate, host_rate,
-                             args.seconds, cpu)
+                             args.seconds, cpu, framed=args.transport == "framed")
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait()
@@ -396,7 +413,8 @@ async def main(argv: list[str] | None = None) -> int:
     calls = sum(t.calls.values())
     print(f"  {m.seconds:.1f} s, {m.hosts_done}/{simulate} pulls complete; calls: "
           + ", ".join(f"{k} {v}" for k, v in t.calls.items())
-          + f"; pieces decided {t.decided} (+{t.waits} waits), announced {t.announced}")
+          + f" ({t.framed} framed); pieces decided {t.decided} (+{t.waits} waits), announced "
+          f"{t.announced}")
     print(f"  latency: calls that never wait p50 {pct(t.latencies, 0.5):.1f} ms p99 "
           f"{t.p99_ms():.1f} ms ({len(t.latencies)}); schedule calls, long polls included, "
           f"p50 {pct(t.polls, 0.5):.1f} ms p99 {pct(t.polls, 0.99):.1f} ms")
