@@ -447,11 +447,12 @@ class Loader:
         w.cordoned[pid] = flag
         if flag:
             w.state.cordoned.add(pid)
-        peer = records.peer_from(values, flag)
-        if peer is not None:
+        found = self.s.records.get(pid, values, flag)
+        peer = None if found is None else found[0]
+        if found is not None:
             if pid in w.peer_tasks:
-                peer.tasks = set(w.peer_tasks[pid])
-            w.peers[pid] = records.peer_values(peer)
+                found[0].tasks = set(w.peer_tasks[pid])
+            w.peers[pid] = found[1]
         else:
             w.peers[pid] = None
             if pid in self._ghosts:  # expired: a stand-in to drop its holdings with

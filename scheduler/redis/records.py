@@ -84,6 +84,44 @@ def peer_from(values: list[str | None], cordoned: bool) -> PeerState | None:
                                            for p, v in zip(PEER_FIELDS, values, strict=True)})
 
 
+class PeerCache:
+    """Decoded peer records, by peer, kept while the raw record read back is the same: a
+    decision reads up to HOLDER_SAMPLE holders' records per piece, and building each (its
+    fields decoded, a `PeerState`, the diff's base) was ~20 % of a decision. Every call still
+    reads the raw record, so what another replica wrote is seen at once: a raw record that
+    differs is decoded afresh. A hit is a shallow copy of the decoded record (the rules change
+    a record's attributes, never a cached model in place), with the caches the rules keep on
+    it (`candidate`, `refs`: checked against the record's own reg and load) carried over from
+    the last copy."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self.limit = limit
+        # pid -> (raw values and cordon flag, decoded record, its stored values, last copy)
+        self.entries: dict[str, list[Any]] = {}
+
+    def get(self, pid: str, raw: list[str | None], cordoned: bool
+            ) -> tuple[PeerState, tuple] | None:
+        """A fresh record for the rules and the values it was loaded with; None: absent, or
+        not a whole record."""
+        key = (*raw, cordoned)
+        entry = self.entries.get(pid)
+        if entry is None or entry[0] != key:
+            proto = peer_from(raw, cordoned)
+            if proto is None:
+                return None
+            if len(self.entries) >= self.limit:
+                self.entries.clear()
+            entry = self.entries[pid] = [key, proto, peer_values(proto), None]
+        proto, last = entry[1], entry[3]
+        if last is not None:  # what the rules built on the last copy, still keyed right
+            proto.candidate, proto.refs = last.candidate, last.refs
+        peer = object.__new__(PeerState)
+        peer.__dict__.update(proto.__dict__)
+        peer.tasks = set()
+        entry[3] = peer
+        return peer, entry[2]
+
+
 def peer_hash(peer: PeerState) -> list[str]:
     """A new peer's whole hash, as HSET arguments."""
     return [x for p, v in zip(PEER_FIELDS, peer_values(peer), strict=True)

@@ -98,6 +98,7 @@ from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import Loader, Reads, World, gather
 from scheduler.redis.partial import NotLoaded
+from scheduler.redis.records import PeerCache
 from scheduler.redis.scripts import (
     APPLY_LUA,
     CROSS_SLOT,
@@ -248,6 +249,7 @@ class RedisStore:
                             self.group_of, stale)
         self._due = client.register_script(DUE_LUA)
         self._queues: dict[str, list[_Call]] = {}  # per task: calls waiting for a batch
+        self.records = PeerCache()  # decoded peer records, while their raw record is the same
         self._connected = not self.cluster
         self._connecting = asyncio.Lock()
 
