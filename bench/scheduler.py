@@ -17,7 +17,8 @@ coroutine calling in sequence (its latency is the call's own cost); a Redis run 
 --concurrency calls in flight, as a replica serving many peers would. Each figure is the median
 over --runs fresh clusters. With --http, register, announce, announce1, schedule1 and schedule8
 are also measured through one `naiad scheduler` process and its HTTP API, with --concurrency
-clients (signed as peers sign, unless --unsigned).
+clients (signed as peers sign, unless --unsigned); with --framed as well, over the peers'
+framed connections, one per client.
 
     python bench/scheduler.py --runs 3                  # both stores, full size
     python bench/scheduler.py --store memory --runs 1 --tasks 100 --peers 1000   # quick
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import itertools
 import os
 import platform
 import random
@@ -64,6 +67,8 @@ from common.models import (
     TaskRequest,
 )
 from common.pieces import MiB
+from peer.sched_framed import FramedTransport
+from peer.sched_transport import HttpTransport
 from scheduler.redis_store import RedisStore
 from scheduler.store import MemoryStore, Store
 from tests.cluster import free_port
@@ -228,13 +233,26 @@ async def flush(url: str) -> None:
 
 
 async def http_run(url: str, w: Workload, concurrency: int,
-                   secret: bytes | None) -> dict[str, Phase]:
+                   secret: bytes | None, framed: bool = False) -> dict[str, Phase]:
     """The same calls through the HTTP API of a `naiad scheduler --redis` process (or not),
-    each signed with the cluster secret as a peer signs it (none: an --insecure scheduler)."""
+    each signed with the cluster secret as a peer signs it (none: an --insecure scheduler).
+    `framed`: over the peers' framed connections instead (peer/sched_framed.py), one per
+    client, the calls dealt round the clients."""
     out: dict[str, Phase] = {}
     conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn) as s:
+    async with contextlib.AsyncExitStack() as stack:
+        s = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
+        links = [FramedTransport(HttpTransport(s, secret), secret)
+                 for _ in range(concurrency if framed else 0)]
+        for link in links:
+            stack.push_async_callback(link.close)
+        turn = itertools.count()
+
         async def post(path: str, body: Any) -> None:
+            if links:
+                t = links[next(turn) % len(links)]
+                await t.post(url, "/api/v1" + path, body, None)
+                return
             data = body.model_dump_json().encode()
             headers = {"Content-Type": "application/json"}
             if secret is not None:
@@ -347,6 +365,8 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32, help="Redis and HTTP runs")
     ap.add_argument("--http", action="store_true", help="also measure through the HTTP API")
+    ap.add_argument("--framed", action="store_true",
+                    help="with --http: the calls over framed connections (one per client)")
     ap.add_argument("--unsigned", action="store_true",
                     help="HTTP runs against an --insecure scheduler, calls unsigned (the cost "
                          "of signatures and nonces is the difference)")
@@ -414,11 +434,13 @@ async def main() -> None:
                         proc = spawn_scheduler(port, url, workdir, secret)
                         try:
                             runs.append(await http_run(f"http://127.0.0.1:{port}", w,
-                                                       args.concurrency, secret))
+                                                       args.concurrency, secret,
+                                                       framed=args.framed))
                         finally:
                             proc.send_signal(signal.SIGINT)
                             proc.wait()
-                    print_table(f"HTTP API, {kind} store (median of {args.runs}, "
+                    print_table(f"{'framed calls' if args.framed else 'HTTP API'}, {kind} "
+                                f"store (median of {args.runs}, "
                                 f"{args.concurrency} clients, "
                                 f"{'unsigned' if args.unsigned else 'signed'})",
                                 median_table(runs))
