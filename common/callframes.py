@@ -32,8 +32,14 @@ VERSION = 1
 PREFACE = b"NAIAD-SCHED/1\r\n\r\n"
 HEADER = struct.Struct("!BxHII")
 WELCOME, CALL, REPLY, ERROR = 1, 2, 3, 4
+KINDS = frozenset({WELCOME, CALL, REPLY, ERROR})
+TO_SCHEDULER = frozenset({CALL})
+TO_PEER = frozenset({WELCOME, REPLY, ERROR})
 MAX_BODY = 4 << 20  # the scheduler's HTTP body limit (client_max_size)
 MAX_ERROR = 4 << 10
+# What a peer takes in one REPLY: HTTP bounds no answer, but a frame must be; ~100x the
+# largest a scheduler sends (a schedule reply of MAX_BATCH decisions).
+MAX_REPLY = 64 << 20
 _WELCOME = struct.Struct("!HHI")  # version, window, largest body
 _CALL = struct.Struct("!HBB")  # path, signature and request id lengths
 API = "/api/v1"
@@ -127,11 +133,14 @@ def error(reason: str) -> bytes:
 
 
 class Reader:
-    """Bytes in, whole frames out; FrameError on bytes that are not frames or a body over
-    `max_body` (told from the header, before any of it is buffered)."""
+    """Bytes in, whole frames out; FrameError on bytes that are not frames or a body over its
+    bound (told from the header, before any of it is buffered): a CALL's is `max_body` and
+    its fields, a REPLY's MAX_REPLY."""
 
-    def __init__(self, max_body: int = MAX_BODY) -> None:
+    def __init__(self, max_body: int = MAX_BODY,
+                 kinds: frozenset[int] = KINDS) -> None:
         self.max_body = max_body
+        self.kinds = kinds  # what this side may be sent: anything else is refused at once
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -141,10 +150,12 @@ class Reader:
         at = 0
         while len(buf) - at >= HEADER.size:
             kind, status, call_id, length = HEADER.unpack_from(buf, at)
-            if kind not in (WELCOME, CALL, REPLY, ERROR):
-                raise FrameError(f"unknown frame kind {kind}")
+            if kind not in self.kinds:
+                raise FrameError(f"unknown frame kind {kind}" if kind not in KINDS else
+                                 f"a frame of kind {kind} sent to the wrong side")
             if length > (self.max_body + 1024 if kind == CALL else
-                         MAX_ERROR if kind == ERROR else self.max_body):
+                         MAX_ERROR if kind == ERROR else
+                         MAX_REPLY if kind == REPLY else self.max_body):
                 raise FrameError(f"a {length}-byte frame (at most {self.max_body})")
             end = at + HEADER.size + length
             if len(buf) < end:

@@ -54,7 +54,7 @@ class _Link:
     async def _read(self) -> None:
         why = "closed by the scheduler"
         try:
-            frames = cf.Reader(self.max_body)
+            frames = cf.Reader(self.max_body, cf.TO_PEER)
             while True:
                 data = await self.reader.read(1 << 16)
                 if not data:
@@ -63,8 +63,8 @@ class _Link:
                     if f.kind == cf.ERROR:
                         why = f"refused: {f.body.decode(errors='replace')[:300]}"
                         return
-                    if f.kind != cf.REPLY:
-                        raise cf.FrameError(f"a frame of kind {f.kind} from the scheduler")
+                    if f.kind != cf.REPLY:  # a second WELCOME
+                        raise cf.FrameError(f"a frame of kind {f.kind} after the WELCOME")
                     fut = self.pending.pop(f.call, None)
                     if fut is not None and not fut.done():  # else: its caller gave up
                         fut.set_result((f.status, f.body))

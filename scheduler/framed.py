@@ -97,7 +97,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, edge: FramedCalls) -> None:
         self.edge = edge
-        self.reader = cf.Reader(edge.max_body)
+        self.reader = cf.Reader(edge.max_body, cf.TO_SCHEDULER)
         self.transport: asyncio.Transport | None = None
         self.remote = ""
         self.inflight: set[asyncio.Task[None]] = set()
@@ -120,9 +120,6 @@ class _Connection(asyncio.Protocol):
             self._refuse(str(e))
             return
         for f in frames:
-            if f.kind != cf.CALL:
-                self._refuse(f"a frame of kind {f.kind} from a peer")
-                return
             if len(self.inflight) >= self.edge.window:
                 self._refuse(f"more than {self.edge.window} calls in flight")
                 return
