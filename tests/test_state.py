@@ -36,6 +36,7 @@ from scheduler.state import (
     RESET_EVERY,
     ClusterState,
     Conflict,
+    PieceState,
     StateError,
     UnknownPeer,
     UnknownTask,
@@ -1327,6 +1328,22 @@ class CountingShortcut(ClusterState):
         return busy
 
 
+class PlainChildren(ClusterState):
+    """A piece's children as the Redis store loads them, a plain dict in no order (children
+    that became holders kept until pruned), walked where a `Children` is not."""
+
+    def _admit_child(self, piece: PieceState, requester: str, holders: int,
+                     now: float) -> bool:
+        piece.children = dict(piece.children or {})
+        return super()._admit_child(piece, requester, holders, now)
+
+
+def in_flight(s: ClusterState, now: float) -> dict[int, dict[str, float]]:
+    return {i: {c: t for c, t in (p.children or {}).items()
+                if now - t < LEASE and c not in p.holders}
+            for i, p in s.tasks[TASK].pieces.items()}
+
+
 @settings(max_examples=60, deadline=None)
 @given(holders=st.integers(1, 30), idcs=st.booleans(), seed=st.integers(0, 2**32))
 def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
@@ -1335,9 +1352,11 @@ def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
     same children in flight, the same random numbers drawn (holder samples, ties), whatever
     the holders' count (sampled past HOLDER_SAMPLE), IDCs, penalties, cordons, exclusions,
     children that finish or go stale. A crowd of 90 on two pieces at a time, drawn from
-    `seed`."""
+    `seed`. And the same with children kept as a plain dict (the Redis store's), walked:
+    the same decisions and draws, the same children in flight."""
     sides = [CountingShortcut(lease_timeout=LEASE, rng=random.Random(seed)),
-             FullRule(lease_timeout=LEASE, rng=random.Random(seed))]
+             FullRule(lease_timeout=LEASE, rng=random.Random(seed)),
+             PlainChildren(lease_timeout=LEASE, rng=random.Random(seed))]
     peers = [f"p{i:02d}" for i in range(90)]
     for s in sides:
         for n, pid in enumerate(peers):
@@ -1360,7 +1379,7 @@ def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
             req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[piece, piece + 2],
                                   exclude=[ops.choice(peers)] if ops.random() < 0.2 else [])
             answers = [s.schedule(req, now) for s in sides]
-            assert answers[0] == answers[1]
+            assert answers[0] == answers[1] == answers[2]
             handed += [(pid, d.piece) for d in answers[0] if d.action == "parents"]
             continue
         if roll >= 0.96:
@@ -1381,12 +1400,14 @@ def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
                          now)
             else:
                 (s.cordon if cordon else s.uncordon)(pid)
-    a, b = (s.tasks[TASK] for s in sides)
+    a, b = (s.tasks[TASK] for s in sides[:2])
     assert {i: p.children for i, p in a.pieces.items()} == \
         {i: p.children for i, p in b.pieces.items()}
-    assert sides[0].rng.getstate() == sides[1].rng.getstate()
-    assert {p: (s.handouts, s.handouts_at) for p, s in sides[0].peers.items()} == \
-        {p: (s.handouts, s.handouts_at) for p, s in sides[1].peers.items()}
+    assert in_flight(sides[0], now) == in_flight(sides[2], now)
+    assert sides[0].rng.getstate() == sides[1].rng.getstate() == sides[2].rng.getstate()
+    for other in sides[1:]:
+        assert {p: (s.handouts, s.handouts_at) for p, s in sides[0].peers.items()} == \
+            {p: (s.handouts, s.handouts_at) for p, s in other.peers.items()}
     event(f"shortcut taken: {min(sides[0].taken // 10 * 10, 100)}+")
 
 
