@@ -1,10 +1,12 @@
-"""The Redis store's caches of decoded state (scheduler/redis/records.py), as pure cores: what a
-cached entry hands the rules is a fresh record, and a raw value that changed is decoded anew."""
+"""The Redis store's caches of decoded state (records.PeerCache, loader.HolderCache), as pure
+cores: what a cached entry hands the rules is fresh, and a raw value that changed is decoded
+anew."""
 
 from __future__ import annotations
 
 from common.models import PeerLoad, PeerRegistration
 from scheduler.redis import records
+from scheduler.redis.loader import HolderCache, LoadedHolders
 from scheduler.state import PeerState
 
 
@@ -66,3 +68,32 @@ def test_bounded() -> None:
     for pid in "abc":
         cache.get(pid, raw(peer(pid)), False)
     assert len(cache.entries) <= 2
+
+
+def test_holders_fields_decoded_once_and_shared_while_equal() -> None:
+    cache = HolderCache()
+    first = cache.get("t", 0, "a,b|c=1.0")
+    assert (first.base, first.legacy, sorted(first.order)) == ({"a", "b"}, "c=1.0", ["a", "b"])
+    assert cache.get("t", 0, "a,b|c=1.0") is first
+    assert cache.get("t", 1, "a,b|c=1.0") is first  # another piece, the same field
+    changed = cache.get("t", 0, "a,b,d")
+    assert changed.base == {"a", "b", "d"} and not changed.legacy
+    assert cache.get("t", 1, "a,b|c=1.0") is first
+
+
+def test_holders_cache_bounded_by_the_ids_it_keeps() -> None:
+    cache = HolderCache(limit=4)
+    cache.get("t", 0, "a,b,c")
+    cache.get("t", 1, "d,e")
+    assert cache.size <= 4 and list(cache.pieces) == [("t", 1)]
+
+
+def test_loaded_holders_know_whether_a_rule_changed_them() -> None:
+    loaded = HolderCache().get("t", 0, "a,b")
+    holders = LoadedHolders(loaded)
+    assert holders == {"a", "b"} and holders.unchanged() is loaded
+    holders.discard("z")  # a mutator, even one that changes nothing: compared then
+    assert holders.unchanged() is None
+    again = LoadedHolders(loaded)
+    again |= {"c"}
+    assert again.unchanged() is None and loaded.base == {"a", "b"}

@@ -1127,6 +1127,38 @@ async def test_a_hand_out_writes_only_the_child_it_admitted(redis_h: Harness) ->
         [("hset", ["R", repr(redis_h.clock.t)])]
 
 
+async def test_a_claim_appends_its_holder_and_the_field_reads_back_whole(
+        redis_h: Harness) -> None:
+    """A claim on a piece many hold sends its one holder to append, not the piece's whole
+    holders field; a withdrawal rewrites the field, and every call reads what they left."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
+    await setup(s, "R", "Z", *crowd)
+    await announce(s, crowd[0], [0, 1])
+    for pid in crowd[1:]:
+        await announce(s, pid, [0])
+    specs: list[dict] = []
+    apply = s.apply
+
+    async def recording(key: str, arg: str) -> Any:
+        specs.append(json.loads(arg))
+        return await apply(key, arg)
+    s.apply = recording  # type: ignore[method-assign]
+    await announce(s, "Z", [0, 1])
+    ops = [(o[0], o[2:]) for spec in specs for o in spec["o"]
+           if spec["k"][o[1] - 1] == s.keys.holders(TASK)]
+    assert ops == [("happend", ["0", "Z", "1", "Z"])], ops
+    field = await s.redis.hget(s.keys.holders(TASK), "0")
+    assert set(field.split(",")) == {*crowd, "Z"}
+    await s.withdraw(Withdraw(peer_id=crowd[0], task_id=TASK, pieces=[0, 1]))
+    assert await s.redis.hget(s.keys.holders(TASK), "1") == "Z"
+    assert set((await s.redis.hget(s.keys.holders(TASK), "0")).split(",")) == \
+        {*crowd[1:], "Z"}
+    d = await one(s, "R", 1)
+    assert d.action == "parents" and [p.id for p in d.parents] == ["Z"]
+
+
 async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
         redis_h: Harness) -> None:
     """A rolling upgrade: a replica of the earlier layout keeps a piece's children after its
@@ -1143,8 +1175,8 @@ async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
     client = s.redis
     t = repr(redis_h.clock.t)
     await client.hset(s.keys.holders(TASK), "0", f"H|A={t}")  # A sent to H by that replica
-    await announce(s, "D", [0])
-    assert await client.hget(s.keys.holders(TASK), "0") == f"D,H|A={t}"
+    await announce(s, "D", [0])  # a claim appends its holder, before what follows the `|`
+    assert await client.hget(s.keys.holders(TASK), "0") == f"H,D|A={t}"
     await s.withdraw(Withdraw(peer_id="D", task_id=TASK, pieces=[0]))
     assert await client.hget(s.keys.holders(TASK), "0") == f"H|A={t}"
     assert await parents(s, "B", 0) == ["H"]

@@ -25,7 +25,7 @@ from typing import Any
 from common.pieces import piece_count
 from scheduler.redis import records
 from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
-from scheduler.redis.loader import TaskBase, World
+from scheduler.redis.loader import HolderSet, LoadedHolders, TaskBase, World
 from scheduler.redis.partial import Partial
 from scheduler.redis.scripts import ARGS_PER_OP
 from scheduler.state import TaskState
@@ -189,6 +189,7 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     chunk_del: list[str] = []
     holders_set: list[str] = []
     holders_del: list[str] = []
+    holders_add: list[str] = []  # field, ids: appended to what the field holds
     children: list[tuple[str, str, list[str]]] = []  # ops on pieces' children hashes
     pieces: Any = task.pieces
     cleared = isinstance(pieces, Partial) and pieces.cleared
@@ -213,10 +214,17 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
         elif old is not None and old.chunk is not None:
             chunk_del.append(str(index))
         loaded = old is None or not isinstance(piece.children, Partial)  # the rule's to write
-        if old is None or piece.holders != old.holders or (loaded and old.legacy):
-            # An earlier layout's children stay in the field until they are moved.
-            legacy = "" if loaded or not old.legacy else "|" + old.legacy
-            holders_set += [str(index), records.encode_holders(piece.holders) + legacy]
+        moved = loaded and old is not None and bool(old.holders.legacy)
+        if old is None or moved:
+            holders_set += [str(index), records.encode_holders(piece.holders)]
+        elif not _same(piece.holders, old.holders):
+            added = piece.holders - old.holders.base
+            if added and len(added) + len(old.holders.base) == len(piece.holders):
+                # Only joined (a claim): appended, not the whole field written again.
+                holders_add += [str(index), records.encode_holders(added)]
+            else:  # an earlier layout's children stay in the field until they are moved
+                legacy = "|" + old.holders.legacy if old.holders.legacy else ""
+                holders_set += [str(index), records.encode_holders(piece.holders) + legacy]
         if loaded:
             _diff_children(children, keys.children(tid, index),
                            {} if old is None or old.children is None else old.children,
@@ -236,7 +244,8 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
         elif count != old:
             held_set += [pid, str(count)]
     changed = bool(writes or chunk_set or chunk_del or holders_set or holders_del
-                   or held_set or held_del or cleared or held_cleared or children)
+                   or holders_add or held_set or held_del or cleared or held_cleared
+                   or children)
     if not changed:
         return
     if before.version is not None:
@@ -247,12 +256,19 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
                           ("hdel", keys.chunk(tid), chunk_del),
                           ("hset", keys.holders(tid), holders_set),
                           ("hdel", keys.holders(tid), holders_del),
+                          ("happend", keys.holders(tid), holders_add),
                           ("hset", keys.held(tid), held_set),
                           ("hdel", keys.held(tid), held_del)):
         if args:
             tx.op(TASK, name, k, *args)
     for name, k, args in children:
         tx.op(TASK, name, k, *args)
+
+
+def _same(holders: set[str], loaded: HolderSet) -> bool:
+    if type(holders) is LoadedHolders and holders.unchanged() is loaded:
+        return True  # no rule touched them: not compared id by id
+    return holders == loaded.base
 
 
 def _diff_children(out: list[tuple[str, str, list[str]]], key: str, before: dict[str, float],

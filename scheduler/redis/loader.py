@@ -34,9 +34,83 @@ class PieceBase:
     """A piece as loaded."""
 
     chunk: str | None
-    holders: frozenset[str]
-    legacy: str  # children an earlier layout's replica wrote after the holders ("": none)
+    holders: HolderSet  # and the children an earlier layout's replica wrote after them
     children: dict[str, float] | None  # its children hash; None: not loaded
+
+
+class HolderSet:
+    """One decoded holders field, shared by every load that read the same raw field: the
+    holders, their list (the sample is drawn from it) and the children an earlier layout wrote
+    after them."""
+
+    __slots__ = ("base", "legacy", "order", "raw")
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+        holders, self.legacy = records.decode_holders(raw)
+        self.base = frozenset(holders)
+        self.order = list(self.base)
+
+
+class HolderCache:
+    """Decoded holders fields, per task piece, while the raw field read back is the same: at
+    2,600 holders, splitting the ~37 KB field and hashing its ids, then hashing them again
+    to find the piece's sample, was half of a decision's CPU. Pieces whose fields are equal
+    share one `HolderSet` (and so one sample per batch). Bounded by the ids it keeps."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.limit = limit
+        self.pieces: dict[tuple[str, int], HolderSet] = {}
+        self.sets: dict[str, HolderSet] = {}  # by raw field: equal fields, one set
+        self.size = 0
+
+    def get(self, tid: str, index: int, raw: str) -> HolderSet:
+        key = (tid, index)
+        hs = self.pieces.get(key)
+        if hs is not None and hs.raw == raw:
+            return hs
+        hs = self.sets.get(raw)
+        if hs is None:
+            hs = HolderSet(raw)
+            if self.size + len(hs.base) > self.limit:
+                self.pieces.clear()
+                self.sets.clear()
+                self.size = 0
+            self.sets[raw] = hs
+            self.size += len(hs.base)
+        self.pieces[key] = hs
+        return hs
+
+
+class LoadedHolders(set[str]):
+    """A piece's holders as loaded, for the rules: a set, which knows whether a rule changed it
+    since (`changed`), so that its unchanged holders are neither compared nor written back and
+    its sample is the one the plan drew for the loaded `HolderSet`."""
+
+    __slots__ = ("changed", "loaded")
+
+    def __init__(self, loaded: HolderSet) -> None:
+        super().__init__(loaded.base)
+        self.loaded = loaded
+        self.changed = False
+
+    def unchanged(self) -> HolderSet | None:
+        return None if self.changed else self.loaded
+
+
+def _marking(mutator: Callable[..., Any]) -> Callable[..., Any]:
+    def mutate(self: LoadedHolders, *args: Any) -> Any:
+        self.changed = True
+        return mutator(self, *args)
+    mutate.__name__ = mutator.__name__
+    return mutate
+
+
+for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+              "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
+              "__isub__", "__ixor__"):
+    setattr(LoadedHolders, _name, _marking(getattr(set, _name)))
+del _name
 
 
 def unloaded() -> Partial:
@@ -174,11 +248,19 @@ class HolderSample(random.Random):
         """The holders of a piece the rule will weigh: all, or a sample drawn now."""
         if len(holders) <= HOLDER_SAMPLE:
             return list(holders)
-        key = frozenset(holders)
+        loaded = holders.unchanged() if type(holders) is LoadedHolders else None
+        key = frozenset(holders) if loaded is None else loaded.base  # (its hash is kept)
         chosen = self._chosen.get(key)
         if chosen is None:
-            chosen = self._chosen[key] = super().sample(list(holders), HOLDER_SAMPLE)
+            order = list(holders) if loaded is None else loaded.order
+            chosen = self._chosen[key] = super().sample(order, HOLDER_SAMPLE)
         return chosen
+
+    def drawn(self, holders: set[str]) -> list[str] | None:
+        """The sample `choose` drew for these holders, if they are still as loaded."""
+        loaded = holders.unchanged() if type(holders) is LoadedHolders else None
+        chosen = None if loaded is None else self._chosen.get(loaded.base)
+        return None if chosen is None else list(chosen)
 
     def sample(self, population: Any, k: int, **kw: Any) -> list:
         if k != HOLDER_SAMPLE:
@@ -193,6 +275,16 @@ class HolderSample(random.Random):
         return super().sample(pool if len(pool) >= k else population, k, **kw)
 
 
+class LoadedState(ClusterState):
+    """The rules on a loaded slice: a piece's sample is the one its plan drew."""
+
+    rng: HolderSample
+
+    def _sample(self, piece: PieceState, holders: set[str]) -> list[str]:
+        drawn = self.rng.drawn(holders)
+        return drawn if drawn is not None else super()._sample(piece, holders)
+
+
 class Loader:
     """Builds a `World` in rounds: queue what to read, `run()` it (one read per slot, batched
     with other calls': each slot's part of a round is one atomic snapshot), queue what that
@@ -203,8 +295,8 @@ class Loader:
         self.s = store
         self.k = store.keys
         self.sample = HolderSample(store.rng, lambda: st.peers.loaded)
-        st = ClusterState(heartbeat_interval=store.heartbeat_interval,
-                          lease_timeout=store.lease_timeout, rng=self.sample)
+        st = LoadedState(heartbeat_interval=store.heartbeat_interval,
+                         lease_timeout=store.lease_timeout, rng=self.sample)
         st.peers = Partial({}, ())
         st.tasks = Partial({}, ())
         st.totals.last = Partial({}, ())
@@ -340,7 +432,7 @@ class Loader:
                 if raw is None:  # a piece exists while it has a holders field
                     base.pieces[i] = None
                     continue
-                holders, legacy = records.decode_holders(raw)
+                hs = self.s.holder_sets.get(tid, i, raw)
                 loaded = kids.get(i)
                 if loaded is None:
                     children: Any = unloaded()
@@ -348,12 +440,13 @@ class Loader:
                 else:
                     before = records.decode_children(loaded.items())
                     children = dict(before)
-                    for c, t in records.decode_legacy(legacy).items():
+                    for c, t in records.decode_legacy(hs.legacy).items():
                         children[c] = max(t, children.get(c, t))
                     children = children or None
-                dict.__setitem__(piece_map, i, PieceState(chunk=chunk, holders=holders,
+                dict.__setitem__(piece_map, i, PieceState(chunk=chunk,
+                                                          holders=LoadedHolders(hs),
                                                           children=children))
-                base.pieces[i] = PieceBase(chunk, frozenset(holders), legacy, before)
+                base.pieces[i] = PieceBase(chunk, hs, before)
             if pieces is not None:
                 piece_map.unloaded = None if total is None else \
                     max(0, total - dict.__len__(piece_map))

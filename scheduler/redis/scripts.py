@@ -17,8 +17,10 @@ from scheduler.redis.keys import GroupOf
 #  "p": [[channel, message]...]}. A fence is 'eq' (a hash field equals `expected`; false:
 # absent), 'exists' or 'absent'; a part's fences are all checked before any of its writes, so
 # it applies whole or not at all. Returns, per part, 0 when applied, else the 1-based number of
-# the fence that failed. Keys are named in ARGV (KEYS[1] only routes the run to its node), so
-# that concurrent calls on one node share one run: on a cluster the scripts run with
+# the fence that failed. 'happend' adds ids to a piece's holders field (`a,b`, and an earlier
+# layout's children after a `|`) without the replica sending the whole field. Keys are named
+# in ARGV (KEYS[1] only routes the run to its node), so that concurrent calls on one node
+# share one run: on a cluster the scripts run with
 # `CROSS_SLOT`, each part still in one slot. PUBLISH, not SPUBLISH: a cluster passes it to
 # every node, so a replica's one subscriber hears every slot's changes.
 APPLY_LUA = """
@@ -48,6 +50,23 @@ for j = 1, #ARGV do
         if redis.call('EXISTS', key) == 1 then
           local cur = tonumber(redis.call('HGET', key, o[3]))
           if cur == nil or cur < tonumber(o[4]) then redis.call('HSET', key, o[3], o[4]) end
+        end
+      elseif op == 'happend' then
+        for i = 3, #o, 2 do
+          local v = redis.call('HGET', key, o[i])
+          if not v or v == '' then
+            v = o[i + 1]
+          else
+            local bar = string.find(v, '|', 1, true)
+            if bar == 1 then
+              v = o[i + 1] .. v
+            elseif bar then
+              v = string.sub(v, 1, bar - 1) .. ',' .. o[i + 1] .. string.sub(v, bar)
+            else
+              v = v .. ',' .. o[i + 1]
+            end
+          end
+          redis.call('HSET', key, o[i], v)
         end
       elseif op == 'hdel' then
         redis.call('HDEL', key, unpack(o, 3))

@@ -96,7 +96,7 @@ from common.tasks import RestartCounter, TaskSet
 from scheduler.redis.diff import Tx, diff
 from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
-from scheduler.redis.loader import Loader, Reads, World, gather
+from scheduler.redis.loader import HolderCache, Loader, Reads, World, gather
 from scheduler.redis.partial import NotLoaded
 from scheduler.redis.records import PeerCache
 from scheduler.redis.scripts import (
@@ -250,6 +250,7 @@ class RedisStore:
         self._due = client.register_script(DUE_LUA)
         self._queues: dict[str, list[_Call]] = {}  # per task: calls waiting for a batch
         self.records = PeerCache()  # decoded peer records, while their raw record is the same
+        self.holder_sets = HolderCache()  # decoded holders fields, likewise
         self._connected = not self.cluster
         self._connecting = asyncio.Lock()
 
