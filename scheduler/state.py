@@ -868,6 +868,32 @@ class ClusterState:
         piece.children = children
         return True
 
+    def room(self, task_id: str, pieces: Iterable[int], now: float) -> dict[int, int]:
+        """How many more children each of `pieces` may be handed now: CHILDREN_PER_HOLDER per
+        holder less the children in flight (0 for a piece nobody holds). However many of its
+        holders are usable, no more calls waiting for it than that can be admitted by a
+        decision now: what an announcement of these pieces wakes (`Waiters.notify`), instead
+        of a constant that woke calls only to wait again (10,500 of 44,000 woken calls in
+        bench.sim kraken, 50 hosts, got nothing). Drops the stale children it meets."""
+        task = self.tasks.get(task_id)
+        out: dict[int, int] = {}
+        for i in pieces:
+            piece = task.pieces.get(i) if task is not None else None
+            if piece is None or not piece.holders:
+                out[i] = 0
+                continue
+            children = piece.children
+            if not children:
+                live = 0
+            elif type(children) is Children and children.ordered:
+                children.drop_stale(now, self.lease_timeout)
+                live = len(children)
+            else:
+                live = sum(1 for c, t in children.items()
+                           if now - t < self.lease_timeout and c not in piece.holders)
+            out[i] = max(0, CHILDREN_PER_HOLDER * len(piece.holders) - live)
+        return out
+
     def _all_in_flight(self, piece: PieceState, children: dict[str, float], now: float) -> bool:
         """Whether no child of `piece` is done (a holder) or stale, so pruning would keep them
         all: a crowd's every `holders-busy` rebuilt the map in Python, while these two tests

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 from common.models import (
@@ -31,10 +31,12 @@ from scheduler.waiting import Parked, Parking, call_key, done, wakes
 # the call in between: leases time out by the clock, and a wake-up can be lost (a Redis pub/sub
 # message is sent at most once).
 RECHECK_SECONDS = 0.25
-# Parked calls one announced piece wakes, oldest first: a new holder makes room for about its
-# share of children (and the child it was leaves one place), so waking every call parked on the
-# piece had each of a crowd re-decide only to wait again (a fleet's 2,600 calls on every
-# announcement). The others re-decide on a later announcement or within RECHECK_SECONDS.
+# Parked calls one announced piece wakes, oldest first, when the store does not say how much
+# room the announcement made (`Waiters.notify`'s `room`; the memory store does): a new holder
+# makes room for about its share of children (and the child it was leaves one place), so waking
+# every call parked on the piece had each of a crowd re-decide only to wait again (a fleet's
+# 2,600 calls on every announcement). The others re-decide on a later announcement or within
+# RECHECK_SECONDS.
 WAKE_PER_PIECE = CHILDREN_PER_HOLDER + 2
 
 
@@ -93,16 +95,18 @@ class Waiters:
         parking = self._parked.get(task_id)
         return 0 if parking is None else len(parking)
 
-    def notify(self, task_id: str, pieces: Iterable[int] | None = None) -> None:
+    def notify(self, task_id: str, pieces: Iterable[int] | None = None,
+               room: Mapping[int, int] | None = None) -> None:
         """A change of a task: given the `pieces` an announcement added, only the calls
-        asking for one of them are concerned, and the WAKE_PER_PIECE oldest per piece woken
-        (waking every parked call on every announcement made the scheduler re-decide ~16
-        calls per announcement); else every call, in full."""
+        asking for one of them are concerned, and as many of the oldest woken as each piece
+        has `room` for (`ClusterState.room`), or without it WAKE_PER_PIECE per piece (waking
+        every parked call on every announcement made the scheduler re-decide ~16 calls per
+        announcement); else every call, in full."""
         parking = self._parked.get(task_id)
         if parking is None:  # no call on this task parked, nor answered and remembered
             return
         calls = parking.everyone() if pieces is None \
-            else parking.announced(pieces, WAKE_PER_PIECE)
+            else parking.announced(pieces, WAKE_PER_PIECE if room is None else room)
         events = self._events
         for call in calls:
             events[call].set()
@@ -199,10 +203,13 @@ class MemoryStore:
         return self.state.ensure_task(req, self._clock())
 
     async def announce(self, ann: Announce) -> AnnounceReply:
-        reply = self.state.announce(ann, self._clock())
+        now = self._clock()
+        reply = self.state.announce(ann, now)
         pieces = wakes(ann)
-        if pieces is None or pieces:
-            self.waiters.notify(ann.task_id, pieces)
+        if pieces is None:
+            self.waiters.notify(ann.task_id)
+        elif pieces:
+            self.waiters.notify(ann.task_id, pieces, self.state.room(ann.task_id, pieces, now))
         return reply
 
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:

@@ -27,7 +27,7 @@ never a wrong fetch.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
 from common.models import Announce, Decision, ScheduleRequest
 
@@ -223,19 +223,25 @@ class Parking:
                 return
             del left[key]
 
-    def announced(self, pieces: Iterable[int], per_piece: int) -> list[Parked]:
+    def announced(self, pieces: Iterable[int], per_piece: int | Mapping[int, int]
+                  ) -> list[Parked]:
         """`pieces` were announced: each is due on every call asking for it (a mark the calls
-        read when they next decide); the calls to wake are, of those not already woken, the
-        `per_piece` x len(pieces) parked first (0: every one). A new holder makes room for
-        about its share of children (and the child it was leaves one place), so waking a whole
-        crowd had each re-decide only to wait again."""
+        read when they next decide). The calls to wake, oldest first: given the room each
+        piece has (the rules' `ClusterState.room`, a mapping), for each piece as many of its
+        calls as its room, counting those already woken or waking for another piece (they
+        decide it too); given a number, of those not already woken, the `per_piece` x
+        len(pieces) parked first (0: every one). Waking a whole crowd had each re-decide only
+        to wait again."""
         changed = set(pieces)
         self._count += 1
         count, marks, on = self._count, self._marks, self._on
+        for i in changed:
+            marks[i] = count
+        if not isinstance(per_piece, int):
+            return self._wake_room(changed, per_piece)
         limit = per_piece * len(changed)
         idle: dict[Parked, None] = {}
         for i in changed:
-            marks[i] = count
             found = 0
             for call in on.get(i, ()):
                 if not call.woken:
@@ -251,6 +257,25 @@ class Parking:
         for call in waking:
             call.woken = True
         return waking
+
+    def _wake_room(self, changed: set[int], room: Mapping[int, int]) -> list[Parked]:
+        on, waking = self._on, dict[Parked, None]()
+        for i in changed:
+            left = room.get(i, 0)
+            if left <= 0:
+                continue
+            for call in on.get(i, ()):
+                if not call.woken and call not in waking:
+                    waking[call] = None
+                left -= 1  # woken or waking, it decides this piece
+                if not left:
+                    break
+        woken = list(waking)
+        if len(changed) > 1:
+            woken.sort(key=lambda c: c.seq)
+        for call in woken:
+            call.woken = True
+        return woken
 
     def everyone(self) -> list[Parked]:
         """A task-wide change: every call is due in full, and woken; nothing remembered holds."""

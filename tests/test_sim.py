@@ -62,18 +62,26 @@ def test_a_rule_change_in_the_scheduler_shows_in_the_simulation(
 
 def test_the_long_polls_wake_as_the_scheduler_store_says(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sim's long polls are scheduler/store.py's `Waiters` rules: waking every parked call
-    on each announcement (WAKE_PER_PIECE) costs more re-decisions, each of the announced pieces
-    only; a shorter RECHECK_SECONDS, many more: the timer re-decides every piece of a call."""
+    """The sim's long polls are scheduler/store.py's `Waiters` rules, woken as the memory store
+    wakes them (as many as an announced piece has room for, `ClusterState.room`): a constant
+    per piece (WAKE_PER_PIECE, what a store that does not say the room wakes) costs more
+    re-decisions, waking every parked call more still, each of the announced pieces only, and
+    neither finishes sooner; a shorter RECHECK_SECONDS, many more: the timer re-decides every
+    piece of a call."""
+    def waking(limit: int | None) -> Scenario:
+        sc = small()
+        sc.params.wake_limit = limit
+        return sc
+
     before = run(small())
-    with monkeypatch.context() as m:
-        m.setattr(scheduler.store, "WAKE_PER_PIECE", 1000)
-        every = run(small())
+    constant = run(waking(scheduler.store.WAKE_PER_PIECE))
+    every = run(waking(0))
     monkeypatch.setattr(scheduler.store, "RECHECK_SECONDS", 0.05)
     often = run(small())
-    assert before.decisions < every.decisions < 1.2 * before.decisions
+    assert before.decisions < constant.decisions < every.decisions < 1.2 * before.decisions
+    assert max(before.times) <= max(constant.times)
     assert often.decisions > 2 * before.decisions
-    assert every.finished == every.survivors == often.finished == 24
+    assert every.finished == every.survivors == often.finished == before.finished == 24
 
 
 def test_hosts_that_die_mid_pull_leave_every_survivor_complete() -> None:

@@ -34,6 +34,7 @@ from scheduler.state import (
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
     RESET_EVERY,
+    Children,
     ClusterState,
     Conflict,
     PieceState,
@@ -1527,3 +1528,26 @@ def test_holders_list_follows_every_change_in_place(change) -> None:  # type: ig
     assert holders.ordered() is holders.ordered() == list(holders)
     change(holders)
     assert holders.ordered() == list(holders)
+
+
+def test_the_room_a_piece_has_is_two_children_per_holder_less_those_in_flight() -> None:
+    s = ClusterState(lease_timeout=LEASE, rng=random.Random(0))
+    ids = ["h0", "h1", *(f"c{i}" for i in range(6))]
+    for n, pid in enumerate(ids):
+        s.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{n + 1}:1"), 0.0)
+    s.ensure_task(TaskRequest(task_id=TASK, length=2 * MiB, piece_size=MiB), 0.0)
+    assert s.room(TASK, [0, 1], 0.0) == {0: 0, 1: 0}  # nobody holds them: no room
+    s.announce(Announce(peer_id="h0", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
+               0.0)
+    assert s.room(TASK, [0], 0.0) == {0: CHILDREN_PER_HOLDER}
+    answers = [s.schedule(ScheduleRequest(peer_id=c, task_id=TASK, pieces=[0]), 0.1)[0]
+               for c in ("c0", "c1", "c2")]
+    assert [d.reason or d.action for d in answers] == ["parents", "parents", "holders-busy"]
+    assert s.room(TASK, [0], 0.1) == {0: 0}
+    # c0 finished: one place its own, two for it as a holder.
+    s.announce(Announce(peer_id="c0", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
+               0.2)
+    assert s.room(TASK, [0], 0.2) == {0: 2 * CHILDREN_PER_HOLDER - 1}
+    assert s.room(TASK, [0], 0.1 + LEASE) == {0: 2 * CHILDREN_PER_HOLDER}  # c1 went stale
+    pieces = s.tasks[TASK].pieces
+    assert isinstance(pieces[0].children, Children) and not pieces[0].children

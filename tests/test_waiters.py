@@ -9,7 +9,14 @@ from collections import Counter
 
 import pytest
 
-from common.models import Announce, Decision, PieceClaim, ScheduleRequest
+from common.models import (
+    Announce,
+    Decision,
+    PeerRegistration,
+    PieceClaim,
+    ScheduleRequest,
+    TaskRequest,
+)
 from scheduler import store
 from scheduler.store import Waiters
 from scheduler.waiting import Parked, Parking, done, wakes
@@ -342,3 +349,58 @@ async def test_a_peers_next_call_decides_only_what_its_last_answer_did_not_settl
     rules.ready.add(2)
     waiters.notify(TASK, [2])
     assert [d.action for d in await again] == ["source", "wait", "wait"]
+
+
+def test_an_announcement_wakes_as_many_as_each_piece_has_room_for() -> None:
+    parking = Parking()
+    calls = [Parked([5, 6] if n < 4 else [6], recheck=60.0) for n in range(6)]
+    for c in calls:
+        parking.park(c)
+        c.begin(0.0)
+        c.decided(waits(c.pieces))
+        assert c.idle()
+    # Room for 2 on piece 5 and 3 on piece 6: the two oldest take both, one more for 6.
+    assert parking.announced([5, 6], {5: 2, 6: 3}) == calls[:3]
+    # Those woken already count against a piece's room: they decide it too.
+    assert parking.announced([6], {6: 4}) == [calls[3]]
+    assert parking.announced([6], {6: 0}) == []  # no room: nobody woken
+    assert calls[0].begin(0.1) == (5, 6)
+
+
+async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crowd parked on one piece: a child that finishes makes room for three (its place and
+    two children of its own), and only the three oldest re-decide."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    ms = store.MemoryStore(lease_timeout=30.0)
+    crowd = [f"c{n}" for n in range(10)]
+    for n, pid in enumerate(["h", *crowd]):
+        await ms.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{n + 1}:1"))
+    await ms.ensure_task(TaskRequest(task_id=TASK, length=1 << 20, piece_size=1 << 20))
+    claim = [PieceClaim(index=0, chunk="blake3:" + "0" * 64)]
+    await ms.announce(Announce(peer_id="h", task_id=TASK, pieces=claim))
+    decided: Counter[str] = Counter()
+    decide = ms._decide
+
+    async def counting(req: ScheduleRequest) -> list[Decision]:
+        decided[req.peer_id] += 1
+        return await decide(req)
+
+    monkeypatch.setattr(ms, "_decide", counting)
+    calls = []
+    for pid in crowd:
+        calls.append(asyncio.create_task(ms.schedule(
+            ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[0], wait_ms=5000))))
+        await asyncio.sleep(0)
+    first = await asyncio.gather(*calls[:2])
+    assert [d[0].action for d in first] == ["parents", "parents"]
+    await asyncio.sleep(0.01)
+    assert ms.waiters.waiting(TASK) == 8 and decided.total() == 10
+
+    await ms.announce(Announce(peer_id="c0", task_id=TASK, pieces=claim))
+    woken = await asyncio.gather(*calls[2:5])
+    assert [d[0].action for d in woken] == ["parents"] * 3
+    await asyncio.sleep(0.01)
+    assert decided.total() == 13 and ms.waiters.waiting(TASK) == 5
+    ms.waiters.notify_all()
+    await asyncio.gather(*calls[5:])

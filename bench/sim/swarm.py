@@ -569,15 +569,16 @@ class Swarm:
         self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
 
     def _notify(self, pieces: frozenset[int] | None) -> None:
-        """`Waiters.notify` (scheduler/store.py) with the same core: of the calls parked on
-        these pieces and not already woken, the WAKE_PER_PIECE x len(pieces) parked longest
-        are woken (the `wake_limit` experiment: another number; 0, every one); None: every
-        call, in full."""
+        """`Waiters.notify` (scheduler/store.py) with the same core, as the memory store
+        calls it: of the calls parked on these pieces, as many of the longest parked woken
+        as the rules say each piece has room for (`ClusterState.room`; the `wake_limit`
+        experiment: of those not already woken, that many per piece, 0: every one); None:
+        every call, in full."""
         if pieces is None:
             woken = self.parked.everyone()
         elif pieces:
-            limit = scheduler.store.WAKE_PER_PIECE if self.p.wake_limit is None \
-                else self.p.wake_limit
+            limit = self.state.room(TASK, pieces, self.clock.now) \
+                if self.p.wake_limit is None else self.p.wake_limit
             woken = self.parked.announced(pieces, limit)
         else:
             return
