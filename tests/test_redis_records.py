@@ -97,3 +97,12 @@ def test_loaded_holders_know_whether_a_rule_changed_them() -> None:
     again = LoadedHolders(loaded)
     again |= {"c"}
     assert again.unchanged() is None and loaded.base == {"a", "b"}
+
+
+def test_append_holders_keeps_an_earlier_layouts_children_last() -> None:
+    assert records.append_holders("a,b", "c") == "a,b,c"
+    assert records.append_holders("a|x=1.0", "c,d") == "a,c,d|x=1.0"
+    assert records.append_holders("|x=1.0", "c") == "c|x=1.0"
+    assert records.append_holders("", "c") == "c"
+    assert records.decode_holders(records.append_holders("a|x=1.0", "c")) == \
+        ({"a", "c"}, "x=1.0")

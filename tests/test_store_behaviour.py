@@ -1151,6 +1151,8 @@ async def test_a_claim_appends_its_holder_and_the_field_reads_back_whole(
     assert ops == [("happend", ["0", "Z", "1", "Z"])], ops
     field = await s.redis.hget(s.keys.holders(TASK), "0")
     assert set(field.split(",")) == {*crowd, "Z"}
+    # What this replica expects the append left is what Redis holds: the next read is a hit.
+    assert s.holder_sets.pieces[(TASK, 0)].raw == field
     await s.withdraw(Withdraw(peer_id=crowd[0], task_id=TASK, pieces=[0, 1]))
     assert await s.redis.hget(s.keys.holders(TASK), "1") == "Z"
     assert set((await s.redis.hget(s.keys.holders(TASK), "0")).split(",")) == \

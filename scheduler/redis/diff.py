@@ -64,6 +64,8 @@ class Tx:
         self.slot_of = slot_of
         self.stages: list[dict[int, Part]] = [{} for _ in range(COUNT + 1)]
         self.publish: list[list[str]] = []
+        # Holders fields claims appended to, once applied: (task, piece, as loaded, joined).
+        self.joined: list[tuple[str, int, HolderSet, frozenset[str]]] = []
 
     def _part(self, stage: int, key: str) -> Part:
         slot = self.slot_of(key)
@@ -222,6 +224,7 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
             if added and len(added) + len(old.holders.base) == len(piece.holders):
                 # Only joined (a claim): appended, not the whole field written again.
                 holders_add += [str(index), records.encode_holders(added)]
+                tx.joined.append((tid, index, old.holders, frozenset(added)))
             else:  # an earlier layout's children stay in the field until they are moved
                 legacy = "|" + old.holders.legacy if old.holders.legacy else ""
                 holders_set += [str(index), records.encode_holders(piece.holders) + legacy]

@@ -45,11 +45,13 @@ class HolderSet:
 
     __slots__ = ("base", "legacy", "order", "raw")
 
-    def __init__(self, raw: str) -> None:
+    def __init__(self, raw: str, base: frozenset[str] | None = None, legacy: str = "") -> None:
         self.raw = raw
-        holders, self.legacy = records.decode_holders(raw)
-        self.base = frozenset(holders)
-        self.order = list(self.base)
+        if base is None:
+            holders, legacy = records.decode_holders(raw)
+            base = frozenset(holders)
+        self.base, self.legacy = base, legacy
+        self.order = list(base)
 
 
 class HolderCache:
@@ -71,14 +73,25 @@ class HolderCache:
             return hs
         hs = self.sets.get(raw)
         if hs is None:
-            hs = HolderSet(raw)
-            if self.size + len(hs.base) > self.limit:
-                self.pieces.clear()
-                self.sets.clear()
-                self.size = 0
-            self.sets[raw] = hs
-            self.size += len(hs.base)
+            hs = self._keep(HolderSet(raw))
         self.pieces[key] = hs
+        return hs
+
+    def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str]) -> None:
+        """What this replica's claims appended to a field it had loaded (`happend`), so that
+        the next read finds it decoded (a claim changes the field each time: each decoded it
+        afresh). Only a hint: the raw field read back decides, as for every entry."""
+        raw = records.append_holders(loaded.raw, records.encode_holders(added))
+        self.pieces[(tid, index)] = self.sets.get(raw) or self._keep(
+            HolderSet(raw, loaded.base | added, loaded.legacy))
+
+    def _keep(self, hs: HolderSet) -> HolderSet:
+        if self.size + len(hs.base) > self.limit:
+            self.pieces.clear()
+            self.sets.clear()
+            self.size = 0
+        self.sets[hs.raw] = hs
+        self.size += len(hs.base)
         return hs
 
 

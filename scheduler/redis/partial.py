@@ -47,8 +47,12 @@ class Partial(dict):
         if self.unloaded != 0:
             raise NotLoaded("iterating a map loaded in part")
 
+    # The three reads the rules make most (a decision: each weighed holder's record) check
+    # inline: a call of `_check` each was most of their cost.
     def __getitem__(self, key: Any) -> Any:
-        self._check(key)
+        loaded = self.loaded
+        if loaded is not None and key not in loaded:
+            raise NotLoaded(key)
         return dict.__getitem__(self, key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -60,11 +64,15 @@ class Partial(dict):
         dict.__delitem__(self, key)
 
     def __contains__(self, key: object) -> bool:
-        self._check(key)
+        loaded = self.loaded
+        if loaded is not None and key not in loaded:
+            raise NotLoaded(key)
         return dict.__contains__(self, key)
 
     def get(self, key: Any, default: Any = None) -> Any:
-        self._check(key)
+        loaded = self.loaded
+        if loaded is not None and key not in loaded:
+            raise NotLoaded(key)
         return dict.get(self, key, default)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:

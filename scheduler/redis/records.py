@@ -133,6 +133,12 @@ def encode_holders(holders: set[str]) -> str:
     return ",".join(sorted(holders))
 
 
+def append_holders(raw: str, ids: str) -> str:
+    """A holders field with `ids` (encoded) joined: what the apply script's `happend` leaves."""
+    holders, bar, legacy = raw.partition("|")
+    return f"{holders},{ids}{bar}{legacy}" if holders else f"{ids}{bar}{legacy}"
+
+
 def decode_holders(raw: str) -> tuple[set[str], str]:
     """A piece's holders, and what follows a `|`: the children a replica of the earlier layout
     wrote into the same field (`a,b|c=t,d=t`, rewritten whole on every hand-out). Each layout

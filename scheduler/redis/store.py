@@ -396,6 +396,8 @@ class RedisStore:
                 tx.publish.append([self.feed.channel_of(c.wake), message(self.id, c.wake,
                                                                          c.pieces)])
             if not tx or await self._applied(tx):
+                for joined in tx.joined:
+                    self.holder_sets.joined(*joined)
                 for c in woken:  # what applied may wake others, refused or not
                     self.feed.wake(c.wake, c.pieces)
                 for c, outcome in zip(batch, outcomes, strict=True):
