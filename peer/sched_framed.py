@@ -70,6 +70,9 @@ class _Link:
                         fut.set_result((f.status, f.body))
         except (OSError, cf.FrameError) as e:
             why = describe(e)
+        except asyncio.CancelledError:
+            why = "closed"
+            raise
         finally:
             self._fail(why)
 
