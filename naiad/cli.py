@@ -117,6 +117,8 @@ SCHEDULER_OPTIONS = [
     Option("redis_cluster", None, "a seed node of a Redis Cluster for state shared by "
            "scheduler replicas (instead of --redis)", type=_url("redis", "rediss"),
            metavar="URL"),
+    Option("no_framed_calls", False, "answer peers over HTTP only, as a scheduler from before "
+           "framed calls (peers' persistent connections on --listen) did", switch=True),
     *COMMON,
 ]
 PEER_OPTIONS = [
@@ -296,7 +298,7 @@ def cmd_scheduler(opts: dict[str, Any]) -> int:
         lease_timeout=opts["lease_timeout"], token=opts["token"], secret=secret,
         redis=opts["redis"], redis_cluster=opts["redis_cluster"], tls=_tls(opts),
         allow_registries=_allow_registries(opts),
-        limits=_client_limits(opts)))
+        limits=_client_limits(opts), framed=not opts["no_framed_calls"]))
 
     async def stop(_: float) -> None:
         await service.stop()

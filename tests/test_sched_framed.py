@@ -421,3 +421,20 @@ async def test_real_peers_pull_over_framed_calls(cluster: Cluster, registry: Reg
     assert await _framed_calls(sched.url, "peers") >= 2
     assert await _framed_calls(sched.url, "schedule") >= 2
     assert "takes no framed calls" not in a.proc.logs() + b.proc.logs()
+
+
+async def test_no_framed_calls_answers_the_preface_as_http(cluster: Cluster) -> None:
+    """`naiad scheduler --no-framed-calls`: what a scheduler from before framed calls does
+    with the preface (its HTTP parser answers 400), so peers call it over HTTP."""
+    sched = await cluster.scheduler("--no-framed-calls")
+    reader, writer = await asyncio.open_connection("127.0.0.1", sched.extra["port"])
+    writer.write(cf.PREFACE)
+    answer = await asyncio.wait_for(reader.read(12), 5)
+    assert answer.startswith(b"HTTP/1.") and answer.endswith(b" 400")
+    writer.close()
+    framed = await cluster.scheduler()
+    reader, writer = await asyncio.open_connection("127.0.0.1", framed.extra["port"])
+    writer.write(cf.PREFACE)
+    head = await asyncio.wait_for(reader.readexactly(cf.HEADER.size), 5)
+    assert cf.HEADER.unpack(head)[0] == cf.WELCOME
+    writer.close()
