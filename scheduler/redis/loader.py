@@ -174,10 +174,14 @@ class Reads:
     one read: one snapshot."""
 
     def __init__(self) -> None:
-        self.cmds: list[tuple[str | None, list[str], Callable[[Any], Any]]] = []
+        self.cmds: list[tuple[str | None, str, Callable[[Any], Any]]] = []  # JSON each
 
     def _add(self, key: str | None, shape: Callable[[Any], Any], *cmd: Any) -> None:
-        self.cmds.append((key, [str(x) for x in cmd], shape))
+        self.cmds.append((key, _encode([str(x) for x in cmd]), shape))
+
+    def encoded(self, key: str, shape: Callable[[Any], Any], cmd: str) -> None:
+        """A command already encoded (`_encode`): one a replica sends again and again."""
+        self.cmds.append((key, cmd, shape))
 
     def hmget(self, key: str, *fields: Any) -> None:
         self._add(key, _values, "HMGET", key, *fields)
@@ -214,8 +218,7 @@ class Reads:
         for i, (key, _, _) in enumerate(self.cmds):
             route = clock_key if key is None else key
             groups.setdefault(group_of(route), (route, []))[1].append(i)
-        raws = await gather([read(route, json.dumps([self.cmds[i][1] for i in idx],
-                                                    separators=(",", ":")))
+        raws = await gather([read(route, "[" + ",".join([self.cmds[i][1] for i in idx]) + "]")
                              for route, idx in groups.values()])
         out: list = [None] * len(self.cmds)
         for (_, idx), raw in zip(groups.values(), raws, strict=True):
@@ -223,6 +226,9 @@ class Reads:
             for i, r in zip(idx, [] if replies == {} else replies, strict=True):
                 out[i] = self.cmds[i][2](r)  # cjson: {} for an empty list
         return out
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _value(r: Any) -> Any:
@@ -335,8 +341,9 @@ class Loader:
         k = self.k
 
         def add(p: Reads) -> None:
-            p.hmget(k.peer(pid), *records.PEER_NAMES)
-            p.exists(k.cordon(pid))
+            record, cordon = self.s.peer_reads(pid)
+            p.encoded(record[0], _values, record[1])
+            p.encoded(cordon[0], int, cordon[1])
             if tasks:
                 p.smembers(k.peer_tasks(pid))
 

@@ -106,12 +106,17 @@ class PeerCache:
         key = (*raw, cordoned)
         entry = self.entries.get(pid)
         if entry is None or entry[0] != key:
-            proto = peer_from(raw, cordoned)
-            if proto is None:
+            if None in raw:
                 return None
+            if entry is None or entry[0][-1] != cordoned:
+                proto = peer_from(raw, cordoned)
+                assert proto is not None
+                values = peer_values(proto)
+            else:  # most changes are a field or two (last_seen, handouts): the rest kept
+                proto, values = _changed(entry, raw)
             if len(self.entries) >= self.limit:
                 self.entries.clear()
-            entry = self.entries[pid] = [key, proto, peer_values(proto), None]
+            entry = self.entries[pid] = [key, proto, values, entry and entry[3]]
         proto, last = entry[1], entry[3]
         if last is not None:  # what the rules built on the last copy, still keyed right
             proto.candidate, proto.refs = last.candidate, last.refs
@@ -120,6 +125,19 @@ class PeerCache:
         peer.tasks = set()
         entry[3] = peer
         return peer, entry[2]
+
+
+def _changed(entry: list[Any], raw: list[str | None]) -> tuple[PeerState, tuple]:
+    """A cached record with the fields whose raw value changed decoded anew."""
+    proto = object.__new__(PeerState)
+    proto.__dict__.update(entry[1].__dict__)
+    values = list(entry[2])
+    for i, (new, old) in enumerate(zip(raw, entry[0], strict=False)):
+        if new != old:
+            fld = PEER_FIELDS[i]
+            values[i] = fld.decode(new)
+            setattr(proto, fld.name, values[i])
+    return proto, tuple(values)
 
 
 def peer_hash(peer: PeerState) -> list[str]:

@@ -98,7 +98,7 @@ from scheduler.redis.feed import ALL, ChangeFeed, message
 from scheduler.redis.keys import B2S, SHARDS, Keys, cluster_slot, one_slot
 from scheduler.redis.loader import HolderCache, Loader, Reads, World, gather
 from scheduler.redis.partial import NotLoaded
-from scheduler.redis.records import PeerCache
+from scheduler.redis.records import PEER_NAMES, PeerCache
 from scheduler.redis.scripts import (
     APPLY_LUA,
     CROSS_SLOT,
@@ -251,6 +251,7 @@ class RedisStore:
         self._queues: dict[str, list[_Call]] = {}  # per task: calls waiting for a batch
         self.records = PeerCache()  # decoded peer records, while their raw record is the same
         self.holder_sets = HolderCache()  # decoded holders fields, likewise
+        self._peer_reads: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {}
         self._connected = not self.cluster
         self._connecting = asyncio.Lock()
 
@@ -260,6 +261,19 @@ class RedisStore:
         if cluster:
             return cls(aioredis.RedisCluster.from_url(url, decode_responses=True), **kw)
         return cls(aioredis.Redis.from_url(url, decode_responses=True), **kw)
+
+    def peer_reads(self, pid: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        """A peer's record and cordon reads, each (key, command encoded): a decision reads up
+        to HOLDER_SAMPLE records a piece, the same commands call after call."""
+        reads = self._peer_reads.get(pid)
+        if reads is None:
+            if len(self._peer_reads) >= 50_000:
+                self._peer_reads.clear()
+            record, cordon = self.keys.peer(pid), self.keys.cordon(pid)
+            reads = self._peer_reads[pid] = (
+                (record, json.dumps(["HMGET", record, *PEER_NAMES], separators=(",", ":"))),
+                (cordon, json.dumps(["EXISTS", cordon], separators=(",", ":"))))
+        return reads
 
     async def start(self) -> None:
         """Start listening for other replicas' changes (in the background: a Redis that is down
