@@ -7,8 +7,13 @@ nothing had changed for. A `wait` stays a valid answer for a piece until one of 
 has its wake-up here:
 
 * the piece is announced (a new holder: parents, or room in the children's share as a child
-  finished; the lease holder's copy: its lease ends): `Parking.announced`, after which the
-  call re-decides only the pieces announced since its last decision;
+  finished; the lease holder's copy: its lease ends): `Parking.announced` wakes the calls
+  parked longest on it, as many as the room it made (or a number per piece), and those
+  re-decide it (with whatever else they were woken for); a call deciding when it lands, or
+  answered a moment ago (its peer asks again), decides it again and takes a place. The other
+  calls on the piece keep their `wait` for it: the room went to older calls, and re-deciding
+  it for every call woken for another piece was most of a crowd's decisions (69,589
+  `holders-busy` of 159,283 decisions in bench.sim kraken, 50 hosts);
 * a task-wide change: a peer left or expired (its lease or its children's handouts free), the
   map sealed or reset by a blob mismatch: `Parking.everyone`, every piece;
 * the clock: a lease lapses without progress, a child's handout or a penalty ages out
@@ -41,8 +46,8 @@ class Parked:
     until `recheck_at`, when the driver calls `changed_all` and loops.
     """
 
-    __slots__ = ("_all", "_changed", "_last", "_parking", "_since", "pieces", "recheck",
-                 "recheck_at", "seq", "woken")
+    __slots__ = ("_all", "_changed", "_last", "pieces", "recheck", "recheck_at", "seq",
+                 "woken")
 
     def __init__(self, pieces: Iterable[int], recheck: float) -> None:
         self.pieces: tuple[int, ...] = tuple(dict.fromkeys(pieces))  # once each, in order
@@ -52,27 +57,10 @@ class Parked:
         # Deciding, or due to (the driver will look): an announcement need not wake it again.
         self.woken = True
         self._all = True  # every piece is due: never decided, a task-wide change, the timer
-        # Pieces due besides those announced since: what a call taken over left undecided.
+        # Pieces due next: woken for, announced while it decided (or, answered, before its
+        # peer's next call takes its waits over), left undecided by the call it took over.
         self._changed: set[int] = set()
         self._last: dict[int, Decision] = {}
-        # What was announced since its last decision is read off its `Parking`'s marks
-        # (`_announced`): an announcement marks the piece, not every call asking for it.
-        self._parking: Parking | None = None
-        self._since = 0  # the Parking's announcement count at its last decision
-
-    def _announced(self) -> set[int]:
-        """The pieces announced since its last decision (or since it was parked)."""
-        parking = self._parking
-        if parking is None:
-            return set()
-        marks, since = parking._marks, self._since
-        return {i for i in self.pieces if marks.get(i, 0) > since}
-
-    def _mark(self) -> None:
-        """What was announced until now is decided (or about to be)."""
-        parking = self._parking
-        if parking is not None:
-            self._since = parking._count
 
     def changed_all(self) -> None:
         """A task-wide change or the recheck timer: every piece is due."""
@@ -85,16 +73,11 @@ class Parked:
         if self._all:
             self._all = False
             self._changed.clear()
-            self._mark()
             self.recheck_at = now + self.recheck
             return self.pieces
-        due = self._announced()
-        self._mark()
-        if self._changed:
-            due |= self._changed
-            self._changed = set()
-        if not due:
+        if not self._changed:
             return ()
+        due, self._changed = self._changed, set()
         return tuple(i for i in self.pieces if i in due)
 
     def decided(self, decisions: Iterable[Decision]) -> list[Decision]:
@@ -113,7 +96,7 @@ class Parked:
     def idle(self) -> bool:
         """About to wait: False if a change came in while deciding (decide again now); else the
         call waits, and an announcement of one of its pieces may wake it."""
-        if self._all or self._changed or self._announced():
+        if self._all or self._changed:
             return False
         self.woken = False
         return True
@@ -121,27 +104,25 @@ class Parked:
 
 class Parking:
     """The calls parked on one task, oldest first, and by piece: an announcement touches only
-    the calls it wakes (the oldest not woken asking for a piece it adds); the others read what
-    was announced off the piece's mark when they next decide. With a crowd parked on the same
-    pieces, marking every call on every announcement grew with the crowd (12.9 % of bench.sim
-    kraken at 2,600 hosts).
+    the calls it wakes (the oldest not woken asking for a piece it adds) and those already
+    deciding it meets before them; the walk stops there. Touching every call parked on the
+    piece grew with the crowd (`announced` was 12.9 % of bench.sim kraken at 2,600 hosts).
 
     It also remembers, until their recheck time, the waits of calls answered: a call answered
     because one of its pieces is not `wait` any more leaves the client to ask again at once for
     the others (the batcher), and their first decision in the next call is the one a woken call
     was spared. The next call with the same key (the driver's: a peer, its registry, its
-    excluded parents) takes them over (`take`), with what was announced since.
+    excluded parents) takes them over (`take`), but for what an announcement made due on them.
     """
 
-    __slots__ = ("_calls", "_count", "_left", "_marks", "_on", "_seq")
+    __slots__ = ("_calls", "_left", "_on", "_seq")
 
     def __init__(self) -> None:
         self._calls: dict[Parked, None] = {}
         self._left: dict[Hashable, Parked] = {}  # answered calls' waits, by key, oldest first
-        self._on: dict[int, dict[Parked, None]] = {}  # parked calls, by piece, oldest first
+        # Parked calls by piece, oldest first; answered ones remembered, from when answered.
+        self._on: dict[int, dict[Parked, None]] = {}
         self._seq = 0
-        self._count = 0  # announcements so far
-        self._marks: dict[int, int] = {}  # piece -> the count at its last announcement
 
     def __len__(self) -> int:
         """How many calls are parked."""
@@ -155,14 +136,15 @@ class Parking:
     def take(self, key: Hashable, pieces: Iterable[int], recheck: float,
              now: float) -> Parked:
         """A new call: what the last call answered with this `key` left as `wait`, not
-        announced since and decided within `recheck`, is its answer so far; the rest is due."""
+        made due since and decided within `recheck`, is its answer so far; the rest is due."""
         call = Parked(pieces, recheck)
-        call._parking = self
-        call._since = self._count
         left = self._left.pop(key, None)
-        if left is None or now >= left.recheck_at:
+        if left is None:
             return call
-        last, changed = left._last, left._changed | left._announced()
+        self._unindex(left)
+        if now >= left.recheck_at:
+            return call
+        last, changed = left._last, left._changed
         for i in call.pieces:
             d = last.get(i)
             if d is not None and d.action == "wait" and i not in changed:
@@ -180,18 +162,18 @@ class Parking:
         if call._all or now >= call.recheck_at \
                 or not any(d.action == "wait" for d in call._last.values()):
             return
-        self._left.pop(key, None)
-        call.woken = True  # never woken: what is announced since is read off the marks
+        old = self._left.pop(key, None)
+        if old is not None:
+            self._unindex(old)
+        call.woken = True  # never woken: its peer's next call decides what it is due
         self._left[key] = call
+        self._index(call)
 
     def park(self, call: Parked) -> None:
         if call in self._calls:
             return
         self._seq += 1
         call.seq = self._seq
-        if call._parking is not self:  # made by hand, not `take`: what it decided is current
-            call._parking = self
-            call._since = self._count
         self._calls[call] = None
         self._index(call)
 
@@ -222,33 +204,32 @@ class Parking:
             if now < call.recheck_at:
                 return
             del left[key]
+            self._unindex(call)
 
     def announced(self, pieces: Iterable[int], per_piece: int | Mapping[int, int]
                   ) -> list[Parked]:
-        """`pieces` were announced: each is due on every call asking for it (a mark the calls
-        read when they next decide). The calls to wake, oldest first: given the room each
-        piece has (the rules' `ClusterState.room`, a mapping), for each piece as many of its
-        calls as its room, counting those already woken or waking for another piece (they
-        decide it too); given a number, of those not already woken, the `per_piece` x
-        len(pieces) parked first (0: every one). Waking a whole crowd had each re-decide only
-        to wait again."""
+        """`pieces` were announced: the calls to wake, oldest first, each due to decide the
+        pieces it is woken for; calls already deciding (or answered and remembered) met on
+        the way decide them too. Given the room each piece has (the rules'
+        `ClusterState.room`, a mapping): for each piece, its calls in order until as many as
+        its room are due, those already woken counted (they take places too). Given a number:
+        of the calls not already woken, the `per_piece` x len(pieces) parked first (0: every
+        one). Waking a whole crowd had each re-decide only to wait again."""
         changed = set(pieces)
-        self._count += 1
-        count, marks, on = self._count, self._marks, self._on
-        for i in changed:
-            marks[i] = count
         if not isinstance(per_piece, int):
             return self._wake_room(changed, per_piece)
         limit = per_piece * len(changed)
-        idle: dict[Parked, None] = {}
+        idle: dict[Parked, list[int]] = {}
         for i in changed:
             found = 0
-            for call in on.get(i, ()):
-                if not call.woken:
-                    idle[call] = None
-                    found += 1
-                    if found == limit:  # the union's oldest `limit` are among these
-                        break
+            for call in self._on.get(i, ()):
+                if call.woken:
+                    call._changed.add(i)  # deciding: it decides this piece again
+                    continue
+                idle.setdefault(call, []).append(i)
+                found += 1
+                if found == limit:  # the union's oldest `limit` are among these
+                    break
         waking = list(idle)
         if per_piece:
             if len(changed) > 1:  # each piece's calls are in order, their union is not
@@ -256,6 +237,7 @@ class Parking:
             del waking[limit:]
         for call in waking:
             call.woken = True
+            call._changed.update(idle[call])
         return waking
 
     def _wake_room(self, changed: set[int], room: Mapping[int, int]) -> list[Parked]:
@@ -265,7 +247,9 @@ class Parking:
             if left <= 0:
                 continue
             for call in on.get(i, ()):
-                if not call.woken and call not in waking:
+                call._changed.add(i)
+                if not call.woken:
+                    call.woken = True
                     waking[call] = None
                 left -= 1  # woken or waking, it decides this piece
                 if not left:
@@ -273,12 +257,12 @@ class Parking:
         woken = list(waking)
         if len(changed) > 1:
             woken.sort(key=lambda c: c.seq)
-        for call in woken:
-            call.woken = True
         return woken
 
     def everyone(self) -> list[Parked]:
         """A task-wide change: every call is due in full, and woken; nothing remembered holds."""
+        for call in self._left.values():
+            self._unindex(call)
         self._left.clear()
         calls = list(self._calls)
         for call in calls:

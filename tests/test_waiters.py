@@ -79,7 +79,7 @@ def test_a_task_wide_change_re_decides_every_piece_of_every_call() -> None:
     assert [c.begin(0.1) for c in calls] == [(0, 1), (1, 2), (2, 3)]
 
 
-def test_a_crowd_is_woken_oldest_first_and_the_rest_remember_the_announcement() -> None:
+def test_a_crowd_is_woken_oldest_first_and_those_deciding_decide_it_again() -> None:
     parking = Parking()
     calls = [Parked([5, 6], recheck=60.0) for _ in range(5)]
     for c in calls:
@@ -92,14 +92,13 @@ def test_a_crowd_is_woken_oldest_first_and_the_rest_remember_the_announcement() 
     # Two pieces: room for 2 x 2, the oldest not yet woken, whichever piece they park on.
     assert parking.announced([6, 5], per_piece=2) == calls[4:]
     assert calls[4].begin(0.1) == (5, 6)
-    # Not woken (no room), the announcement still counts when something wakes it.
     late = Parked([8], recheck=60.0)
     parking.park(late)
     late.begin(0.0)
     late.decided(waits((8,)))
     assert late.idle()
     assert parking.announced([5, 6], per_piece=2) == []  # every call on 5 and 6 is woken
-    assert calls[0].begin(0.2) == (5, 6)
+    assert calls[0].begin(0.2) == (5, 6)  # woken (deciding) when they landed: decided again
     assert parking.announced([8], per_piece=0) == [late]  # 0: every one
 
 
@@ -404,3 +403,25 @@ async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
     assert decided.total() == 13 and ms.waiters.waiting(TASK) == 5
     ms.waiters.notify_all()
     await asyncio.gather(*calls[5:])
+
+
+def test_a_call_woken_for_one_piece_re_decides_that_one_and_keeps_its_other_waits() -> None:
+    """The room an announcement made went to the calls parked longest: the others keep their
+    wait for that piece, even when woken for another, until their recheck time."""
+    parking = Parking()
+    calls = [Parked([1, 2], recheck=60.0) for _ in range(2)]
+    for c in calls:
+        parking.park(c)
+        c.begin(0.0)
+        c.decided(waits(c.pieces))
+        assert c.idle()
+    assert parking.announced([1], {1: 1}) == [calls[0]]  # room for one: the oldest
+    assert calls[0].begin(0.1) == (1,)
+    calls[0].decided(waits((1,)))
+    assert calls[0].idle()
+    assert parking.announced([2], {2: 2}) == calls
+    assert [c.begin(0.2) for c in calls] == [(2,), (2,)]  # not 1 again: its room was taken
+    calls[1].decided(waits((2,)))
+    assert calls[1].idle()
+    calls[1].changed_all()  # the recheck timer
+    assert calls[1].begin(0.3) == (1, 2)
