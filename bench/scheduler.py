@@ -55,6 +55,7 @@ import aiohttp
 import redis
 import redis.asyncio as aioredis
 
+from bench.loopback import cpu_seconds
 from common import auth
 from common.models import (
     Announce,
@@ -92,6 +93,7 @@ class Phase:
     items: int
     seconds: float
     latencies: list[float]
+    cpu: float = 0.0  # the scheduler process's CPU seconds (HTTP runs; 0: not measured)
 
     @property
     def calls_per_s(self) -> float:
@@ -233,7 +235,8 @@ async def flush(url: str) -> None:
 
 
 async def http_run(url: str, w: Workload, concurrency: int,
-                   secret: bytes | None, framed: bool = False) -> dict[str, Phase]:
+                   secret: bytes | None, framed: bool = False,
+                   cpu: Callable[[], float] | None = None) -> dict[str, Phase]:
     """The same calls through the HTTP API of a `naiad scheduler --redis` process (or not),
     each signed with the cluster secret as a peer signs it (none: an --insecure scheduler).
     `framed`: over the peers' framed connections instead (peer/sched_framed.py), one per
@@ -262,17 +265,24 @@ async def http_run(url: str, w: Workload, concurrency: int,
                     raise RuntimeError(f"{path}: {r.status} {await r.text()}")
                 await r.read()
 
-        out["register"] = await drive([lambda r=r: post("/peers", r) for r in w.regs],
-                                      len(w.regs), concurrency)
+        async def timed(calls: list[Callable[[], Awaitable[Any]]], items: int) -> Phase:
+            before = cpu() if cpu is not None else 0.0
+            phase = await drive(calls, items, concurrency)
+            if cpu is not None:
+                phase.cpu = cpu() - before
+            return phase
+
+        out["register"] = await timed([lambda r=r: post("/peers", r) for r in w.regs],
+                                      len(w.regs))
         for t in w.tasks:
             await post("/tasks", t)
-        out["announce"] = await drive([lambda a=a: post("/announce", a) for a in w.announce],
-                                      sum(len(a.pieces) for a in w.announce), concurrency)
-        out["announce1"] = await drive([lambda a=a: post("/announce", a) for a in w.announce1],
-                                       len(w.announce1), concurrency)
+        out["announce"] = await timed([lambda a=a: post("/announce", a) for a in w.announce],
+                                      sum(len(a.pieces) for a in w.announce))
+        out["announce1"] = await timed([lambda a=a: post("/announce", a) for a in w.announce1],
+                                       len(w.announce1))
         for name, reqs in (("schedule1", w.schedule1), ("schedule8", w.schedule8)):
-            out[name] = await drive([lambda r=r: post("/schedule", r) for r in reqs],
-                                    sum(len(r.pieces) for r in reqs), concurrency)
+            out[name] = await timed([lambda r=r: post("/schedule", r) for r in reqs],
+                                    sum(len(r.pieces) for r in reqs))
     return out
 
 
@@ -341,17 +351,21 @@ def median_table(runs: list[dict[str, Phase]]) -> dict[str, dict[str, float]]:
             "p50 ms": statistics.median(p.pct(0.50) for p in phases),
             "p99 ms": statistics.median(p.pct(0.99) for p in phases),
             "items/call": phases[0].items / phases[0].calls,
+            "cpu us/call": statistics.median(p.cpu / p.calls * 1e6 for p in phases),
         }
     return out
 
 
 def print_table(title: str, table: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}")
-    print("| phase | per call | calls/s | announcements or decisions/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+    cpu = any(row["cpu us/call"] for row in table.values())  # the HTTP runs measure it
+    print("| phase | per call | calls/s | announcements or decisions/s | p50 ms | p99 ms |"
+          + (" scheduler CPU us/call |" if cpu else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cpu else ""))
     for name, row in table.items():
         print(f"| {name} | {row['items/call']:.0f} | {row['calls/s']:,.0f} | "
-              f"{row['items/s']:,.0f} | {row['p50 ms']:.2f} | {row['p99 ms']:.2f} |")
+              f"{row['items/s']:,.0f} | {row['p50 ms']:.2f} | {row['p99 ms']:.2f} |"
+              + (f" {row['cpu us/call']:.0f} |" if cpu else ""))
 
 
 async def main() -> None:
@@ -433,9 +447,10 @@ async def main() -> None:
                         secret = None if args.unsigned else secrets.token_hex(16).encode()
                         proc = spawn_scheduler(port, url, workdir, secret)
                         try:
-                            runs.append(await http_run(f"http://127.0.0.1:{port}", w,
-                                                       args.concurrency, secret,
-                                                       framed=args.framed))
+                            runs.append(await http_run(
+                                f"http://127.0.0.1:{port}", w, args.concurrency, secret,
+                                framed=args.framed,
+                                cpu=lambda pid=proc.pid: cpu_seconds(pid)))
                         finally:
                             proc.send_signal(signal.SIGINT)
                             proc.wait()
