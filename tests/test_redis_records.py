@@ -82,10 +82,15 @@ def test_holders_fields_decoded_once_and_shared_while_equal() -> None:
 
 
 def test_holders_cache_bounded_by_the_ids_it_keeps() -> None:
-    cache = HolderCache(limit=4)
+    cache = HolderCache(limit=5)
     cache.get("t", 0, "a,b,c")
     cache.get("t", 1, "d,e")
-    assert cache.size <= 4 and list(cache.pieces) == [("t", 1)]
+    cache.get("t", 2, "d,e")  # shared: no more ids kept
+    assert cache.size == 5 and len(cache.sets) == 2
+    cache.get("t", 1, "d,e,f")  # the field changed: the old set still serves piece 2
+    assert cache.size <= 5 and list(cache.pieces) == [("t", 2), ("t", 1)]
+    cache.get("t", 2, "x")  # piece 2's last user of "d,e" gone: forgotten
+    assert set(cache.sets) == {"d,e,f", "x"} and cache.size == 4
 
 
 def test_loaded_holders_know_whether_a_rule_changed_them() -> None:

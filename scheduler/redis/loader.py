@@ -39,11 +39,11 @@ class PieceBase:
 
 
 class HolderSet:
-    """One decoded holders field, shared by every load that read the same raw field: the
-    holders, their list (the sample is drawn from it) and the children an earlier layout wrote
-    after them."""
+    """One decoded holders field, shared by every piece whose field read the same (`users`):
+    the holders, their list (the sample is drawn from it) and the children an earlier layout
+    wrote after them."""
 
-    __slots__ = ("base", "legacy", "order", "raw")
+    __slots__ = ("base", "legacy", "order", "raw", "users")
 
     def __init__(self, raw: str, base: frozenset[str] | None = None, legacy: str = "") -> None:
         self.raw = raw
@@ -52,47 +52,56 @@ class HolderSet:
             base = frozenset(holders)
         self.base, self.legacy = base, legacy
         self.order = list(base)
+        self.users = 0
 
 
 class HolderCache:
     """Decoded holders fields, per task piece, while the raw field read back is the same: at
     2,600 holders, splitting the ~37 KB field and hashing its ids, then hashing them again
     to find the piece's sample, was half of a decision's CPU. Pieces whose fields are equal
-    share one `HolderSet` (and so one sample per batch). Bounded by the ids it keeps."""
+    share one `HolderSet` (and so one sample per batch). Bounded by the ids it keeps: the
+    pieces least recently changed or added go first."""
 
-    def __init__(self, limit: int = 1_000_000) -> None:
+    def __init__(self, limit: int = 500_000) -> None:
         self.limit = limit
         self.pieces: dict[tuple[str, int], HolderSet] = {}
         self.sets: dict[str, HolderSet] = {}  # by raw field: equal fields, one set
-        self.size = 0
+        self.size = 0  # ids in `sets`
 
     def get(self, tid: str, index: int, raw: str) -> HolderSet:
-        key = (tid, index)
-        hs = self.pieces.get(key)
+        hs = self.pieces.get((tid, index))
         if hs is not None and hs.raw == raw:
             return hs
-        hs = self.sets.get(raw)
-        if hs is None:
-            hs = self._keep(HolderSet(raw))
-        self.pieces[key] = hs
-        return hs
+        return self._put((tid, index), raw, lambda: HolderSet(raw))
 
     def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str]) -> None:
         """What this replica's claims appended to a field it had loaded (`happend`), so that
         the next read finds it decoded (a claim changes the field each time: each decoded it
         afresh). Only a hint: the raw field read back decides, as for every entry."""
         raw = records.append_holders(loaded.raw, records.encode_holders(added))
-        self.pieces[(tid, index)] = self.sets.get(raw) or self._keep(
-            HolderSet(raw, loaded.base | added, loaded.legacy))
+        self._put((tid, index), raw,
+                  lambda: HolderSet(raw, loaded.base | added, loaded.legacy))
 
-    def _keep(self, hs: HolderSet) -> HolderSet:
-        if self.size + len(hs.base) > self.limit:
-            self.pieces.clear()
-            self.sets.clear()
-            self.size = 0
-        self.sets[hs.raw] = hs
-        self.size += len(hs.base)
+    def _put(self, key: tuple[str, int], raw: str, new: Callable[[], HolderSet]
+             ) -> HolderSet:
+        hs = self.sets.get(raw)
+        if hs is None:
+            hs = self.sets[raw] = new()
+            self.size += len(hs.base)
+        hs.users += 1
+        old = self.pieces.pop(key, None)
+        self.pieces[key] = hs  # (last in order: kept longest)
+        if old is not None:
+            self._release(old)
+        while self.size > self.limit and len(self.pieces) > 1:
+            self._release(self.pieces.pop(next(iter(self.pieces))))
         return hs
+
+    def _release(self, hs: HolderSet) -> None:
+        hs.users -= 1
+        if not hs.users:
+            del self.sets[hs.raw]
+            self.size -= len(hs.base)
 
 
 class LoadedHolders(set[str]):
