@@ -71,7 +71,7 @@ def test_bounded() -> None:
 
 
 def test_holders_fields_decoded_once_and_shared_while_equal() -> None:
-    cache = HolderCache()
+    cache = HolderCache(least=0)
     first = cache.get("t", 0, "a,b|c=1.0")
     assert (first.base, first.legacy, sorted(first.order)) == ({"a", "b"}, "c=1.0", ["a", "b"])
     assert cache.get("t", 0, "a,b|c=1.0") is first
@@ -82,7 +82,7 @@ def test_holders_fields_decoded_once_and_shared_while_equal() -> None:
 
 
 def test_holders_cache_bounded_by_the_ids_it_keeps() -> None:
-    cache = HolderCache(limit=5)
+    cache = HolderCache(limit=5, least=0)
     cache.get("t", 0, "a,b,c")
     cache.get("t", 1, "d,e")
     cache.get("t", 2, "d,e")  # shared: no more ids kept
@@ -91,6 +91,15 @@ def test_holders_cache_bounded_by_the_ids_it_keeps() -> None:
     assert cache.size <= 5 and list(cache.pieces) == [("t", 2), ("t", 1)]
     cache.get("t", 2, "x")  # piece 2's last user of "d,e" gone: forgotten
     assert set(cache.sets) == {"d,e,f", "x"} and cache.size == 4
+
+
+def test_fields_of_few_holders_are_decoded_not_kept() -> None:
+    cache = HolderCache(least=2)
+    small = cache.get("t", 0, "a,b")
+    assert small.base == {"a", "b"} and not cache.pieces
+    assert cache.get("t", 1, "a,b,c").base == {"a", "b", "c"} and list(cache.pieces) == [("t", 1)]
+    cache.joined("t", 0, small, frozenset({"c"}))  # now three: kept
+    assert cache.pieces[("t", 0)].raw == "a,b,c"
 
 
 def test_loaded_holders_know_whether_a_rule_changed_them() -> None:

@@ -43,27 +43,36 @@ class HolderSet:
     the holders, their list (the sample is drawn from it) and the children an earlier layout
     wrote after them."""
 
-    __slots__ = ("base", "legacy", "order", "raw", "users")
+    __slots__ = ("_order", "base", "legacy", "raw", "users")
 
     def __init__(self, raw: str, base: frozenset[str] | None = None, legacy: str = "") -> None:
         self.raw = raw
         if base is None:
-            holders, legacy = records.decode_holders(raw)
-            base = frozenset(holders)
+            holders, _, legacy = raw.partition("|")
+            base = frozenset(holders.split(",")) if holders else frozenset()
         self.base, self.legacy = base, legacy
-        self.order = list(base)
+        self._order: list[str] | None = None
         self.users = 0
+
+    @property
+    def order(self) -> list[str]:
+        """The holders as a list (drawn from when they are more than HOLDER_SAMPLE)."""
+        if self._order is None:
+            self._order = list(self.base)
+        return self._order
 
 
 class HolderCache:
     """Decoded holders fields, per task piece, while the raw field read back is the same: at
     2,600 holders, splitting the ~37 KB field and hashing its ids, then hashing them again
     to find the piece's sample, was half of a decision's CPU. Pieces whose fields are equal
-    share one `HolderSet` (and so one sample per batch). Bounded by the ids it keeps: the
-    pieces least recently changed or added go first."""
+    share one `HolderSet` (and so one sample per batch). Only fields of more than
+    HOLDER_SAMPLE holders are kept, bounded by the ids they hold: the pieces least recently
+    changed or added go first."""
 
-    def __init__(self, limit: int = 500_000) -> None:
+    def __init__(self, limit: int = 500_000, least: int = HOLDER_SAMPLE) -> None:
         self.limit = limit
+        self.least = least  # fields of this many holders or fewer are decoded, not kept
         self.pieces: dict[tuple[str, int], HolderSet] = {}
         self.sets: dict[str, HolderSet] = {}  # by raw field: equal fields, one set
         self.size = 0  # ids in `sets`
@@ -72,12 +81,16 @@ class HolderCache:
         hs = self.pieces.get((tid, index))
         if hs is not None and hs.raw == raw:
             return hs
+        if raw.count(",") < self.least:  # cheap to decode: not kept (a cluster of many small
+            return HolderSet(raw)  # tasks would keep every piece it ever read)
         return self._put((tid, index), raw, lambda: HolderSet(raw))
 
     def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str]) -> None:
         """What this replica's claims appended to a field it had loaded (`happend`), so that
         the next read finds it decoded (a claim changes the field each time: each decoded it
         afresh). Only a hint: the raw field read back decides, as for every entry."""
+        if len(loaded.base) + len(added) <= self.least:
+            return
         raw = records.append_holders(loaded.raw, records.encode_holders(added))
         self._put((tid, index), raw,
                   lambda: HolderSet(raw, loaded.base | added, loaded.legacy))
