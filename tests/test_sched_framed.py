@@ -393,6 +393,14 @@ async def test_unsigned_or_replayed_calls_are_refused(scheduler: SchedulerServic
     # A route the edge does not serve is a 404, the connection stays.
     writer.write(cf.call(6, f"{API}/stats", sig, None, b""))
     assert (await _frames(reader))[0].status == 404
+    # One nonce cache for both edges: a signature an HTTP call used is no good framed.
+    used = auth.sign(SECRET, "POST", path, body)
+    async with aiohttp.ClientSession() as http, http.post(
+            scheduler.url + path, data=body, headers={auth.HEADER: used}) as r:
+        assert r.status == 200
+    writer.write(cf.call(7, path, used, None, body))
+    got7 = (await _frames(reader))[0]
+    assert got7.status == 401 and b"replayed" in got7.body
     writer.close()
 
 
