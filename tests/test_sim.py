@@ -194,3 +194,27 @@ def test_idc_blind_shows_what_the_idc_rules_save(monkeypatch: pytest.MonkeyPatch
     assert labelled.cross_idc == pytest.approx(2.0)
     assert blind.cross_idc > 4 * labelled.cross_idc
     assert blind.finished == blind.survivors == 24
+
+
+def test_the_report_accounts_for_every_pulling_host_second() -> None:
+    """`--report`: the states' shares of the pulling time add up to all of it, the lost
+    capacity to what the downlinks did not carry, and the start and tail are within the pull."""
+    r = run(small(), report=True)
+    lines = r.report
+    assert lines and lines[0].startswith("report:")
+    pulling = float(re.search(r"pulling ([\d.]+) host-s", lines[1]).group(1))
+    used = float(re.search(r"used ([\d.]+)%", lines[1]).group(1))
+    shares = [re.match(r"\s+(\S+)\s+([\d.]+)% of the time,\s+([\d.]+)% lost", line)
+              for line in lines[2:]]
+    shares = [m for m in shares if m]
+    assert sum(float(m.group(2)) for m in shares) == pytest.approx(100, abs=0.5)
+    assert sum(float(m.group(3)) for m in shares) == pytest.approx(100 - used, abs=0.5)
+    # Every host pulls from its start to its end: the samples cover the completion times.
+    assert pulling == pytest.approx(sum(r.times), rel=0.05)
+    # An origin-bound swarm (small's origin is half a host's uplink) waits on the lease
+    # holder's copy, and its downlinks (ten times an uplink) are never full.
+    states = {m.group(1) for m in shares}
+    assert "full" not in states and "waiting:wait" in states
+    start = re.search(r"start \(first piece held\) p50 ([\d.]+)x", "\n".join(lines))
+    assert start is not None and 0 < float(start.group(1)) < r.p50 / r.bound
+    assert run(small()).report == []  # off by default

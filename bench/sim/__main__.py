@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-wall", type=float,
                     help="stop after this many seconds of wall time and say how far the run got "
                          "(progress on stderr every minute)")
+    ap.add_argument("--report", action="store_true",
+                    help="where the time went: downlink use by host state, start and tail, "
+                         "links' use over the pull (bench/sim/report.py)")
     args = ap.parse_args(argv)
     if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
         # The scheduler iterates sets of peer ids: the same seed gives the same run only
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         sc.params.readahead = args.readahead << 20
     if args.wake_limit is not None:
         sc.params.wake_limit = args.wake_limit
-    result = run(sc, args.seed, args.max_wall)
+    result = run(sc, args.seed, args.max_wall, args.report)
     print("\n".join(result.lines()))
     return 0 if result.finished == result.survivors else 1
 

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
+from bench.sim.report import Probe
 from bench.sim.swarm import Params, Swarm, percentile
 from common.pieces import MiB
 
@@ -138,6 +139,7 @@ class Result:
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
     complete: bool = True  # False: cut short at the wall limit
+    report: list[str] = field(default_factory=list)  # `--report` (bench/sim/report.py)
 
     @property
     def pieces(self) -> int:
@@ -181,6 +183,7 @@ class Result:
                + ", ".join(f"{k} {v:,}" for k, v in self.piece_events.items())
                + f"), {self.transfers:,} piece transfers ({self.transfers / self.wall:,.0f}/s), "
                f"{self.events:,} clock events ({self.events / self.wall:,.0f}/s)"]
+        out.extend(self.report)
         if not self.complete:
             whole = sc.hosts * math.ceil(sc.length / self.piece_size)
             out.append(f"  CUT SHORT at the wall limit ({self.wall:.0f} s): {self.finished} of "
@@ -218,11 +221,14 @@ def build(sc: Scenario, seed: int) -> Swarm:
     return sim
 
 
-def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None) -> Result:
+def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None,
+        report: bool = False) -> Result:
     """The scenario, to its end or for at most `wall_limit` seconds of wall time (progress
-    on stderr every minute)."""
+    on stderr every minute); with `report`, where the time went (bench/sim/report.py)."""
     started = time.perf_counter()
     sim = build(sc, seed)
+    b = bound(sc)
+    probe = Probe(sim, b / 200, b / 10) if report else None
 
     def progress() -> None:
         st = sim.stats
@@ -252,4 +258,5 @@ def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None) -> Result:
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
         sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,
-        kinds=dict(st.kinds), complete=complete)
+        kinds=dict(st.kinds), complete=complete,
+        report=probe.lines(b) if probe is not None else [])
