@@ -118,6 +118,14 @@ def c() -> Cluster:
     return cl
 
 
+@pytest.fixture
+def two_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A children's share of two per holder (CHILDREN_PER_HOLDER before stop 22): the tests
+    that use it count places in the share; the rule is the same for any share."""
+    import scheduler.state
+    monkeypatch.setattr(scheduler.state, "CHILDREN_PER_HOLDER", 2)
+
+
 def _uploads_at(cl: Cluster, pid: str, rate: float, now: float) -> None:
     """Two heartbeats with uploads running through the interval: `rate` bytes/s seen."""
     cl.heartbeat(pid, now, active=1, uploaded=0)
@@ -645,6 +653,7 @@ def test_lease_of_a_peer_that_left_is_taken_over_at_once(c: Cluster) -> None:
     assert d.action == "source" and d.epoch > first.epoch
 
 
+@pytest.mark.usefixtures("two_children")
 def test_excluded_holder_is_not_a_parent(c: Cluster) -> None:
     c.announce("A", [0], 0.0)
     assert c.parents("B", 0, 0.1) == ["A"]
@@ -739,6 +748,7 @@ def test_expired_peer_comes_back_as_a_new_peer(c: Cluster) -> None:
 
 # --- reports and penalties --------------------------------------------------------------------
 
+@pytest.mark.usefixtures("two_children")
 @pytest.mark.parametrize("kind", ["failed", "slow", "corrupt"])
 def test_report_penalises_the_parent_until_the_penalty_ends(c: Cluster, kind: str) -> None:
     c.announce("A", [0, 1], 0.0)
@@ -1094,14 +1104,28 @@ def fifty_requesters(seed: int) -> list[Counter[str]]:
 @pytest.mark.parametrize("seed", range(20))
 def test_fifty_requesters_fan_out_as_a_tree(seed: int) -> None:
     rounds = fifty_requesters(seed)
-    # Two children in flight per holder: 5 holders take 10 children, then 15 take 30, then the
-    # last 10 go: three rounds, each holder first-ranked exactly twice in the first.
-    assert [sum(r.values()) for r in rounds] == [10, 30, 10]
-    assert rounds[0] == {f"h{i}": CHILDREN_PER_HOLDER for i in range(5)}
+    # One child in flight per holder: the holders double each round, 5 take 5 children, then
+    # 10 take 10, 20 take 20, and the last 15 go; each holder first-ranked once in the first.
+    assert CHILDREN_PER_HOLDER == 1
+    assert [sum(r.values()) for r in rounds] == [5, 10, 20, 15]
+    assert rounds[0] == {f"h{i}": 1 for i in range(5)}
     # No holder is ever handed more children at once than its upload slots.
     assert max(max(r.values()) for r in rounds) <= 4, rounds
 
 
+@pytest.mark.usefixtures("two_children")
+@pytest.mark.parametrize("seed", range(5))
+def test_two_children_per_holder_fan_out_as_a_tree_of_threes(seed: int) -> None:
+    rounds = fifty_requesters(seed)
+    # 5 holders take 10 children, then 15 take 30, then the last 10 go: three rounds, each
+    # holder first-ranked exactly twice in the first.
+    assert [sum(r.values()) for r in rounds] == [10, 30, 10]
+    assert rounds[0] == {f"h{i}": 2 for i in range(5)}
+    # No holder is ever handed more children at once than its upload slots.
+    assert max(max(r.values()) for r in rounds) <= 4, rounds
+
+
+@pytest.mark.usefixtures("two_children")
 def test_a_busy_piece_is_waited_for_never_fetched_from_the_origin() -> None:
     cl = Cluster()
     for pid in ("h", "a", "b", "c"):
@@ -1181,6 +1205,7 @@ def idc_cluster(locals_: int = 3) -> Cluster:
     return cl
 
 
+@pytest.mark.usefixtures("two_children")
 def test_the_first_requester_of_an_idc_crosses_the_rest_wait_for_its_copy() -> None:
     cl = idc_cluster()
     d = cl.one("a0", 0, 0.0)
@@ -1206,6 +1231,7 @@ def test_a_copy_in_flight_holds_its_idc_back_only_for_a_lease_timeout() -> None:
     assert d.action == "parents" and d.parents[0].id == "far"
 
 
+@pytest.mark.usefixtures("two_children")
 def test_a_child_of_another_idc_or_none_holds_nobody_back() -> None:
     cl = idc_cluster()
     cl.peer("far2", idc="idc1")
@@ -1220,6 +1246,7 @@ def test_a_child_of_another_idc_or_none_holds_nobody_back() -> None:
     assert cl.one("plain2", 0, 0.0).action == "parents"
 
 
+@pytest.mark.usefixtures("two_children")
 def test_a_local_holder_unusable_to_the_requester_lets_it_cross_once() -> None:
     cl = idc_cluster()
     cl.announce("a0", [0], 0.0)  # a local holder, which a1 excludes (it failed a1)
@@ -1230,6 +1257,7 @@ def test_a_local_holder_unusable_to_the_requester_lets_it_cross_once() -> None:
     assert cl.one("a2", 0, 0.0).parents[0].id == "a0"  # a0 is usable to a2
 
 
+@pytest.mark.usefixtures("two_children")
 def test_a_sample_of_holders_missing_the_idc_still_finds_its_holder() -> None:
     cl = Cluster()
     far = [f"f{i:03d}" for i in range(HOLDER_SAMPLE * 10)]
@@ -1298,10 +1326,11 @@ def test_a_reregistration_between_decisions_counts_its_new_slots(c: Cluster) -> 
     assert c.parents("D", 0, 20.0) == ["B", "A"]  # A's one slot is in use
 
 
+@pytest.mark.usefixtures("two_children")
 def test_a_child_done_or_stale_frees_its_place_in_a_full_share(c: Cluster) -> None:
     c.announce("A", [0], 0.0)
     assert c.parents("B", 0, 1.0) == ["A"]
-    assert c.parents("C", 0, 1.0) == ["A"]  # A's share: CHILDREN_PER_HOLDER = 2
+    assert c.parents("C", 0, 1.0) == ["A"]  # A's share: two children
     assert c.one("D", 0, 1.1) == Decision(piece=0, action="wait", reason="holders-busy")
     c.announce("B", [0], 1.2)  # a holder now, no longer in flight; cordoned: A's share only
     c.s.cordon("B")
@@ -1412,6 +1441,7 @@ def test_the_busy_shortcut_answers_draws_and_leaves_state_as_the_full_rule(
     event(f"shortcut taken: {min(sides[0].taken // 10 * 10, 100)}+")
 
 
+@pytest.mark.usefixtures("two_children")
 @pytest.mark.parametrize("holders", [1, HOLDER_SAMPLE + 6])
 def test_a_crowd_past_the_childrens_share_is_answered_by_the_shortcut(holders: int) -> None:
     s = CountingShortcut(lease_timeout=LEASE, rng=random.Random(0))
@@ -1424,7 +1454,7 @@ def test_a_crowd_past_the_childrens_share_is_answered_by_the_shortcut(holders: i
                             pieces=[PieceClaim(index=0, chunk=chunk(0))]), 0.0)
     answers = Counter(d.reason or d.action for pid in ids[holders:] for d in s.schedule(
         ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[0]), 0.5))
-    assert answers == {"parents": CHILDREN_PER_HOLDER * holders, "holders-busy": holders}
+    assert answers == {"parents": 2 * holders, "holders-busy": holders}
     assert s.taken == holders
 
 
@@ -1471,6 +1501,7 @@ def test_the_default_sample_draws_as_rng_sample_of_the_holders_listed() -> None:
     assert ids[0] not in piece.holders.ordered()  # type: ignore[attr-defined]
 
 
+@pytest.mark.usefixtures("two_children")
 def test_a_parent_is_named_with_its_current_address_and_transport(c: Cluster) -> None:
     c.announce("A", [0], 0.0)
     c.s.register(PeerRegistration(id="C", upload_addr="10.9.9.3:1", transport=2), 0.0)

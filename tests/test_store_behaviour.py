@@ -36,6 +36,7 @@ from common.models import (
 from common.pieces import MiB
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import (
+    CHILDREN_PER_HOLDER,
     HOLDER_SAMPLE,
     PENALTY_SECONDS,
     Conflict,
@@ -46,8 +47,10 @@ from scheduler.state import (
 from scheduler.store import MemoryStore, Store
 from tests.cluster import until
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, redis_server
+from tests.test_state import two_children
 
-__all__ = ["redis_cluster", "redis_server"]  # the session's fixtures, used here
+# The session's fixtures, and a share of two children per holder (tests counting its places).
+__all__ = ["redis_cluster", "redis_server", "two_children"]
 
 TASK = "sha256:" + "a" * 64
 OTHER = "sha256:" + "c" * 64
@@ -483,6 +486,7 @@ async def test_blob_mismatch_clears_a_provisional_map(h: Harness) -> None:
     assert (await announce(s, "D", {0: chunk(4242)})).rejected == []
 
 
+@pytest.mark.usefixtures("two_children")
 async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
     s = h.store
     await setup(s)
@@ -514,6 +518,25 @@ async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
         await s.withdraw(Withdraw(peer_id="nobody", task_id=TASK, pieces=None))
 
 
+async def test_one_child_in_flight_per_holder_the_holders_double(h: Harness) -> None:
+    """CHILDREN_PER_HOLDER = 1, in every store: a holder's one child fetches at its whole
+    uplink; once it holds the piece the two holders take two children."""
+    assert CHILDREN_PER_HOLDER == 1
+    s = h.store
+    await setup(s, "H", "A", "B", "C", "D")
+    await schedule(s, "H", [0])
+    await announce(s, "H", [0])
+    assert await parents(s, "A", 0) == ["H"]
+    d = await one(s, "B", 0)
+    assert (d.action, d.reason) == ("wait", "holders-busy")
+    await announce(s, "A", [0])
+    assert await parents(s, "B", 0) and await parents(s, "C", 0)
+    d = await one(s, "D", 0)
+    assert (d.action, d.reason) == ("wait", "holders-busy")
+    assert await s.back_to_source() == 1  # H's lease only
+
+
+@pytest.mark.usefixtures("two_children")
 async def test_children_in_flight_are_capped_per_holder(h: Harness) -> None:
     s = h.store
     await setup(s, "H", "A", "B", "C")
@@ -615,6 +638,7 @@ async def test_lease_holder_sets_the_provisional_chunk(h: Harness) -> None:
 
 # -- reports, cordon ---------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("two_children")
 @pytest.mark.parametrize("kind", ["failed", "slow", "corrupt"])
 async def test_reports_penalise_the_parent(h: Harness, kind: str) -> None:
     s = h.store
@@ -974,6 +998,7 @@ def test_partial_map_refuses_what_was_not_loaded() -> None:
 
 # -- IDCs: a piece crosses into an IDC once (helper G) -----------------------------------------
 
+@pytest.mark.usefixtures("two_children")
 async def test_a_piece_crosses_into_an_idc_once(h: Harness, no_recheck: None) -> None:
     s = h.store
     await peer(s, "F", idc="i1", upload_slots=8)
@@ -1161,6 +1186,7 @@ async def test_a_claim_appends_its_holder_and_the_field_reads_back_whole(
     assert d.action == "parents" and [p.id for p in d.parents] == ["Z"]
 
 
+@pytest.mark.usefixtures("two_children")
 async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
         redis_h: Harness) -> None:
     """A rolling upgrade: a replica of the earlier layout keeps a piece's children after its
