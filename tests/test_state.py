@@ -1561,6 +1561,7 @@ def test_holders_list_follows_every_change_in_place(change) -> None:  # type: ig
     assert holders.ordered() == list(holders)
 
 
+@pytest.mark.usefixtures("two_children")
 def test_the_room_a_piece_has_is_two_children_per_holder_less_those_in_flight() -> None:
     s = ClusterState(lease_timeout=LEASE, rng=random.Random(0))
     ids = ["h0", "h1", *(f"c{i}" for i in range(6))]
@@ -1570,7 +1571,7 @@ def test_the_room_a_piece_has_is_two_children_per_holder_less_those_in_flight() 
     assert s.room(TASK, [0, 1], 0.0) == {0: 0, 1: 0}  # nobody holds them: no room
     s.announce(Announce(peer_id="h0", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
                0.0)
-    assert s.room(TASK, [0], 0.0) == {0: CHILDREN_PER_HOLDER}
+    assert s.room(TASK, [0], 0.0) == {0: 2}
     answers = [s.schedule(ScheduleRequest(peer_id=c, task_id=TASK, pieces=[0]), 0.1)[0]
                for c in ("c0", "c1", "c2")]
     assert [d.reason or d.action for d in answers] == ["parents", "parents", "holders-busy"]
@@ -1578,7 +1579,7 @@ def test_the_room_a_piece_has_is_two_children_per_holder_less_those_in_flight() 
     # c0 finished: one place its own, two for it as a holder.
     s.announce(Announce(peer_id="c0", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
                0.2)
-    assert s.room(TASK, [0], 0.2) == {0: 2 * CHILDREN_PER_HOLDER - 1}
-    assert s.room(TASK, [0], 0.1 + LEASE) == {0: 2 * CHILDREN_PER_HOLDER}  # c1 went stale
+    assert s.room(TASK, [0], 0.2) == {0: 3}
+    assert s.room(TASK, [0], 0.1 + LEASE) == {0: 4}  # c1 went stale
     pieces = s.tasks[TASK].pieces
     assert isinstance(pieces[0].children, Children) and not pieces[0].children

@@ -17,7 +17,7 @@ from common.models import (
     ScheduleRequest,
     TaskRequest,
 )
-from scheduler import store
+from scheduler import state, store
 from scheduler.store import Waiters
 from scheduler.waiting import Parked, Parking, done, wakes
 
@@ -369,8 +369,10 @@ def test_an_announcement_wakes_as_many_as_each_piece_has_room_for() -> None:
 async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A crowd parked on one piece: a child that finishes makes room for three (its place and
-    two children of its own), and only the three oldest re-decide."""
+    two children of its own: a share of two per holder, set here), and only the three oldest
+    re-decide."""
     monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    monkeypatch.setattr(state, "CHILDREN_PER_HOLDER", 2)
     ms = store.MemoryStore(lease_timeout=30.0)
     crowd = [f"c{n}" for n in range(10)]
     for n, pid in enumerate(["h", *crowd]):
