@@ -40,4 +40,8 @@ bytes delivered whole by a parent or the origin, corrupt ones included), announc
 of an announcement the scheduler took, re-announcements included) or reported (a failed or
 corrupt parent). The line above it gives each count, and the clock's own events (every timer,
 message and flow finish it ran: the simulator's unit of work, not what the issue counts).
+
+`--report` adds where the time went (bench/sim/report.py): each pulling host's downlink use
+and, for what is unused, what it was doing (flows below the link rate, parked at the scheduler
+by answer, backing off, asking); the start and the tail; the links' use over the pull.
 """
