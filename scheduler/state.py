@@ -155,20 +155,29 @@ class Holders(set[str]):
 
 
 
-def _dropping_order(mutator: Callable[..., Any]) -> Callable[..., Any]:
-    def mutate(self: Holders, *args: Any) -> Any:
-        self._order = None
-        return mutator(self, *args)
-    mutate.__name__ = mutator.__name__
-    return mutate
+SET_MUTATORS = ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+                "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
+                "__isub__", "__ixor__")
+
+
+def on_mutation(cls: type[set[str]], before: Callable[[Any], None]) -> None:
+    """Make every in-place mutator of the set subclass `cls` call `before(self)` first."""
+    for name in SET_MUTATORS:
+        mutator = getattr(set, name)
+
+        def mutate(self: Any, *args: Any, _mutator: Callable[..., Any] = mutator) -> Any:
+            before(self)
+            return _mutator(self, *args)
+        mutate.__name__ = name
+        setattr(cls, name, mutate)
+
+
+def _drop_order(holders: Holders) -> None:
+    holders._order = None
 
 
 # Every mutator drops the list: a set changed in place may iterate in another order.
-for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
-              "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
-              "__isub__", "__ixor__"):
-    setattr(Holders, _name, _dropping_order(getattr(set, _name)))
-del _name
+on_mutation(Holders, _drop_order)
 
 
 class Children(dict[str, float]):

@@ -21,6 +21,7 @@ from scheduler.state import (
     PieceState,
     TaskState,
     TaskTrust,
+    on_mutation,
 )
 
 if TYPE_CHECKING:
@@ -133,19 +134,11 @@ class LoadedHolders(set[str]):
         return None if self.changed else self.loaded
 
 
-def _marking(mutator: Callable[..., Any]) -> Callable[..., Any]:
-    def mutate(self: LoadedHolders, *args: Any) -> Any:
-        self.changed = True
-        return mutator(self, *args)
-    mutate.__name__ = mutator.__name__
-    return mutate
+def _mark_changed(holders: LoadedHolders) -> None:
+    holders.changed = True
 
 
-for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
-              "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
-              "__isub__", "__ixor__"):
-    setattr(LoadedHolders, _name, _marking(getattr(set, _name)))
-del _name
+on_mutation(LoadedHolders, _mark_changed)
 
 
 def unloaded() -> Partial:
