@@ -217,13 +217,7 @@ async def test_a_dropped_connection_fails_its_calls_and_the_next_call_reconnects
     async with aiohttp.ClientSession() as http:
         t = FramedTransport(HttpTransport(http, SECRET), SECRET)
         try:
-            for name in ("a", "b"):
-                await t.post(url, f"{API}/peers", _reg(name), RegisterReply)
-            await t.post(url, f"{API}/tasks",
-                         TaskRequest(task_id=TASK, length=4 * MiB, piece_size=MiB), TaskMeta)
-            lease = await t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="a", task_id=TASK, pieces=[0], wait_ms=0), ScheduleReply)
-            assert lease is not None and lease.decisions[0].action == "source"
+            await _a_leases_piece_0(t, url)
             # b's call long-polls on a's lease: in flight, its connection is dropped.
             waiting = asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
                 peer_id="b", task_id=TASK, pieces=[0], wait_ms=20_000), ScheduleReply, 25))
@@ -246,6 +240,17 @@ async def test_a_dropped_connection_fails_its_calls_and_the_next_call_reconnects
             await t.close()
 
 
+async def _a_leases_piece_0(t: FramedTransport, url: str) -> None:
+    """Peers a and b registered, a 4-piece task, and a holding piece 0's origin lease."""
+    for name in ("a", "b"):
+        await t.post(url, f"{API}/peers", _reg(name), RegisterReply)
+    await t.post(url, f"{API}/tasks",
+                 TaskRequest(task_id=TASK, length=4 * MiB, piece_size=MiB), TaskMeta)
+    lease = await t.post(url, f"{API}/schedule", ScheduleRequest(
+        peer_id="a", task_id=TASK, pieces=[0], wait_ms=0), ScheduleReply)
+    assert lease is not None and lease.decisions[0].action == "source"
+
+
 def _parked(svc: SchedulerService) -> bool:
     return any(c.inflight for c in (svc.framed.connections if svc.framed else ()))
 
@@ -256,12 +261,7 @@ async def test_many_calls_in_flight_on_one_connection(scheduler: SchedulerServic
     async with aiohttp.ClientSession() as http:
         t = FramedTransport(HttpTransport(http, SECRET), SECRET)
         try:
-            for name in ("a", "b"):
-                await t.post(url, f"{API}/peers", _reg(name), RegisterReply)
-            await t.post(url, f"{API}/tasks",
-                         TaskRequest(task_id=TASK, length=4 * MiB, piece_size=MiB), TaskMeta)
-            await t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="a", task_id=TASK, pieces=[0], wait_ms=0), ScheduleReply)
+            await _a_leases_piece_0(t, url)
             polls = [asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
                 peer_id="b", task_id=TASK, pieces=[0], wait_ms=10_000), ScheduleReply, 15))
                 for _ in range(3)]
