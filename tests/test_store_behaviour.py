@@ -1129,6 +1129,18 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
     assert sum(records) > len(crowd), records
 
 
+def _record_applies(s: RedisStore) -> list[dict]:
+    """Every apply script's spec `s` sends from now on, decoded, in order."""
+    specs: list[dict] = []
+    apply = s.apply
+
+    async def recording(key: str, arg: str) -> Any:
+        specs.append(json.loads(arg))
+        return await apply(key, arg)
+    s.apply = recording  # type: ignore[method-assign]
+    return specs
+
+
 async def test_a_hand_out_writes_only_the_child_it_admitted(redis_h: Harness) -> None:
     """A piece's holders and its children in flight are stored apart: a decision on a piece
     many hold writes the one child it admitted, not the piece's holders."""
@@ -1138,13 +1150,7 @@ async def test_a_hand_out_writes_only_the_child_it_admitted(redis_h: Harness) ->
     await setup(s, "R", *crowd)
     for pid in crowd:
         await announce(s, pid, [0])
-    specs: list[dict] = []
-    apply = s.apply
-
-    async def recording(key: str, arg: str) -> Any:
-        specs.append(json.loads(arg))
-        return await apply(key, arg)
-    s.apply = recording  # type: ignore[method-assign]
+    specs = _record_applies(s)
     assert (await one(s, "R", 0)).action == "parents"
     ops = [(o[0], spec["k"][o[1] - 1], o[2:]) for spec in specs for o in spec["o"]]
     assert all(key != s.keys.holders(TASK) for _, key, _ in ops), ops
@@ -1163,13 +1169,7 @@ async def test_a_claim_appends_its_holder_and_the_field_reads_back_whole(
     await announce(s, crowd[0], [0, 1])
     for pid in crowd[1:]:
         await announce(s, pid, [0])
-    specs: list[dict] = []
-    apply = s.apply
-
-    async def recording(key: str, arg: str) -> Any:
-        specs.append(json.loads(arg))
-        return await apply(key, arg)
-    s.apply = recording  # type: ignore[method-assign]
+    specs = _record_applies(s)
     await announce(s, "Z", [0, 1])
     ops = [(o[0], o[2:]) for spec in specs for o in spec["o"]
            if spec["k"][o[1] - 1] == s.keys.holders(TASK)]
