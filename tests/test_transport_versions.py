@@ -29,7 +29,13 @@ TASK = f"sha256:{7:064x}"
 
 def _decide(transports: dict[str, int]) -> dict[str, Decision]:
     """Each peer's decision for piece 0 of a task the peer "parent" holds, every peer
-    registered with the transport given (None: a registration before the field)."""
+    registered with the transport given (None: a registration before the field); each asks
+    alone, as the parent's first child (it has room for one: CHILDREN_PER_HOLDER)."""
+    return {pid: _first_child(transports, pid)
+            for pid in transports if pid != "parent"}
+
+
+def _first_child(transports: dict[str, int], child: str) -> Decision:
     s = ClusterState(heartbeat_interval=1.0, lease_timeout=5.0, rng=random.Random(0))
     for n, (pid, transport) in enumerate(transports.items()):
         fields = {"transport": transport} if transport else {}
@@ -38,8 +44,7 @@ def _decide(transports: dict[str, int]) -> dict[str, Decision]:
     s.ensure_task(TaskRequest(task_id=TASK, length=MiB, piece_size=MiB), 0.0)
     s.announce(Announce(peer_id="parent", task_id=TASK,
                         pieces=[PieceClaim(index=0, chunk=f"blake3:{1:064x}")]), 0.0)
-    return {pid: s.schedule(ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[0]), 0.0)[0]
-            for pid in transports if pid != "parent"}
+    return s.schedule(ScheduleRequest(peer_id=child, task_id=TASK, pieces=[0]), 0.0)[0]
 
 
 def test_the_scheduler_hands_out_the_transport_both_speak() -> None:
