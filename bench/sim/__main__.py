@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the scheduler restarts (2 s away, state lost) this many bounds in")
     ap.add_argument("--wake-limit", type=int,
                     help="experiment: an announcement wakes this many parked calls per piece "
-                         "(0: all of them; default: scheduler/store.py's WAKE_PER_PIECE)")
+                         "(0: all of them; default: as many as the piece has room for, "
+                         "ClusterState.room, as the memory store wakes)")
     ap.add_argument("--readahead", type=int,
                     help="experiment: the reader's window in MiB (default: reader.py's)")
     ap.add_argument("--children", type=int,

@@ -116,7 +116,8 @@ class Params:
     lease_timeout: float = 2.0
     piece_size: int | None = None  # None: the default layout for the blob
     # An experiment, not the rules: an announcement wakes this many of the calls parked on
-    # each of its pieces (0: every one; None: scheduler/store.py's WAKE_PER_PIECE).
+    # each of its pieces (0: every one; None: as many as each has room for, ClusterState.room,
+    # as the memory store's Waiters).
     wake_limit: int | None = None
     readahead: int = READAHEAD_BYTES  # the reader's window (reader.py); another, an experiment
 
