@@ -43,12 +43,13 @@ from scheduler import policy
 PARENTS_PER_PIECE = 3
 # Children in flight per usable holder of a piece. When many peers want a piece few hold, the
 # rest wait for the first children to finish and become holders themselves: the piece spreads
-# as a tree, every uplink busy, instead of a star on its first holder. One child at a time gets
-# the holder's uplink to itself and the holders double every piece-time (1, 2, 4, 8), where two
-# at half the rate each tripled every two (1, 3, 9: x1.73 a piece-time): bench.sim kraken 50
-# hosts 1.97x -> 1.69x the bound, base 40 1.93x -> 1.68x (helper K, `--report`: 75 % of a
-# host's time was flows below its link rate, sharing the few uplinks that held new pieces).
-CHILDREN_PER_HOLDER = 1
+# as a tree (1, 3, 9, ... holders), every uplink busy, instead of a star on its first holder.
+# One child at a time (1, 2, 4, 8: its holder's whole uplink) with a 128 MiB reader window gave
+# bench.sim kraken 50 hosts 1.95x -> 1.35x the bound (helper K, `--report`), but 1.4-3x the
+# long-poll waits at the scheduler: bench.fleet memory 3,630-3,784 -> 2,627-2,680 pieces per
+# CPU-second and on Redis 2,118 -> 1,583 with 19 of 64 pulls done in 30 s, not 63 (2026-12-02).
+# Kept at two until waits are cheap (docs/benchmarks.md, "What holds a crowd back").
+CHILDREN_PER_HOLDER = 2
 # Holders of a piece weighed for one decision: a random sample of this many when there are more
 # (Dragonfly samples its candidate parents the same way). Weighing every holder made a decision
 # cost linear in the swarm: 0.06 ms with 8 holders, 12.7 ms with 2,600 (a fleet pull's late

@@ -27,11 +27,10 @@ COUNT = 24
 
 
 def test_the_window_is_pieces_in_flight_bounded_in_bytes() -> None:
-    assert readahead_pieces(4 * MiB) == 32, "a fast link's pieces in flight"
-    assert readahead_pieces(1 * MiB) == 32, "small pieces: as many, not 128 MiB of them"
-    assert readahead_pieces(16 * MiB) == 8
-    assert readahead_pieces(64 * MiB) == reader.READAHEAD_MIN_PIECES == 4
-    assert readahead_pieces(4 * MiB, 64 * MiB) == 16, "the sim's --readahead"
+    assert readahead_pieces(4 * MiB) == 16, "a fast link's pieces in flight"
+    assert readahead_pieces(1 * MiB) == 16, "small pieces: as many, not 64 MiB of them"
+    assert readahead_pieces(16 * MiB) == reader.READAHEAD_MIN_PIECES == 4
+    assert readahead_pieces(4 * MiB, 128 * MiB) == 32, "the sim's --readahead"
 
 
 def test_only_near_or_unstored_pieces_are_held() -> None:

@@ -36,7 +36,6 @@ from common.models import (
 from common.pieces import MiB
 from scheduler.redis_store import NotLoaded, Partial, RedisStore
 from scheduler.state import (
-    CHILDREN_PER_HOLDER,
     HOLDER_SAMPLE,
     PENALTY_SECONDS,
     Conflict,
@@ -47,10 +46,10 @@ from scheduler.state import (
 from scheduler.store import MemoryStore, Store
 from tests.cluster import until
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, redis_server
-from tests.test_state import two_children
+from tests.test_state import one_child, two_children
 
-# The session's fixtures, and a share of two children per holder (tests counting its places).
-__all__ = ["redis_cluster", "redis_server", "two_children"]
+# The session's fixtures, and shares of one and two children per holder (tests counting places).
+__all__ = ["one_child", "redis_cluster", "redis_server", "two_children"]
 
 TASK = "sha256:" + "a" * 64
 OTHER = "sha256:" + "c" * 64
@@ -518,10 +517,10 @@ async def test_withdrawn_pieces_stop_being_handed_out(h: Harness) -> None:
         await s.withdraw(Withdraw(peer_id="nobody", task_id=TASK, pieces=None))
 
 
+@pytest.mark.usefixtures("one_child")
 async def test_one_child_in_flight_per_holder_the_holders_double(h: Harness) -> None:
     """CHILDREN_PER_HOLDER = 1, in every store: a holder's one child fetches at its whole
     uplink; once it holds the piece the two holders take two children."""
-    assert CHILDREN_PER_HOLDER == 1
     s = h.store
     await setup(s, "H", "A", "B", "C", "D")
     await schedule(s, "H", [0])

@@ -39,13 +39,12 @@ from peer.store import ChunkCorrupt, ChunkStore
 
 # Asked for ahead of a reader: what fills a fast link is pieces in flight (flows from distinct
 # parents): 16 MiB kept 4 pieces of 4 MiB in flight, a third of a 300 MB/s link (bench.sim
-# kraken). So 32 pieces, at most 128 MiB: pieces under PIECE_FLOOR count as PIECE_FLOOR, 16 MiB
-# pieces get 8. With every host reading in order, the pieces a crowd can spread at once are
-# those its windows ask: 64 MiB left half of the uplinks idle (bench.sim kraken 50 hosts
-# `--report`: downlinks 51 % used, 75 % of the time flows below the link rate from the few
-# holders of the newest pieces); 128 MiB with one child per holder 1.34x the bound, 256 MiB
-# 1.15x at twice the decisions again. Fetched pieces beyond HELD_BYTES are stored, not held.
-READAHEAD_BYTES = 128 * MiB
+# kraken). So 16 pieces, at most 64 MiB: pieces under PIECE_FLOOR count as PIECE_FLOOR, so small
+# pieces keep today's 16 MiB (no more re-reads, `holds`), 16 MiB pieces get 4. 128 MiB with one
+# child per holder made bench.sim kraken 1.35x the bound from 1.95x at a cost in scheduler waits
+# (scheduler/state.py CHILDREN_PER_HOLDER says how much); fetched pieces beyond HELD_BYTES are
+# stored, not held, either way.
+READAHEAD_BYTES = 64 * MiB
 PIECE_FLOOR = 4 * MiB
 READAHEAD_MIN_PIECES = 4
 LOCAL_AHEAD_BYTES = 4 * MiB  # stored pieces read ahead of a reader
