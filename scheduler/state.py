@@ -867,11 +867,7 @@ class ClusterState:
         holder = requester in piece.holders
         if since is None or now - since >= self.lease_timeout or holder:
             if len(children) >= share:
-                if type(children) is Children and children.ordered:
-                    children.drop_stale(now, self.lease_timeout)  # none is a holder
-                elif not self._all_in_flight(piece, children, now):
-                    children = {c: t for c, t in children.items()
-                                if now - t < self.lease_timeout and c not in piece.holders}
+                children = self._in_flight(piece, children, now)
             if len(children) >= share:
                 piece.children = children or None
                 return False
@@ -897,16 +893,22 @@ class ClusterState:
                 out[i] = 0
                 continue
             children = piece.children
-            if not children:
-                live = 0
-            elif type(children) is Children and children.ordered:
-                children.drop_stale(now, self.lease_timeout)
-                live = len(children)
-            else:
-                live = sum(1 for c, t in children.items()
-                           if now - t < self.lease_timeout and c not in piece.holders)
+            live = len(self._in_flight(piece, children, now)) if children else 0
             out[i] = max(0, CHILDREN_PER_HOLDER * len(piece.holders) - live)
         return out
+
+    def _in_flight(self, piece: PieceState, children: dict[str, float],
+                   now: float) -> dict[str, float]:
+        """`piece`'s children still in flight (neither stale nor holders): an ordered
+        `Children` drops its stale prefix in place (none is a holder); a plain dict (what the
+        Redis store loads) is itself if all are in flight, else filtered into a new one."""
+        if type(children) is Children and children.ordered:
+            children.drop_stale(now, self.lease_timeout)
+            return children
+        if self._all_in_flight(piece, children, now):
+            return children
+        return {c: t for c, t in children.items()
+                if now - t < self.lease_timeout and c not in piece.holders}
 
     def _all_in_flight(self, piece: PieceState, children: dict[str, float], now: float) -> bool:
         """Whether no child of `piece` is done (a holder) or stale, so pruning would keep them
