@@ -68,14 +68,26 @@ def read_only(path: Path) -> Iterator[Path]:
     """`path` read-only while in the block: a read-only bind mount of it over itself. Files
     open already (the index) keep writing through the mount below; whatever is opened or
     created meanwhile (a chunk's temporary file) fails with EROFS, as on a disk remounted
-    read-only. (Remounting the mount in use instead is refused while files are open for
-    writing: "mount point is busy".)"""
-    _mount("--bind", str(path), str(path))
+    read-only. The bind mount is made read-only at a staging directory nobody writes through
+    and then moved over `path` in one step: bound over `path` first and remounted there, a
+    file the peer created through it between the two calls made the remount fail ("mount
+    point is busy")."""
+    staging = path.with_name(f".{path.name}-read-only")
+    staging.mkdir()
     try:
-        _mount("-o", "remount,ro,bind", str(path))
-        yield path
+        _mount("--bind", str(path), str(staging))
+        try:
+            _mount("-o", "remount,ro,bind", str(staging))
+            _mount("--move", str(staging), str(path))
+        except BaseException:
+            _umount(staging)
+            raise
+        try:
+            yield path
+        finally:
+            _umount(path)
     finally:
-        _umount(path)
+        staging.rmdir()
 
 
 def fill_up(directory: Path) -> Path:
