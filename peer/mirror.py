@@ -257,8 +257,20 @@ class Mirror:
                 e.headers[PROXY_ERROR[0]] = PROXY_ERROR[1]
                 self.metrics.own_failures.labels(str(e.status)).inc()
             raise
-        except (ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionError as e:
+            if request.writer.output_size == 0 and request.transport is not None \
+                    and not request.transport.is_closing():
+                log.warning("cannot answer %s %s: %r", request.method, request.path[:200], e)
+                resp = error(502, f"cannot answer: {e}")
+            else:
+                # The client hung up mid-answer (or the body broke after its headers): a line,
+                # not aiohttp's traceback; the connection ends so no short body looks whole.
+                log.info("%s %s ended early: %r", request.method, request.path[:200], e)
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=499)  # never sent: nginx's "client closed request"
         except Exception:
             if request.writer.output_size > 0:
                 raise  # headers are out: aiohttp ends the connection

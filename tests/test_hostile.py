@@ -306,3 +306,32 @@ async def test_scheduler_state_is_intact_after_the_fuzz(target: tuple) -> None:
                      "/api/v1/stats", "/metrics"):
             async with s.get(sched.url + path) as r:
                 assert r.status == 200, path
+
+
+async def _hang_up_after(port: int, path: str, first: int) -> None:
+    """GET `path`, read the head and `first` bytes of the body, then reset the connection."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await reader.readexactly(first)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST on close
+    writer.transport.abort()
+
+
+async def test_clients_that_hang_up_mid_body_cost_one_line_each(
+        target: tuple, registry: Registry, repo: str) -> None:
+    """A client gone after the headers, cached (sendfile) or streamed from the origin: the
+    peer logs a line, never aiohttp's traceback, and serves the next client exactly."""
+    peer = target[0]
+    big = os.urandom(24 * MiB)
+    path = f"/v2/{repo}/blobs/{await push_blob(registry.url, repo, big)}"
+    for first in (1, 1 << 20):
+        await _hang_up_after(_port(peer), path, first)  # streamed: not stored yet
+        await _hang_up_after(_port(peer), peer.extra["repo_path"], first)  # cached
+    async with aiohttp.ClientSession() as s, s.get(f"{peer.url}{path}") as r:
+        assert r.status == 200 and await r.read() == big
+    logs = peer.proc.logs()
+    assert "Traceback" not in logs and "Error handling request" not in logs, logs
