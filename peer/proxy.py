@@ -64,8 +64,19 @@ async def passthrough(request: web.Request, session: aiohttp.ClientSession,
             resp.content_length = upstream.content_length
         await resp.prepare(request)
         if request.method != "HEAD":
-            async for part in upstream.content.iter_chunked(256 << 10):
-                await resp.write(part)
+            try:
+                async for part in upstream.content.iter_chunked(256 << 10):
+                    await resp.write(part)
+            except ConnectionResetError:
+                raise  # the client went away (a write to its connection): the mirror's line
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError,
+                    TimeoutError) as e:
+                # Headers are out: end the connection, so the client sees a broken body and
+                # never a short one that looks whole.
+                log.warning("upstream %s cut off mid-body: %r", url, e)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
         await resp.write_eof()
         return resp
 

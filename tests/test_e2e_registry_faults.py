@@ -64,3 +64,36 @@ async def test_a_trickling_registry_is_not_fetched_twice(cluster: Cluster, regis
     assert results == [blob] * 3
     # The lease holder's slow run keeps reporting progress, so nobody takes it over.
     assert flaky.blob_bytes <= 1.1 * len(blob), flaky.blob_bytes / len(blob)
+
+
+async def test_a_registry_body_cut_short_reaches_the_client_broken(cluster: Cluster) -> None:
+    """A manifest relayed as the registry sends it, whose body the registry cuts off: the
+    client sees a broken body (never a short one that looks whole), the peer one log line and
+    no traceback, and the peer keeps relaying."""
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000\r\n\r\n" + b"{" * 100_000)
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    try:
+        upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        sched = await cluster.scheduler()
+        peer = await cluster.peer("p", sched.url, upstream)
+        for _ in range(2):
+            async with aiohttp.ClientSession() as s, \
+                    s.get(f"{peer.url}/v2/library/x/manifests/latest") as r:
+                assert r.status == 200
+                try:
+                    body = await r.read()
+                except aiohttp.ClientPayloadError:
+                    continue
+                raise AssertionError(f"a cut body read whole: {len(body)} bytes")
+        logs = peer.proc.logs()
+        assert "Traceback" not in logs and "Error handling request" not in logs, logs
+        assert "cut off" in logs, logs
+    finally:
+        server.close()
+        await server.wait_closed()
