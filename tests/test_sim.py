@@ -11,11 +11,13 @@ import scheduler.state
 import scheduler.store
 from bench.sim.__main__ import main
 from bench.sim.core import Clock, Link, Network
+from bench.sim.cost import Bill
 from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
 from bench.sim.swarm import Params
 
 LAST_LINE = re.compile(r"^sim scenario=(\w+) hosts=(\d+) p50=([\d.]+)x p99=([\d.]+)x "
-                       r"origin=([\d.]+)x decisions=(\d+)/s events=(\d+)/s$")
+                       r"origin=([\d.]+)x decisions=(\d+)/s cpu=(\d+)us/piece "
+                       r"replicas=([\d.]+) events=(\d+)/s$")
 
 
 def small(**kw) -> Scenario:
@@ -33,6 +35,7 @@ def test_cli_ends_with_the_summary_line(capsys: pytest.CaptureFixture[str]) -> N
     assert m.group(1) == "lab8" and m.group(2) == "2"
     assert float(m.group(3)) >= 1.0  # nothing beats the fluid bound
     assert float(m.group(5)) >= 1.0  # the origin sends every byte at least once
+    assert int(m.group(7)) > 0  # what it cost the scheduler (m.group(8): replicas)
 
 
 def test_an_origin_bound_swarm_reaches_near_the_bound_fetching_each_byte_once() -> None:
@@ -220,3 +223,36 @@ def test_the_report_accounts_for_every_pulling_host_second() -> None:
     start = re.search(r"start \(first piece held\) p50 ([\d.]+)x", "\n".join(lines))
     assert start is not None and 0 < float(start.group(1)) < r.p50 / r.bound
     assert run(small()).report == []  # off by default
+
+
+def test_the_bill_charges_each_simulated_second_its_scheduler_cpu() -> None:
+    bill = Bill(call_us=100.0, piece_us=10.0)
+    bill.rules(0.5, 300_000_000)
+    bill.call(0.9, pieces=10)  # 100 + 10 x 10 µs
+    bill.rules(1.5, 100_000_000)
+    bill.call(2.2)
+    assert bill.requests == 2 and bill.edge_ns == pytest.approx(300_000)
+    assert bill.total_ns == pytest.approx(400_300_000)
+    assert bill.replicas(2.5) == pytest.approx(0.4003 / 2.5)
+    assert bill.peak(2.5) == pytest.approx(0.3002)  # second 0; second 2 is not whole
+    assert bill.peak(1.5) == pytest.approx(bill.replicas(1.5))  # too short for a peak
+
+
+def test_the_scheduler_cpu_is_measured_as_the_rules_run_and_the_edge_priced_per_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that asks the rules for more decisions costs more of their measured CPU; the
+    edge is priced per call that reaches the scheduler, whatever the rules do with it."""
+    before = run(small())
+    assert before.rules_cpu > 0 and before.edge_cpu > 0 and before.peak_cpu > 0
+    assert before.replicas == before.rules_cpu + before.edge_cpu
+    assert before.cpu_per_piece == pytest.approx(
+        before.replicas * before.span * 1e6 / before.transfers)
+    priced = small()
+    priced.params.edge_call_us, priced.params.edge_piece_us = 1000.0, 0.0
+    flat = run(priced)
+    assert flat.edge_cpu == pytest.approx(flat.requests * 1e-3)
+    monkeypatch.setattr(scheduler.store, "RECHECK_SECONDS", 0.05)
+    often = run(small())  # every parked call re-decides every 50 ms
+    assert often.decisions > 2 * before.decisions
+    assert often.rules_cpu * often.span > 1.3 * before.rules_cpu * before.span
+    assert often.cpu_per_piece > before.cpu_per_piece

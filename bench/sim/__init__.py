@@ -30,9 +30,13 @@ start), origin egress, the busiest uploader's share of all peer uploads, the sch
 calls, announcements and heartbeats per simulated second of the pull), bytes across IDCs, and
 the simulation's own speed. The last line is
 
-    sim scenario=NAME hosts=H p50=…x p99=…x origin=…x decisions=…/s events=…/s
+    sim scenario=NAME hosts=H p50=…x p99=…x origin=…x decisions=…/s cpu=…us/piece replicas=…
+        events=…/s
 
-where decisions/s is per simulated second (what the scheduler must sustain) and events/s is
+where decisions/s is per simulated second (what the scheduler must sustain); cpu is the
+scheduler's CPU per piece moved and replicas the scheduler processes (one core each) the pull's
+real-time demand needs, both this machine's: the rules' CPU measured as they run, the edge's
+priced per call (bench/sim/cost.py); and events/s is
 the simulator's speed: **piece events** per second of wall time, where a piece event is one
 piece asked (each piece of a schedule call sent; asked again, counted again), decided (each
 piece `ClusterState.schedule` decided, a long poll's re-decisions included), moved (a piece's

@@ -18,7 +18,8 @@ The lost capacity (1 - use) x dt of each sample is charged to its state, so the 
 `lost` column adds up to what the pull lost against a link busy from its first instant to its
 last. Also per host: the time to its first piece (`start`) and from its 95th percent of the
 pieces to its last (`tail`); and per bucket of the pull (a tenth of the fluid bound each) the
-mean use of the hosts' downlinks and uplinks and of the origin's link.
+mean use of the hosts' downlinks and uplinks and of the origin's link, and the scheduler
+replicas (cores, bench/sim/cost.py) that part of the pull kept busy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Bucket:
     down: float = 0.0  # mean use of pulling hosts' downlinks
     up: float = 0.0  # mean use of every live host's uplink
     origin: float = 0.0
+    sched_ns: float = 0.0  # the scheduler's CPU in the bucket (bench/sim/cost.py)
     pieces: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -54,6 +56,7 @@ class Probe:
         self.buckets: dict[int, Bucket] = defaultdict(Bucket)
         self.first: dict[Host, float] = {}
         self.near: dict[Host, float] = {}
+        self.billed = 0.0  # the scheduler's CPU at the last sample
         sim.clock.at(dt, self.sample)
 
     def sample(self) -> None:
@@ -73,6 +76,9 @@ class Probe:
         alive = [h for h in sim.hosts if h.alive]
         b.up += sum(h.up.alloc / h.up.capacity for h in alive) / max(1, len(alive))
         b.origin += sim.origin.alloc / sim.origin.capacity
+        billed = sim.bill.total_ns
+        b.sched_ns += billed - self.billed
+        self.billed = billed
         mark = int(TAIL * sim.count)
         pulling = 0
         for h in alive:
@@ -144,13 +150,16 @@ class Probe:
             out.append(f"  start (first piece held) p50 {percentile(starts, 0.5):.3f}x, max "
                        f"{max(starts):.3f}x; tail (last {1 - TAIL:.0%} of pieces) p50 "
                        f"{percentile(tails, 0.5):.3f}x, max {max(tails):.3f}x the bound")
-        out.append("  t/bound  pulling  down   up     origin  pieces per pulling host by step")
+        out.append("  t/bound  pulling  down   up     origin  replicas  pieces per pulling host by "
+                   "step")
         for k in sorted(self.buckets):
             b = self.buckets[k]
             n = b.samples or 1
             per = b.pulling or 1
             kinds = ", ".join(f"{s} {v / per:.1f}" for s, v in
                               sorted(b.pieces.items(), key=lambda kv: -kv[1]) if v / per >= 0.1)
+            cores = b.sched_ns / 1e9 / (n * self.dt)
             out.append(f"  {k * self.bucket / bound:5.2f}  {b.pulling / n:7.1f}  "
-                       f"{b.down / per:5.1%} {b.up / n:5.1%} {b.origin / n:6.1%}  {kinds}")
+                       f"{b.down / per:5.1%} {b.up / n:5.1%} {b.origin / n:6.1%}  {cores:8.2f}"
+                       f"  {kinds}")
         return out

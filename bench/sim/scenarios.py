@@ -135,7 +135,13 @@ class Result:
     reasons: dict[str, int]
     gave_up: int
     corrupt_caught: int
-    sched_cpu: float  # seconds of this machine's core in ClusterState per simulated second
+    # The scheduler's CPU (bench/sim/cost.py), seconds of this machine's core per simulated
+    # second of the pull: its rules as measured, its edge as priced; the busiest second's.
+    rules_cpu: float
+    edge_cpu: float
+    peak_cpu: float
+    requests: float  # calls that reached the scheduler, per simulated second
+    span: float  # simulated seconds the per-second figures are over (to the last host done)
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
     complete: bool = True  # False: cut short at the wall limit
@@ -145,6 +151,16 @@ class Result:
     def pieces(self) -> int:
         """Piece events: what the final line's events/s counts (bench/sim/__init__.py)."""
         return sum(self.piece_events.values())
+
+    @property
+    def replicas(self) -> float:
+        """Scheduler replicas (one core each) the pull's real-time demand needs."""
+        return self.rules_cpu + self.edge_cpu
+
+    @property
+    def cpu_per_piece(self) -> float:
+        """The scheduler's CPU per piece moved, µs."""
+        return self.replicas * self.span * 1e6 / max(self.transfers, 1)
 
     @property
     def p50(self) -> float:
@@ -172,8 +188,14 @@ class Result:
                f"  scheduler demand: {self.decisions:,.0f} decisions/s (peak "
                f"{self.decisions_peak:,} in one second), {self.calls:,.0f} schedule calls/s, "
                f"{self.announces:,.0f} "
-               f"announcements/s, {self.heartbeats:,.0f} heartbeats/s; the rules took "
-               f"{self.sched_cpu:.2f} s of one core here per simulated second",
+               f"announcements/s, {self.heartbeats:,.0f} heartbeats/s",
+               f"  scheduler CPU (this machine's core, per simulated second): rules "
+               f"{self.rules_cpu:.3f} s measured + edge {self.edge_cpu:.3f} s priced "
+               f"({self.requests:,.0f} calls/s) = {self.replicas:.2f} replicas (busiest "
+               f"second {self.peak_cpu:.2f}); {self.cpu_per_piece:,.0f} us per piece moved ("
+               f"{self.cpu_per_piece * self.rules_cpu / max(self.replicas, 1e-12):,.0f} "
+               f"rules + {self.cpu_per_piece * self.edge_cpu / max(self.replicas, 1e-12):,.0f}"
+               f" edge)",
                f"  decisions by kind {dict(sorted(self.kinds.items()))}",
                f"  origin leases {self.leases}, origin steps by reason "
                f"{dict(sorted(self.reasons.items()))}; pieces given up "
@@ -193,7 +215,8 @@ class Result:
                        f" s wall; the figures above are of the hosts done")
         out.append(f"sim scenario={sc.name} hosts={sc.hosts} p50={self.p50 / b:.3f}x "
                    f"p99={self.p99 / b:.3f}x origin={self.origin:.3f}x "
-                   f"decisions={self.decisions:.0f}/s events={self.pieces / self.wall:.0f}/s")
+                   f"decisions={self.decisions:.0f}/s cpu={self.cpu_per_piece:.0f}us/piece "
+                   f"replicas={self.replicas:.3f} events={self.pieces / self.wall:.0f}/s")
         return out
 
 
@@ -257,6 +280,8 @@ def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None,
         transfers=st.transfers,
         wall=wall, sim_seconds=sim.clock.now, piece_size=sim.piece_size,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
-        sched_cpu=st.sched_cpu / span, leases=sim.leases + sim.state.back_to_source,
+        rules_cpu=sim.bill.rules_ns / 1e9 / span, edge_cpu=sim.bill.edge_ns / 1e9 / span,
+        peak_cpu=sim.bill.peak(span), requests=sim.bill.requests / span, span=span,
+        leases=sim.leases + sim.state.back_to_source,
         kinds=dict(st.kinds), complete=complete,
         report=probe.lines(b) if probe is not None else [])

@@ -30,7 +30,8 @@ What is modelled here, after the engine it stands for (peer/engine/engine.py and
   core per host, after the bytes arrive and before the piece counts as held.
 
 The scheduler itself is given no CPU limit: decisions and announcements per second are what
-the swarm demands of it.
+the swarm demands of it, and the CPU its code took here (measured around every call into it,
+plus its edge priced per call: bench/sim/cost.py) what that demand costs.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, thread_time_ns
 
 import scheduler.store
 from bench.sim.core import Clock, Flow, Link, Network
+from bench.sim.cost import EDGE_CALL_US, EDGE_PIECE_US, Bill
 from common.models import (
     AnnounceReply,
     Decision,
@@ -120,6 +122,9 @@ class Params:
     # as the memory store's Waiters).
     wake_limit: int | None = None
     readahead: int = READAHEAD_BYTES  # the reader's window (reader.py); another, an experiment
+    # The scheduler edge's CPU per call and per piece in it (bench/sim/cost.py).
+    edge_call_us: float = EDGE_CALL_US
+    edge_piece_us: float = EDGE_PIECE_US
 
 
 @dataclass(eq=False)
@@ -267,7 +272,6 @@ class Stats:
     corrupt_caught: int = 0
     gave_up: int = 0
     cross_idc: float = 0.0  # bytes
-    sched_cpu: float = 0.0  # wall seconds spent in ClusterState's rules
     # (The simulator's speed is counted in piece events, `piece_events`; bench/sim/__init__.py.)
     origin_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_second: dict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -288,6 +292,7 @@ class Swarm:
         self.clock = Clock()
         self.net = Network(self.clock)
         self.stats = Stats()
+        self.bill = Bill(params.edge_call_us, params.edge_piece_us)
         self.hosts: list[Host] = []
         self.by_id: dict[str, Host] = {}
         self.origin = Link("origin", origin_rate)
@@ -361,20 +366,22 @@ class Swarm:
     def _state_call(self, host: Host, fn, *args):
         """Run a ClusterState rule for `host`; None if the scheduler does not know it (a
         restart): the session registers again."""
-        started = perf_counter()
+        now = self.clock.now
+        started = thread_time_ns()
         try:
-            return fn(*args, self.clock.now)
+            return fn(*args, now)
         except (UnknownPeer, UnknownTask):
             self._lose(host)
             return None
         finally:
-            self.stats.sched_cpu += perf_counter() - started
+            self.bill.rules(now, thread_time_ns() - started)
 
     def heartbeat(self, host: Host) -> None:
         if not host.alive:
             return
         if self.up and host.connected:
             self.stats.heartbeats += 1
+            self.bill.call(self.clock.now)
             hb = Heartbeat.model_construct(
                 load=PeerLoad.model_construct(active_uploads=host.active, upload_rate=0.0,
                                               free_disk=0),
@@ -385,8 +392,12 @@ class Swarm:
         self.clock.after(self.p.heartbeat_interval, self.heartbeat, host)
 
     def expire_loop(self) -> None:
-        if self.up and self.state.expire(self.clock.now):
-            self._notify(None)
+        if self.up:
+            started = thread_time_ns()
+            expired = self.state.expire(self.clock.now)
+            self.bill.rules(self.clock.now, thread_time_ns() - started)
+            if expired:
+                self._notify(None)
         self.clock.after(1.0, self.expire_loop)
 
     def ask(self, host: Host, worker: Worker, exclude: frozenset[str]) -> None:
@@ -420,28 +431,35 @@ class Swarm:
             self._answer_later(call, None)
             return
         now = self.clock.now
+        self.bill.call(now, len(call.req.pieces))
         call.deadline = now + LONG_POLL_MS / 1000
+        started = thread_time_ns()
         call.parked = self.parked.take(call_key(call.req), call.req.pieces,
                                        scheduler.store.RECHECK_SECONDS, now)
+        self.bill.rules(now, thread_time_ns() - started)
         self._decide(call)
 
     def _decide(self, call: Call) -> None:
-        """One turn of `Waiters.schedule`'s loop (scheduler/store.py)."""
+        """One turn of `Waiters.schedule`'s loop (scheduler/store.py), its CPU the scheduler's."""
         call.waking = False
         if call.done:
             return
+        now = self.clock.now
+        started = thread_time_ns()
+        self._turn(call, now)
+        self.bill.rules(now, thread_time_ns() - started)
+
+    def _turn(self, call: Call, now: float) -> None:
         if not self.up or call.session != self.session:
             self._unpark(call)
             self._answer_later(call, None)
             return
-        now = self.clock.now
         parked = call.parked
         assert parked is not None
         pieces = parked.begin(now)
         if pieces:
             req = call.req if pieces is parked.pieces \
                 else call.req.model_copy(update={"pieces": list(pieces)})
-            started = perf_counter()
             try:
                 decisions = self.state.schedule(req, now)
             except (UnknownPeer, UnknownTask):
@@ -453,7 +471,6 @@ class Swarm:
                 self._unpark(call)
                 self._answer_later(call, None)
                 return
-            self.stats.sched_cpu += perf_counter() - started
             self.stats.calls += 1
             self.stats.decisions += len(decisions)
             self.stats.per_second[int(now)] += len(decisions)
@@ -485,7 +502,9 @@ class Swarm:
             self._leave(call)
             self._answer_later(call, parked.answer())
             return
+        started = thread_time_ns()
         parked.changed_all()
+        self.bill.rules(self.clock.now, thread_time_ns() - started)
         self._wake(call)
 
     def _wake(self, call: Call) -> None:
@@ -493,7 +512,7 @@ class Swarm:
             call.waking = True
             self.clock.after(0.0, self._decide, call)
 
-    def _leave(self, call: Call) -> None:
+    def _leave(self, call: Call) -> None:  # (within a turn: its CPU is charged there)
         assert call.parked is not None
         self.calls.pop(call.parked, None)
         self.parked.leave(call.parked, call_key(call.req), self.clock.now)
@@ -561,6 +580,7 @@ class Swarm:
         if self.up and session == self.session:
             for ann in anns:
                 self.stats.announces += 1
+                self.bill.call(self.clock.now, len(ann.pieces))
                 reply = self._state_call(host, self.state.announce, ann)
                 if reply is None:
                     break
@@ -575,14 +595,17 @@ class Swarm:
         as the rules say each piece has room for (`ClusterState.room`; the `wake_limit`
         experiment: of those not already woken, that many per piece, 0: every one); None:
         every call, in full."""
+        if not pieces and pieces is not None:
+            return
+        now = self.clock.now
+        started = thread_time_ns()
         if pieces is None:
             woken = self.parked.everyone()
-        elif pieces:
-            limit = self.state.room(TASK, pieces, self.clock.now) \
+        else:
+            limit = self.state.room(TASK, pieces, now) \
                 if self.p.wake_limit is None else self.p.wake_limit
             woken = self.parked.announced(pieces, limit)
-        else:
-            return
+        self.bill.rules(now, thread_time_ns() - started)
         calls = self.calls
         for parked in woken:
             self._wake(calls[parked])
@@ -614,6 +637,7 @@ class Swarm:
     def report(self, host: Host, parent: str, index: int, kind: str) -> None:
         if host.connected and self.up:
             self.stats.reports += 1
+            self.bill.call(self.clock.now)
             self._state_call(host, self.state.report,
                              Report(peer_id=host.id, parent_id=parent, task_id=TASK,
                                     piece=index, kind=kind))
@@ -651,9 +675,13 @@ class Swarm:
             return
         now = self.clock.now
         assert host.reg is not None
+        self.bill.call(now)  # register and the task's open: two calls
+        self.bill.call(now)
+        started = thread_time_ns()
         self.state.register(host.reg, now)
         self.state.ensure_task(TaskRequest(task_id=TASK, length=self.length,
                                            piece_size=self.piece_size), now)
+        self.bill.rules(now, thread_time_ns() - started)
         host.silences.append((host.lost_at or now, now))
         # The whole store again (sched_reannounce.py), before calls go on (`connected`).
         anns = announcements(host.id, TASK, {i: self.chunks[i] for i in sorted(host.have)},
@@ -664,6 +692,7 @@ class Swarm:
         if self.up and session == self.session:
             for ann in anns:
                 self.stats.announces += 1
+                self.bill.call(self.clock.now, len(ann.pieces))
                 if self._state_call(host, self.state.announce, ann) is None:
                     return
                 self.stats.announced += len(ann.pieces)
