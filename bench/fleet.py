@@ -65,6 +65,11 @@ from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
 from peer.sched_framed import FramedTransport
 from peer.sched_transport import HttpTransport, Transport
+
+try:  # the same bench measures builds from before schedule answers came in parts
+    from peer.sched_transport import PARTS as _PARTS
+except ImportError:
+    _PARTS = None  # type: ignore[assignment]
 from peer.scheduler_client import SchedulerClient
 from tests.cluster import free_port
 
@@ -110,6 +115,7 @@ class Tally:
     polls: list[float] = field(default_factory=list)  # of schedule calls (may long-poll)
     want: int = 0  # claims the pulls make in all
     framed: int = 0  # calls that went over a framed connection (the rest: HTTP)
+    parts: int = 0  # parts of schedule answers (a scheduler that answers in parts)
     all_announced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def accepted(self, claims: int) -> None:
@@ -145,28 +151,43 @@ class TimedTransport:
                    seconds: float = 5.0) -> R | None:
         kind = _KINDS.get(path.rsplit("/", 1)[1], "other")
         framed = getattr(self.inner, "framed", 0)
+        sink = _PARTS.get() if _PARTS is not None and kind == "schedule" else None
+        token = None
+        if sink is not None:  # a schedule call answered in parts: each part counted too
+            def counted(part: ScheduleReply) -> None:
+                self.tally.parts += 1
+                self._decisions(part)
+                sink(part)
+            token = _PARTS.set(counted)
         t0 = time.perf_counter()
-        out = await self.inner.post(url, path, body, reply, seconds)
+        try:
+            out = await self.inner.post(url, path, body, reply, seconds)
+        finally:
+            if token is not None:
+                _PARTS.reset(token)
         took = time.perf_counter() - t0
         self.tally.calls[kind] += 1
         if getattr(self.inner, "framed", 0) > framed:
             self.tally.framed += 1
         if isinstance(out, ScheduleReply):
             self.tally.polls.append(took)
-            # getattr: the same bench measures builds from before `announce` rode along.
-            announced = getattr(out, "announced", None)
-            if announced is not None:
-                self.tally.accepted(announced.accepted)
-            for d in out.decisions:
-                if d.action == "wait":
-                    self.tally.waits += 1
-                else:
-                    self.tally.decided += 1
+            self._decisions(out)
             return out
         self.tally.latencies.append(took)
         if isinstance(out, AnnounceReply):
             self.tally.accepted(out.accepted)
         return out
+
+    def _decisions(self, out: ScheduleReply) -> None:
+        # getattr: the same bench measures builds from before `announce` rode along.
+        announced = getattr(out, "announced", None)
+        if announced is not None:
+            self.tally.accepted(announced.accepted)
+        for d in out.decisions:
+            if d.action == "wait":
+                self.tally.waits += 1
+            else:
+                self.tally.decided += 1
 
 
 _KINDS = {"peers": "register", "tasks": "register", "heartbeat": "heartbeat",
@@ -413,8 +434,8 @@ async def main(argv: list[str] | None = None) -> int:
     calls = sum(t.calls.values())
     print(f"  {m.seconds:.1f} s, {m.hosts_done}/{simulate} pulls complete; calls: "
           + ", ".join(f"{k} {v}" for k, v in t.calls.items())
-          + f" ({t.framed} framed); pieces decided {t.decided} (+{t.waits} waits), announced "
-          f"{t.announced}")
+          + f" ({t.framed} framed, {t.parts} parts of schedule answers); pieces decided "
+          f"{t.decided} (+{t.waits} waits), announced {t.announced}")
     print(f"  latency: calls that never wait p50 {pct(t.latencies, 0.5):.1f} ms p99 "
           f"{t.p99_ms():.1f} ms ({len(t.latencies)}); schedule calls, long polls included, "
           f"p50 {pct(t.polls, 0.5):.1f} ms p99 {pct(t.polls, 0.99):.1f} ms")

@@ -9,7 +9,15 @@ call holds nothing up. ERROR ends a connection the other side broke the rules on
 
 Every frame is a fixed HEADER then `length` bytes of body:
 
-    kind u8 | reserved u8 | status u16 | call id u32 | body length u32
+    kind u8 | flags u8 | status u16 | call id u32 | body length u32
+
+PARTS, the one flag (a byte every side before it skipped, so both ends of a mixed pair see
+none): on WELCOME, the scheduler answers a schedule call in parts; on a CALL, the peer wants
+its schedule call answered so; on a REPLY, a part, more REPLYs for the call follow. A long poll
+answered in parts sends each piece as it is decided (`parents`, `source`) and stays parked for
+the rest, until the last is decided or `wait_ms` runs out (the final REPLY, with the `wait`s
+left): answered at the first decided piece with `wait` for the others, a peer asked again at
+once for all of them, one call and a re-decision of each per piece handed out.
 
 A CALL's body is `path length u16 | signature length u8 | request id length u8`, the path, the
 signature (`X-Naiad-Auth`'s value, common.auth: the same canonical string and HMAC as the HTTP
@@ -30,11 +38,12 @@ from dataclasses import dataclass
 VERSION = 1
 # The blank line makes it a whole (bad) HTTP request head: any HTTP parser answers it at once.
 PREFACE = b"NAIAD-SCHED/1\r\n\r\n"
-HEADER = struct.Struct("!BxHII")
+HEADER = struct.Struct("!BBHII")
 WELCOME, CALL, REPLY, ERROR = 1, 2, 3, 4
 KINDS = frozenset({WELCOME, CALL, REPLY, ERROR})
 TO_SCHEDULER = frozenset({CALL})
 TO_PEER = frozenset({WELCOME, REPLY, ERROR})
+PARTS = 1  # the flag (above)
 MAX_BODY = 4 << 20  # the scheduler's HTTP body limit (client_max_size)
 MAX_ERROR = 4 << 10
 # What a peer takes in one REPLY: HTTP bounds no answer, but a frame must be; ~100x the
@@ -61,6 +70,7 @@ class Frame:
     status: int
     call: int
     body: bytes
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +80,7 @@ class Call:
     signature: str | None
     request_id: str | None
     body: bytes
+    parts: bool = False  # answer a schedule call in parts (PARTS)
 
 
 def route(path: str) -> tuple[str, str | None] | None:
@@ -83,16 +94,18 @@ def route(path: str) -> tuple[str, str | None] | None:
     return m.group(2), m.group(1)
 
 
-def frame(kind: int, body: bytes, call: int = 0, status: int = 0) -> bytes:
-    return HEADER.pack(kind, status, call, len(body)) + body
+def frame(kind: int, body: bytes, call: int = 0, status: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(kind, flags, status, call, len(body)) + body
 
 
-def welcome(window: int, max_body: int = MAX_BODY) -> bytes:
-    return frame(WELCOME, _WELCOME.pack(VERSION, min(window, 0xFFFF), max_body))
+def welcome(window: int, max_body: int = MAX_BODY, parts: bool = False) -> bytes:
+    return frame(WELCOME, _WELCOME.pack(VERSION, min(window, 0xFFFF), max_body),
+                 flags=PARTS if parts else 0)
 
 
 def parse_welcome(body: bytes) -> tuple[int, int]:
-    """The (window, largest body) a WELCOME offers."""
+    """The (window, largest body) a WELCOME offers (whether it offers parts is its header's
+    flag)."""
     if len(body) != _WELCOME.size:
         raise FrameError("WELCOME of the wrong size")
     version, window, max_body = _WELCOME.unpack(body)
@@ -102,9 +115,10 @@ def parse_welcome(body: bytes) -> tuple[int, int]:
 
 
 def call(call_id: int, path: str, signature: str | None, request_id: str | None,
-         body: bytes) -> bytes:
+         body: bytes, parts: bool = False) -> bytes:
     p, s, r = path.encode(), (signature or "").encode(), (request_id or "").encode()
-    return frame(CALL, _CALL.pack(len(p), len(s), len(r)) + p + s + r + body, call_id)
+    return frame(CALL, _CALL.pack(len(p), len(s), len(r)) + p + s + r + body, call_id,
+                 flags=PARTS if parts else 0)
 
 
 def parse_call(f: Frame) -> Call:
@@ -121,11 +135,13 @@ def parse_call(f: Frame) -> Call:
             (start + lp + ls, start + lp + ls + lr)))
     except UnicodeDecodeError:
         raise FrameError("CALL with a non-ASCII path, signature or request id") from None
-    return Call(f.call, path, sig or None, rid or None, body[start + lp + ls + lr:])
+    return Call(f.call, path, sig or None, rid or None, body[start + lp + ls + lr:],
+                bool(f.flags & PARTS))
 
 
-def reply(call_id: int, status: int, body: bytes) -> bytes:
-    return frame(REPLY, body, call_id, status)
+def reply(call_id: int, status: int, body: bytes, more: bool = False) -> bytes:
+    """A call's answer; `more`: a part of it, more REPLYs follow (PARTS)."""
+    return frame(REPLY, body, call_id, status, PARTS if more else 0)
 
 
 def error(reason: str) -> bytes:
@@ -149,7 +165,7 @@ class Reader:
         out: list[Frame] = []
         at = 0
         while len(buf) - at >= HEADER.size:
-            kind, status, call_id, length = HEADER.unpack_from(buf, at)
+            kind, flags, status, call_id, length = HEADER.unpack_from(buf, at)
             if kind not in self.kinds:
                 raise FrameError(f"unknown frame kind {kind}" if kind not in KINDS else
                                  f"a frame of kind {kind} sent to the wrong side")
@@ -160,7 +176,7 @@ class Reader:
             end = at + HEADER.size + length
             if len(buf) < end:
                 break
-            out.append(Frame(kind, status, call_id, bytes(buf[at + HEADER.size:end])))
+            out.append(Frame(kind, status, call_id, bytes(buf[at + HEADER.size:end]), flags))
             at = end
         if at:
             del buf[:at]

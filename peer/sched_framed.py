@@ -7,7 +7,9 @@ HTTP parser answers 400 to the preface, or it closes) is remembered and called o
 asked again at the next registration (an upgrade looks like a lost session from here). A
 connection that drops fails the calls in flight on it as a broken HTTP connection fails a call
 (`SchedulerUnavailable`, unusable: the session fails over); the next call connects again. An
-`https` scheduler gets a TLS connection, verified as the HTTP client verifies it.
+`https` scheduler gets a TLS connection, verified as the HTTP client verifies it. A schedule
+call made with a `PARTS` sink, to a scheduler that offers parts, is answered in parts: each
+handed to the sink as it comes, the call's reply the final one (common/callframes.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import ssl
+from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -26,7 +29,13 @@ from common import auth
 from common import callframes as cf
 from common.log import request_id
 from common.tasks import describe
-from peer.sched_transport import CONNECT_SECONDS, SchedulerUnavailable, Transport, parse_reply
+from peer.sched_transport import (
+    CONNECT_SECONDS,
+    PARTS,
+    SchedulerUnavailable,
+    Transport,
+    parse_reply,
+)
 
 log = logging.getLogger("naiad.peer.scheduler")
 R = TypeVar("R", bound=BaseModel)
@@ -40,13 +49,15 @@ class _Link:
     """One open connection: calls by id, a reader task that hands replies to their callers."""
 
     def __init__(self, url: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 window: int, max_body: int) -> None:
+                 window: int, max_body: int, parts: bool = False) -> None:
         self.url = url
         self.reader = reader
         self.writer = writer
         self.max_body = max_body
+        self.parts = parts  # the scheduler answers schedule calls in parts
         self.slots = asyncio.Semaphore(window)
         self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.on_part: dict[int, Callable[[int, bytes], None]] = {}  # calls asked in parts
         self.ids = itertools.count(1)
         self.dead: str | None = None  # why, once the connection is gone
         self.task = asyncio.get_running_loop().create_task(self._read())
@@ -65,6 +76,9 @@ class _Link:
                         return
                     if f.kind != cf.REPLY:  # a second WELCOME
                         raise cf.FrameError(f"a frame of kind {f.kind} after the WELCOME")
+                    if f.flags & cf.PARTS:
+                        self._part(f)
+                        continue
                     fut = self.pending.pop(f.call, None)
                     if fut is not None and not fut.done():  # else: its caller gave up
                         fut.set_result((f.status, f.body))
@@ -75,6 +89,21 @@ class _Link:
             raise
         finally:
             self._fail(why)
+
+    def _part(self, f: cf.Frame) -> None:
+        """A part of a call's answer, to its caller's sink; a part it cannot take (not a
+        reply, or the sink fails) ends that call with the failure, not the connection."""
+        fut, sink = self.pending.get(f.call), self.on_part.get(f.call)
+        if fut is None or fut.done():
+            return  # its caller gave up
+        if sink is None:
+            fut.set_exception(SchedulerUnavailable(f"{self.url}: a part of an answer to a "
+                                                   f"call that asked for one"))
+            return
+        try:
+            sink(f.status, f.body)
+        except Exception as e:  # the caller's failure: raised where it waits
+            fut.set_exception(e)
 
     def _fail(self, why: str) -> None:
         if self.dead is None:
@@ -88,8 +117,10 @@ class _Link:
         self.pending.clear()
         self.writer.close()
 
-    async def call(self, path: str, signature: str | None, body: bytes,
-                   seconds: float) -> tuple[int, bytes]:
+    async def call(self, path: str, signature: str | None, body: bytes, seconds: float,
+                   on_part: Callable[[int, bytes], None] | None = None) -> tuple[int, bytes]:
+        """The (status, body) of the call's reply; `on_part`: the call is asked in parts
+        (the scheduler offers them), each part's (status, body) handed to it as it comes."""
         async with asyncio.timeout(seconds):
             async with self.slots:
                 if self.dead is not None:
@@ -98,13 +129,17 @@ class _Link:
                 fut: asyncio.Future[tuple[int, bytes]] = \
                     asyncio.get_running_loop().create_future()
                 self.pending[call_id] = fut
+                parts = on_part is not None and self.parts
+                if on_part is not None and self.parts:
+                    self.on_part[call_id] = on_part
                 try:
                     self.writer.write(cf.call(call_id, path, signature, request_id.get(),
-                                              body))
+                                              body, parts))
                     await self.writer.drain()
                     return await fut
                 finally:
                     self.pending.pop(call_id, None)
+                    self.on_part.pop(call_id, None)
 
     async def close(self) -> None:
         self.task.cancel()
@@ -119,10 +154,11 @@ class FramedTransport:
     """Framed calls where the scheduler offers them, `http` for everything else."""
 
     def __init__(self, http: Transport, secret: bytes | None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, parts: bool = True) -> None:
         self.http = http
         self.secret = secret
         self.tls = tls
+        self.parts = parts  # ask for answers in parts where offered (off: a peer from before)
         self.framed = 0  # calls answered over framed connections
         self._links: dict[str, _Link] = {}
         self._plain: set[str] = set()  # schedulers that take no framed calls
@@ -144,8 +180,11 @@ class FramedTransport:
             return await self.http.post(url, path, body, reply, seconds)
         signature = auth.sign(self.secret, "POST", path, data) \
             if self.secret is not None else None
+        sink = PARTS.get() if hit[0] == "schedule" else None
+        on_part = None if sink is None else \
+            (lambda status, raw: sink(parse_reply(status, raw, reply, url)))
         try:
-            status, raw = await link.call(path, signature, data, seconds)
+            status, raw = await link.call(path, signature, data, seconds, on_part)
         except TimeoutError as e:
             raise SchedulerUnavailable(f"{url}: timed out") from e
         except OSError as e:  # the connection broke as the call was written
@@ -190,7 +229,7 @@ class FramedTransport:
             writer.write(cf.PREFACE)
             async with asyncio.timeout(seconds):
                 head = await reader.readexactly(cf.HEADER.size)
-                kind, _, _, length = cf.HEADER.unpack(head)
+                kind, flags, _, _, length = cf.HEADER.unpack(head)
                 if kind != cf.WELCOME or length > 64:  # an HTTP answer: "HTTP/1.1 400 ..."
                     raise _Plain(f"it answered {head[:12]!r}")
                 window, max_body = cf.parse_welcome(await reader.readexactly(length))
@@ -200,7 +239,8 @@ class FramedTransport:
         except BaseException:
             writer.close()
             raise
-        return _Link(url, reader, writer, window, max_body)
+        return _Link(url, reader, writer, window, max_body,
+                     self.parts and bool(flags & cf.PARTS))
 
     async def close(self) -> None:
         links, self._links = list(self._links.values()), {}

@@ -10,6 +10,8 @@ scheduler's own 5xx (its state store is down) is unavailable but not unusable; i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -23,6 +25,11 @@ from common.tasks import describe
 R = TypeVar("R", bound=BaseModel)
 CONNECT_SECONDS = 2.0
 _OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+# Where the schedule call being made takes the parts of its answer, each its reply model, as
+# they come (a transport that can ask for them: FramedTransport, when the scheduler offers
+# them); the call's reply is then the rest. None, or any other transport: one reply. Set by
+# SchedulerClient.schedule around its call, which the session passes through as it is.
+PARTS: ContextVar[Callable[[Any], None] | None] = ContextVar("schedule_parts", default=None)
 
 
 class SchedulerUnavailable(Exception):

@@ -47,6 +47,7 @@ from peer.sched_outbox import Outbox
 from peer.sched_reannounce import reannounce
 from peer.sched_session import API, FailoverSession
 from peer.sched_transport import (
+    PARTS,
     HttpTransport,
     SchedulerRefused,
     SchedulerUnavailable,
@@ -129,9 +130,23 @@ class SchedulerClient:
         return await self.session.call(f"{API}/tasks", req, TaskMeta)
 
     async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
-                       wait_ms: int, registry: str | None = None) -> list[Decision]:
+                       wait_ms: int, registry: str | None = None,
+                       part: Callable[[list[Decision]], None] | None = None
+                       ) -> list[Decision]:
         """Decisions for `pieces`; the task's queued claims ride along (one call, not two),
-        unless the scheduler in use is one from before that (it refuses the field: 400)."""
+        unless the scheduler in use is one from before that (it refuses the field: 400).
+        `part`: where decisions made while the call long-polls go as they come, when the
+        scheduler answers in parts (framed calls); the call's answer is then the rest."""
+        token = None if part is None else PARTS.set(
+            lambda reply: part(reply.decisions))
+        try:
+            return await self._schedule(task_id, pieces, exclude, wait_ms, registry)
+        finally:
+            if token is not None:
+                PARTS.reset(token)
+
+    async def _schedule(self, task_id: str, pieces: list[int], exclude: set[str],
+                        wait_ms: int, registry: str | None) -> list[Decision]:
         url = self.session.url
         ann = self.outbox.lend(task_id) if url not in self._plain else None
         req = ScheduleRequest(peer_id=self.registration.id, task_id=task_id, pieces=pieces,

@@ -30,7 +30,9 @@ from common.models import (
     MAX_BATCH,
     UNKNOWN_PEER,
     Announce,
+    AnnounceReply,
     BlobMismatch,
+    Decision,
     Heartbeat,
     PeerRegistration,
     PreheatRequest,
@@ -63,7 +65,7 @@ from common.web import (
 from scheduler import access, access_api, history, openapi, preheat
 from scheduler.redis_store import StoreBusy
 from scheduler.state import StateError, UnknownPeer
-from scheduler.store import Store
+from scheduler.store import PARTS, Store
 
 log = logging.getLogger("naiad.scheduler.api")
 API = "/api/v1"
@@ -264,21 +266,36 @@ class SchedulerAPI:
         ann = parse_json(body, Announce)
         return _encoded(await self._call(self.store.announce(ann)))
 
-    async def schedule_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
+    async def schedule_core(self, _: str | None, body: bytes, __: str | None,
+                            part: Callable[[bytes], None] | None = None) -> bytes:
+        """`part`: the caller takes the answer in parts (the framed edge's PARTS): each
+        piece decided while the call is parked goes to it as a reply of its own, and the
+        answer is the rest (scheduler/waiting.py)."""
         req = parse_json(body, ScheduleRequest)
         announced = None
         started = time.perf_counter()
-        if req.announce is not None:
-            # What this peer fetched since its last call, recorded first as POST /announce
-            # would: the call that asks for the next pieces tells of the last ones.
-            if req.announce.peer_id != req.peer_id:
-                raise RequestError(400, "announce: peer_id must be the requester's")
-            announced, decisions = await self._call(  # on Redis: one read, one write
-                self.store.announce_and_schedule(req.announce, req))
-        else:
-            decisions = await self._call(self.store.schedule(req))
+        token = None if part is None else PARTS.set(
+            lambda decisions: part(self._schedule_reply(req, decisions, None)))
+        try:
+            if req.announce is not None:
+                # What this peer fetched since its last call, recorded first as POST
+                # /announce would: the call that asks for the next pieces tells of the last.
+                if req.announce.peer_id != req.peer_id:
+                    raise RequestError(400, "announce: peer_id must be the requester's")
+                announced, decisions = await self._call(  # on Redis: one read, one write
+                    self.store.announce_and_schedule(req.announce, req))
+            else:
+                decisions = await self._call(self.store.schedule(req))
+        finally:
+            if token is not None:
+                PARTS.reset(token)
         if req.wait_ms == 0:
             self.metrics.schedule_seconds.observe(time.perf_counter() - started)
+        return self._schedule_reply(req, decisions, announced)
+
+    def _schedule_reply(self, req: ScheduleRequest, decisions: list[Decision],
+                        announced: AnnounceReply | None) -> bytes:
+        """A schedule answer (or a part of one), counted."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("schedule %s for %s: %s", req.task_id, req.peer_id,
                       " ".join(f"{d.piece}:{d.action}" for d in decisions[:16]))

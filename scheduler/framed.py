@@ -6,8 +6,10 @@ the HTTP edge (scheduler/api.py `edge`): the request id, the signature (every fr
 internal: unsigned calls are refused when there is a secret), the core, the state store's
 failures as 503 and refusals as JSON. Calls run concurrently, at most `window` at once per
 connection (the WELCOME says so; a peer that sends more is cut off), so a long-polling schedule
-call holds up nothing else. A connection that breaks the protocol gets an ERROR and is closed,
-with one log line a period.
+call holds up nothing else. A schedule call flagged PARTS (offered in the WELCOME) is answered
+in parts: a REPLY flagged PARTS for each piece decided while it is parked, then the final one
+(scheduler/waiting.py). A connection that breaks the protocol gets an ERROR and is closed, with
+one log line a period.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter
 from redis.exceptions import RedisError
@@ -38,16 +41,20 @@ class FramedCalls:
     preface = cf.PREFACE
 
     def __init__(self, api: SchedulerAPI, window: int = WINDOW,
-                 max_body: int = cf.MAX_BODY) -> None:
+                 max_body: int = cf.MAX_BODY, parts: bool = True) -> None:
         self.api = api
         self.window = window
         self.max_body = max_body
+        self.parts = parts  # offer schedule answers in parts (off: as a build from before)
         self.cores = api.cores()
         self.verifier = api.verifier  # one nonce cache for both edges: no replay across
         self.connections: set[_Connection] = set()
         self.calls = Counter("naiad_scheduler_framed_calls", "Calls answered over framed "
                              "connections, by route", ["route"], registry=api.metrics.registry)
         self._by_route = {name: self.calls.labels(name) for name in self.cores}
+        self.parts_sent = Counter("naiad_scheduler_schedule_parts", "Parts of schedule "
+                                  "answers sent while the call stays parked for the rest "
+                                  "(calls answered in parts)", registry=api.metrics.registry)
         self._broken = Throttle(REPORT_EVERY)
 
     def protocol(self) -> asyncio.Protocol:
@@ -64,8 +71,10 @@ class FramedCalls:
             log.warning("framed connection from %s closed: %s (%d more not logged)", remote,
                         why, dropped)
 
-    async def answer(self, call: cf.Call, remote: str | None) -> tuple[int, bytes]:
-        """The (status, JSON body) the HTTP route would answer this call with."""
+    async def answer(self, call: cf.Call, remote: str | None,
+                     part: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:
+        """The (status, JSON body) the HTTP route would answer this call with; `part`: where
+        the parts of a schedule call flagged PARTS go (ignored if not offered)."""
         token = request_id.set(adopt(call.request_id))
         try:
             hit = cf.route(call.path)
@@ -78,7 +87,10 @@ class FramedCalls:
                 except auth.AuthError as e:
                     return e.status, error_body(e.reason)
             try:
-                out = await self.cores[name](peer_id, call.body, remote)
+                if name == "schedule" and part is not None and call.parts and self.parts:
+                    out = await self.api.schedule_core(peer_id, call.body, remote, part)
+                else:
+                    out = await self.cores[name](peer_id, call.body, remote)
             except (RedisError, StoreBusy) as e:
                 e2 = store_unavailable(f"framed {call.path}", e)
                 return e2.status, error_body(e2.message)
@@ -109,7 +121,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if peer else ""
         self.edge.connections.add(self)
-        transport.write(cf.welcome(self.edge.window, self.edge.max_body))
+        transport.write(cf.welcome(self.edge.window, self.edge.max_body, self.edge.parts))
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -140,8 +152,13 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
     async def _serve(self, call: cf.Call) -> None:
+        def part(body: bytes) -> None:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(cf.reply(call.call, 200, body, more=True))
+                self.edge.parts_sent.inc()
         try:
-            status, body = await self.edge.answer(call, self.remote)
+            status, body = await self.edge.answer(call, self.remote, part)
         except Exception:  # a bug in a core: a 500, as aiohttp answers one, and the traceback
             log.exception("framed call %s failed", call.path[:200])
             status, body = 500, error_body("internal error")

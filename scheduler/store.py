@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import Protocol
 
 from common.models import (
@@ -38,6 +39,11 @@ RECHECK_SECONDS = 0.25
 # 2,600 calls on every announcement). The others re-decide on a later announcement or within
 # RECHECK_SECONDS.
 WAKE_PER_PIECE = CHILDREN_PER_HOLDER + 2
+# Where the schedule call being served sends its parts, when its caller takes its answer in
+# parts (scheduler/framed.py, common/callframes.py PARTS); None: one answer. Set by the edge
+# around the store call, so every store's long poll (`Waiters`) answers so unchanged.
+PARTS: ContextVar[Callable[[list[Decision]], None] | None] = ContextVar("schedule_parts",
+                                                                        default=None)
 
 
 class Store(Protocol):
@@ -118,9 +124,13 @@ class Waiters:
     async def schedule(self, req: ScheduleRequest,
                        decide: Callable[[ScheduleRequest], Awaitable[list[Decision]]]
                        ) -> list[Decision]:
-        """`decide` until a piece is not `wait`, or `req.wait_ms` (real time) runs out."""
+        """`decide` until a piece is not `wait`, or `req.wait_ms` (real time) runs out. With
+        a `PARTS` sink: each piece decided other than `wait` goes to it as decided, and the
+        call stays parked for the rest until every piece is decided (the last of them are the
+        answer) or the time runs out (the `wait`s left are)."""
         if req.wait_ms <= 0:
             return await decide(req)
+        part = PARTS.get()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_ms / 1000
         parking = self._parked.setdefault(req.task_id, Parking())
@@ -141,6 +151,14 @@ class Waiters:
                         req.model_copy(update={"pieces": list(pieces)})))
                 else:
                     answer = call.answer()
+                if part is not None:
+                    ready = parking.settle(call)
+                    if not call.pieces:  # the last decided: the final answer
+                        return ready
+                    if ready:
+                        part(ready)
+                        req = req.model_copy(update={"pieces": list(call.pieces)})
+                        answer = call.answer()
                 if done(answer) or loop.time() >= deadline:
                     parking.leave(call, key, loop.time())
                     return answer

@@ -28,6 +28,12 @@ takes over the waits its last one was answered with (`Parking.take`, within the 
 time); the client asks again for every `wait` it is answered (the batcher), so a stale one costs
 a re-ask (or holds an on-demand read's origin fallback back until the next full decision),
 never a wrong fetch.
+
+A call answered in parts (common/callframes.py PARTS) is not answered at its first decided
+piece: each piece decided other than `wait` leaves it (`Parking.settle`, sent in a part) and the
+call stays parked, in its place, for the rest until they are all decided or its time runs out.
+Answered at once with `wait` for the others, its peer asked again for all of them in a new call
+(the batcher): a call, and a decision of each piece left, per piece handed out.
 """
 
 from __future__ import annotations
@@ -183,12 +189,29 @@ class Parking:
         del self._calls[call]
         self._unindex(call)
 
+    def settle(self, call: Parked) -> list[Decision]:
+        """A call answered in parts: its pieces last decided other than `wait`, in its order,
+        which leave it (they are answered now); it stays parked, in its place, for the rest."""
+        last = call._last
+        ready = [d for i in call.pieces if (d := last.get(i)) is not None
+                 and d.action != "wait"]
+        if not ready:
+            return ready
+        gone = {d.piece for d in ready}
+        call.pieces = tuple(i for i in call.pieces if i not in gone)
+        call._changed -= gone
+        for i in gone:
+            del last[i]
+        if call in self._calls:
+            self._unindex(call, gone)
+        return ready
+
     def _index(self, call: Parked) -> None:
         for i in call.pieces:
             self._on.setdefault(i, {})[call] = None
 
-    def _unindex(self, call: Parked) -> None:
-        for i in call.pieces:
+    def _unindex(self, call: Parked, pieces: Iterable[int] | None = None) -> None:
+        for i in call.pieces if pieces is None else pieces:
             on = self._on.get(i)
             if on is not None:
                 on.pop(call, None)

@@ -73,16 +73,16 @@ def test_a_call_and_its_reply_round_trip_fed_a_byte_at_a_time() -> None:
 
 def test_the_reader_refuses_what_is_no_frame() -> None:
     with pytest.raises(cf.FrameError, match="unknown frame kind"):
-        cf.Reader().feed(cf.HEADER.pack(9, 0, 1, 0))
+        cf.Reader().feed(cf.HEADER.pack(9, 0, 0, 1, 0))
     with pytest.raises(cf.FrameError, match="wrong side"):  # from the header alone
-        cf.Reader(kinds=cf.TO_SCHEDULER).feed(cf.HEADER.pack(cf.REPLY, 200, 1, 1 << 20))
+        cf.Reader(kinds=cf.TO_SCHEDULER).feed(cf.HEADER.pack(cf.REPLY, 0, 200, 1, 1 << 20))
     # Told from the header alone: nothing of a too-large body is buffered first.
     with pytest.raises(cf.FrameError, match="byte frame"):
-        cf.Reader(max_body=1000).feed(cf.HEADER.pack(cf.CALL, 0, 1, 1000 + 1025))
+        cf.Reader(max_body=1000).feed(cf.HEADER.pack(cf.CALL, 0, 0, 1, 1000 + 1025))
     with pytest.raises(cf.FrameError, match="byte frame"):
-        cf.Reader().feed(cf.HEADER.pack(cf.REPLY, 200, 1, cf.MAX_REPLY + 1))
+        cf.Reader().feed(cf.HEADER.pack(cf.REPLY, 0, 200, 1, cf.MAX_REPLY + 1))
     with pytest.raises(cf.FrameError, match="byte frame"):
-        cf.Reader().feed(cf.HEADER.pack(cf.ERROR, 0, 0, cf.MAX_ERROR + 1))
+        cf.Reader().feed(cf.HEADER.pack(cf.ERROR, 0, 0, 0, cf.MAX_ERROR + 1))
     bad = cf.Reader().feed(cf.frame(cf.CALL, b"\x00\x09\x00\x00abc", 1))[0]
     with pytest.raises(cf.FrameError, match="shorter"):
         cf.parse_call(bad)
@@ -304,7 +304,7 @@ async def test_over_tls(tmp_path: Path) -> None:
         # Plain bytes to the TLS port: the preface never reaches the framed edge.
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.server.port)
         writer.write(cf.PREFACE)
-        assert not (await reader.read(100)).startswith(cf.HEADER.pack(cf.WELCOME, 0, 0, 8)[:1])
+        assert not (await reader.read(100)).startswith(cf.HEADER.pack(cf.WELCOME, 0, 0, 0, 8)[:1])
         writer.close()
     finally:
         await svc.stop()
@@ -316,7 +316,7 @@ async def _open(svc: SchedulerService) -> tuple[asyncio.StreamReader, asyncio.St
     reader, writer = await asyncio.open_connection("127.0.0.1", svc.server.port)
     writer.write(cf.PREFACE)
     head = await reader.readexactly(cf.HEADER.size)
-    kind, _, _, length = cf.HEADER.unpack(head)
+    kind, _, _, _, length = cf.HEADER.unpack(head)
     assert kind == cf.WELCOME
     window, max_body = cf.parse_welcome(await reader.readexactly(length))
     assert (window, max_body) == (256, cf.MAX_BODY)
@@ -339,10 +339,10 @@ async def _closed(reader: asyncio.StreamReader) -> bool:
 
 
 @pytest.mark.parametrize("sent, says", [
-    (cf.HEADER.pack(cf.CALL, 0, 1, cf.MAX_BODY + 2048), "byte frame"),
-    (cf.HEADER.pack(9, 0, 1, 0), "unknown frame kind"),
+    (cf.HEADER.pack(cf.CALL, 0, 0, 1, cf.MAX_BODY + 2048), "byte frame"),
+    (cf.HEADER.pack(9, 0, 0, 1, 0), "unknown frame kind"),
     (cf.reply(1, 200, b"{}"), "kind 3 sent to the wrong side"),
-    (cf.HEADER.pack(cf.REPLY, 200, 1, cf.MAX_REPLY), "kind 3 sent to the wrong side"),
+    (cf.HEADER.pack(cf.REPLY, 0, 200, 1, cf.MAX_REPLY), "kind 3 sent to the wrong side"),
     (cf.frame(cf.CALL, b"\x00\x05", 1), "CALL too short"),
 ], ids=["oversized", "unknown-kind", "a-reply", "a-huge-reply", "short-call"])
 async def test_malformed_frames_get_an_error_and_the_connection_closed(

@@ -18,7 +18,10 @@ class DecisionBatcher:
     """Coalesces the decision requests of a task's piece workers into schedule calls.
 
     Pieces asked for in the same loop iteration travel in one call; a piece told to wait goes
-    back into the next call, which long-polls while every piece in it must wait. An on-demand
+    back into the next call, which long-polls while every piece in it must wait. A scheduler
+    that answers in parts (framed calls) keeps a call parked for its pieces still to decide and
+    sends each piece as decided: those answered, the call's others stay asked, not asked again
+    (that was a call, and a re-decision of each piece left, per piece handed out). An on-demand
     piece (priority 6) that has waited ON_DEMAND_WAIT for a lease holder is answered with a
     direct origin fetch of its own (`bypass`), so a container's read is never stuck behind a
     slow holder.
@@ -60,26 +63,30 @@ class DecisionBatcher:
         for ask in batch.values():
             exclude |= ask.exclude
         urgent = any(self.priority_of(i) >= ON_DEMAND for i in batch)
+
+        def answered(decisions: list[Decision]) -> None:
+            now = self.clock.monotonic()
+            for d in decisions:
+                ask = batch.pop(d.piece, None)
+                if ask is None or ask.fut.done():
+                    continue
+                answer = bypass(d, self.priority_of(d.piece) >= ON_DEMAND, now - ask.since)
+                if answer is not None:
+                    ask.fut.set_result(answer)
+                else:
+                    self._unsent[d.piece] = ask
+                    self._schedule_flush()
         try:
             decisions = await self.client.schedule(
                 self.task_id, list(batch), exclude,
-                int(ON_DEMAND_WAIT * 1000) if urgent else LONG_POLL_MS, self.registry())
+                int(ON_DEMAND_WAIT * 1000) if urgent else LONG_POLL_MS, self.registry(),
+                part=answered)
         except (SchedulerUnavailable, SchedulerRefused) as e:
-            for ask in batch.values():
+            for ask in batch.values():  # what parts answered is out of the batch
                 if not ask.fut.done():
                     ask.fut.set_exception(e)
             return
-        now = self.clock.monotonic()
-        for d in decisions:
-            ask = batch.pop(d.piece, None)
-            if ask is None or ask.fut.done():
-                continue
-            answer = bypass(d, self.priority_of(d.piece) >= ON_DEMAND, now - ask.since)
-            if answer is not None:
-                ask.fut.set_result(answer)
-            else:
-                self._unsent[d.piece] = ask
-                self._schedule_flush()
+        answered(decisions)
         for ask in batch.values():
             if not ask.fut.done():
                 ask.fut.set_exception(SchedulerUnavailable("scheduler gave no decision"))

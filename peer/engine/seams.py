@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -22,7 +23,12 @@ class Decider(Protocol):
     """Who decides where a piece comes from (peer/scheduler_client.py SchedulerClient)."""
 
     async def schedule(self, task_id: str, pieces: list[int], exclude: set[str],
-                       wait_ms: int, registry: str | None = None) -> list[Decision]: ...
+                       wait_ms: int, registry: str | None = None,
+                       part: Callable[[list[Decision]], None] | None = None
+                       ) -> list[Decision]:
+        """`part`: where decisions come while the call long-polls, if the scheduler answers
+        in parts; the answer is the rest."""
+        ...
 
     def report(self, parent_id: str, task_id: str, piece: int | None, kind: str) -> None: ...
 
