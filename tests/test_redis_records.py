@@ -120,3 +120,19 @@ def test_append_holders_keeps_an_earlier_layouts_children_last() -> None:
     assert records.append_holders("", "c") == "c"
     assert records.decode_holders(records.append_holders("a|x=1.0", "c")) == \
         ({"a", "c"}, "x=1.0")
+
+
+def test_a_holders_fields_version_is_kept_with_it_and_only_with_it() -> None:
+    """An entry's version (what Redis vouched for with the field) is what a read sends
+    instead of fetching the field: kept while the field is, gone with a field read without
+    one, and with an entry evicted."""
+    cache = HolderCache(limit=5, least=0)
+    first = cache.get("t", 0, "a,b", ("1.0", "7"))
+    assert cache.cached("t", 0) == (first, ("1.0", "7"))
+    assert cache.get("t", 0, "a,b") is first and cache.cached("t", 0) == (first, ("1.0", "7"))
+    cache.get("t", 0, "a,b,c")  # changed, read without a version: none known
+    assert cache.cached("t", 0) is not None and cache.cached("t", 0)[1] is None
+    cache.joined("t", 0, cache.pieces[("t", 0)], frozenset({"d"}), ("1.0", "9"))
+    assert cache.cached("t", 0)[1] == ("1.0", "9") and cache.pieces[("t", 0)].raw == "a,b,c,d"
+    cache.get("t", 1, "x,y", ("1.0", "9"))  # 6 ids: the oldest entry goes, with its version
+    assert cache.cached("t", 0) is None and ("t", 0) not in cache.seqs

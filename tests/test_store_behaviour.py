@@ -1185,6 +1185,80 @@ async def test_a_claim_appends_its_holder_and_the_field_reads_back_whole(
     assert d.action == "parents" and [p.id for p in d.parents] == ["Z"]
 
 
+def _record_holders_reads(s: RedisStore) -> list[list]:
+    """The replies to every `HOLDERS` read `s` makes from now on, in order: per piece its
+    field (0: unchanged since the version sent) and its version (False: none vouched for)."""
+    replies: list[list] = []
+    read = s.read
+
+    async def recording(key: str, arg: str) -> Any:
+        raw = await read(key, arg)
+        for cmd, reply in zip(json.loads(arg), json.loads(raw) or [], strict=True):
+            if cmd[0] == "HOLDERS":
+                replies.append(reply)
+        return raw
+    s.read = recording  # type: ignore[method-assign]
+    return replies
+
+
+async def test_a_holders_field_read_once_is_not_sent_again_while_unchanged(
+        redis_h: Harness) -> None:
+    """A piece many hold: once a replica has decoded its holders field, a call on it gets back
+    only the field's version while it is unchanged (redis-server encoded the whole field for
+    every decision), and this replica's claims keep it current. A write by a replica of the
+    earlier layout, which keeps no versions, is read whole; so is a task made again."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
+    await setup(s, "R", "S", "Z", *crowd)
+    for pid in crowd:
+        await announce(s, pid, [0, 1])
+    replies = _record_holders_reads(s)
+    assert (await one(s, "R", 0)).action == "parents"
+    await announce(s, "Z", [0])  # this replica's claim: appended, its new version known here
+    assert (await one(s, "S", 0)).action == "parents"
+    assert replies and all(r[0] == 0 and r[1] for r in replies), replies
+    field = await s.redis.hget(s.keys.holders(TASK), "0")
+    assert set(field.split(",")) == {*crowd, "Z"}
+    # A replica of the earlier layout withdraws H00's piece 0: its write moves the task's
+    # version, not the field's.
+    client, key = s.redis, s.keys.task(TASK)
+    await client.hset(s.keys.holders(TASK), "0", ",".join(sorted({*crowd[1:], "Z"})))
+    await client.hset(key, "v", str(int(await client.hget(key, "v")) + 1))
+    replies.clear()
+    d = await one(s, "R", 0)
+    assert d.action == "parents" and "H00" not in {p.id for p in d.parents}
+    assert [r[0] for r in replies] == [",".join(sorted({*crowd[1:], "Z"}))], replies
+    assert not replies[0][1]  # no version vouched for: an earlier layout wrote last
+    cached = s.holder_sets.cached(TASK, 0)
+    assert cached is not None and cached[0].base == {*crowd[1:], "Z"}
+    # This layout writes again (it drops every version: any field may have changed), and the
+    # field, read whole, reads as that replica left it.
+    await announce(s, "S", [1])
+    assert await client.hget(s.keys.holders_seq(TASK), "0") is None  # (another replica's)
+    replies.clear()
+    assert "H00" not in await parents(s, "S", 0)
+    assert replies[0][0] == ",".join(sorted({*crowd[1:], "Z"})), replies
+    # The task made again (deleted by hand; the rules never delete one), through another
+    # replica: its fields' versions count again from the start, so one may come back to what
+    # this replica holds for the old task's field, which must not be taken for the new one's.
+    await announce(s, "R", [0])  # a claim by this layout: the field's version known here
+    seq = await client.hget(s.keys.holders_seq(TASK), "0")
+    cached = s.holder_sets.cached(TASK, 0)
+    assert seq and cached is not None and cached[1] is not None and cached[1][1] == seq
+    await client.delete(key, s.keys.chunk(TASK), s.keys.holders(TASK), s.keys.held(TASK),
+                        s.keys.holders_seq(TASK), *(s.keys.children(TASK, i) for i in (0, 1)))
+    redis_h.clock.advance(1)
+    other = await redis_h.new_store()
+    await task(other, 8)
+    others = [f"N{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
+    for pid in others:
+        await peer(other, pid)
+        await announce(other, pid, [0])
+    await client.hset(s.keys.holders_seq(TASK), "0", seq)
+    assert set(await parents(s, "R", 0)) <= set(others)
+
+
 @pytest.mark.usefixtures("two_children")
 async def test_children_an_earlier_layout_wrote_still_count_and_are_moved(
         redis_h: Harness) -> None:

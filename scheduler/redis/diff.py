@@ -25,7 +25,7 @@ from typing import Any
 from common.pieces import piece_count
 from scheduler.redis import records
 from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
-from scheduler.redis.loader import HolderSet, LoadedHolders, TaskBase, World
+from scheduler.redis.loader import HolderSet, LoadedHolders, Seq, TaskBase, World
 from scheduler.redis.partial import Partial
 from scheduler.redis.scripts import ARGS_PER_OP
 from scheduler.state import TaskState
@@ -64,8 +64,9 @@ class Tx:
         self.slot_of = slot_of
         self.stages: list[dict[int, Part]] = [{} for _ in range(COUNT + 1)]
         self.publish: list[list[str]] = []
-        # Holders fields claims appended to, once applied: (task, piece, as loaded, joined).
-        self.joined: list[tuple[str, int, HolderSet, frozenset[str]]] = []
+        # Holders fields claims appended to, once applied: (task, piece, as loaded, joined,
+        # the version the write gives the field).
+        self.joined: list[tuple[str, int, HolderSet, frozenset[str], Seq]] = []
 
     def _part(self, stage: int, key: str) -> Part:
         slot = self.slot_of(key)
@@ -169,6 +170,7 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     if task is None:
         return  # rules never delete a task
     key = keys.task(tid)
+    version = str(int(before.version or 0) + 1)  # what this write makes it, if it writes
     writes: list[str] = []
     leases = records.encode_leases(task.leases)
     if before.version is None:
@@ -224,7 +226,8 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
             if added and len(added) + len(old.holders.base) == len(piece.holders):
                 # Only joined (a claim): appended, not the whole field written again.
                 holders_add += [str(index), records.encode_holders(added)]
-                tx.joined.append((tid, index, old.holders, frozenset(added)))
+                tx.joined.append((tid, index, old.holders, frozenset(added),
+                                  (before.stamp, version)))
             else:  # an earlier layout's children stay in the field until they are moved
                 legacy = "|" + old.holders.legacy if old.holders.legacy else ""
                 holders_set += [str(index), records.encode_holders(piece.holders) + legacy]
@@ -253,8 +256,18 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
         return
     if before.version is not None:
         tx.fence(TASK, "eq", key, "v", before.version)
-    writes += ["v", str(int(before.version or 0) + 1)]
+    # The holders fields' versions (keys.holders_seq): those this write changes get this
+    # version; after another layout's write (it left `nv` behind `v`) none is known any more.
+    writes += ["v", version, records.SEQ_VERSION, version]
     tx.op(TASK, "hset", key, *writes)
+    seqs = keys.holders_seq(tid)
+    if cleared or (before.version is not None and before.seq_version != before.version):
+        tx.op(TASK, "del", seqs)
+    written = [*holders_set[::2], *holders_add[::2]]
+    if written:
+        tx.op(TASK, "hset", seqs, *[x for i in written for x in (i, version)])
+    if holders_del:
+        tx.op(TASK, "hdel", seqs, *holders_del)
     for name, k, args in (("hset", keys.chunk(tid), chunk_set),
                           ("hdel", keys.chunk(tid), chunk_del),
                           ("hset", keys.holders(tid), holders_set),

@@ -50,6 +50,11 @@ class Keys:
     def children(self, tid: str, index: int) -> str:
         return f"{self.p}children:{{{tid}}}:{index}"
 
+    def holders_seq(self, tid: str) -> str:
+        """Per piece, the task version at which this layout last wrote its holders field
+        (`diff.py`: a replica whose cached field's is current skips reading it)."""
+        return f"{self.p}hseq:{{{tid}}}"
+
     def held(self, tid: str) -> str:
         return f"{self.p}held:{{{tid}}}"
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.models import PeerRegistration, TaskMeta
 from scheduler.redis import records
-from scheduler.redis.keys import last_field
+from scheduler.redis.keys import Keys, last_field
 from scheduler.redis.partial import Partial
 from scheduler.state import (
     HOLDER_SAMPLE,
@@ -63,41 +63,59 @@ class HolderSet:
         return self._order
 
 
+Seq = tuple[str, str]  # a holders field's version: (its task's created_at, its `hseq`)
+
+
 class HolderCache:
     """Decoded holders fields, per task piece, while the raw field read back is the same: at
     2,600 holders, splitting the ~37 KB field and hashing its ids, then hashing them again
     to find the piece's sample, was half of a decision's CPU. Pieces whose fields are equal
     share one `HolderSet` (and so one sample per batch). Only fields of more than
     HOLDER_SAMPLE holders are kept, bounded by the ids they hold: the pieces least recently
-    changed or added go first."""
+    changed or added go first.
+
+    With an entry's version (`seq`, when Redis vouched for one: scripts.READ_LUA's `HOLDERS`)
+    a read sends the version instead of fetching the field, and gets the field back only if
+    it changed since: redis-server encoded the ~37 KB field for every decision."""
 
     def __init__(self, limit: int = 500_000, least: int = HOLDER_SAMPLE) -> None:
         self.limit = limit
         self.least = least  # fields of this many holders or fewer are decoded, not kept
         self.pieces: dict[tuple[str, int], HolderSet] = {}
         self.sets: dict[str, HolderSet] = {}  # by raw field: equal fields, one set
+        self.seqs: dict[tuple[str, int], Seq] = {}  # of entries in `pieces`, when known
         self.size = 0  # ids in `sets`
 
-    def get(self, tid: str, index: int, raw: str) -> HolderSet:
+    def cached(self, tid: str, index: int) -> tuple[HolderSet, Seq | None] | None:
         hs = self.pieces.get((tid, index))
+        return None if hs is None else (hs, self.seqs.get((tid, index)))
+
+    def get(self, tid: str, index: int, raw: str, seq: Seq | None = None) -> HolderSet:
+        """The decoded field `raw`; `seq`: its version, which Redis read with it."""
+        key = (tid, index)
+        hs = self.pieces.get(key)
         if hs is not None and hs.raw == raw:
+            if seq is not None:
+                self.seqs[key] = seq
             return hs
         if raw.count(",") < self.least:  # cheap to decode: not kept (a cluster of many small
             return HolderSet(raw)  # tasks would keep every piece it ever read)
-        return self._put((tid, index), raw, lambda: HolderSet(raw))
+        return self._put(key, raw, lambda: HolderSet(raw), seq)
 
-    def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str]) -> None:
+    def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str],
+               seq: Seq | None = None) -> None:
         """What this replica's claims appended to a field it had loaded (`happend`), so that
         the next read finds it decoded (a claim changes the field each time: each decoded it
-        afresh). Only a hint: the raw field read back decides, as for every entry."""
+        afresh), with `seq` the version the write gave it. Only a hint: the raw field read
+        back, or its version, decides, as for every entry."""
         if len(loaded.base) + len(added) <= self.least:
             return
         raw = records.append_holders(loaded.raw, records.encode_holders(added))
         self._put((tid, index), raw,
-                  lambda: HolderSet(raw, loaded.base | added, loaded.legacy))
+                  lambda: HolderSet(raw, loaded.base | added, loaded.legacy), seq)
 
-    def _put(self, key: tuple[str, int], raw: str, new: Callable[[], HolderSet]
-             ) -> HolderSet:
+    def _put(self, key: tuple[str, int], raw: str, new: Callable[[], HolderSet],
+             seq: Seq | None) -> HolderSet:
         hs = self.sets.get(raw)
         if hs is None:
             hs = self.sets[raw] = new()
@@ -105,10 +123,16 @@ class HolderCache:
         hs.users += 1
         old = self.pieces.pop(key, None)
         self.pieces[key] = hs  # (last in order: kept longest)
+        if seq is None:
+            self.seqs.pop(key, None)
+        else:
+            self.seqs[key] = seq
         if old is not None:
             self._release(old)
         while self.size > self.limit and len(self.pieces) > 1:
-            self._release(self.pieces.pop(next(iter(self.pieces))))
+            gone = next(iter(self.pieces))
+            self.seqs.pop(gone, None)
+            self._release(self.pieces.pop(gone))
         return hs
 
     def _release(self, hs: HolderSet) -> None:
@@ -152,6 +176,8 @@ class TaskBase:
 
     version: str | None  # None: the task did not exist
     meta: TaskMeta | None = None
+    stamp: str = ""  # created_at as stored: which task a holders field's version is of
+    seq_version: str | None = None  # `nv`: the version this layout's last write left
     next_epoch: int = 1
     leases: str = ""
     trust: TaskTrust = field(default_factory=TaskTrust)
@@ -221,6 +247,28 @@ class Reads:
 
     def zrange(self, key: str) -> None:
         self._add(key, _values, "ZRANGE", key, 0, -1)
+
+    def holders(self, tid: str, keys: Keys, fields: list[int],
+                cached: list[tuple[HolderSet, Seq | None] | None]) -> None:
+        """Pieces' holders fields, those `cached` with a version sent as it (READ_LUA's
+        `HOLDERS`): each comes back as its raw field, or as the cached set if Redis vouched
+        that its field is unchanged, with the version Redis vouches for (None: none)."""
+        stamp = next((c[1][0] for c in cached if c is not None and c[1] is not None), "")
+        cmd = ["HOLDERS", keys.task(tid), keys.holders(tid), keys.holders_seq(tid), stamp]
+        for i, c in zip(fields, cached, strict=True):
+            seq = None if c is None else c[1]
+            cmd += [str(i), seq[1] if seq is not None and seq[0] == stamp else ""]
+
+        def shape(r: Any) -> list[tuple[Any, str | None]]:
+            out = []
+            for n, c in enumerate(cached):
+                raw, seq = r[2 * n], r[2 * n + 1]
+                if type(raw) is int:  # unchanged: the set it was sent for
+                    assert c is not None
+                    raw = c[0]
+                out.append((None if raw is False else raw, seq or None))
+            return out
+        self.cmds.append((keys.holders(tid), _encode(cmd), shape))
 
     def time(self) -> None:
         """The clock of the slot read first (a task's, when the call names one)."""
@@ -421,7 +469,7 @@ class Loader:
         def add(p: Reads) -> None:
             spec.read = True
             pieces, held, counted = spec.pieces, spec.held, spec.counted
-            p.hmget(k.task(tid), *records.TASK_FIELDS)
+            p.hmget(k.task(tid), *records.TASK_FIELDS, records.SEQ_VERSION)
             if pieces is None:
                 p.hgetall(k.chunk(tid))
                 p.hgetall(k.holders(tid))
@@ -430,7 +478,11 @@ class Loader:
                     p.hlen(k.holders(tid))
                 if pieces:
                     p.hmget(k.chunk(tid), *pieces)
-                    p.hmget(k.holders(tid), *pieces)
+                    cached = [self.s.holder_sets.cached(tid, i) for i in pieces]
+                    if any(cached):  # versions to send, or to learn (fields worth keeping)
+                        p.holders(tid, k, pieces, cached)
+                    else:
+                        p.hmget(k.holders(tid), *pieces)
             if held is None:
                 p.hgetall(k.held(tid))
             else:
@@ -446,28 +498,30 @@ class Loader:
             asked = len(spec.children)
             kids = dict(zip(spec.children, replies[len(replies) - asked:], strict=True))
             replies = replies[:len(replies) - asked]
-            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw = replies[0]
+            meta_raw, created_at, next_epoch, version, leases_raw, trust_raw, nv = replies[0]
             tasks = self.world.state.tasks
             if meta_raw is None:
                 tasks.extend({}, [tid])
                 self.world.tasks[tid] = TaskBase(version=None)
                 return
-            base = TaskBase(version=version, meta=records.meta(meta_raw),
-                            next_epoch=int(next_epoch), leases=leases_raw or "",
+            base = TaskBase(version=version, meta=records.meta(meta_raw), stamp=created_at,
+                            seq_version=nv, next_epoch=int(next_epoch),
+                            leases=leases_raw or "",
                             trust=records.trust(trust_raw) if trust_raw else TaskTrust())
             r = iter(replies[1:])
             piece_map = Partial({}, pieces)
             if pieces is None:
                 chunks, holder_map = next(r), next(r)
-                rows = ((int(i), chunks.get(i), raw) for i, raw in holder_map.items())
+                rows = ((int(i), chunks.get(i), (raw, None)) for i, raw in holder_map.items())
             else:
                 total = next(r) if counted else None
-                rows = zip(pieces, next(r), next(r), strict=True) if pieces else ()
-            for i, chunk, raw in rows:
+                rows = zip(pieces, next(r), _versioned(next(r)), strict=True) if pieces else ()
+            for i, chunk, (raw, seq) in rows:
                 if raw is None:  # a piece exists while it has a holders field
                     base.pieces[i] = None
                     continue
-                hs = self.s.holder_sets.get(tid, i, raw)
+                hs = raw if type(raw) is HolderSet else self.s.holder_sets.get(
+                    tid, i, raw, None if seq is None else (created_at, seq))
                 loaded = kids.get(i)
                 if loaded is None:
                     children: Any = unloaded()
@@ -616,6 +670,12 @@ class _TaskSpec:
             _unique([*self.held, *held])
         self.counted = self.counted or counted
         self.children = list(dict.fromkeys([*self.children, *children]))
+
+
+def _versioned(fields: list) -> list[tuple[Any, str | None]]:
+    """A `holders` or an `hmget` reply of holders fields, as (field, version)."""
+    return [(f, None) for f in fields] if not fields or type(fields[0]) is not tuple \
+        else fields
 
 
 def _unique(items: Iterable[T] | None) -> list[T] | None:

@@ -70,6 +70,10 @@ PEER_FIELDS = (
 )
 PEER_NAMES = tuple(p.name for p in PEER_FIELDS)
 TASK_FIELDS = ("meta", "created_at", "next_epoch", "v", "leases", "trust")
+# The task's version as this layout's last write left it: while it is `v`, no replica of an
+# earlier layout (which knows nothing of the holders fields' versions, keys.holders_seq) has
+# written the task since, so those versions hold.
+SEQ_VERSION = "nv"
 
 
 def peer_values(peer: PeerState) -> tuple:

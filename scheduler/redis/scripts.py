@@ -102,11 +102,45 @@ return results
 # atomically, so a task is read as one snapshot; each call's replies come back as one JSON
 # document: one bulk string to parse rather than one per field, which is most of a pure-Python
 # client's cost.
+#
+# One command of its own, `HOLDERS task holders hseq created_at field seq field seq...`: pieces'
+# holders fields, except those the replica has decoded already. A field's `hseq` is the task
+# version at which a replica of this layout last wrote it; it is trusted only while every write
+# to the task since came from this layout (the task's `nv`, the version the last such write
+# left, equals its `v`; an earlier layout's write leaves them apart until this layout's next
+# write drops every `hseq`); a `seq` sent is compared only on the task it was read from
+# (`created_at`). Per field, two replies: the field (0: unchanged since the `seq` sent), and
+# its `hseq` while trusted (false: none, or not trusted).
 READ_LUA = """
+local function holders(c)
+  local t = redis.call('HMGET', c[2], 'v', 'nv', 'created_at')
+  local fields = {}
+  for i = 6, #c, 2 do fields[#fields + 1] = c[i] end
+  local seqs, same = {}, t[3] == c[5]
+  if t[1] and t[1] == t[2] then seqs = redis.call('HMGET', c[4], unpack(fields)) end
+  local out, want, at = {}, {}, {}
+  for n, f in ipairs(fields) do
+    local s = seqs[n] or false
+    out[2 * n] = s
+    if s and same and s == c[5 + 2 * n] then
+      out[2 * n - 1] = 0
+    else
+      want[#want + 1] = f
+      at[#at + 1] = 2 * n - 1
+    end
+  end
+  if #want > 0 then
+    local raw = redis.call('HMGET', c[3], unpack(want))
+    for k, pos in ipairs(at) do out[pos] = raw[k] end
+  end
+  return out
+end
 local outs = {}
 for j = 1, #ARGV do
   local out = {}
-  for i, c in ipairs(cjson.decode(ARGV[j])) do out[i] = redis.call(unpack(c)) end
+  for i, c in ipairs(cjson.decode(ARGV[j])) do
+    if c[1] == 'HOLDERS' then out[i] = holders(c) else out[i] = redis.call(unpack(c)) end
+  end
   outs[j] = cjson.encode(out)
 end
 return outs
