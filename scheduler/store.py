@@ -169,9 +169,9 @@ class Waiters:
                     continue
                 if not call.idle():
                     continue
-                try:
-                    await asyncio.wait_for(event.wait(),
-                                           min(deadline, call.recheck_at) - loop.time())
+                try:  # not wait_for: that wraps the wait in a task of its own, each wait
+                    async with asyncio.timeout_at(min(deadline, call.recheck_at)):
+                        await event.wait()
                 except TimeoutError:
                     if loop.time() >= deadline:
                         parking.leave(call, key, loop.time())
