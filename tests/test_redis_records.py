@@ -134,5 +134,9 @@ def test_a_holders_fields_version_is_kept_with_it_and_only_with_it() -> None:
     assert cache.cached("t", 0) is not None and cache.cached("t", 0)[1] is None
     cache.joined("t", 0, cache.pieces[("t", 0)], frozenset({"d"}), ("1.0", "9"))
     assert cache.cached("t", 0)[1] == ("1.0", "9") and cache.pieces[("t", 0)].raw == "a,b,c,d"
+    cache.vouched("t", 0, first, ("1.0", "10"))  # not the entry's set any more: ignored
+    assert cache.cached("t", 0)[1] == ("1.0", "9")
+    cache.vouched("t", 0, cache.pieces[("t", 0)], ("1.0", "10"))
+    assert cache.cached("t", 0)[1] == ("1.0", "10")
     cache.get("t", 1, "x,y", ("1.0", "9"))  # 6 ids: the oldest entry goes, with its version
     assert cache.cached("t", 0) is None and ("t", 0) not in cache.seqs

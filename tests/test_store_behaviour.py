@@ -1206,11 +1206,12 @@ async def test_a_holders_field_read_once_is_not_sent_again_while_unchanged(
     """A piece many hold: once a replica has decoded its holders field, a call on it gets back
     only the field's version while it is unchanged (redis-server encoded the whole field for
     every decision), and this replica's claims keep it current. A write by a replica of the
-    earlier layout, which keeps no versions, is read whole; so is a task made again."""
+    earlier layout, which keeps no versions, is read whole, and versioned again by this
+    layout's next write; a task made again is read whole."""
     s = redis_h.store
     assert isinstance(s, RedisStore)
     crowd = [f"H{i:02d}" for i in range(HOLDER_SAMPLE * 2)]
-    await setup(s, "R", "S", "Z", *crowd)
+    await setup(s, "R", "S", "T", "Z", *crowd)
     for pid in crowd:
         await announce(s, pid, [0, 1])
     replies = _record_holders_reads(s)
@@ -1226,24 +1227,27 @@ async def test_a_holders_field_read_once_is_not_sent_again_while_unchanged(
     await client.hset(s.keys.holders(TASK), "0", ",".join(sorted({*crowd[1:], "Z"})))
     await client.hset(key, "v", str(int(await client.hget(key, "v")) + 1))
     replies.clear()
-    d = await one(s, "R", 0)
+    d = await one(s, "T", 0)  # (a child admitted: a write)
     assert d.action == "parents" and "H00" not in {p.id for p in d.parents}
     assert [r[0] for r in replies] == [",".join(sorted({*crowd[1:], "Z"}))], replies
     assert not replies[0][1]  # no version vouched for: an earlier layout wrote last
     cached = s.holder_sets.cached(TASK, 0)
     assert cached is not None and cached[0].base == {*crowd[1:], "Z"}
-    # This layout writes again (it drops every version: any field may have changed), and the
-    # field, read whole, reads as that replica left it.
-    await announce(s, "S", [1])
-    assert await client.hget(s.keys.holders_seq(TASK), "0") is None  # (another replica's)
+    # That decision, this layout's write, dropped every version (any field may have changed)
+    # and gave one to the field it read whole, in one snapshot with the task's version it is
+    # fenced on: the next call gets the version back, not the field.
+    version = await client.hget(key, "v")
+    assert await client.hgetall(s.keys.holders_seq(TASK)) == {"0": version}
+    assert cached[1] == (await client.hget(key, "created_at"), version)
     replies.clear()
     assert "H00" not in await parents(s, "S", 0)
-    assert replies[0][0] == ",".join(sorted({*crowd[1:], "Z"})), replies
+    assert [r[0] for r in replies] == [0], replies
     # The task made again (deleted by hand; the rules never delete one), through another
     # replica: its fields' versions count again from the start, so one may come back to what
     # this replica holds for the old task's field, which must not be taken for the new one's.
     await announce(s, "R", [0])  # a claim by this layout: the field's version known here
     seq = await client.hget(s.keys.holders_seq(TASK), "0")
+    assert seq == await client.hget(key, "v")
     cached = s.holder_sets.cached(TASK, 0)
     assert seq and cached is not None and cached[1] is not None and cached[1][1] == seq
     await client.delete(key, s.keys.chunk(TASK), s.keys.holders(TASK), s.keys.held(TASK),

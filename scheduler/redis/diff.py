@@ -28,7 +28,7 @@ from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
 from scheduler.redis.loader import HolderSet, LoadedHolders, Seq, TaskBase, World
 from scheduler.redis.partial import Partial
 from scheduler.redis.scripts import ARGS_PER_OP
-from scheduler.state import TaskState
+from scheduler.state import HOLDER_SAMPLE, TaskState
 
 PRE, TASK, PEER, POST, COUNT = range(5)
 
@@ -67,6 +67,8 @@ class Tx:
         # Holders fields claims appended to, once applied: (task, piece, as loaded, joined,
         # the version the write gives the field).
         self.joined: list[tuple[str, int, HolderSet, frozenset[str], Seq]] = []
+        # Fields loaded as they were, the version the write gives them: (task, piece, set, it).
+        self.vouched: list[tuple[str, int, HolderSet, Seq]] = []
 
     def _part(self, stage: int, key: str) -> Part:
         slot = self.slot_of(key)
@@ -264,6 +266,15 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     if cleared or (before.version is not None and before.seq_version != before.version):
         tx.op(TASK, "del", seqs)
     written = [*holders_set[::2], *holders_add[::2]]
+    # Fields loaded without a version (written by an earlier layout, or before this one ran)
+    # get one too: read in one snapshot with the version this write is fenced on, they are
+    # still as loaded. Only those worth a replica's cache (HolderCache).
+    done = set(written) | set(holders_del)
+    for index, old in ([] if cleared else before.pieces.items()):
+        if old is not None and not old.versioned and len(old.holders.base) > HOLDER_SAMPLE \
+                and str(index) not in done:
+            written.append(str(index))
+            tx.vouched.append((tid, index, old.holders, (before.stamp, version)))
     if written:
         tx.op(TASK, "hset", seqs, *[x for i in written for x in (i, version)])
     if holders_del:

@@ -37,6 +37,7 @@ class PieceBase:
     chunk: str | None
     holders: HolderSet  # and the children an earlier layout's replica wrote after them
     children: dict[str, float] | None  # its children hash; None: not loaded
+    versioned: bool = False  # Redis vouched for its field's version (keys.holders_seq)
 
 
 class HolderSet:
@@ -101,6 +102,11 @@ class HolderCache:
         if raw.count(",") < self.least:  # cheap to decode: not kept (a cluster of many small
             return HolderSet(raw)  # tasks would keep every piece it ever read)
         return self._put(key, raw, lambda: HolderSet(raw), seq)
+
+    def vouched(self, tid: str, index: int, loaded: HolderSet, seq: Seq) -> None:
+        """A write gave the field `loaded` was decoded from the version `seq`."""
+        if self.pieces.get((tid, index)) is loaded:
+            self.seqs[(tid, index)] = seq
 
     def joined(self, tid: str, index: int, loaded: HolderSet, added: frozenset[str],
                seq: Seq | None = None) -> None:
@@ -535,7 +541,7 @@ class Loader:
                 dict.__setitem__(piece_map, i, PieceState(chunk=chunk,
                                                           holders=LoadedHolders(hs),
                                                           children=children))
-                base.pieces[i] = PieceBase(chunk, hs, before)
+                base.pieces[i] = PieceBase(chunk, hs, before, seq is not None)
             if pieces is not None:
                 piece_map.unloaded = None if total is None else \
                     max(0, total - dict.__len__(piece_map))

@@ -412,6 +412,8 @@ class RedisStore:
             if not tx or await self._applied(tx):
                 for joined in tx.joined:
                     self.holder_sets.joined(*joined)
+                for vouched in tx.vouched:
+                    self.holder_sets.vouched(*vouched)
                 for c in woken:  # what applied may wake others, refused or not
                     self.feed.wake(c.wake, c.pieces)
                 for c, outcome in zip(batch, outcomes, strict=True):
