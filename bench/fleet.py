@@ -209,7 +209,8 @@ class Host:
     outbox) and the engine's batcher, fetches paced at the host's rate; nothing is stored."""
 
     def __init__(self, n: int, url: str, session: aiohttp.ClientSession, secret: bytes,
-                 task: TaskRequest, host_rate: float, transport: TimedTransport) -> None:
+                 task: TaskRequest, host_rate: float, transport: TimedTransport,
+                 idcs: int = 4) -> None:
         self.n = n
         self.task = task
         self.piece_size = task.piece_size or 1
@@ -220,7 +221,7 @@ class Host:
         started = time.time()
         reg = PeerRegistration(
             id=f"fleet-{n:05d}", upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
-            idc=f"idc{n % 4}", started_at=started)
+            idc=f"idc{n % idcs}" if idcs > 1 else None, started_at=started)
         self.client = SchedulerClient(
             [url], reg, session, _NothingHeld(),  # type: ignore[arg-type]
             lambda: Heartbeat(counters=PeerCounters(started_at=started)), secret,
@@ -273,10 +274,12 @@ class Measured:
 
 async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
                  host_rate: float, seconds: float,
-                 cpu: Callable[[], tuple[float, float]], framed: bool = True) -> Measured:
+                 cpu: Callable[[], tuple[float, float]], framed: bool = True,
+                 idcs: int = 4) -> Measured:
     """Join `simulate` hosts, then time their pulls (at most `seconds`) until every piece is
     decided and announced. `framed`: each host calls over its own framed connection where
-    the scheduler offers one (as a peer does), else every call is HTTP."""
+    the scheduler offers one (as a peer does), else every call is HTTP. `idcs`: the hosts
+    spread over this many IDCs in turn (1: none given)."""
     tally = Tally()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
@@ -284,7 +287,7 @@ async def replay(url: str, secret: bytes, task: TaskRequest, simulate: int,
         inner: list[Transport] = [FramedTransport(http, secret) if framed else http
                                   for _ in range(simulate)]
         timed = [TimedTransport(t, tally) for t in inner]
-        hosts = [Host(n, url, session, secret, task, host_rate, timed[n])
+        hosts = [Host(n, url, session, secret, task, host_rate, timed[n], idcs)
                  for n in range(simulate)]
         tasks = TaskSet("fleet")
         try:
@@ -383,6 +386,8 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=["framed", "http"], default="framed",
                     help="how the simulated peers call the scheduler: framed where it is "
                          "offered (as peers do), or HTTP only")
+    ap.add_argument("--idcs", type=int, default=4,
+                    help="IDCs the simulated hosts are spread over (1: none given)")
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
     args = ap.parse_args(argv)
@@ -418,7 +423,8 @@ async def main(argv: list[str] | None = None) -> int:
                 return cpu_seconds(proc.pid), sum(cpu_seconds(p) for p in store_pids)
 
             m = await replay(f"http://127.0.0.1:{port}", secret, task, simulate, host_rate,
-                             args.seconds, cpu, framed=args.transport == "framed")
+                             args.seconds, cpu, framed=args.transport == "framed",
+                             idcs=args.idcs)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait()
