@@ -11,9 +11,9 @@ import scheduler.state
 import scheduler.store
 from bench.sim.__main__ import main
 from bench.sim.core import Clock, Link, Network
-from bench.sim.cost import Bill
+from bench.sim.cost import Bill, Cores
 from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
-from bench.sim.swarm import Params
+from bench.sim.swarm import Params, percentile
 
 LAST_LINE = re.compile(r"^sim scenario=(\w+) hosts=(\d+) p50=([\d.]+)x p99=([\d.]+)x "
                        r"origin=([\d.]+)x decisions=(\d+)/s cpu=(\d+)us/piece "
@@ -236,6 +236,10 @@ def test_the_bill_charges_each_simulated_second_its_scheduler_cpu() -> None:
     assert bill.replicas(2.5) == pytest.approx(0.4003 / 2.5)
     assert bill.peak(2.5) == pytest.approx(0.3002)  # second 0; second 2 is not whole
     assert bill.peak(1.5) == pytest.approx(bill.replicas(1.5))  # too short for a peak
+    cores = Cores(2)
+    assert cores.ran(0.0, 0.5) == 0.5 and cores.start(0.2) == 0.2  # the other core is free
+    assert cores.ran(0.2, 0.5) == pytest.approx(0.7) and cores.start(0.3) == 0.5
+    assert cores.ran(0.3, 0.1) == pytest.approx(0.6)  # unqueued work: after what was queued
 
 
 def test_the_scheduler_cpu_is_measured_as_the_rules_run_and_the_edge_priced_per_call(
@@ -256,3 +260,19 @@ def test_the_scheduler_cpu_is_measured_as_the_rules_run_and_the_edge_priced_per_
     assert often.decisions > 2 * before.decisions
     assert often.rules_cpu * often.span > 1.3 * before.rules_cpu * before.span
     assert often.cpu_per_piece > before.cpu_per_piece
+
+
+def test_a_scheduler_of_finite_cores_answers_late_once_its_demand_exceeds_them() -> None:
+    """--sched-cores: each call's work holds a core for what it cost, so a scheduler asked
+    for more than its cores queues the calls and the pull takes longer."""
+    free = run(small())
+    assert free.sched_waits is None
+    cheap, dear = small(), small()
+    cheap.params.sched_cores = dear.params.sched_cores = 1
+    dear.params.edge_call_us = 30_000.0  # 30 ms of the one core per call that reaches it
+    ample, starved = run(cheap), run(dear)
+    assert ample.sched_waits and starved.sched_waits
+    assert ample.replicas < 0.5  # the core mostly idle
+    assert percentile(starved.sched_waits, 0.5) > 30e-3 > 10 * percentile(ample.sched_waits, 0.5)
+    assert starved.p50 > 1.2 * ample.p50
+    assert starved.finished == starved.survivors == 24

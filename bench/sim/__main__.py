@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--children", type=int,
                     help="experiment: scheduler.state.CHILDREN_PER_HOLDER set to this in this "
                          "process (a rule change tried without editing the rules)")
+    ap.add_argument("--sched-cores", type=int,
+                    help="experiment: the scheduler as this many cores, each call's work "
+                         "queued for one and holding it for what it cost here, so answers "
+                         "leave late (bench/sim/cost.py; the run then depends on this "
+                         "machine's speed)")
+    ap.add_argument("--edge-us", metavar="CALL[,PIECE]",
+                    help="the scheduler edge's CPU price per call and per piece in it, us "
+                         "(default: bench/sim/cost.py's; 0 prices only the rules)")
     ap.add_argument("--experiment", action="append", default=[],
                     choices=sorted(experiments.EXPERIMENTS),
                     help="a rule change tried in this process (bench/sim/experiments.py)")
@@ -65,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         experiments.EXPERIMENTS[name]()
     if args.readahead:
         sc.params.readahead = args.readahead << 20
+    if args.sched_cores:
+        sc.params.sched_cores = args.sched_cores
+    if args.edge_us is not None:
+        call, _, piece = args.edge_us.partition(",")
+        sc.params.edge_call_us, sc.params.edge_piece_us = float(call), float(piece or 0)
     if args.wake_limit is not None:
         sc.params.wake_limit = args.wake_limit
     result = run(sc, args.seed, args.max_wall, args.report)

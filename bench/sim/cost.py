@@ -16,6 +16,7 @@ Both are this machine's cores, as bench.fleet's replica figures are.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -67,3 +68,25 @@ class Bill:
             return self.replicas(span)
         return max((ns for s, ns in self.by_second.items() if s + 1 <= span),
                    default=0.0) / 1e9
+
+
+class Cores:
+    """The scheduler as `n` cores (`--sched-cores`, an experiment): a piece of its work (a
+    call's turn, an announcement) starts when a core is free, in arrival order, and holds it
+    for what it cost here (its rules measured, its edge priced), so its answers leave that
+    much later. A run then depends on this machine's speed, not on the seed alone."""
+
+    def __init__(self, n: int) -> None:
+        self.free = [0.0] * n  # when each core is next free (a heap)
+        self.waits: list[float] = []  # of the answers: queued and served, seconds
+
+    def start(self, now: float) -> float:
+        """When work arriving now can start."""
+        return max(now, self.free[0])
+
+    def ran(self, now: float, seconds: float) -> float:
+        """Work that ran now took `seconds`: when it ends (its answers leave). Work that did
+        not wait for a core (a heartbeat) takes its time after what the core had queued."""
+        end = max(now, self.free[0]) + seconds
+        heapq.heapreplace(self.free, end)
+        return end

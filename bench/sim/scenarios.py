@@ -145,6 +145,9 @@ class Result:
     leases: int
     kinds: dict[str, int]  # decisions by action (a wait by its reason)
     complete: bool = True  # False: cut short at the wall limit
+    # With the scheduler as finite cores (`--sched-cores`): from a call's arrival to its first
+    # answer's leaving, queued and served, seconds (bench/sim/cost.py Cores).
+    sched_waits: list[float] | None = None
     report: list[str] = field(default_factory=list)  # `--report` (bench/sim/report.py)
 
     @property
@@ -196,6 +199,11 @@ class Result:
                f"{self.cpu_per_piece * self.rules_cpu / max(self.replicas, 1e-12):,.0f} "
                f"rules + {self.cpu_per_piece * self.edge_cpu / max(self.replicas, 1e-12):,.0f}"
                f" edge)",
+               *([f"  scheduler as {sc.params.sched_cores} cores: a call's first answer left "
+                  f"p50 {percentile(self.sched_waits, 0.5) * 1e3:.2f} ms, p99 "
+                  f"{percentile(self.sched_waits, 0.99) * 1e3:.2f} ms, max "
+                  f"{max(self.sched_waits, default=math.nan) * 1e3:.2f} ms after it arrived "
+                  f"(queued for a core, then served)"] if self.sched_waits is not None else []),
                f"  decisions by kind {dict(sorted(self.kinds.items()))}",
                f"  origin leases {self.leases}, origin steps by reason "
                f"{dict(sorted(self.reasons.items()))}; pieces given up "
@@ -282,6 +290,7 @@ def run(sc: Scenario, seed: int = 1, wall_limit: float | None = None,
         reasons=dict(st.origin_reasons), gave_up=st.gave_up, corrupt_caught=st.corrupt_caught,
         rules_cpu=sim.bill.rules_ns / 1e9 / span, edge_cpu=sim.bill.edge_ns / 1e9 / span,
         peak_cpu=sim.bill.peak(span), requests=sim.bill.requests / span, span=span,
+        sched_waits=sim.cores.waits if sim.cores is not None else None,
         leases=sim.leases + sim.state.back_to_source,
         kinds=dict(st.kinds), complete=complete,
         report=probe.lines(b) if probe is not None else [])

@@ -46,7 +46,7 @@ from time import perf_counter, thread_time_ns
 
 import scheduler.store
 from bench.sim.core import Clock, Flow, Link, Network
-from bench.sim.cost import EDGE_CALL_US, EDGE_PIECE_US, Bill
+from bench.sim.cost import EDGE_CALL_US, EDGE_PIECE_US, Bill, Cores
 from common.models import (
     AnnounceReply,
     Decision,
@@ -125,6 +125,7 @@ class Params:
     # The scheduler edge's CPU per call and per piece in it (bench/sim/cost.py).
     edge_call_us: float = EDGE_CALL_US
     edge_piece_us: float = EDGE_PIECE_US
+    sched_cores: int | None = None  # an experiment: the scheduler as this many cores (Cores)
 
 
 @dataclass(eq=False)
@@ -210,6 +211,7 @@ class Call:
     waking: bool = False  # a re-decision is scheduled
     done: bool = False
     session: int = 0
+    arrived: float | None = None  # when it reached the scheduler (with finite cores)
     parked: Parked | None = None  # what it re-decides next, its answer so far
     timer_at: float = 0.0  # when its one live timer (recheck or deadline) fires
 
@@ -293,6 +295,8 @@ class Swarm:
         self.net = Network(self.clock)
         self.stats = Stats()
         self.bill = Bill(params.edge_call_us, params.edge_piece_us)
+        self.cores = Cores(params.sched_cores) if params.sched_cores else None
+        self._held: list[tuple[Call, list[Decision] | None]] | None = None  # answers of a turn
         self.hosts: list[Host] = []
         self.by_id: dict[str, Host] = {}
         self.origin = Link("origin", origin_rate)
@@ -381,6 +385,7 @@ class Swarm:
             return
         if self.up and host.connected:
             self.stats.heartbeats += 1
+            before = self._begin()
             self.bill.call(self.clock.now)
             hb = Heartbeat.model_construct(
                 load=PeerLoad.model_construct(active_uploads=host.active, upload_rate=0.0,
@@ -389,6 +394,7 @@ class Swarm:
                     origin=int(host.from_origin), peer=int(host.from_peers), local=0,
                     served=0, uploaded=int(host.uploaded), started_at=1.0))
             self._state_call(host, self.state.heartbeat, host.id, hb)
+            self._served(before)  # a core's time; its answer is not waited for
         self.clock.after(self.p.heartbeat_interval, self.heartbeat, host)
 
     def expire_loop(self) -> None:
@@ -430,7 +436,12 @@ class Swarm:
         if not self.up or call.session != self.session:
             self._answer_later(call, None)
             return
+        if self.cores is not None and call.arrived is None:
+            call.arrived = self.clock.now
+        if self._queued(self._arrive, call):
+            return
         now = self.clock.now
+        before = self._begin()
         self.bill.call(now, len(call.req.pieces))
         call.deadline = now + LONG_POLL_MS / 1000
         started = thread_time_ns()  # the call parked and its first turn, timed as one
@@ -438,16 +449,55 @@ class Swarm:
                                        scheduler.store.RECHECK_SECONDS, now)
         self._turn(call, now)
         self.bill.rules(now, thread_time_ns() - started)
+        if self.cores is not None and call.arrived is not None:
+            # From its arrival to its first turn's end: queued for a core, then served.
+            self.cores.waits.append(now + self._served(before) - call.arrived)
+
+    # -- the scheduler as finite cores (`Params.sched_cores`; without it all of this is idle)
+
+    def _queued(self, fn, *args) -> bool:
+        """Whether this work waits for a free core: fn(*args) then runs when one is."""
+        if self.cores is None:
+            return False
+        now = self.clock.now
+        t = self.cores.start(now)
+        if t <= now:
+            return False
+        self.clock.at(t, fn, *args)
+        return True
+
+    def _begin(self) -> float:
+        """Work starts on a core: its answers are held until what it cost is known."""
+        if self.cores is not None:
+            self._held = []
+        return self.bill.total_ns
+
+    def _served(self, before: float) -> float:
+        """Work that began at `before` (the bill then) is done: the core is taken for what it
+        cost, and its held answers leave once it ends. The delay, seconds."""
+        if self.cores is None:
+            return 0.0
+        now = self.clock.now
+        late = self.cores.ran(now, (self.bill.total_ns - before) / 1e9) - now
+        held, self._held = self._held or [], None
+        for call, decisions in held:
+            self.clock.after(self.p.rtt / 2 + late, self._answered, call, decisions)
+        return late
 
     def _decide(self, call: Call) -> None:
         """One turn of `Waiters.schedule`'s loop (scheduler/store.py), its CPU the scheduler's."""
         call.waking = False
         if call.done:
             return
+        if self._queued(self._decide, call):
+            call.waking = True  # on its way: a wake meanwhile adds nothing
+            return
         now = self.clock.now
+        before = self._begin()
         started = thread_time_ns()
         self._turn(call, now)
         self.bill.rules(now, thread_time_ns() - started)
+        self._served(before)
 
     def _turn(self, call: Call, now: float) -> None:
         if not self.up or call.session != self.session:
@@ -523,6 +573,9 @@ class Swarm:
 
     def _answer_later(self, call: Call, decisions: list[Decision] | None) -> None:
         call.done = True
+        if self._held is not None:  # sent once the core's work ends
+            self._held.append((call, decisions))
+            return
         self.clock.after(self.p.rtt / 2, self._answered, call, decisions)
 
     def _answered(self, call: Call, decisions: list[Decision] | None) -> None:
@@ -576,8 +629,12 @@ class Swarm:
         self.clock.after(self.p.rtt / 2, self._announce_arrive, host, anns, 0, self.session)
 
     def _announce_arrive(self, host: Host, anns: list, attempt: int, session: int) -> None:
+        if self._queued(self._announce_arrive, host, anns, attempt, session):
+            return
         replies = []
+        late = 0.0
         if self.up and session == self.session:
+            before = self._begin()
             for ann in anns:
                 self.stats.announces += 1
                 self.bill.call(self.clock.now, len(ann.pieces))
@@ -587,7 +644,8 @@ class Swarm:
                 self.stats.announced += len(ann.pieces)
                 replies.append((ann, reply))
                 self._notify(wakes(ann))
-        self.clock.after(self.p.rtt / 2, self._announced, host, replies, attempt)
+            late = self._served(before)
+        self.clock.after(self.p.rtt / 2 + late, self._announced, host, replies, attempt)
 
     def _notify(self, pieces: frozenset[int] | None) -> None:
         """`Waiters.notify` (scheduler/store.py) with the same core, as the memory store
@@ -637,10 +695,12 @@ class Swarm:
     def report(self, host: Host, parent: str, index: int, kind: str) -> None:
         if host.connected and self.up:
             self.stats.reports += 1
+            before = self._begin()
             self.bill.call(self.clock.now)
             self._state_call(host, self.state.report,
                              Report(peer_id=host.id, parent_id=parent, task_id=TASK,
                                     piece=index, kind=kind))
+            self._served(before)
 
     # -- the session: outages and restarts ---------------------------------------------------
 
