@@ -126,7 +126,7 @@ def test_a_holders_fields_version_is_kept_with_it_and_only_with_it() -> None:
     """An entry's version (what Redis vouched for with the field) is what a read sends
     instead of fetching the field: kept while the field is, gone with a field read without
     one, and with an entry evicted."""
-    cache = HolderCache(limit=5, least=0)
+    cache = HolderCache(limit=5, least=0, versioned=0)
     first = cache.get("t", 0, "a,b", ("1.0", "7"))
     assert cache.cached("t", 0) == (first, ("1.0", "7"))
     assert cache.get("t", 0, "a,b") is first and cache.cached("t", 0) == (first, ("1.0", "7"))
@@ -140,3 +140,6 @@ def test_a_holders_fields_version_is_kept_with_it_and_only_with_it() -> None:
     assert cache.cached("t", 0)[1] == ("1.0", "10")
     cache.get("t", 1, "x,y", ("1.0", "9"))  # 6 ids: the oldest entry goes, with its version
     assert cache.cached("t", 0) is None and ("t", 0) not in cache.seqs
+    short = HolderCache(least=0)  # a field under `versioned` bytes: read again, not checked
+    short.get("t", 0, "a,b", ("1.0", "7"))
+    assert short.pieces and short.cached("t", 0) is None

@@ -25,10 +25,10 @@ from typing import Any
 from common.pieces import piece_count
 from scheduler.redis import records
 from scheduler.redis.keys import B2S, Keys, SlotOf, last_field
-from scheduler.redis.loader import HolderSet, LoadedHolders, Seq, TaskBase, World
+from scheduler.redis.loader import VERSIONED, HolderSet, LoadedHolders, Seq, TaskBase, World
 from scheduler.redis.partial import Partial
 from scheduler.redis.scripts import ARGS_PER_OP
-from scheduler.state import HOLDER_SAMPLE, TaskState
+from scheduler.state import TaskState
 
 PRE, TASK, PEER, POST, COUNT = range(5)
 
@@ -268,10 +268,10 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     written = [*holders_set[::2], *holders_add[::2]]
     # Fields loaded without a version (written by an earlier layout, or before this one ran)
     # get one too: read in one snapshot with the version this write is fenced on, they are
-    # still as loaded. Only those worth a replica's cache (HolderCache).
+    # still as loaded. Only those whose versions are checked (HolderCache.versioned).
     done = set(written) | set(holders_del)
     for index, old in ([] if cleared else before.pieces.items()):
-        if old is not None and not old.versioned and len(old.holders.base) > HOLDER_SAMPLE \
+        if old is not None and not old.versioned and len(old.holders.raw) >= VERSIONED \
                 and str(index) not in done:
             written.append(str(index))
             tx.vouched.append((tid, index, old.holders, (before.stamp, version)))
