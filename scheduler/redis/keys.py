@@ -51,8 +51,9 @@ class Keys:
         return f"{self.p}children:{{{tid}}}:{index}"
 
     def holders_seq(self, tid: str) -> str:
-        """Per piece, the task version at which this layout last wrote its holders field
-        (`diff.py`: a replica whose cached field's is current skips reading it)."""
+        """Per piece, the task version at which this layout last wrote its holders field: a
+        replica that decoded the field at that version does not read it again (READ_LUA's
+        `HOLDERS`)."""
         return f"{self.p}hseq:{{{tid}}}"
 
     def held(self, tid: str) -> str:
