@@ -221,7 +221,7 @@ class Host:
         started = time.time()
         reg = PeerRegistration(
             id=f"fleet-{n:05d}", upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
-            idc=f"idc{n % idcs}" if idcs > 1 else None, started_at=started)
+            idc=f"idc{n % idcs}" if idcs > 1 else "", started_at=started)
         self.client = SchedulerClient(
             [url], reg, session, _NothingHeld(),  # type: ignore[arg-type]
             lambda: Heartbeat(counters=PeerCounters(started_at=started)), secret,
