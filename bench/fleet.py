@@ -47,7 +47,7 @@ import aiohttp
 import redis
 from pydantic import BaseModel
 
-from bench.loopback import cpu_seconds
+from bench.loopback import cpu_ns
 from bench.scheduler import RedisServer, spawn_scheduler, until_ping
 from common.limits import DEFAULT
 from common.models import (
@@ -420,7 +420,9 @@ async def main(argv: list[str] | None = None) -> int:
                                extra=flags)
         try:
             def cpu() -> tuple[float, float]:
-                return cpu_seconds(proc.pid), sum(cpu_seconds(p) for p in store_pids)
+                # schedstat's nanoseconds: a small run's CPU is a few of /proc/PID/stat's 10 ms
+                # ticks, and read as 0 s it measured nothing (a test's 0.2 s pull did, 1 in 6)
+                return cpu_ns(proc.pid) / 1e9, sum(cpu_ns(p) for p in store_pids) / 1e9
 
             m = await replay(f"http://127.0.0.1:{port}", secret, task, simulate, host_rate,
                              args.seconds, cpu, framed=args.transport == "framed",
