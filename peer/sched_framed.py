@@ -129,12 +129,11 @@ class _Link:
                 fut: asyncio.Future[tuple[int, bytes]] = \
                     asyncio.get_running_loop().create_future()
                 self.pending[call_id] = fut
-                parts = on_part is not None and self.parts
                 if on_part is not None and self.parts:
                     self.on_part[call_id] = on_part
                 try:
                     self.writer.write(cf.call(call_id, path, signature, request_id.get(),
-                                              body, parts))
+                                              body, call_id in self.on_part))
                     await self.writer.drain()
                     return await fut
                 finally:
