@@ -5,6 +5,7 @@ registry so tests count what the origin really sent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -15,13 +16,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from common import auth
+from peer.sched_framed import FramedTransport
+from peer.sched_transport import HttpTransport
 
 # Ports below Linux's ephemeral range (32768+), so outgoing connections never take them.
 _ports = itertools.count(random.Random(os.getpid()).randrange(20000, 28000, 100))
@@ -339,6 +342,18 @@ def signed(method: str, url: str, body: bytes = b"", secret: bytes | None = None
     from yarl import URL
 
     return {auth.HEADER: auth.sign(secret or member_secret(), method, URL(url).path, body)}
+
+
+@contextlib.asynccontextmanager
+async def framed_client(secret: bytes, **kwargs: object
+                        ) -> AsyncIterator[tuple[aiohttp.ClientSession, FramedTransport]]:
+    """A session and a framed scheduler transport over it (as a peer calls), closed after."""
+    async with aiohttp.ClientSession() as http:
+        t = FramedTransport(HttpTransport(http, secret), secret, **kwargs)  # type: ignore[arg-type]
+        try:
+            yield http, t
+        finally:
+            await t.close()
 
 
 def member_session(secret: bytes | None = None, **kwargs: object) -> aiohttp.ClientSession:

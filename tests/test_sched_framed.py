@@ -39,6 +39,7 @@ from tests.cluster import (
     Cluster,
     CountingProxy,
     Registry,
+    framed_client,
     metric,
     pull_digest,
     push_blob,
@@ -214,30 +215,26 @@ async def test_refusals_and_store_failures_are_answered_as_over_http(
 async def test_a_dropped_connection_fails_its_calls_and_the_next_call_reconnects(
         scheduler: SchedulerService) -> None:
     url = scheduler.url
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
-        try:
-            await _a_leases_piece_0(t, url)
-            # b's call long-polls on a's lease: in flight, its connection is dropped.
-            waiting = asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="b", task_id=TASK, pieces=[0], wait_ms=20_000), ScheduleReply, 25))
-            assert scheduler.framed is not None
-            await until(lambda: _true(_parked(scheduler)), 5, "b's call parked")
-            started = time.monotonic()
-            for c in list(scheduler.framed.connections):
-                c.abort()
-            with pytest.raises(SchedulerUnavailable, match="connection lost") as e:
-                await waiting
-            assert e.value.unusable  # as a broken HTTP connection: the session fails over
-            assert time.monotonic() - started < 5
-            # The next call connects again, framed.
-            before = t.framed
-            reply = await t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="a", task_id=TASK, pieces=[1], wait_ms=0), ScheduleReply)
-            assert reply is not None and t.framed == before + 1
-            assert len(scheduler.framed.connections) == 1
-        finally:
-            await t.close()
+    async with framed_client(SECRET) as (_http, t):
+        await _a_leases_piece_0(t, url)
+        # b's call long-polls on a's lease: in flight, its connection is dropped.
+        waiting = asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
+            peer_id="b", task_id=TASK, pieces=[0], wait_ms=20_000), ScheduleReply, 25))
+        assert scheduler.framed is not None
+        await until(lambda: _true(_parked(scheduler)), 5, "b's call parked")
+        started = time.monotonic()
+        for c in list(scheduler.framed.connections):
+            c.abort()
+        with pytest.raises(SchedulerUnavailable, match="connection lost") as e:
+            await waiting
+        assert e.value.unusable  # as a broken HTTP connection: the session fails over
+        assert time.monotonic() - started < 5
+        # The next call connects again, framed.
+        before = t.framed
+        reply = await t.post(url, f"{API}/schedule", ScheduleRequest(
+            peer_id="a", task_id=TASK, pieces=[1], wait_ms=0), ScheduleReply)
+        assert reply is not None and t.framed == before + 1
+        assert len(scheduler.framed.connections) == 1
 
 
 async def _a_leases_piece_0(t: FramedTransport, url: str) -> None:
@@ -258,22 +255,18 @@ def _parked(svc: SchedulerService) -> bool:
 async def test_many_calls_in_flight_on_one_connection(scheduler: SchedulerService) -> None:
     """A long poll holds nothing up: other calls on the same connection are answered."""
     url = scheduler.url
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
-        try:
-            await _a_leases_piece_0(t, url)
-            polls = [asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="b", task_id=TASK, pieces=[0], wait_ms=10_000), ScheduleReply, 15))
-                for _ in range(3)]
-            for _ in range(20):
-                await t.post(url, f"{API}/peers/a/heartbeat", Heartbeat(), None, seconds=2)
-            assert not any(p.done() for p in polls)
-            assert scheduler.framed is not None
-            assert len(scheduler.framed.connections) == 1
-            for p in polls:
-                p.cancel()
-        finally:
-            await t.close()
+    async with framed_client(SECRET) as (_http, t):
+        await _a_leases_piece_0(t, url)
+        polls = [asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
+            peer_id="b", task_id=TASK, pieces=[0], wait_ms=10_000), ScheduleReply, 15))
+            for _ in range(3)]
+        for _ in range(20):
+            await t.post(url, f"{API}/peers/a/heartbeat", Heartbeat(), None, seconds=2)
+        assert not any(p.done() for p in polls)
+        assert scheduler.framed is not None
+        assert len(scheduler.framed.connections) == 1
+        for p in polls:
+            p.cancel()
 
 
 async def test_over_tls(tmp_path: Path) -> None:

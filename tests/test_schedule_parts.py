@@ -39,7 +39,16 @@ from scheduler import store
 from scheduler.server import SchedulerConfig, SchedulerService
 from scheduler.store import Waiters
 from scheduler.waiting import Parked, Parking
-from tests.cluster import Cluster, CountingProxy, Registry, metric, pull_digest, push_blob, until
+from tests.cluster import (
+    Cluster,
+    CountingProxy,
+    Registry,
+    framed_client,
+    metric,
+    pull_digest,
+    push_blob,
+    until,
+)
 
 SECRET = b"parts-test-secret-0123456789abcdef"
 TASK = "sha256:" + "cd" * 32
@@ -242,8 +251,7 @@ class _B:
 async def test_a_long_poll_answers_each_piece_as_it_is_decided_in_one_call(
         scheduler: SchedulerService) -> None:
     url = scheduler.url
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
+    async with framed_client(SECRET) as (http, t):
         b = _B(url, http, FramedTransport(HttpTransport(http, SECRET), SECRET))
         try:
             await _a_leases(t, url, [0, 1, 2])
@@ -266,14 +274,12 @@ async def test_a_long_poll_answers_each_piece_as_it_is_decided_in_one_call(
             assert await _parts(url) == 2
         finally:
             await b.stop()
-            await t.close()
 
 
 async def test_a_connection_dropped_between_parts_fails_only_the_pieces_still_asked(
         scheduler: SchedulerService) -> None:
     url = scheduler.url
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
+    async with framed_client(SECRET) as (http, t):
         b = _B(url, http, FramedTransport(HttpTransport(http, SECRET), SECRET))
         try:
             await _a_leases(t, url, [0, 1])
@@ -292,7 +298,6 @@ async def test_a_connection_dropped_between_parts_fails_only_the_pieces_still_as
             assert asked[0].result().action == "parents"  # what a part answered stands
         finally:
             await b.stop()
-            await t.close()
 
 
 @pytest.mark.parametrize("scheduler", ["old-peer", "old-scheduler", "http"], indirect=True)
@@ -303,8 +308,7 @@ async def test_older_peers_schedulers_and_http_keep_the_one_answer_long_poll(
     for the others, which the batcher asks again for in a new call."""
     url = scheduler.url
     side = request.node.callspec.params["scheduler"]
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
+    async with framed_client(SECRET) as (http, t):
         bt = FramedTransport(HttpTransport(http, SECRET), SECRET, parts=side != "old-peer")
         b = _B(url, http, bt)
         try:
@@ -323,41 +327,36 @@ async def test_older_peers_schedulers_and_http_keep_the_one_answer_long_poll(
             assert (bt.framed > 0) == (side != "http")
         finally:
             await b.stop()
-            await t.close()
 
 
 async def test_a_part_the_caller_cannot_parse_fails_that_call_not_the_connection(
         scheduler: SchedulerService) -> None:
     url = scheduler.url
-    async with aiohttp.ClientSession() as http:
-        t = FramedTransport(HttpTransport(http, SECRET), SECRET)
-        try:
-            await _a_leases(t, url, [0])
-            await t.post(url, f"{API}/peers", PeerRegistration(id="c", upload_addr="127.0.0.1:7"),
-                         RegisterReply)
-            seen: list[object] = []
+    async with framed_client(SECRET) as (_http, t):
+        await _a_leases(t, url, [0])
+        await t.post(url, f"{API}/peers", PeerRegistration(id="c", upload_addr="127.0.0.1:7"),
+                     RegisterReply)
+        seen: list[object] = []
 
-            def refuse(part: object) -> None:
-                seen.append(part)
-                raise ValueError("not taken")
-            token = PARTS.set(refuse)
-            try:
-                call = asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
-                    peer_id="c", task_id=TASK, pieces=[0, 2], wait_ms=5000), ScheduleReply,
-                    10))
-            finally:
-                PARTS.reset(token)
-            with pytest.raises(ValueError, match="not taken"):  # 2 is c's lease: a part
-                await asyncio.wait_for(call, 5)
-            assert len(seen) == 1 and isinstance(seen[0], ScheduleReply)
-            assert [d.piece for d in seen[0].decisions] == [2]
-            answered = t.framed
-            again = await t.post(url, f"{API}/schedule", ScheduleRequest(
-                peer_id="a", task_id=TASK, pieces=[3], wait_ms=0), ScheduleReply)
-            assert again is not None and t.framed == answered + 1  # the connection carries on
-            assert scheduler.framed is not None and len(scheduler.framed.connections) == 1
+        def refuse(part: object) -> None:
+            seen.append(part)
+            raise ValueError("not taken")
+        token = PARTS.set(refuse)
+        try:
+            call = asyncio.create_task(t.post(url, f"{API}/schedule", ScheduleRequest(
+                peer_id="c", task_id=TASK, pieces=[0, 2], wait_ms=5000), ScheduleReply,
+                10))
         finally:
-            await t.close()
+            PARTS.reset(token)
+        with pytest.raises(ValueError, match="not taken"):  # 2 is c's lease: a part
+            await asyncio.wait_for(call, 5)
+        assert len(seen) == 1 and isinstance(seen[0], ScheduleReply)
+        assert [d.piece for d in seen[0].decisions] == [2]
+        answered = t.framed
+        again = await t.post(url, f"{API}/schedule", ScheduleRequest(
+            peer_id="a", task_id=TASK, pieces=[3], wait_ms=0), ScheduleReply)
+        assert again is not None and t.framed == answered + 1  # the connection carries on
+        assert scheduler.framed is not None and len(scheduler.framed.connections) == 1
 
 
 def test_the_parts_flag_rides_bytes_older_builds_skip() -> None:
