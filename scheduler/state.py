@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,7 +144,7 @@ class Holders(set[str]):
 
     It also keeps how many of them are in each IDC (`idcs`), counted once and then kept by
     `add`, `discard` and `remove` (an announcement, a withdrawal, a peer gone); any other
-    change in place, or `recount`, has them counted again when next asked."""
+    change in place, or another `idc_of`, has them counted again when next asked."""
 
     __slots__ = ("_idc_of", "_idcs", "_order")
 
@@ -171,10 +172,6 @@ class Holders(set[str]):
                 counts[idc] = counts.get(idc, 0) + 1
             self._idcs, self._idc_of = counts, idc_of
         return counts
-
-    def recount(self) -> None:
-        """A holder's IDC changed: count them again when next asked."""
-        self._idcs = None
 
     def add(self, peer: str) -> None:
         if peer in self:
@@ -436,7 +433,10 @@ class ClusterState:
         self.totals = Totals()
         self.back_to_source = 0
         self.rng = rng or random.Random()
-        self.idc_of: Callable[[str], str] = self.idc_of  # one bound method: Holders.idcs' key
+        # One bound method, the key of every `Holders.idcs` count: a peer's IDC changing (its
+        # holdings kept) makes a new one, so each piece counts its holders again when next
+        # asked (a rule does not walk the tasks a store may not have loaded).
+        self.idc_of: Callable[[str], str] = types.MethodType(ClusterState.idc_of, self)
 
     # -- peers -----------------------------------------------------------------------------
 
@@ -449,8 +449,8 @@ class ClusterState:
             if reg.started_at and reg.started_at != old.reg.started_at:
                 self._drop_holdings(old)
                 old.registered_at = now
-            elif reg.idc != old.reg.idc:  # the same holdings in another IDC
-                self._recount_idcs(old)
+            elif reg.idc != old.reg.idc:  # the same holdings, in another IDC
+                self.idc_of = types.MethodType(ClusterState.idc_of, self)
             old.reg, old.last_seen = reg, now
             return old
         peer = PeerState(reg=reg, registered_at=now, last_seen=now,
@@ -516,13 +516,6 @@ class ClusterState:
                 piece.holders.discard(peer.id)
             task.held.pop(peer.id, None)
         peer.tasks = set()
-
-    def _recount_idcs(self, peer: PeerState) -> None:
-        for task_id in peer.tasks:
-            task = self.tasks.get(task_id)
-            for piece in task.pieces.values() if task is not None else ():
-                if peer.id in piece.holders and type(piece.holders) is Holders:
-                    piece.holders.recount()
 
     def _peer(self, peer_id: str) -> PeerState:
         peer = self.peers.get(peer_id)
