@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,13 +140,19 @@ class Holders(set[str]):
     mutation to the next. Every sampled decision (HOLDER_SAMPLE of more holders) draws from
     that list, and copying 2,600 ids for each one cost ~20 us; a crowd decides a piece several
     times between two of its announcements. The order is the set's, so the draws are those of
-    `list(holders)`."""
+    `list(holders)`.
 
-    __slots__ = ("_order",)
+    It also keeps how many of them are in each IDC (`idcs`), counted once and then kept by
+    `add`, `discard` and `remove` (an announcement, a withdrawal, a peer gone); any other
+    change in place, or another `idc_of`, has them counted again when next asked."""
+
+    __slots__ = ("_idc_of", "_idcs", "_order")
 
     def __init__(self, *args: Iterable[str]) -> None:
         super().__init__(*args)
         self._order: list[str] | None = None
+        self._idcs: dict[str, int] | None = None
+        self._idc_of: Callable[[str], str] | None = None
 
     def ordered(self) -> list[str]:
         """The holders as a list, in the set's order; not to be changed."""
@@ -154,6 +161,48 @@ class Holders(set[str]):
             order = self._order = list(self)
         return order
 
+    def idcs(self, idc_of: Callable[[str], str]) -> dict[str, int]:
+        """How many holders each IDC has ("": no IDC), by `idc_of` (a holder's IDC; the same
+        function from call to call keeps the counts); not to be changed."""
+        counts = self._idcs
+        if counts is None or self._idc_of is not idc_of:
+            counts = {}
+            for holder in self:
+                idc = idc_of(holder)
+                counts[idc] = counts.get(idc, 0) + 1
+            self._idcs, self._idc_of = counts, idc_of
+        return counts
+
+    def add(self, peer: str) -> None:
+        if peer in self:
+            return
+        self._order = None
+        counts = self._idcs
+        if counts is not None:
+            idc = self._idc_of(peer)  # type: ignore[misc]
+            counts[idc] = counts.get(idc, 0) + 1
+        set.add(self, peer)
+
+    def discard(self, peer: str) -> None:
+        if peer not in self:
+            return
+        self._order = None
+        counts = self._idcs
+        if counts is not None:
+            idc = self._idc_of(peer)  # type: ignore[misc]
+            left = counts.get(idc, 0) - 1
+            if left > 0:
+                counts[idc] = left
+            elif left == 0:
+                del counts[idc]
+            else:  # its IDC is not the one it was counted in: count them all again
+                self._idcs = None
+        set.discard(self, peer)
+
+    def remove(self, peer: str) -> None:
+        if peer not in self:
+            raise KeyError(peer)
+        self.discard(peer)
 
 
 SET_MUTATORS = ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
@@ -161,9 +210,11 @@ SET_MUTATORS = ("add", "discard", "remove", "pop", "clear", "update", "differenc
                 "__isub__", "__ixor__")
 
 
-def on_mutation(cls: type[set[str]], before: Callable[[Any], None]) -> None:
-    """Make every in-place mutator of the set subclass `cls` call `before(self)` first."""
-    for name in SET_MUTATORS:
+def on_mutation(cls: type[set[str]], before: Callable[[Any], None],
+                names: Iterable[str] = SET_MUTATORS) -> None:
+    """Make every in-place mutator of the set subclass `cls` (of `names`) call `before(self)`
+    first."""
+    for name in names:
         mutator = getattr(set, name)
 
         def mutate(self: Any, *args: Any, _mutator: Callable[..., Any] = mutator) -> Any:
@@ -175,10 +226,13 @@ def on_mutation(cls: type[set[str]], before: Callable[[Any], None]) -> None:
 
 def _drop_order(holders: Holders) -> None:
     holders._order = None
+    holders._idcs = None
 
 
-# Every mutator drops the list: a set changed in place may iterate in another order.
-on_mutation(Holders, _drop_order)
+# Every other mutator drops the list and the counts: a set changed in place may iterate in
+# another order (add, discard and remove keep both themselves).
+on_mutation(Holders, _drop_order,
+            [n for n in SET_MUTATORS if n not in ("add", "discard", "remove")])
 
 
 class Children(dict[str, float]):
@@ -316,6 +370,58 @@ class Totals:
 _COUNTER_FIELDS = ("origin", "peer", "local", "served", "uploaded")
 
 
+class Room:
+    """The room an announced piece has (`ClusterState.room`) when its holders are in IDCs:
+    how many more children it may be handed now depends on the requester's IDC, as its parent
+    choice sees it (`ClusterState._parents`). A requester of an IDC with holders is offered
+    only those: its share is CHILDREN_PER_HOLDER of theirs, less every child in flight. One
+    of an IDC without holders crosses into it once: the first while no copy into it is in
+    flight, then none (`idc-copy-in-flight`). One without an IDC shares every holder's.
+    Counted as every holder's, a piece looked roomy to an IDC with none left, and its
+    requesters were woken to decide `holders-busy` again (bench.fleet, 4 IDCs).
+
+    `take(peer)`: whether a call of `peer` may be admitted after those taken before it
+    (each admitted takes a child's place, whatever its IDC); `spent()`: nobody may."""
+
+    __slots__ = ("_copies", "_counts", "_crossed", "_live", "_share", "_state", "_taken")
+
+    def __init__(self, state: ClusterState, counts: dict[str, int], share: int,
+                 live: dict[str, float]) -> None:
+        self._state = state
+        self._counts = counts  # holders by IDC ("": none); not to be changed
+        self._share = share  # CHILDREN_PER_HOLDER x every holder
+        self._live = live  # the children in flight
+        self._taken = len(live)
+        self._copies: set[str] | None = None  # IDCs a child in flight is of, once asked
+        self._crossed: set[str] = set()
+
+    def spent(self) -> bool:
+        return self._taken >= self._share
+
+    def take(self, peer: str | None) -> bool:
+        if self._taken >= self._share:
+            return False
+        idc = self._state.idc_of(peer) if peer is not None else ""
+        if idc:
+            near = self._counts.get(idc)
+            if near:
+                if self._taken >= CHILDREN_PER_HOLDER * near:
+                    return False
+            else:
+                if idc in self._crossed or idc in self._copying():
+                    return False
+                self._crossed.add(idc)
+        self._taken += 1
+        return True
+
+    def _copying(self) -> set[str]:
+        copies = self._copies
+        if copies is None:
+            idc_of = self._state.idc_of
+            copies = self._copies = {idc_of(c) for c in self._live}
+        return copies
+
+
 class ClusterState:
     def __init__(self, *, heartbeat_interval: float = 2.0, lease_timeout: float = 2.0,
                  rng: random.Random | None = None) -> None:
@@ -327,6 +433,10 @@ class ClusterState:
         self.totals = Totals()
         self.back_to_source = 0
         self.rng = rng or random.Random()
+        # One bound method, the key of every `Holders.idcs` count: a peer's IDC changing (its
+        # holdings kept) makes a new one, so each piece counts its holders again when next
+        # asked (a rule does not walk the tasks a store may not have loaded).
+        self.idc_of: Callable[[str], str] = types.MethodType(ClusterState.idc_of, self)
 
     # -- peers -----------------------------------------------------------------------------
 
@@ -339,6 +449,8 @@ class ClusterState:
             if reg.started_at and reg.started_at != old.reg.started_at:
                 self._drop_holdings(old)
                 old.registered_at = now
+            elif reg.idc != old.reg.idc:  # the same holdings, in another IDC
+                self.idc_of = types.MethodType(ClusterState.idc_of, self)
             old.reg, old.last_seen = reg, now
             return old
         peer = PeerState(reg=reg, registered_at=now, last_seen=now,
@@ -878,24 +990,37 @@ class ClusterState:
         piece.children = children
         return True
 
-    def room(self, task_id: str, pieces: Iterable[int], now: float) -> dict[int, int]:
+    def room(self, task_id: str, pieces: Iterable[int], now: float) -> dict[int, int | Room]:
         """How many more children each of `pieces` may be handed now: CHILDREN_PER_HOLDER per
         holder less the children in flight (0 for a piece nobody holds). However many of its
         holders are usable, no more calls waiting for it than that can be admitted by a
         decision now: what an announcement of these pieces wakes (`Waiters.notify`), instead
         of a constant that woke calls only to wait again (10,500 of 44,000 woken calls in
-        bench.sim kraken, 50 hosts, got nothing). Drops the stale children it meets."""
+        bench.sim kraken, 50 hosts, got nothing). A piece with holders in IDCs has a `Room`
+        instead, the same counted by the requester's IDC. Drops the stale children it meets."""
         task = self.tasks.get(task_id)
-        out: dict[int, int] = {}
+        out: dict[int, int | Room] = {}
         for i in pieces:
             piece = task.pieces.get(i) if task is not None else None
             if piece is None or not piece.holders:
                 out[i] = 0
                 continue
             children = piece.children
-            live = len(self._in_flight(piece, children, now)) if children else 0
-            out[i] = max(0, CHILDREN_PER_HOLDER * len(piece.holders) - live)
+            live = self._in_flight(piece, children, now) if children else {}
+            holders = piece.holders
+            counts = holders.idcs(self.idc_of) if type(holders) is Holders \
+                else Holders(holders).idcs(self.idc_of)
+            share = CHILDREN_PER_HOLDER * len(holders)
+            if len(counts) == 1 and "" in counts:  # nobody in an IDC: one room for all
+                out[i] = max(0, share - len(live))
+            else:
+                out[i] = Room(self, counts, share, live)
         return out
+
+    def idc_of(self, peer_id: str) -> str:
+        """A peer's IDC ("": none, or not known)."""
+        peer = self.peers.get(peer_id)
+        return peer.reg.idc if peer is not None else ""
 
     def _in_flight(self, piece: PieceState, children: dict[str, float],
                    now: float) -> dict[str, float]:

@@ -26,7 +26,7 @@ from common.models import (
     Withdraw,
 )
 from scheduler.state import CHILDREN_PER_HOLDER, ClusterState
-from scheduler.waiting import Parked, Parking, call_key, done, wakes
+from scheduler.waiting import Parked, Parking, Places, call_key, done, wakes
 
 # While every wanted piece must wait, re-decide all of them at least this often, whatever woke
 # the call in between: leases time out by the clock, and a wake-up can be lost (a Redis pub/sub
@@ -102,12 +102,12 @@ class Waiters:
         return 0 if parking is None else len(parking)
 
     def notify(self, task_id: str, pieces: Iterable[int] | None = None,
-               room: Mapping[int, int] | None = None) -> None:
+               room: Mapping[int, int | Places] | None = None) -> None:
         """A change of a task: given the `pieces` an announcement added, only the calls
         asking for one of them are concerned, and as many of the oldest woken as each piece
-        has `room` for (`ClusterState.room`), or without it WAKE_PER_PIECE per piece (waking
-        every parked call on every announcement made the scheduler re-decide ~16 calls per
-        announcement); else every call, in full."""
+        has `room` for (`ClusterState.room`, counted by the caller's IDC), or without it
+        WAKE_PER_PIECE per piece (waking every parked call on every announcement made the
+        scheduler re-decide ~16 calls per announcement); else every call, in full."""
         parking = self._parked.get(task_id)
         if parking is None:  # no call on this task parked, nor answered and remembered
             return

@@ -39,8 +39,21 @@ Answered at once with `wait` for the others, its peer asked again for all of the
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
+from typing import NamedTuple, Protocol
 
 from common.models import Announce, Decision, ScheduleRequest
+
+
+class Places(Protocol):
+    """A piece's room counted by the requester (`scheduler.state.Room`, by its IDC)."""
+
+    def take(self, peer: str | None) -> bool:
+        """Whether a call of `peer` may be admitted after those taken so far (then taken)."""
+        ...
+
+    def spent(self) -> bool:
+        """Whether no call may be admitted any more."""
+        ...
 
 
 class Parked:
@@ -52,11 +65,12 @@ class Parked:
     until `recheck_at`, when the driver calls `changed_all` and loops.
     """
 
-    __slots__ = ("_all", "_changed", "_last", "pieces", "recheck", "recheck_at", "seq",
-                 "woken")
+    __slots__ = ("_all", "_changed", "_last", "peer", "pieces", "recheck", "recheck_at",
+                 "seq", "woken")
 
-    def __init__(self, pieces: Iterable[int], recheck: float) -> None:
+    def __init__(self, pieces: Iterable[int], recheck: float, peer: str | None = None) -> None:
         self.pieces: tuple[int, ...] = tuple(dict.fromkeys(pieces))  # once each, in order
+        self.peer = peer  # who asks (a room by IDC counts it in its own), if known
         self.recheck = recheck
         self.recheck_at = float("inf")  # set by each full decision
         self.seq = 0  # the order calls were parked in (`Parking`)
@@ -143,7 +157,7 @@ class Parking:
              now: float) -> Parked:
         """A new call: what the last call answered with this `key` left as `wait`, not
         made due since and decided within `recheck`, is its answer so far; the rest is due."""
-        call = Parked(pieces, recheck)
+        call = Parked(pieces, recheck, key.peer if isinstance(key, CallKey) else None)
         left = self._left.pop(key, None)
         if left is None:
             return call
@@ -229,13 +243,15 @@ class Parking:
             del left[key]
             self._unindex(call)
 
-    def announced(self, pieces: Iterable[int], per_piece: int | Mapping[int, int]
+    def announced(self, pieces: Iterable[int], per_piece: int | Mapping[int, int | Places]
                   ) -> list[Parked]:
         """`pieces` were announced: the calls to wake, oldest first, each due to decide the
         pieces it is woken for; calls already deciding (or answered and remembered) met on
         the way decide them too. Given the room each piece has (the rules'
         `ClusterState.room`, a mapping): for each piece, its calls in order until as many as
-        its room are due, those already woken counted (they take places too). Given a number:
+        its room are due, those already woken counted (they take places too); a room by IDC
+        (`Places`) counts each call in its peer's, and passes over those it has no place for.
+        Given a number:
         of the calls not already woken, the `per_piece` x len(pieces) parked first (0: every
         one). Waking a whole crowd had each re-decide only to wait again."""
         changed = set(pieces)
@@ -263,10 +279,14 @@ class Parking:
             call._changed.update(idle[call])
         return waking
 
-    def _wake_room(self, changed: set[int], room: Mapping[int, int]) -> list[Parked]:
+    def _wake_room(self, changed: set[int], room: Mapping[int, int | Places]
+                   ) -> list[Parked]:
         on, waking = self._on, dict[Parked, None]()
         for i in changed:
             left = room.get(i, 0)
+            if not isinstance(left, int):
+                self._wake_places(on.get(i, ()), i, left, waking)
+                continue
             if left <= 0:
                 continue
             for call in on.get(i, ()):
@@ -282,6 +302,23 @@ class Parking:
             woken.sort(key=lambda c: c.seq)
         return woken
 
+    @staticmethod
+    def _wake_places(calls: Iterable[Parked], i: int, places: Places,
+                     waking: dict[Parked, None]) -> None:
+        if places.spent():
+            return
+        for call in calls:
+            if not places.take(call.peer):
+                if places.spent():
+                    return
+                continue  # none left for its IDC: its `wait` stands
+            call._changed.add(i)
+            if not call.woken:
+                call.woken = True
+                waking[call] = None
+            if places.spent():
+                return
+
     def everyone(self) -> list[Parked]:
         """A task-wide change: every call is due in full, and woken; nothing remembered holds."""
         for call in self._left.values():
@@ -294,10 +331,16 @@ class Parking:
         return calls
 
 
-def call_key(req: ScheduleRequest) -> Hashable:
+class CallKey(NamedTuple):
+    peer: str
+    registry: str | None
+    exclude: frozenset[str]
+
+
+def call_key(req: ScheduleRequest) -> CallKey:
     """What a call's decisions depend on besides its pieces: the key under which a peer's next
     call takes over the waits its last one was answered with (`Parking.take`)."""
-    return req.peer_id, req.registry, frozenset(req.exclude)
+    return CallKey(req.peer_id, req.registry, frozenset(req.exclude))
 
 
 def done(decisions: Iterable[Decision]) -> bool:

@@ -1591,3 +1591,57 @@ def test_the_room_a_piece_has_is_two_children_per_holder_less_those_in_flight() 
     assert s.room(TASK, [0], 0.1 + LEASE) == {0: 4}  # c1 went stale
     pieces = s.tasks[TASK].pieces
     assert isinstance(pieces[0].children, Children) and not pieces[0].children
+
+
+@pytest.mark.usefixtures("two_children")
+def test_the_room_an_idc_requester_sees_is_its_own_idcs_holders_share() -> None:
+    """A piece held in idc1 by one holder and in idc2 by two: an idc1 requester has room for
+    CHILDREN_PER_HOLDER x 1 less every child in flight, an idc2 one for x 2 less them, an idc3
+    one (no holder there) for one crossing, none while a copy into idc3 is in flight, a peer
+    without an IDC for every holder's share; every admission takes a place of the others."""
+    from scheduler.state import Room
+    s = ClusterState(lease_timeout=LEASE, rng=random.Random(0))
+    idcs = {"a": "idc1", "b": "idc2", "c": "idc2", "x1": "idc1", "x2": "idc1", "y": "idc2",
+            "z1": "idc3", "z2": "idc3", "n": ""}
+    for k, (pid, idc) in enumerate(idcs.items()):
+        s.register(PeerRegistration(id=pid, upload_addr=f"10.0.0.{k + 1}:1", idc=idc), 0.0)
+    s.ensure_task(TaskRequest(task_id=TASK, length=MiB, piece_size=MiB), 0.0)
+    for pid in ("a", "b", "c"):
+        s.announce(Announce(peer_id=pid, task_id=TASK,
+                            pieces=[PieceClaim(index=0, chunk=chunk(0))]), 0.0)
+    holders = s.tasks[TASK].pieces[0].holders
+    assert holders.idcs(s.idc_of) == {"idc1": 1, "idc2": 2}
+
+    def room() -> Room:
+        (r,) = s.room(TASK, [0], 0.1).values()
+        assert isinstance(r, Room)
+        return r
+
+    r = room()
+    assert [r.take("x1"), r.take("x2")] == [True, True]  # idc1's share: 2
+    assert not r.take("x1") and r.take("y") and r.take("y")  # idc2's 4, less the 2 taken
+    assert not r.take("y") and not r.spent()  # 4 of 6 taken: z or n may still come
+    assert r.take("z1") and not r.take("z2")  # idc3 crosses once
+    assert r.take("n") and r.spent() and not r.take("n")
+    # A copy into idc3 in flight: none of idc3 more, until it is a holder there.
+    assert s.schedule(ScheduleRequest(peer_id="z1", task_id=TASK, pieces=[0]), 0.1)[0].action \
+        == "parents"
+    assert not room().take("z2")
+    s.announce(Announce(peer_id="z1", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
+               0.2)
+    assert holders.idcs(s.idc_of) == {"idc1": 1, "idc2": 2, "idc3": 1}  # kept, not recounted
+    assert room().take("z2")
+    # A holder gone, or moved to another IDC, is counted where it is.
+    s.leave("b")
+    assert holders.idcs(s.idc_of) == {"idc1": 1, "idc2": 1, "idc3": 1}
+    s.register(PeerRegistration(id="c", upload_addr="10.0.0.3:1", idc="idc1"), 0.3)
+    assert holders.idcs(s.idc_of) == {"idc1": 2, "idc3": 1}
+
+
+def test_a_piece_whose_holders_have_no_idc_keeps_one_room_for_all() -> None:
+    s = ClusterState(lease_timeout=LEASE, rng=random.Random(0))
+    s.register(PeerRegistration(id="h", upload_addr="10.0.0.1:1"), 0.0)
+    s.ensure_task(TaskRequest(task_id=TASK, length=MiB, piece_size=MiB), 0.0)
+    s.announce(Announce(peer_id="h", task_id=TASK, pieces=[PieceClaim(index=0, chunk=chunk(0))]),
+               0.0)
+    assert s.room(TASK, [0], 0.0) == {0: CHILDREN_PER_HOLDER}

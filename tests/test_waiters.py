@@ -19,7 +19,7 @@ from common.models import (
 )
 from scheduler import state, store
 from scheduler.store import Waiters
-from scheduler.waiting import Parked, Parking, done, wakes
+from scheduler.waiting import Parked, Parking, call_key, done, wakes
 
 TASK = "sha256:" + "a" * 64
 
@@ -364,6 +364,48 @@ def test_an_announcement_wakes_as_many_as_each_piece_has_room_for() -> None:
     assert parking.announced([6], {6: 4}) == [calls[3]]
     assert parking.announced([6], {6: 0}) == []  # no room: nobody woken
     assert calls[0].begin(0.1) == (5, 6)
+
+
+class ByGroup:
+    """A room by group (as `scheduler.state.Room` by IDC): `left` places per group, `most` in
+    all."""
+
+    def __init__(self, group: dict[str, str], left: dict[str, int], most: int) -> None:
+        self.group, self.left, self.most = group, left, most
+
+    def take(self, peer: str | None) -> bool:
+        g = self.group[peer or ""]
+        if self.most <= 0 or self.left[g] <= 0:
+            return False
+        self.left[g] -= 1
+        self.most -= 1
+        return True
+
+    def spent(self) -> bool:
+        return self.most <= 0
+
+
+def test_a_room_by_idc_wakes_the_oldest_calls_its_idc_has_places_for() -> None:
+    """Calls of a full IDC are passed over (their `wait` stands), not woken to wait again; a
+    call already deciding takes a place of its IDC too; the walk stops once nobody may come."""
+    parking = Parking()
+    peers = ["a1", "b1", "a2", "b2", "a3", "b3"]
+    calls = [parking.take(call_key(ScheduleRequest(peer_id=p, task_id=TASK, pieces=[7])), [7],
+                          60.0, 0.0) for p in peers]
+    for c in calls:
+        parking.park(c)
+        c.begin(0.0)
+        c.decided(waits(c.pieces))
+        assert c.idle()
+    assert [c.peer for c in calls] == peers
+    group = {p: p[0] for p in peers}
+    assert parking.announced([7], {7: ByGroup(group, {"a": 0, "b": 2}, 5)}) \
+        == [calls[1], calls[3]]
+    assert not calls[0].woken and calls[1].begin(0.1) == (7,)
+    # b1 is deciding (woken): it takes b's one place; a has two, and the room stops at 2 in all.
+    room = ByGroup(group, {"a": 2, "b": 1}, 2)
+    assert parking.announced([7], {7: room}) == [calls[0]]
+    assert room.spent() and room.left == {"a": 1, "b": 0}
 
 
 async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
