@@ -61,6 +61,7 @@ from common.models import (
 from common.pieces import piece_count
 from common.sizes import parse_size
 from common.tasks import TaskSet
+from peer.engine.ask_plan import AskPlan
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
 from peer.sched_framed import FramedTransport
@@ -233,17 +234,16 @@ class Host:
         await self.client.ensure_task(self.task)
 
     async def pull(self, tasks: TaskSet) -> None:
-        """The whole task as a reader reads it (peer/engine/reader.py: a window asked for,
-        refilled half a window at a time as the reader moves on), then sealed."""
+        """The whole task as a reader reads it (the reader's own ask plan, ask_plan.py: a
+        window asked for, refilled half a window at a time as the reader moves on), then
+        sealed."""
         batcher = DecisionBatcher(self.client, self.task.task_id, tasks, lambda _: DEFAULT,
                                   lambda: REGISTRY, _Clock())
         fetching: dict[int, asyncio.Task[None]] = {}
-        ahead = 0
+        plan = AskPlan(self.count, self.window)
         for k in range(self.count):
-            if ahead <= k + self.window // 2:
-                for j in range(ahead, min(self.count, k + self.window)):
-                    fetching[j] = tasks.spawn(self._obtain(j, batcher))
-                ahead = max(ahead, min(k + self.window, self.count))
+            for j in plan.reached(k):
+                fetching[j] = tasks.spawn(self._obtain(j, batcher))
             await fetching.pop(k)
         self.client.sealed(self.task.task_id, REGISTRY)
 

@@ -149,17 +149,6 @@ def test_a_whole_read_keeps_three_quarters_of_a_window_far_a_ranged_read_none() 
     assert reader.split_window(4, whole=True, far_share=3) == (4, 3)
 
 
-def test_the_far_cursor_walks_up_then_wraps_round_to_the_in_order_share() -> None:
-    taken = {7, 9}
-    got, cursor = reader.far_pieces(4, 12, 8, 3, taken.__contains__)
-    assert (got, cursor) == ([8, 10, 11], 4), "7 and 9 skipped; past the end: from lo"
-    got, cursor = reader.far_pieces(5, 12, cursor, 3, taken.__contains__)
-    assert (got, cursor) == ([5, 6, 8], 9), "round from lo (the reader moved on)"
-    assert reader.far_pieces(5, 12, 2, 2, lambda j: False) == ([5, 6], 7), "never behind lo"
-    assert reader.far_pieces(5, 12, 9, 4, lambda j: True) == ([], 9), "nothing left"
-    assert reader.far_pieces(12, 12, 3, 4, lambda j: False)[0] == [], "in-order share is all"
-
-
 class Asks:
     """The reader's `ensure` calls in order, as (piece, priority)."""
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import scheduler.state
 from bench.sim import swarm
 from common.models import PeerRegistration
-from peer.engine import reader
+from peer.engine import ask_plan, reader
 
 _register = scheduler.state.ClusterState.register
 
@@ -28,7 +28,7 @@ def children(n: int) -> None:
     scheduler.state.CHILDREN_PER_HOLDER = n
 
 
-# -- the reader's ask order (reader.py `split_window`, `far_pieces`) -------------------------
+# -- the reader's ask order (reader.py `split_window`, ask_plan.py `far_pieces`) -------------
 
 def far_share() -> None:
     """The reader's far share on (reader.py FAR_SHARE, off by default since stop 20): a whole
@@ -69,7 +69,7 @@ def far_rarest() -> None:
         sim[:] = [self]
         read(self, host)
 
-    swarm.far_pieces = rarest  # type: ignore[assignment]
+    ask_plan.far_pieces = rarest  # type: ignore[assignment]
     swarm.Swarm._read = reading  # type: ignore[method-assign]
 
 
@@ -78,7 +78,7 @@ def far_held() -> None:
     lease for a far piece, so the origin sends one run at a time as before."""
     far_share()
     read = swarm.Swarm._read
-    walk = swarm.far_pieces
+    walk = ask_plan.far_pieces
     sim: list[swarm.Swarm] = []
 
     def held(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
@@ -92,11 +92,12 @@ def far_held() -> None:
 
     def reading(self: swarm.Swarm, host: swarm.Host) -> None:
         sim[:] = [self]
-        if host.cursor == -1:  # nothing held was left: look again
-            host.cursor = 0
+        if not host.plan.far:  # nothing held was left: look again
+            host.plan.far = reader.split_window(self.window, True, 3)[1]
+            host.plan.cursor = 0
         read(self, host)
 
-    swarm.far_pieces = held  # type: ignore[assignment]
+    ask_plan.far_pieces = held  # type: ignore[assignment]
     swarm.Swarm._read = reading  # type: ignore[method-assign]
 
 

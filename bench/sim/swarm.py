@@ -78,14 +78,9 @@ from peer.engine.acquire import (
     Waited,
     bypass,
 )
+from peer.engine.ask_plan import AskPlan
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
-from peer.engine.reader import (
-    PLAN_WAIT,
-    READAHEAD_BYTES,
-    far_pieces,
-    readahead_pieces,
-    split_window,
-)
+from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces, split_window
 from peer.parents import STALL_SECONDS
 from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
@@ -147,10 +142,7 @@ class Host:
     oruns: dict[int, OriginRun] = field(default_factory=dict)
     cpu_free: float = 0.0
     # reader
-    pos: int = 0
-    ahead: int = 0
-    cursor: int | None = None  # the far share's (None: not drawn yet, -1: nothing left)
-    faring: set[int] = field(default_factory=set)  # far pieces on their way
+    plan: AskPlan = field(default_factory=lambda: AskPlan(0, 0))  # its asks (Swarm.planned)
     reading: bool = False
     planning: bool = False
     blocked_since: float | None = None
@@ -232,7 +224,7 @@ class Worker:
         if self.over or not self.host.alive:
             return
         host = self.host
-        waiting = host.blocked_since if host.reading and host.pos == self.index else None
+        waiting = host.blocked_since if host.reading and host.plan.pos == self.index else None
         self.do(self.acq.send(event, self.sim.clock.now, False, waiting))  # type: ignore[arg-type]
 
     def do(self, step: Step) -> None:
@@ -970,6 +962,7 @@ class Swarm:
         if index not in host.have:
             host.have.add(index)
             host.known.pop(index, None)  # parents kept for a scheduler outage: held now
+            host.plan.arrived(index)
             self.announce(host, index, sealed=len(host.have) == self.count)
         w = host.workers.get(index)
         if w is not None:
@@ -1001,46 +994,32 @@ class Swarm:
         if host.planning and host.alive:
             host.planning = False
             host.reading = True
+            host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange)
             self._read(host)
 
     def _read(self, host: Host) -> None:
-        """The reader (a whole-blob read): its in-order share refilled half of it at a time,
-        pieces taken in order; its far share (`split_window`, `far_pieces`) from a start drawn
-        for the read, topped up half of it at a time as pieces arrive."""
+        """The reader (a whole-blob read) as ask_plan.py says: in order, refilled half a window
+        at a time, pieces taken in order; its far share (if any) topped up as pieces arrive."""
         if not host.reading:
             return
-        n = self.count
-        window, far = split_window(self.window, True)
+        plan = host.plan
+        k = plan.pos
         while True:
-            k = host.pos
-            if k >= n:
+            if k >= self.count:
                 host.reading = False
                 host.done_at = self.clock.now
                 self.pulling -= 1
                 return
-            if host.ahead <= k + window // 2:
-                hi = min(k + window, n)
-                for j in range(host.ahead, hi):
-                    self.ensure(host, j)
-                host.ahead = max(host.ahead, hi)
+            for j in plan.reached(k):
+                self.ensure(host, j)
             if k not in host.have:
                 if host.blocked_since is None:
                     host.blocked_since = self.clock.now
                 break
             host.blocked_since = None
-            host.pos = k + 1
-        if host.cursor is None:
-            host.cursor = self.rng.randrange(n) if far else -1
-        host.faring = {j for j in host.faring if j not in host.have}
-        if host.cursor < 0 or len(host.faring) > far // 2:
-            return
-        got, host.cursor = far_pieces(host.pos + window, n, host.cursor, far - len(host.faring),
-                                      lambda j: j in host.have or j in host.workers)
-        if not got:
-            host.cursor = -1
-        for j in got:
+            k += 1
+        for j in plan.top_up(lambda j: j in host.have or j in host.workers):
             self.ensure(host, j)
-            host.faring.add(j)
 
     # -- running -----------------------------------------------------------------------------
 

@@ -1,16 +1,16 @@
 """Readers: the bytes of a range, piece by piece, each verified before it is yielded.
 
 A reader walks the pieces covering its range in order with a bounded read-ahead
-(`readahead_pieces` asked for, LOCAL_AHEAD_BYTES of stored pieces read and re-hashed in worker
-threads), so the first byte goes out before the last piece is fetched and memory stays flat:
-a piece fetched further ahead than HELD_BYTES is not held once stored (`holds`), it is
-read back from the store (the page cache) when the reader gets there. A whole-blob read also
-keeps three quarters of a window in flight from a point of the blob drawn for the read
-(`split_window`, `far_pieces`), so hosts reading one blob at once do not all want the same
-pieces. A whole-blob read is
-checked against its digest before its last bytes go out. Also: where a read's bytes will come
-from (`plan`, for the response headers), sendfile spans of a proven task (`local_files`), and
-the background prefetch of the rest of a task.
+(`readahead_pieces` asked for, in the order peer/engine/ask_plan.py says; LOCAL_AHEAD_BYTES of
+stored pieces read and re-hashed in worker threads), so the first byte goes out before the
+last piece is fetched and memory stays flat: a piece fetched further ahead than HELD_BYTES is
+not held once stored (`holds`), it is read back from the store (the page cache) when the
+reader gets there. With FAR_SHARE (off), a whole-blob read also keeps some of a window in
+flight from a point of the blob drawn for the read (`split_window`, ask_plan.py's
+`far_pieces`), so hosts reading one blob at once do not all want the same pieces. A whole-blob
+read is checked against its digest before its last bytes go out. Also: where a read's bytes
+will come from (`plan`, for the response headers), sendfile spans of a proven task
+(`local_files`), and the background prefetch of the rest of a task.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +28,7 @@ from common.metrics import PeerMetrics
 from common.pieces import MiB
 from common.ranges import ByteRange
 from common.tasks import TaskSet, consume_exception
+from peer.engine.ask_plan import AskPlan, ahead_priority
 from peer.engine.origin import READ_SIZE
 from peer.engine.run import BlobCorrupt, PieceUnavailable, Plan, TaskRun
 from peer.engine.sealing import Sealer, Sha256
@@ -89,23 +89,6 @@ def split_window(window: int, whole: bool, far_share: int | None = None) -> tupl
     quarters of a window, FAR_SHARE unless given)."""
     share = FAR_SHARE if far_share is None else far_share
     return window, window * share // 4 if whole else 0
-
-
-def far_pieces(lo: int, count: int, cursor: int, room: int, skip: Callable[[int], bool]
-               ) -> tuple[list[int], int]:
-    """Up to `room` pieces for a whole-blob read's far share, and the cursor to go on from:
-    walking up from `cursor` to the blob's end, then round from `lo` (where the in-order share
-    ends), passing over the pieces `skip` says are stored or on their way."""
-    got: list[int] = []
-    cursor = max(cursor, lo)
-    for j in itertools.chain(range(cursor, count), range(lo, cursor)):
-        if len(got) >= room:
-            break
-        if not skip(j):
-            got.append(j)
-    if got:
-        cursor = got[-1] + 1
-    return got, cursor if cursor < count else lo
 
 
 def local_ahead(piece_size: int) -> int:
@@ -254,49 +237,33 @@ class Reader:
         fetching: dict[int, asyncio.Future[bytes]] = {}
         dropped: set[int] = set()
         held: dict[int, int] = {}  # arrived and kept: their sizes
-        passed = False  # a piece passed through uncached: the store may not take the rest
-        ahead = 0  # pieces[:ahead] have been asked for
         k = 0
-        # A whole read's far share (pieces[m] is piece m): asked from `cursor` on, drawn per
-        # read, and topped up half the share at a time as they arrive, not as the reader moves.
-        # It is not what the client waits on: never asked as on-demand (no origin bypass).
-        cursor = self.rng.randrange(len(pieces)) if far else 0
-        faring: set[int] = set()  # far pieces on their way
+        # What to ask for and when (ask_plan.py): the window in order, a whole read's far
+        # share (pieces[m] is piece m) from a cursor drawn per read, topped up as they arrive.
+        plan = AskPlan(len(pieces), window, far, self.rng.randrange)
 
         def top_up() -> None:
-            nonlocal far, cursor
-            if not far or passed or len(faring) > far // 2:
-                return
-            got, cursor = far_pieces(
-                k + window, len(pieces), cursor, far - len(faring),
-                lambda j: j in run.have or j in fetching or j in run.inflight)
-            if not got:
-                far = 0  # the rest is stored or on its way: the in-order share sees to it
-            for j in got:
-                if ask(j, j, min(priority, DEFAULT)):
-                    faring.add(j)
+            for j in plan.top_up(lambda j: j in run.have or j in fetching or j in run.inflight):
+                ask(j, j, ahead_priority(priority))
 
-        def ask(m: int, j: int, priority: int) -> bool:
+        def ask(m: int, j: int, priority: int) -> None:
             fut = self.ensure(run, j, priority)
             if fut is None or j in fetching:
-                return False
+                return
             fetching[j] = fut
             fut.add_done_callback(functools.partial(arrived, m, j))
-            return True
 
         def arrived(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
             keep(m, j, fut)
-            if j in faring:
-                faring.discard(j)
-                if not fut.cancelled() and fut.exception() is None:  # not the engine closing
-                    top_up()
+            if plan.arrived(m) and not fut.cancelled() and fut.exception() is None:
+                top_up()  # (not the engine closing)
 
         def keep(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
-            nonlocal passed
             if fetching.get(j) is not fut or fut.cancelled() or fut.exception() is not None:
                 return
             stored = j in run.have
-            passed = passed or not stored
+            if not stored:  # passed through: the store may not take the rest
+                plan.passed_through(max(READAHEAD_MIN_PIECES, PASS_THROUGH_BYTES // size))
             if holds(m - k, stored, size):
                 held[j] = len(fut.result())
                 self.held_bytes += held[j]
@@ -310,15 +277,8 @@ class Reader:
         near = local_ahead(size)
         try:
             for k, i in enumerate(pieces):
-                # Refill the read-ahead half a window at a time, so the scheduler gets batches
-                # (and origin leases cover runs) rather than one piece per call. Pieces passing
-                # through uncached are held until reached: then the window is today's small one.
-                if passed:
-                    window = min(window, max(READAHEAD_MIN_PIECES, PASS_THROUGH_BYTES // size))
-                if ahead <= k + window // 2:
-                    for m in range(ahead, min(k + window, len(pieces))):
-                        ask(m, pieces[m], priority)
-                    ahead = max(ahead, min(k + window, len(pieces)))
+                for m in plan.reached(k):
+                    ask(m, pieces[m], priority)
                 top_up()
                 for j in pieces[k:k + near]:
                     if j not in fetching and j not in reading and j in run.have:
@@ -343,7 +303,7 @@ class Reader:
                             self.sealer.sealed(run)
                 yield memoryview(data)[lo:hi]
         finally:
-            far = 0  # arrivals after this ask for no more,
+            plan.stop()  # arrivals after this ask for no more,
             fetching.clear()  # nor are they held
             self.held_bytes -= sum(held.values())
             for task in reading.values():  # the reader stopped early
