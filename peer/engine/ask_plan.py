@@ -2,9 +2,9 @@
 
 A pure core (no asyncio, no I/O) driven by events: the reader reached position k (`reached`),
 a piece asked ahead arrived (`arrived`), pieces passed through uncached (`passed_through`). It
-answers with positions to ask for and their class: IN_ORDER (what the client reads next, at
-the read's own priority) or AHEAD (asked at `ahead_priority`: never on demand, no origin
-bypass). The real reader (peer/engine/reader.py), bench/sim's reader (`Swarm._read`) and
+answers with positions to ask for: in order from `reached` (what the client reads next, at
+the read's own priority), ahead from `top_up` (asked at `ahead_priority`: never on demand, no
+origin bypass). The real reader (peer/engine/reader.py), bench/sim's reader (`Swarm._read`) and
 bench/fleet's hosts (`Host.pull`) all drive this class, so a rule change here shows in the
 simulation and in the fleet bench at once.
 
@@ -23,9 +23,6 @@ import itertools
 from collections.abc import Callable
 
 from common.limits import DEFAULT
-
-IN_ORDER = 0  # what the client reads next: the read's own priority
-AHEAD = 1  # asked ahead of need: `ahead_priority`
 
 Skip = Callable[[int], bool]  # a position stored or on its way already
 Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
@@ -84,8 +81,8 @@ class AskPlan:
         return asks
 
     def top_up(self, skip: Skip) -> list[int]:
-        """Far positions to ask for (AHEAD) now: none while more than half the far share is on
-        its way; once nothing is left to ask, none ever again."""
+        """Far positions to ask for now (at `ahead_priority`): none while more than half the
+        far share is on its way; once nothing is left to ask, none ever again."""
         if not self.far or len(self.faring) > self.far // 2:
             return []
         if self.cursor is None:
