@@ -25,6 +25,7 @@ import aiohttp
 from common import auth
 from peer.sched_framed import FramedTransport
 from peer.sched_transport import HttpTransport
+from tests.zygote import ForkedProcess, forkable, zygote
 
 # Ports below Linux's ephemeral range (32768+), so outgoing connections never take them.
 _ports = itertools.count(random.Random(os.getpid()).randrange(20000, 28000, 100))
@@ -88,7 +89,7 @@ async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 20.0,
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen | ForkedProcess
     log_path: Path
 
     def logs(self) -> str:
@@ -113,9 +114,12 @@ class Proc:
 
 def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
     log_path = workdir / f"{name}.log"
+    full_env = {**os.environ, **(env or {})}
+    if forkable(argv, full_env):
+        return Proc(name, zygote().fork(argv[3:], workdir, full_env, log_path), log_path)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
     popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+                             env=full_env, start_new_session=True)
     log.close()
     return Proc(name, popen, log_path)
 
