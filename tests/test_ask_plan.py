@@ -32,45 +32,61 @@ def test_without_a_far_share_nothing_is_asked_ahead_nor_drawn() -> None:
         raise AssertionError("no far share: no draw")
     plan = AskPlan(20, 8, 0, draw)
     plan.reached(0)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_the_far_share_starts_at_its_drawn_cursor_and_is_topped_up_as_it_arrives() -> None:
     plan = AskPlan(24, 8, 6, lambda n: n - 3)
     assert list(plan.reached(0)) == list(range(8))
-    got = plan.top_up(lambda j: j < 8)
+    got = plan.top_up(lambda j: j >= 8)
     assert got == [21, 22, 23, 8, 9, 10], "from the drawn start, round to the in-order end"
-    assert plan.top_up(lambda j: False) == [], "all six on their way"
+    assert plan.top_up(lambda j: True) == [], "all six on their way"
     assert plan.arrived(21) and plan.arrived(22)
-    assert plan.top_up(lambda j: False) == [], "more than half the share on its way"
+    assert plan.top_up(lambda j: True) == [], "more than half the share on its way"
     assert plan.arrived(23) and not plan.arrived(3), "3 was in order"
-    assert plan.top_up(lambda j: j <= 10 or j >= 21) == [11, 12, 13], "up to the share again"
+    assert plan.top_up(lambda j: 10 < j < 21) == [11, 12, 13], "up to the share again"
+
+
+def test_only_what_the_caller_started_counts_as_on_its_way() -> None:
+    plan = AskPlan(40, 8, 6, lambda n: 20)
+    plan.reached(0)
+    elsewhere = {21, 22}  # on their way for another read: never this plan's arrivals
+    asked: list[int] = []
+
+    def start(j: int) -> bool:
+        asked.append(j)
+        return j not in elsewhere
+    assert plan.top_up(start) == [20, 23, 24, 25, 26, 27], "the six it started"
+    assert asked == [20, 21, 22, 23, 24, 25, 26, 27]
+    for j in (20, 23, 24, 25):
+        assert plan.arrived(j)
+    assert plan.top_up(lambda j: True) == [28, 29, 30, 31], "two on their way: up to six"
 
 
 def test_once_nothing_is_left_far_it_stops_asking() -> None:
     plan = AskPlan(10, 8, 4, lambda n: 0)
     plan.reached(0)
-    assert plan.top_up(lambda j: j < 10) == []
+    assert plan.top_up(lambda j: j >= 10) == []
     assert plan.far == 0
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_passing_through_narrows_the_window_and_ends_the_far_share() -> None:
     plan = AskPlan(40, 16, 12, lambda n: 20)
     assert list(plan.reached(0)) == list(range(16))
     plan.passed_through(4)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
     assert walk(plan, 20)[14] == [16, 17], "refilled as a window of 4"
 
 
 def test_a_stopped_read_asks_no_more() -> None:
     plan = AskPlan(40, 8, 6, lambda n: 20)
     plan.reached(0)
-    got = plan.top_up(lambda j: j < 8)
+    got = plan.top_up(lambda j: j >= 8)
     plan.stop()
     for j in got:
         plan.arrived(j)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_pieces_asked_ahead_are_never_on_demand() -> None:

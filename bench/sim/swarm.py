@@ -977,10 +977,12 @@ class Swarm:
         if host.workers.get(worker.index) is worker:
             del host.workers[worker.index]
 
-    def ensure(self, host: Host, index: int) -> None:
+    def ensure(self, host: Host, index: int) -> bool:
+        """Start obtaining a piece unless it is kept or on its way: whether this started it."""
         if index in host.have or index in host.workers:
-            return
+            return False
         host.workers[index] = Worker(self, host, index)
+        return True
 
     def start_pull(self, host: Host) -> None:
         """The mirror's `plan` (reader.py): the first piece alone, its decision awaited (up
@@ -1018,8 +1020,7 @@ class Swarm:
                 break
             host.blocked_since = None
             k += 1
-        for j in plan.top_up(lambda j: j in host.have or j in host.workers):
-            self.ensure(host, j)
+        plan.top_up(lambda j: self.ensure(host, j))
 
     # -- running -----------------------------------------------------------------------------
 

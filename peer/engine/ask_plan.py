@@ -1,7 +1,7 @@
 """What a read asks for next, and when: the one place the read-ahead order lives.
 
 A pure core (no asyncio, no I/O) driven by events: the reader reached position k (`reached`),
-a piece asked ahead arrived (`arrived`), pieces passed through uncached (`passed_through`). It
+a piece asked for arrived (`arrived`), pieces passed through uncached (`passed_through`). It
 answers with positions to ask for: in order from `reached` (what the client reads next, at
 the read's own priority), ahead from `top_up` (asked at `ahead_priority`: never on demand, no
 origin bypass). The real reader (peer/engine/reader.py), bench/sim's reader (`Swarm._read`) and
@@ -25,6 +25,9 @@ from collections.abc import Callable
 from common.limits import DEFAULT
 
 Skip = Callable[[int], bool]  # a position stored or on its way already
+# Start asking for a position unless it is stored or on its way: whether this call started it.
+# The plan counts as on their way only the positions the caller really started.
+Start = Callable[[int], bool]
 Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
 
 
@@ -64,7 +67,7 @@ class AskPlan:
         self.pos = 0  # the position the reader reached (waits for, or is serving)
         self.ahead = 0  # positions [0, ahead) have been asked for in order
         self.cursor: int | None = None  # the far share's (None: not drawn yet)
-        self.faring: set[int] = set()  # far positions on their way
+        self.faring: set[int] = set()  # far positions on their way (started by the caller)
 
     def done(self) -> bool:
         return self.pos >= self.count
@@ -80,16 +83,17 @@ class AskPlan:
         self.ahead = max(self.ahead, hi)
         return asks
 
-    def top_up(self, skip: Skip) -> list[int]:
-        """Far positions to ask for now (at `ahead_priority`): none while more than half the
-        far share is on its way; once nothing is left to ask, none ever again."""
+    def top_up(self, start: Start) -> list[int]:
+        """Ask far positions now (`start` each, at `ahead_priority`), and say which were
+        started: none while more than half the far share is on its way; once nothing is left
+        to start, none ever again. Only what `start` started counts as on its way."""
         if not self.far or len(self.faring) > self.far // 2:
             return []
         if self.cursor is None:
             assert self.draw is not None
             self.cursor = self.draw(self.count)
         got, self.cursor = far_pieces(self.pos + self.window, self.count, self.cursor,
-                                      self.far - len(self.faring), skip)
+                                      self.far - len(self.faring), lambda j: not start(j))
         if not got:
             self.far = 0  # the rest is stored or on its way: the in-order share sees to it
         self.faring.update(got)

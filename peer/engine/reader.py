@@ -243,15 +243,21 @@ class Reader:
         plan = AskPlan(len(pieces), window, far, self.rng.randrange)
 
         def top_up() -> None:
-            for j in plan.top_up(lambda j: j in run.have or j in fetching or j in run.inflight):
-                ask(j, j, ahead_priority(priority))
+            plan.top_up(start_ahead)
 
-        def ask(m: int, j: int, priority: int) -> None:
+        def start_ahead(j: int) -> bool:
+            """Piece j asked ahead, unless stored or on its way (this read's or another's)."""
+            return j not in run.have and j not in run.inflight \
+                and ask(j, j, ahead_priority(priority))
+
+        def ask(m: int, j: int, priority: int) -> bool:
+            """Whether this read now fetches piece j (pieces[m]) that it did not before."""
             fut = self.ensure(run, j, priority)
             if fut is None or j in fetching:
-                return
+                return False
             fetching[j] = fut
             fut.add_done_callback(functools.partial(arrived, m, j))
+            return True
 
         def arrived(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
             keep(m, j, fut)
