@@ -962,7 +962,7 @@ class Swarm:
         if index not in host.have:
             host.have.add(index)
             host.known.pop(index, None)  # parents kept for a scheduler outage: held now
-            host.plan.arrived(index)
+            host.plan.arrived(index, self.size(index))
             self.announce(host, index, sealed=len(host.have) == self.count)
         w = host.workers.get(index)
         if w is not None:
@@ -996,12 +996,14 @@ class Swarm:
         if host.planning and host.alive:
             host.planning = False
             host.reading = True
-            host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange)
+            host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange,
+                                spread=True, piece_size=self.piece_size, since=self.clock.now)
             self._read(host)
 
     def _read(self, host: Host) -> None:
         """The reader (a whole-blob read) as ask_plan.py says: in order, refilled half a window
-        at a time, pieces taken in order; its far share (if any) topped up as pieces arrive."""
+        at a time, pieces taken in order; its spread share (once fast) topped up with each
+        refill, its far share (if any) as pieces arrive."""
         if not host.reading:
             return
         plan = host.plan
@@ -1020,7 +1022,7 @@ class Swarm:
                 break
             host.blocked_since = None
             k += 1
-        plan.top_up(lambda j: self.ensure(host, j))
+        plan.top_up(lambda j: self.ensure(host, j), self.clock.now)
 
     # -- running -----------------------------------------------------------------------------
 
