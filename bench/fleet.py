@@ -62,6 +62,7 @@ from common.models import (
 from common.pieces import piece_count
 from common.sizes import parse_size
 from common.tasks import TaskSet
+from peer.engine import ask_plan
 from peer.engine.ask_plan import AskPlan
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
@@ -401,7 +402,11 @@ async def main(argv: list[str] | None = None) -> int:
                     help="IDCs the simulated hosts are spread over (1: none given)")
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
+    ap.add_argument("--spread", action="store_true",
+                    help="the reader's spread share on (ask_plan.py SPREAD, off by default)")
     args = ap.parse_args(argv)
+    if args.spread:
+        ask_plan.SPREAD = True
     size, piece_size = parse_size(args.size), parse_size(args.piece_size)
     host_rate = parse_rate(args.host_rate)
     simulate = max(1, min(args.simulate, args.hosts))

@@ -3,6 +3,8 @@ bench/fleet's): what a read asks for next, driven directly."""
 
 from __future__ import annotations
 
+import pytest
+
 from common.limits import BACKGROUND, DEFAULT, ON_DEMAND
 from peer.engine import ask_plan
 from peer.engine.ask_plan import (
@@ -15,6 +17,12 @@ from peer.engine.ask_plan import (
 )
 
 MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def spread_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spread share on (ask_plan.SPREAD, off by default) for these tests."""
+    monkeypatch.setattr(ask_plan, "SPREAD", True)
 
 
 def walk(plan: AskPlan, upto: int) -> dict[int, list[int]]:
@@ -198,18 +206,15 @@ def test_a_slow_read_reads_in_order_as_before() -> None:
     assert walk_with(True) == walk_with(False)
 
 
-def test_no_spread_share_for_a_ranged_read_nor_once_pieces_pass_through() -> None:
+def test_no_spread_share_for_a_ranged_read_nor_once_pieces_pass_through(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     def drawn(n: int) -> int:
         raise AssertionError("nothing drawn")
     ranged = AskPlan(200, 16, 0, drawn, spread=False, piece_size=4 * MB)
     passed = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
-    off = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
     passed.passed_through(4)
-    saved, ask_plan.SPREAD = ask_plan.SPREAD, False
-    try:
-        off = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
-    finally:
-        ask_plan.SPREAD = saved
+    monkeypatch.setattr(ask_plan, "SPREAD", False)
+    off = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
     for plan in (ranged, passed, off):
         plan.reached(0)
         fast(plan, 0.1, 16)

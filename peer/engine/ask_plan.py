@@ -44,7 +44,11 @@ Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
 # HORIZON_SECONDS, at most HORIZON_WINDOWS windows; under two windows, no spread share.
 HORIZON_SECONDS = 2.0
 HORIZON_WINDOWS = 4
-SPREAD = True  # whole reads draw a spread share once fast (False: in order, as before)
+# Off by default (stop 25): bench.sim kraken 50 1.948x -> 1.235x p50, but idc3 sent 2.73x the
+# blob across IDCs (2.00x off; target <= 2.2x), die1's p99 was 1.44x base's (a child of the dead
+# host waits STALL_SECONDS on its piece, the swarm no longer hides it), and bench.fleet --store
+# redis was not shown level. `python -m bench.sim --experiment spread`, `bench.fleet --spread`.
+SPREAD = False  # whole reads draw a spread share once fast (False: in order, as before)
 
 
 def horizon(window: int, rate: float, piece_size: int) -> int:
