@@ -31,6 +31,7 @@ import asyncio
 import math
 import os
 import platform
+import random
 import secrets
 import shutil
 import signal
@@ -61,6 +62,7 @@ from common.models import (
 from common.pieces import piece_count
 from common.sizes import parse_size
 from common.tasks import TaskSet
+from peer.engine import ask_plan
 from peer.engine.ask_plan import AskPlan
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
@@ -235,23 +237,33 @@ class Host:
 
     async def pull(self, tasks: TaskSet) -> None:
         """The whole task as a reader reads it (the reader's own ask plan, ask_plan.py: a
-        window asked for, refilled half a window at a time as the reader moves on), then
-        sealed."""
+        window asked for, refilled half a window at a time as the reader moves on; once the
+        host is fast, half of it drawn ahead with each refill), then sealed."""
         batcher = DecisionBatcher(self.client, self.task.task_id, tasks, lambda _: DEFAULT,
                                   lambda: REGISTRY, _Clock())
         fetching: dict[int, asyncio.Task[None]] = {}
-        plan = AskPlan(self.count, self.window)
+        loop = asyncio.get_running_loop()
+        plan = AskPlan(self.count, self.window, 0, random.Random(self.n).randrange,
+                       spread=True, piece_size=self.piece_size, since=loop.time())
+
+        def start(j: int) -> bool:
+            if j in fetching:
+                return False
+            fetching[j] = tasks.spawn(self._obtain(j, batcher, plan))
+            return True
         for k in range(self.count):
             for j in plan.reached(k):
-                fetching[j] = tasks.spawn(self._obtain(j, batcher))
+                start(j)
+            plan.top_up(start, loop.time())  # the spread share rides the refill's call
             await fetching.pop(k)
         self.client.sealed(self.task.task_id, REGISTRY)
 
-    async def _obtain(self, index: int, batcher: DecisionBatcher) -> None:
+    async def _obtain(self, index: int, batcher: DecisionBatcher, plan: AskPlan) -> None:
         await batcher.decide(index, frozenset())
         loop = asyncio.get_running_loop()
         self._link_free = max(loop.time(), self._link_free) + self.piece_seconds
         await asyncio.sleep(self._link_free - loop.time())
+        plan.arrived(index, self.piece_size)
         self.client.announce(self.task.task_id, index, chunk_of(index), REGISTRY)
 
 
@@ -390,7 +402,11 @@ async def main(argv: list[str] | None = None) -> int:
                     help="IDCs the simulated hosts are spread over (1: none given)")
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
+    ap.add_argument("--spread", action="store_true",
+                    help="the reader's spread share on (ask_plan.py SPREAD, off by default)")
     args = ap.parse_args(argv)
+    if args.spread:
+        ask_plan.SPREAD = True
     size, piece_size = parse_size(args.size), parse_size(args.piece_size)
     host_rate = parse_rate(args.host_rate)
     simulate = max(1, min(args.simulate, args.hosts))

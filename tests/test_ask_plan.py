@@ -3,8 +3,26 @@ bench/fleet's): what a read asks for next, driven directly."""
 
 from __future__ import annotations
 
+import pytest
+
 from common.limits import BACKGROUND, DEFAULT, ON_DEMAND
-from peer.engine.ask_plan import AskPlan, ahead_priority, far_pieces
+from peer.engine import ask_plan
+from peer.engine.ask_plan import (
+    AskPlan,
+    ahead_priority,
+    far_pieces,
+    horizon,
+    spread_pieces,
+    spread_share,
+)
+
+MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def spread_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spread share on (ask_plan.SPREAD, off by default) for these tests."""
+    monkeypatch.setattr(ask_plan, "SPREAD", True)
 
 
 def walk(plan: AskPlan, upto: int) -> dict[int, list[int]]:
@@ -32,45 +50,61 @@ def test_without_a_far_share_nothing_is_asked_ahead_nor_drawn() -> None:
         raise AssertionError("no far share: no draw")
     plan = AskPlan(20, 8, 0, draw)
     plan.reached(0)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_the_far_share_starts_at_its_drawn_cursor_and_is_topped_up_as_it_arrives() -> None:
     plan = AskPlan(24, 8, 6, lambda n: n - 3)
     assert list(plan.reached(0)) == list(range(8))
-    got = plan.top_up(lambda j: j < 8)
+    got = plan.top_up(lambda j: j >= 8)
     assert got == [21, 22, 23, 8, 9, 10], "from the drawn start, round to the in-order end"
-    assert plan.top_up(lambda j: False) == [], "all six on their way"
+    assert plan.top_up(lambda j: True) == [], "all six on their way"
     assert plan.arrived(21) and plan.arrived(22)
-    assert plan.top_up(lambda j: False) == [], "more than half the share on its way"
+    assert plan.top_up(lambda j: True) == [], "more than half the share on its way"
     assert plan.arrived(23) and not plan.arrived(3), "3 was in order"
-    assert plan.top_up(lambda j: j <= 10 or j >= 21) == [11, 12, 13], "up to the share again"
+    assert plan.top_up(lambda j: 10 < j < 21) == [11, 12, 13], "up to the share again"
+
+
+def test_only_what_the_caller_started_counts_as_on_its_way() -> None:
+    plan = AskPlan(40, 8, 6, lambda n: 20)
+    plan.reached(0)
+    elsewhere = {21, 22}  # on their way for another read: never this plan's arrivals
+    asked: list[int] = []
+
+    def start(j: int) -> bool:
+        asked.append(j)
+        return j not in elsewhere
+    assert plan.top_up(start) == [20, 23, 24, 25, 26, 27], "the six it started"
+    assert asked == [20, 21, 22, 23, 24, 25, 26, 27]
+    for j in (20, 23, 24, 25):
+        assert plan.arrived(j)
+    assert plan.top_up(lambda j: True) == [28, 29, 30, 31], "two on their way: up to six"
 
 
 def test_once_nothing_is_left_far_it_stops_asking() -> None:
     plan = AskPlan(10, 8, 4, lambda n: 0)
     plan.reached(0)
-    assert plan.top_up(lambda j: j < 10) == []
+    assert plan.top_up(lambda j: j >= 10) == []
     assert plan.far == 0
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_passing_through_narrows_the_window_and_ends_the_far_share() -> None:
     plan = AskPlan(40, 16, 12, lambda n: 20)
     assert list(plan.reached(0)) == list(range(16))
     plan.passed_through(4)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
     assert walk(plan, 20)[14] == [16, 17], "refilled as a window of 4"
 
 
 def test_a_stopped_read_asks_no_more() -> None:
     plan = AskPlan(40, 8, 6, lambda n: 20)
     plan.reached(0)
-    got = plan.top_up(lambda j: j < 8)
+    got = plan.top_up(lambda j: j >= 8)
     plan.stop()
     for j in got:
         plan.arrived(j)
-    assert plan.top_up(lambda j: False) == []
+    assert plan.top_up(lambda j: True) == []
 
 
 def test_pieces_asked_ahead_are_never_on_demand() -> None:
@@ -88,3 +122,115 @@ def test_the_far_cursor_walks_up_then_wraps_round_to_the_in_order_share() -> Non
     assert far_pieces(5, 12, 2, 2, lambda j: False) == ([5, 6], 7), "never behind lo"
     assert far_pieces(5, 12, 9, 4, lambda j: True) == ([], 9), "nothing left"
     assert far_pieces(12, 12, 3, 4, lambda j: False)[0] == [], "in-order share is all"
+
+
+def test_the_horizon_is_what_the_read_fetches_in_two_seconds_at_most_four_windows() -> None:
+    assert ask_plan.HORIZON_SECONDS == 2 and ask_plan.HORIZON_WINDOWS == 4
+    assert horizon(16, 300e6, 4 * MB) == 64, "kraken's 300 MB/s: four windows"
+    assert horizon(16, 80 * MB, 4 * MB) == 40, "between two and four windows: the rate's"
+    assert horizon(16, 31 * MB, 4 * MB) == 16, "under two windows: just the window"
+    assert horizon(16, 4e6, 4 * MB) == 16, "the lab's ~4 MB/s"
+    assert horizon(16, 1e9, 0) == 16
+
+
+def test_the_spread_share_is_half_the_window_once_the_reach_is_two_windows() -> None:
+    assert [spread_share(16, r) for r in (16, 31, 32, 64)] == [0, 0, 8, 8]
+    assert spread_share(5, 10) == 2, "the in-order part keeps the larger part of an odd one"
+
+
+def test_spread_pieces_are_a_run_from_a_drawn_start_round_to_lo() -> None:
+    taken = {13}
+    started: list[int] = []
+
+    def start(j: int) -> bool:
+        if j in taken:
+            return False
+        started.append(j)
+        return True
+    draws: list[int] = []
+
+    def draw(n: int) -> int:
+        draws.append(n)
+        return n - 2
+    assert spread_pieces(10, 16, 4, start, draw) == [14, 15, 10, 11], "13 held; round to 10"
+    assert draws == [6], "drawn in [lo, hi)"
+    assert started == [14, 15, 10, 11]
+    assert spread_pieces(10, 10, 4, start, draw) == [], "no room between lo and hi"
+    assert spread_pieces(10, 16, 0, start, draw) == []
+
+
+def fast(plan: AskPlan, seconds: float, pieces: int) -> None:
+    """`pieces` of 4 MiB arrived for the read by `seconds` after it started."""
+    for _ in range(pieces):
+        plan.arrived(-1, 4 * MB)
+    assert plan.rate(plan.since + seconds) == pieces * 4 * MB / seconds
+
+
+def test_a_fast_read_draws_half_its_window_ahead_with_each_in_order_refill() -> None:
+    plan = AskPlan(200, 16, 0, lambda n: n - 3, spread=True, piece_size=4 * MB, since=10.0)
+    on_way: set[int] = set()
+
+    def start(j: int) -> bool:
+        if j in on_way:
+            return False
+        on_way.add(j)
+        return True
+    on_way.update(plan.reached(0))
+    assert on_way == set(range(16))
+    assert plan.top_up(start, 10.0) == [], "no rate yet: in order"
+    fast(plan, 0.5, 8)  # 64 MiB/s: 32 pieces in two seconds, two windows
+    on_way.update(asks := plan.reached(8))
+    assert list(asks) == list(range(16, 24))
+    assert plan.top_up(start, 10.5) == [37, 38, 39, 24, 25, 26, 27, 28], \
+        "half the window: a run from a start drawn past the window, below the horizon (40)"
+    assert plan.share == 8
+    for k in range(9, 20):
+        assert not plan.reached(k), "the in-order half (8) refills at half of it"
+        assert plan.top_up(start, 10.5) == [], "spread topped up only with a refill"
+    assert plan.arrived(37) is False and plan.arrived(38) is False, "not far ones"
+    on_way.update(asks := plan.reached(20))
+    assert list(asks) == [24, 25, 26, 27], "in order: on their way already (the caller's)"
+    assert plan.top_up(start, 10.5) == [49, 50], "topped up to the whole share (36-52)"
+
+
+def test_a_slow_read_reads_in_order_as_before() -> None:
+    def walk_with(spread: bool) -> dict[int, list[int]]:
+        plan = AskPlan(40, 8, 0, lambda n: 0, spread=spread, piece_size=4 * MB, since=0.0)
+        asks = {}
+        for k in range(40):
+            if got := list(plan.reached(k)):
+                asks[k] = got
+            plan.arrived(k, 4 * MB)
+            assert plan.top_up(lambda j: True, 1.0 + k) == []  # ~4 MB/s
+        return asks
+    assert walk_with(True) == walk_with(False)
+
+
+def test_no_spread_share_for_a_ranged_read_nor_once_pieces_pass_through(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def drawn(n: int) -> int:
+        raise AssertionError("nothing drawn")
+    ranged = AskPlan(200, 16, 0, drawn, spread=False, piece_size=4 * MB)
+    passed = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
+    passed.passed_through(4)
+    monkeypatch.setattr(ask_plan, "SPREAD", False)
+    off = AskPlan(200, 16, 0, drawn, spread=True, piece_size=4 * MB)
+    for plan in (ranged, passed, off):
+        plan.reached(0)
+        fast(plan, 0.1, 16)
+        plan.reached(8)
+        assert plan.top_up(lambda j: True, 0.1) == []
+
+
+def test_with_nothing_left_to_draw_the_whole_window_is_in_order_again() -> None:
+    plan = AskPlan(40, 16, 0, lambda n: 0, spread=True, piece_size=4 * MB)
+    plan.reached(0)
+    fast(plan, 0.1, 16)
+    plan.reached(8)
+    assert plan.top_up(lambda j: j >= 36, 0.1) == [36, 37, 38, 39]
+    assert plan.share == 8
+    for j in (36, 37, 38, 39):
+        plan.arrived(j)
+    assert list(plan.reached(20)) == [24, 25, 26, 27]
+    assert plan.top_up(lambda j: False, 0.1) == [] and plan.share == 0
+    assert list(plan.reached(21)) == list(range(28, 37)), "16 in order again"

@@ -54,3 +54,16 @@ def test_the_line_sizes_the_fleet_from_the_rates() -> None:
                                             ("64MiB/s", 64 << 20), ("1000", 1000.0)])
 def test_rates_are_read_in_the_units_links_use(text: str, rate: float) -> None:
     assert parse_rate(text) == rate
+
+
+def test_with_the_spread_share_every_piece_is_still_decided_and_announced_once() -> None:
+    """`--spread`: the hosts (300 MB/s: fast enough) draw half their window ahead; each of
+    the 128 pieces is still asked once, decided and announced, and every pull completes."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--hosts", "40", "--size", "512MiB",
+         "--piece-size", "4MiB", "--store", "memory", "--simulate", "4", "--seconds", "60",
+         "--spread"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4/4 pulls complete" in done.stdout, done.stdout
+    assert "pieces decided 512 " in done.stdout and "announced 512" in done.stdout, done.stdout

@@ -38,9 +38,21 @@ def far_share() -> None:
 
 
 def in_order() -> None:
-    """The reader without a far share (its default since stop 20): a whole read asks its whole
-    window in order, so every host wants the same pieces at once."""
+    """The reader without a far share (its default since stop 20) nor a spread share: a whole
+    read asks its whole window in order, so every host wants the same pieces at once."""
     swarm.split_window = lambda window, whole: (window, 0)  # type: ignore[assignment]
+    no_spread()
+
+
+def no_spread() -> None:
+    """No spread share (ask_plan.py SPREAD, off by default): a fast whole read asks its
+    window in order, as before the spread share."""
+    ask_plan.SPREAD = False
+
+
+def spread() -> None:
+    """The spread share on (ask_plan.py SPREAD), whatever its default."""
+    ask_plan.SPREAD = True
 
 
 def near_quarter() -> None:
@@ -120,6 +132,8 @@ EXPERIMENTS = {
     "far-held": far_held,
     "idc-blind": idc_blind,
     "in-order": in_order,
+    "no-spread": no_spread,
+    "spread": spread,
     "near-quarter": near_quarter,
     "far-rarest": far_rarest,
 }

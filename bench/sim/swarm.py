@@ -962,7 +962,7 @@ class Swarm:
         if index not in host.have:
             host.have.add(index)
             host.known.pop(index, None)  # parents kept for a scheduler outage: held now
-            host.plan.arrived(index)
+            host.plan.arrived(index, self.size(index))
             self.announce(host, index, sealed=len(host.have) == self.count)
         w = host.workers.get(index)
         if w is not None:
@@ -977,10 +977,12 @@ class Swarm:
         if host.workers.get(worker.index) is worker:
             del host.workers[worker.index]
 
-    def ensure(self, host: Host, index: int) -> None:
+    def ensure(self, host: Host, index: int) -> bool:
+        """Start obtaining a piece unless it is kept or on its way: whether this started it."""
         if index in host.have or index in host.workers:
-            return
+            return False
         host.workers[index] = Worker(self, host, index)
+        return True
 
     def start_pull(self, host: Host) -> None:
         """The mirror's `plan` (reader.py): the first piece alone, its decision awaited (up
@@ -994,12 +996,14 @@ class Swarm:
         if host.planning and host.alive:
             host.planning = False
             host.reading = True
-            host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange)
+            host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange,
+                                spread=True, piece_size=self.piece_size, since=self.clock.now)
             self._read(host)
 
     def _read(self, host: Host) -> None:
         """The reader (a whole-blob read) as ask_plan.py says: in order, refilled half a window
-        at a time, pieces taken in order; its far share (if any) topped up as pieces arrive."""
+        at a time, pieces taken in order; its spread share (once fast) topped up with each
+        refill, its far share (if any) as pieces arrive."""
         if not host.reading:
             return
         plan = host.plan
@@ -1018,8 +1022,7 @@ class Swarm:
                 break
             host.blocked_since = None
             k += 1
-        for j in plan.top_up(lambda j: j in host.have or j in host.workers):
-            self.ensure(host, j)
+        plan.top_up(lambda j: self.ensure(host, j), self.clock.now)
 
     # -- running -----------------------------------------------------------------------------
 

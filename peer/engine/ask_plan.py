@@ -1,7 +1,7 @@
 """What a read asks for next, and when: the one place the read-ahead order lives.
 
 A pure core (no asyncio, no I/O) driven by events: the reader reached position k (`reached`),
-a piece asked ahead arrived (`arrived`), pieces passed through uncached (`passed_through`). It
+a piece asked for arrived (`arrived`), pieces passed through uncached (`passed_through`). It
 answers with positions to ask for: in order from `reached` (what the client reads next, at
 the read's own priority), ahead from `top_up` (asked at `ahead_priority`: never on demand, no
 origin bypass). The real reader (peer/engine/reader.py), bench/sim's reader (`Swarm._read`) and
@@ -14,6 +14,15 @@ whole-blob read may also keep a far share in flight (`far`, reader.py FAR_SHARE:
 default): from a cursor drawn per read, walking up to the blob's end then round from where
 the in-order window ends, topped up half the share at a time as its pieces arrive.
 
+A fast whole-blob read also draws half its window ahead: the spread share (`spread`). Hosts
+reading one blob in order all want the same few newest pieces, whose few holders are then busy
+while the other uplinks idle (bench.sim kraken: 1.95x the fluid bound). Once the read's own
+rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), half the window
+(`spread_share`) is asked as a run from a start drawn between the in-order window's end and the
+horizon (`spread_pieces`), the other half in order. It is topped up (to the whole share) only
+when the in-order half is refilled, in the same turn, so both ride one schedule call. A slow
+read (the origin-bound lab) never reaches two windows and reads in order as before.
+
 Positions are indices into the read's pieces (for a whole-blob read, the pieces themselves).
 """
 
@@ -25,7 +34,45 @@ from collections.abc import Callable
 from common.limits import DEFAULT
 
 Skip = Callable[[int], bool]  # a position stored or on its way already
+# Start asking for a position unless it is stored or on its way: whether this call started it.
+# The plan counts as on their way only the positions the caller really started.
+Start = Callable[[int], bool]
 Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
+
+
+# How far ahead a fast whole read may draw its spread share: what its rate fetches in
+# HORIZON_SECONDS, at most HORIZON_WINDOWS windows; under two windows, no spread share.
+HORIZON_SECONDS = 2.0
+HORIZON_WINDOWS = 4
+# Off by default (stop 25): bench.sim kraken 50 1.948x -> 1.235x p50, but idc3 sent 2.73x the
+# blob across IDCs (2.00x off; target <= 2.2x), die1's p99 was 1.44x base's (a child of the dead
+# host waits STALL_SECONDS on its piece, the swarm no longer hides it), and bench.fleet --store
+# redis was not shown level. `python -m bench.sim --experiment spread`, `bench.fleet --spread`.
+SPREAD = False  # whole reads draw a spread share once fast (False: in order, as before)
+
+
+def horizon(window: int, rate: float, piece_size: int) -> int:
+    """Positions ahead of the reader a whole read may ask: what arrives in HORIZON_SECONDS at
+    `rate` bytes/s, at most HORIZON_WINDOWS windows; just the window while under two."""
+    if piece_size <= 0:
+        return window
+    reach = min(HORIZON_WINDOWS * window, int(rate * HORIZON_SECONDS / piece_size))
+    return reach if reach >= 2 * window else window
+
+
+def spread_share(window: int, reach: int) -> int:
+    """Positions of the window drawn ahead within `reach`: half of it once the reach is two
+    windows or more (the in-order part keeps the other half), else none."""
+    return window // 2 if reach >= 2 * window else 0
+
+
+def spread_pieces(lo: int, hi: int, room: int, start: Start, draw: Draw) -> list[int]:
+    """Up to `room` positions in [lo, hi) as a run from a start drawn there, upward and round
+    to lo, `start`ed one by one (those already stored or on their way passed over): what was
+    started."""
+    if hi <= lo or room <= 0:
+        return []
+    return far_pieces(lo, hi, lo + draw(hi - lo), room, lambda j: not start(j))[0]
 
 
 def ahead_priority(priority: int) -> int:
@@ -52,11 +99,14 @@ def far_pieces(lo: int, count: int, cursor: int, room: int, skip: Skip
 
 
 class AskPlan:
-    """The asks of one read over `count` positions: `window` in order, `far` more from a far
-    cursor (drawn with `draw` when first needed)."""
+    """The asks of one read over `count` positions: `window` in order (less the spread share
+    while it is on), `far` more from a far cursor (drawn with `draw` when first needed).
+    `spread`: a whole read of pieces of `piece_size` bytes, started at time `since`, that may
+    draw a spread share (with `draw`) once its rate is high enough (SPREAD)."""
 
     def __init__(self, count: int, window: int, far: int = 0,
-                 draw: Draw | None = None) -> None:
+                 draw: Draw | None = None, *, spread: bool = False, piece_size: int = 0,
+                 since: float = 0.0) -> None:
         self.count = count
         self.window = window
         self.far = far if draw is not None else 0
@@ -64,7 +114,14 @@ class AskPlan:
         self.pos = 0  # the position the reader reached (waits for, or is serving)
         self.ahead = 0  # positions [0, ahead) have been asked for in order
         self.cursor: int | None = None  # the far share's (None: not drawn yet)
-        self.faring: set[int] = set()  # far positions on their way
+        self.faring: set[int] = set()  # far positions on their way (started by the caller)
+        self.spread = spread and SPREAD and draw is not None and piece_size > 0
+        self.piece_size = piece_size
+        self.since = since
+        self.fetched = 0  # bytes of the pieces asked for that arrived (the read's rate)
+        self.share = 0  # the spread share now (positions of the window drawn ahead)
+        self.spreading: set[int] = set()  # spread positions on their way
+        self.refilled = False  # the in-order part was refilled since the last top_up
 
     def done(self) -> bool:
         return self.pos >= self.count
@@ -73,30 +130,61 @@ class AskPlan:
         """The reader is at position k: the in-order positions to ask for now (empty unless
         the window is down to half)."""
         self.pos = k
-        if self.ahead > k + self.window // 2:
+        window = self.window - self.share
+        if self.ahead > k + window // 2:
             return range(0)
-        hi = min(k + self.window, self.count)
+        hi = min(k + window, self.count)
         asks = range(self.ahead, hi)
         self.ahead = max(self.ahead, hi)
+        self.refilled = self.refilled or bool(asks)
         return asks
 
-    def top_up(self, skip: Skip) -> list[int]:
-        """Far positions to ask for now (at `ahead_priority`): none while more than half the
-        far share is on its way; once nothing is left to ask, none ever again."""
+    def rate(self, now: float) -> float:
+        """Bytes per second the read has fetched since it started."""
+        elapsed = now - self.since
+        return self.fetched / elapsed if elapsed > 0 else 0.0
+
+    def top_up(self, start: Start, now: float = 0.0) -> list[int]:
+        """Ask positions ahead now (`start` each, at `ahead_priority`), and say which were
+        started. Only what `start` started counts as on its way. The spread share right after
+        an in-order refill (`now`: the time, for the read's rate), then the far share: none
+        while more than half of it is on its way; once nothing is left to start, none ever
+        again."""
+        got = self._spread_up(start, now) if self.refilled else []
+        self.refilled = False
+        return got + self._far_up(start)
+
+    def _spread_up(self, start: Start, now: float) -> list[int]:
+        if not self.spread:
+            return []
+        reach = horizon(self.window, self.rate(now), self.piece_size)
+        self.share = spread_share(self.window, reach)
+        assert self.draw is not None
+        got = spread_pieces(self.pos + self.window, min(self.count, self.pos + reach),
+                            self.share - len(self.spreading), start, self.draw)
+        self.spreading.update(got)
+        if not self.spreading:
+            self.share = 0  # nothing left to draw ahead: the whole window in order again
+        return got
+
+    def _far_up(self, start: Start) -> list[int]:
         if not self.far or len(self.faring) > self.far // 2:
             return []
         if self.cursor is None:
             assert self.draw is not None
             self.cursor = self.draw(self.count)
         got, self.cursor = far_pieces(self.pos + self.window, self.count, self.cursor,
-                                      self.far - len(self.faring), skip)
+                                      self.far - len(self.faring), lambda j: not start(j))
         if not got:
             self.far = 0  # the rest is stored or on its way: the in-order share sees to it
         self.faring.update(got)
         return got
 
-    def arrived(self, j: int) -> bool:
-        """Position j arrived (stored or held): whether it was a far one (then `top_up`)."""
+    def arrived(self, j: int, size: int = 0) -> bool:
+        """Position j arrived (stored or held; `size` bytes fetched for this read, 0 if it
+        failed): whether it was a far one (then `top_up`)."""
+        self.fetched += size
+        self.spreading.discard(j)
         if j in self.faring:
             self.faring.discard(j)
             return True
@@ -107,7 +195,10 @@ class AskPlan:
         held until reached, so the window narrows to `window` and nothing more is asked far."""
         self.window = min(self.window, window)
         self.far = 0
+        self.spread = False
+        self.share = 0
 
     def stop(self) -> None:
         """The read ended (or stopped early): arrivals after this ask for no more."""
         self.far = 0
+        self.spread = False

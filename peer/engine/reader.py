@@ -7,7 +7,8 @@ last piece is fetched and memory stays flat: a piece fetched further ahead than 
 not held once stored (`holds`), it is read back from the store (the page cache) when the
 reader gets there. With FAR_SHARE (off), a whole-blob read also keeps some of a window in
 flight from a point of the blob drawn for the read (`split_window`, ask_plan.py's
-`far_pieces`), so hosts reading one blob at once do not all want the same pieces. A whole-blob
+`far_pieces`), so hosts reading one blob at once do not all want the same pieces; a fast
+whole-blob read draws half its window ahead (the spread share, ask_plan.py). A whole-blob
 read is checked against its digest before its last bytes go out. Also: where a read's bytes
 will come from (`plan`, for the response headers), sendfile spans of a proven task
 (`local_files`), and the background prefetch of the rest of a task.
@@ -240,22 +241,31 @@ class Reader:
         k = 0
         # What to ask for and when (ask_plan.py): the window in order, a whole read's far
         # share (pieces[m] is piece m) from a cursor drawn per read, topped up as they arrive.
-        plan = AskPlan(len(pieces), window, far, self.rng.randrange)
+        # A fast whole read also draws half its window ahead (the spread share), at its rate.
+        plan = AskPlan(len(pieces), window, far, self.rng.randrange, spread=whole,
+                       piece_size=size, since=self.clock.monotonic())
 
         def top_up() -> None:
-            for j in plan.top_up(lambda j: j in run.have or j in fetching or j in run.inflight):
-                ask(j, j, ahead_priority(priority))
+            plan.top_up(start_ahead, self.clock.monotonic())
 
-        def ask(m: int, j: int, priority: int) -> None:
+        def start_ahead(j: int) -> bool:
+            """Piece j asked ahead, unless stored or on its way (this read's or another's)."""
+            return j not in run.have and j not in run.inflight \
+                and ask(j, j, ahead_priority(priority))
+
+        def ask(m: int, j: int, priority: int) -> bool:
+            """Whether this read now fetches piece j (pieces[m]) that it did not before."""
             fut = self.ensure(run, j, priority)
             if fut is None or j in fetching:
-                return
+                return False
             fetching[j] = fut
             fut.add_done_callback(functools.partial(arrived, m, j))
+            return True
 
         def arrived(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
             keep(m, j, fut)
-            if plan.arrived(m) and not fut.cancelled() and fut.exception() is None:
+            ok = not fut.cancelled() and fut.exception() is None
+            if plan.arrived(m, len(fut.result()) if ok else 0) and ok:
                 top_up()  # (not the engine closing)
 
         def keep(m: int, j: int, fut: asyncio.Future[bytes]) -> None:
