@@ -79,6 +79,22 @@ def location_affinity(a: str, b: str) -> float:
     return shared / max(len(pa), len(pb))
 
 
+# Per requester location, W_LOCATION times its affinity to each candidate location met: a
+# fleet has few distinct locations (racks). Bounded like location_affinity's cache: each map,
+# and the map of them, cleared whole at _LOCATION_TERMS_MAX entries.
+_LOCATION_TERMS: dict[str, dict[str, float]] = {}
+_LOCATION_TERMS_MAX = 256
+
+
+def _location_terms(location: str) -> dict[str, float]:
+    terms = _LOCATION_TERMS.get(location)
+    if terms is None:
+        if len(_LOCATION_TERMS) >= _LOCATION_TERMS_MAX:
+            _LOCATION_TERMS.clear()
+        terms = _LOCATION_TERMS[location] = {}
+    return terms
+
+
 def load(c: Candidate) -> float:
     return max(float(c.active_uploads), c.handouts)
 
@@ -103,25 +119,37 @@ def rank_parents(candidates: list[Candidate], idc: str, location: str, limit: in
     rand = (rng or random).random
     if idc:
         candidates = [c for c in candidates if c.idc == idc] or candidates
-    best = max([c.upload_rate for c in candidates], default=0.0)
-    if best:  # a slow holder is offered only when every one is
-        candidates = [c for c in candidates if not slow(c.upload_rate, best)] or candidates
+    best = max(map(_RATE, candidates), default=0.0)
+    if best:  # a slow holder is offered only when every one is (`slow`, inlined)
+        cut = SLOW_SHARE * best
+        candidates = [c for c in candidates if not 0.0 < c.upload_rate < cut] or candidates
     # Every admitted decision ranks up to HOLDER_SAMPLE candidates: `load` and `_score`
     # inlined (three calls a candidate were half the ranking's cost), the same float operations
-    # in the same order so the ranking and its ties are the same; a C key for the sort.
+    # in the same order so the ranking and its ties are the same, less the terms that are 0.0
+    # for every candidate (no IDC, no location: x + 0.0 == x); the candidate's index breaks a
+    # tie of the rest, as the stable sort by them did, so the keys sort as plain tuples.
+    # W_LOCATION times the affinity of the requester's location to each candidate's: a dict
+    # lookup a candidate (an lru_cache call, its key a new tuple, was a sixth of a decision).
+    terms = _location_terms(location) if location else None
     keyed = []
-    for c in candidates:
+    for i, c in enumerate(candidates):
         uploads, handouts = float(c.active_uploads), c.handouts
         held = handouts if handouts > uploads else uploads  # load(c): max, the first if equal
         slots = c.upload_slots
-        score = (W_LOAD * (1.0 - held / (slots if slots > 1 else 1))
-                 + W_IDC * (1.0 if idc and c.idc == idc else 0.0)
-                 + W_LOCATION * (location_affinity(location, c.location) if location else 0.0)
-                 + W_COMPLETE * c.complete
-                 + W_SEED * c.seed)
-        keyed.append((held >= slots, -score, rand(), c))
-    keyed.sort(key=_RANK_KEY)  # no free slot last, then the best score, then at random
-    return [t[3] for t in keyed[:limit]]
+        score = W_LOAD * (1.0 - held / (slots if slots > 1 else 1))
+        if idc and c.idc == idc:
+            score += W_IDC
+        if terms is not None:
+            term = terms.get(c.location)
+            if term is None:
+                if len(terms) >= _LOCATION_TERMS_MAX:
+                    terms.clear()
+                term = terms[c.location] = W_LOCATION * location_affinity(location, c.location)
+            score += term
+        keyed.append((held >= slots, -(score + W_COMPLETE * c.complete + W_SEED * c.seed),
+                      rand(), i))
+    keyed.sort()  # no free slot last, then the best score, then at random
+    return [candidates[t[3]] for t in keyed[:limit]]
 
 
 def slow(rate: float, best: float) -> bool:
@@ -130,5 +158,4 @@ def slow(rate: float, best: float) -> bool:
     return 0.0 < rate < SLOW_SHARE * best
 
 
-
-_RANK_KEY = operator.itemgetter(0, 1, 2)
+_RATE = operator.attrgetter("upload_rate")

@@ -686,8 +686,12 @@ class ClusterState:
 
     # -- scheduling ------------------------------------------------------------------------
 
-    def schedule(self, req: ScheduleRequest, now: float) -> list[Decision]:
-        """Decide, for each wanted piece, between parents, an origin lease, or waiting.
+    def schedule(self, req: ScheduleRequest, now: float,
+                 pieces: Iterable[int] | None = None) -> list[Decision]:
+        """Decide, for each wanted piece, between parents, an origin lease, or waiting; of
+        `pieces` (some of the request's) instead of all of its pieces if given: a long poll
+        that decides again only the pieces an announcement touched, without a copy of its
+        request (`model_copy`, ~5 us) each time.
 
         Cluster-wide single flight: a piece nobody usable holds is fetched from the origin by at
         most one peer at a time, the holder of its lease; a lease whose holder made no progress
@@ -702,7 +706,7 @@ class ClusterState:
         max_run = max(1, min(MAX_LEASE_PIECES, MAX_LEASE_BYTES // task.meta.piece_size))
         cold = not task.held and not any(self._lease_live(le, now)
                                          for le in task.leases.values())
-        wanted = list(dict.fromkeys(req.pieces))
+        wanted = list(dict.fromkeys(req.pieces if pieces is None else pieces))
         if wanted and max(wanted) >= count:  # refuse before any lease is granted
             raise StateError(f"piece {max(wanted)} out of range: task has {count} pieces")
         if task.trust.foreign(req.registry, task.meta.sealed):
@@ -917,7 +921,10 @@ class ClusterState:
                 ) -> list[PeerState]:
         """The usable ones among `holders` (known, not excluded, cordoned or penalised), in
         their order (the policy breaks ties with the rng, in this order)."""
-        return list(self._usable_iter(holders, exclude, now))
+        peers = self.peers  # `_usable_iter`'s test as a list comprehension: no generator
+        return [peer for holder_id in holders
+                if (peer := peers.get(holder_id)) is not None and holder_id not in exclude
+                and not peer.cordoned and now >= peer.penalty_until]
 
     def _usable_iter(self, holders: Iterable[str], exclude: set[str], now: float
                      ) -> Iterator[PeerState]:
@@ -947,7 +954,7 @@ class ClusterState:
                 elapsed = now - holder.handouts_at
                 handouts = handouts * exp(-(elapsed if elapsed > 0.0 else 0.0) / half)
             cached.handouts = handouts
-            cached.complete = held.get(reg.id, 0) >= count
+            cached.complete = held.get(cached.peer_id, 0) >= count  # reg.id, not its dict
             out.append(cached)
         return out
 

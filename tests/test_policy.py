@@ -17,9 +17,11 @@ from scheduler.policy import (
     STALLED_RATE,
     Candidate,
     decayed,
+    load,
     location_affinity,
     rank_parents,
     score,
+    slow,
 )
 
 
@@ -312,3 +314,36 @@ def has_free_slot(c: Candidate) -> bool:
 def test_more_load_never_scores_higher(c: Candidate, extra: float) -> None:
     busier = replace(c, handouts=max(c.handouts, c.active_uploads) + extra)
     assert score(busier, "i1", "a|b") <= score(c, "i1", "a|b")
+
+
+# --- the ranking is the documented score, to the draw -----------------------------------------
+
+def reference_rank(cands: list[Candidate], idc: str, location: str, limit: int,
+                   rng: random.Random) -> list[Candidate]:
+    """rank_parents as the module docstring states it, through `score` and `load`: no free
+    slot last, then the best score, then at random, one draw per candidate in their order."""
+    if idc:
+        cands = [c for c in cands if c.idc == idc] or cands
+    best = max((c.upload_rate for c in cands), default=0.0)
+    if best:
+        cands = [c for c in cands if not slow(c.upload_rate, best)] or cands
+    keyed = [(load(c) >= c.upload_slots, -score(c, idc, location), rng.random(), i)
+             for i, c in enumerate(cands)]
+    return [cands[k[3]] for k in sorted(keyed)[:limit]]
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["", "i0"]),
+       st.sampled_from(["", "i0|r1", "i1|r2|h3"]))
+def test_rank_parents_ranks_by_score_and_draws_as_the_reference(
+        seed: int, idc: str, location: str) -> None:
+    r = random.Random(seed)
+    cands = [Candidate(peer_id=f"p{i}", idc=r.choice(["", "i0", "i1"]),
+                       location=r.choice(["", "i0|r1", "i0|r2|h3", "i1|r2|h3"]),
+                       upload_slots=r.choice([0, 1, 4]), active_uploads=r.randrange(6),
+                       handouts=r.choice([0.0, 0.0, 0.5, 1.0, 3.2]), complete=r.random() < 0.3,
+                       seed=r.random() < 0.1, upload_rate=r.choice([0.0, 1.0, 2e5, 1e6, 4e6]))
+             for i in range(r.randrange(30))]
+    got, want = random.Random(seed), random.Random(seed)
+    assert rank_parents(cands, idc, location, 5, got) == reference_rank(
+        cands, idc, location, 5, want)
+    assert got.random() == want.random()  # as many draws

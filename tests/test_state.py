@@ -711,6 +711,28 @@ def test_rejected_schedule_leaves_no_lease_behind(c: Cluster) -> None:
     assert c.one("B", 0, 0.1).action == "source"
 
 
+def test_some_of_a_requests_pieces_are_decided_as_a_copy_with_only_those() -> None:
+    """`schedule(req, now, pieces)`: a long poll decides again the pieces an announcement
+    touched; the same decisions, leases and draws as a request for those pieces alone."""
+    sides = []
+    for subset in (True, False):
+        c = Cluster()
+        c.task()
+        for pid in ("A", "B", "C"):
+            c.peer(pid)
+        c.announce("A", [0, 1], 0.0)
+        req = ScheduleRequest(peer_id="B", task_id=TASK, pieces=[0, 1, 2, 3])
+        picked = [3, 1]
+        if subset:
+            got = c.s.schedule(req, 0.5, picked)
+        else:
+            got = c.s.schedule(req.model_copy(update={"pieces": picked}), 0.5)
+        sides.append((got, c.s.tasks[TASK].leases, c.s.rng.random()))
+    assert sides[0] == sides[1]
+    assert [d.piece for d in sides[0][0]] == [3, 1]
+    assert [d.action for d in sides[0][0]] == ["source", "parents"]
+
+
 # --- expiry -----------------------------------------------------------------------------------
 
 def test_expire_after_three_heartbeat_intervals(c: Cluster) -> None:

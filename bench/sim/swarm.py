@@ -501,10 +501,9 @@ class Swarm:
         assert parked is not None
         pieces = parked.begin(now)
         if pieces:
-            req = call.req if pieces is parked.pieces \
-                else call.req.model_copy(update={"pieces": list(pieces)})
             try:
-                decisions = self.state.schedule(req, now)
+                decisions = self.state.schedule(
+                    call.req, now, None if pieces is parked.pieces else pieces)
             except (UnknownPeer, UnknownTask):
                 self._unpark(call)
                 self._lose(call.host)
