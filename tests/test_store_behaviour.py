@@ -1132,7 +1132,8 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
 async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harness) -> None:
     """Other peers' live leases: a decision on a piece others hold reads no lease holder's
     record and leaves the leases field unwritten; one on a piece nobody holds, which it may
-    lease beside them (the requester's room), reads them all."""
+    lease beside them (the requester's room), reads them all, unless the requester has an
+    IDC (whose room does not count them)."""
     s = redis_h.store
     assert isinstance(s, RedisStore)
     lessees = [f"L{i}" for i in range(4)]
@@ -1157,6 +1158,11 @@ async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harne
     assert d.action == "source", d
     assert records >= set(lessees), records
     assert any("leases" in o for spec in specs for o in spec["o"]), specs
+    await peer(s, "Q", idc="x")  # a requester with an IDC has no room to count
+    ids[s.keys.peer("Q")] = "Q"
+    records.clear()
+    assert (await one(s, "Q", 13)).action == "source"
+    assert records == {"Q"}, records
 
 
 def _record_applies(s: RedisStore) -> list[dict]:
