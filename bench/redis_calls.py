@@ -9,6 +9,14 @@ does for a store without it). Printed: this process's CPU per call and pieces pe
 (the load is generated in-process too, but it is a few model constructions per call).
 
     python -m bench.redis_calls --mode one|two [--peers 64 --pieces 200 --seeds 4 --idcs 0]
+        [--window 2 --spread consecutive|runs|scattered] [--lessees 0]
+
+`--window K --spread` sets which K pieces each call asks for (and claims the call after):
+consecutive ones, two runs half the task apart, or scattered; the same count either way, so
+a call's cost should not change with the spread. redis-server's CPU per call is printed too.
+`--lessees N`: before the pull N more peers each lease one piece past those pulled and keep
+it (live through the pull): the pull's calls name none of them, so a call's cost should not
+grow with N (a fleet on the origin, or the spread share, keeps many runs leased at once).
 
 `--holders N` measures a decision on a piece many peers hold instead (a fleet pull's late
 pieces): N peers hold every one of `--pieces` pieces, then `--peers` requesters each ask for
@@ -52,24 +60,57 @@ def claims(indices: range) -> list[PieceClaim]:
     return [PieceClaim(index=i, chunk=chunk(i)) for i in indices]
 
 
-async def pull(url: str, args: argparse.Namespace) -> None:
-    s = RedisStore.from_url(url, heartbeat_interval=60.0, lease_timeout=2.0,
+def spread(how: str, pieces: int, k: int, rng: random.Random) -> list[int]:
+    """The order in which one peer asks for the `pieces`, `k` a call: `consecutive` runs of k,
+    `runs` half of each call's k from the first half of the task and half from as far into the
+    second (two runs pieces/2 apart, as a fast reader's spread share draws ahead), `scattered`
+    k pieces anywhere (the peer's own random order)."""
+    if how == "consecutive":
+        return list(range(pieces))
+    if how == "scattered":
+        order = list(range(pieces))
+        rng.shuffle(order)
+        return order
+    half, h = pieces // 2, max(1, k // 2)
+    order = []
+    for r in range(0, half, h):
+        order += [*range(r, min(r + h, half)), *range(half + r, min(half + r + h, pieces))]
+    return order
+
+
+async def pull(url: str, args: argparse.Namespace, shard: int) -> None:
+    # With lessees their leases must stay live through the pull (progress is by the clock).
+    s = RedisStore.from_url(url, heartbeat_interval=60.0,
+                            lease_timeout=600.0 if args.lessees else 2.0,
                             rng=random.Random(1))
     peers = [f"p{i:04d}" for i in range(args.peers)]
     seeds = [f"s{i}" for i in range(args.seeds)]
-    for n, pid in enumerate(peers + seeds):
+    lessees = [f"l{i:05d}" for i in range(args.lessees)]
+    for n, pid in enumerate(peers + seeds + lessees):
         await s.register(PeerRegistration(
-            id=pid, upload_addr=f"10.0.{n // 250}.{n % 250}:65002", upload_slots=64,
-            idc=f"idc{n % args.idcs}" if args.idcs else ""))
-    await s.ensure_task(TaskRequest(task_id=TASK, length=args.pieces * 4 * MiB,
+            id=pid, upload_addr=f"10.{n // 62500}.{n // 250 % 250}.{n % 250}:65002",
+            upload_slots=64, idc=f"idc{n % args.idcs}" if args.idcs else ""))
+    await s.ensure_task(TaskRequest(task_id=TASK, length=(args.pieces + args.lessees) * 4 * MiB,
                                     piece_size=4 * MiB))
+    for n in range(0, len(lessees), 64):  # each leases one piece past those pulled, keeps it
+        for ds in await asyncio.gather(*(
+                s.schedule(ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[args.pieces + m]))
+                for m, pid in enumerate(lessees[n:n + 64], n))):
+            assert ds[0].action == "source", ds
     for seed in seeds:
         await s.announce(Announce(peer_id=seed, task_id=TASK,
                                   pieces=claims(range(args.pieces))))
 
+    k = args.window
+    order = {pid: spread(args.spread, args.pieces, k, random.Random(n))
+             for n, pid in enumerate(peers)}
+
     async def step(pid: str, r: int) -> None:
-        ann = Announce(peer_id=pid, task_id=TASK, pieces=claims(range(max(0, 2 * r - 2), 2 * r)))
-        req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=[2 * r, 2 * r + 1],
+        mine = order[pid]
+        ann = Announce(peer_id=pid, task_id=TASK,
+                       pieces=[PieceClaim(index=i, chunk=chunk(i))
+                               for i in sorted(mine[max(0, r - 1) * k:r * k])])
+        req = ScheduleRequest(peer_id=pid, task_id=TASK, pieces=mine[r * k:(r + 1) * k],
                               announce=ann if r else None)
         if not r:
             await s.schedule(req)
@@ -80,14 +121,16 @@ async def pull(url: str, args: argparse.Namespace) -> None:
             await s.schedule(req)
 
     calls = 0
-    cpu, wall = cpu_seconds(), time.perf_counter()
-    for r in range(args.pieces // 2):
+    cpu, wall, redis_cpu = cpu_seconds(), time.perf_counter(), loopback.cpu_seconds(shard)
+    for r in range(args.pieces // k):
         await asyncio.gather(*(step(pid, r) for pid in peers))
         calls += len(peers)
     cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
-    print(f"mode={args.mode} peers={args.peers} seeds={args.seeds} idcs={args.idcs} "
-          f"calls={calls} cpu={cpu:.2f}s wall={wall:.2f}s cpu/call={1e3 * cpu / calls:.3f}ms "
-          f"pieces/cpu-s={2 * calls / cpu:,.0f}")
+    redis_cpu = loopback.cpu_seconds(shard) - redis_cpu
+    print(f"mode={args.mode} spread={args.spread} window={k} peers={args.peers} "
+          f"seeds={args.seeds} lessees={args.lessees} idcs={args.idcs} calls={calls} "
+          f"cpu={cpu:.2f}s wall={wall:.2f}s cpu/call={1e3 * cpu / calls:.3f}ms "
+          f"redis-cpu/call={1e3 * redis_cpu / calls:.3f}ms pieces/cpu-s={k * calls / cpu:,.0f}")
     await s.close()
 
 
@@ -171,6 +214,11 @@ def main() -> None:
     ap.add_argument("--pieces", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--idcs", type=int, default=0, help="IDC labels, round robin (0: none)")
+    ap.add_argument("--lessees", type=int, default=0,
+                    help="peers holding a live lease each on a piece past those pulled")
+    ap.add_argument("--window", type=int, default=2, help="pieces each call asks for")
+    ap.add_argument("--spread", choices=["consecutive", "runs", "scattered"],
+                    default="consecutive", help="which pieces a call asks for (spread())")
     ap.add_argument("--holders", type=int, default=0,
                     help="decisions on pieces this many peers hold (0: the pull in step)")
     ap.add_argument("--rounds", type=int, default=10, help="with --holders")
@@ -179,7 +227,7 @@ def main() -> None:
     server.wait_ready()
     try:
         asyncio.run(holders(server.url, args, server.proc.popen.pid) if args.holders
-                    else pull(server.url, args))
+                    else pull(server.url, args, server.proc.popen.pid))
     finally:
         server.stop()
 

@@ -1,13 +1,13 @@
-"""The Redis store's caches of decoded state (records.PeerCache, loader.HolderCache), as pure
-cores: what a cached entry hands the rules is fresh, and a raw value that changed is decoded
-anew."""
+"""The Redis store's caches of decoded state (records.PeerCache, loader.HolderCache, the lease
+tables), as pure cores: what a cached entry hands the rules is fresh, and a raw value that
+changed is decoded anew."""
 
 from __future__ import annotations
 
 from common.models import PeerLoad, PeerRegistration
 from scheduler.redis import records
 from scheduler.redis.loader import HolderCache, LoadedHolders
-from scheduler.state import PeerState
+from scheduler.state import Lease, PeerState
 
 
 def raw(peer: PeerState) -> list[str | None]:
@@ -143,3 +143,51 @@ def test_a_holders_fields_version_is_kept_with_it_and_only_with_it() -> None:
     short = HolderCache(least=0)  # a field under `versioned` bytes: read again, not checked
     short.get("t", 0, "a,b", ("1.0", "7"))
     assert short.pieces and short.cached("t", 0) is None
+
+
+def _lease_table() -> dict[int, Lease]:
+    a = Lease(holder="a", epoch=1, first=0, last=3, progress_at=10.5)
+    b = Lease(holder="b", epoch=2, first=8, last=8, progress_at=11.25)
+    return {0: a, 1: a, 3: a, 8: b}  # a's run no longer covers 2
+
+
+def test_a_loaded_lease_table_decodes_the_runs_it_is_asked_for() -> None:
+    raw = records.encode_leases(_lease_table())
+    t = records.LoadedLeases(records.LeaseRows(raw))
+    assert t.get(8) == _lease_table()[8] and t.get(2) is None and 5 not in t
+    assert dict.__len__(t) == 1  # only b's run decoded
+    assert t[1] is t[0] is t.get(3)  # one object per run, as the rules keep them
+    assert t.unchanged()
+    assert t == _lease_table() and len(t) == 4 and sorted(t) == [0, 1, 3, 8]
+    assert records.encode_leases(t) == raw == records.encode_leases(records.decode_leases(raw))
+
+
+def test_a_loaded_lease_table_knows_whether_the_rules_changed_it() -> None:
+    raw = records.encode_leases(_lease_table())
+
+    def fresh() -> records.LoadedLeases:
+        return records.LoadedLeases(records.LeaseRows(raw))
+    t = fresh()
+    assert t.pop(5, None) is None and t.unchanged()  # nothing there: nothing changed
+    t.pop(1)
+    assert not t.unchanged() and 0 in t and 1 not in t
+    t = fresh()
+    t[0].progress_at = 12.0  # a holder's progress, in place
+    assert not t.unchanged()
+    t = fresh()
+    t[9] = Lease(holder="c", epoch=3, first=9, last=9, progress_at=12.0)
+    assert not t.unchanged() and len(t) == 5
+    t = fresh()
+    for lease in t.values():  # read whole, left alone
+        assert lease.holder in "ab"
+    assert t.unchanged()
+    t.clear()
+    assert not t.unchanged() and not t and records.encode_leases(t) == ""
+
+
+def test_parsed_lease_fields_are_kept_while_the_field_is_the_same() -> None:
+    cache = records.LeaseCache()
+    raw = records.encode_leases(_lease_table())
+    rows = cache.get("t", raw)
+    assert cache.get("t", raw) is rows and cache.get("u", raw) is not rows
+    assert cache.get("t", "").rows == [] and cache.get("t", raw) is not rows

@@ -1129,6 +1129,42 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
     assert sum(records) > len(crowd), records
 
 
+async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harness) -> None:
+    """Other peers' live leases: a decision on a piece others hold reads no lease holder's
+    record and leaves the leases field unwritten; one on a piece nobody holds, which it may
+    lease beside them (the requester's room), reads them all, unless the requester has an
+    IDC (whose room does not count them)."""
+    s = redis_h.store
+    assert isinstance(s, RedisStore)
+    lessees = [f"L{i}" for i in range(4)]
+    await setup(s, "R", "H", *lessees, pieces=16)
+    for n, pid in enumerate(lessees):
+        assert (await one(s, pid, 8 + n)).action == "source"
+    await announce(s, "H", [0, 1])
+    ids = {s.keys.peer(pid): pid for pid in ["R", "H", *lessees]}
+    read = s.read
+    records: set[str] = set()
+
+    async def recording(key: str, arg: str) -> Any:
+        records.update(ids[c[1]] for c in json.loads(arg) if c[0] == "HMGET" and c[1] in ids)
+        return await read(key, arg)
+    s.read = recording  # type: ignore[method-assign]
+    specs = _record_applies(s)
+    assert await parents(s, "R", 0) == ["H"]
+    assert records == {"R", "H"}, records
+    assert not any("leases" in o for spec in specs for o in spec["o"]), specs
+    records.clear()
+    d = await one(s, "R", 12)
+    assert d.action == "source", d
+    assert records >= set(lessees), records
+    assert any("leases" in o for spec in specs for o in spec["o"]), specs
+    await peer(s, "Q", idc="x")  # a requester with an IDC has no room to count
+    ids[s.keys.peer("Q")] = "Q"
+    records.clear()
+    assert (await one(s, "Q", 13)).action == "source"
+    assert records == {"Q"}, records
+
+
 def _record_applies(s: RedisStore) -> list[dict]:
     """Every apply script's spec `s` sends from now on, decoded, in order."""
     specs: list[dict] = []

@@ -174,7 +174,10 @@ def _diff_task(tx: Tx, keys: Keys, tid: str, before: TaskBase,
     key = keys.task(tid)
     version = str(int(before.version or 0) + 1)  # what this write makes it, if it writes
     writes: list[str] = []
-    leases = records.encode_leases(task.leases)
+    # A lease table the rules left as loaded is not encoded again (nor decoded whole).
+    kept = before.version is not None and type(task.leases) is records.LoadedLeases \
+        and task.leases.unchanged()
+    leases = before.leases if kept else records.encode_leases(task.leases)
     if before.version is None:
         assert task.meta is not None
         tx.fence(TASK, "eq", key, "v", None)  # created by one replica only

@@ -568,9 +568,10 @@ class Loader:
                 held_map = Partial(counts, held, unloaded=None if total is None
                                    else max(0, total - len(counts)))
                 base.held.update({pid: counts.get(pid) for pid in held})
+            leases = records.LoadedLeases(self.s.lease_rows.get(tid, base.leases))
             task = TaskState(meta=base.meta, created_at=float(created_at), pieces=piece_map,
-                             leases=records.decode_leases(leases_raw), held=held_map,
-                             next_epoch=base.next_epoch, trust=base.trust)
+                             leases=leases, held=held_map, next_epoch=base.next_epoch,
+                             trust=base.trust)
             tasks.extend({tid: task}, [tid])
             self.world.tasks[tid] = base
 

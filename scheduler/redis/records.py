@@ -194,10 +194,168 @@ def encode_leases(leases: dict[int, Lease]) -> str:
 
 
 def decode_leases(raw: str | None) -> dict[int, Lease]:
-    leases: dict[int, Lease] = {}
-    for epoch, holder, first, last, progress_at, pieces in json.loads(raw) if raw else ():
-        lease = Lease(holder=holder, epoch=epoch, first=first, last=last,
-                      progress_at=progress_at)
-        for index in pieces:
-            leases[index] = lease
-    return leases
+    return dict(LoadedLeases(LeaseRows(raw or "")).items())
+
+
+class LeaseRows:
+    """A task's leases field parsed: its rows (`[epoch, holder, first, last, progress_at,
+    pieces]`, one per run) and each leased piece's row. Never changed: shared by every load of
+    the same field (`LeaseCache`)."""
+
+    __slots__ = ("index", "raw", "rows")
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+        self.rows: list[list[Any]] = json.loads(raw) if raw else []
+        self.index = {i: r for r, row in enumerate(self.rows) for i in row[5]}
+
+
+class LeaseCache:
+    """The last leases field parsed, per task, while the field read back is the same."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.tasks: dict[str, LeaseRows] = {}
+
+    def get(self, tid: str, raw: str) -> LeaseRows:
+        rows = self.tasks.get(tid)
+        if rows is None or rows.raw != raw:
+            if len(self.tasks) >= self.limit:
+                self.tasks.clear()
+            rows = self.tasks[tid] = LeaseRows(raw)
+        return rows
+
+
+class LoadedLeases(dict):
+    """A task's lease table as loaded (piece -> its run's `Lease`, one object per run, as the
+    rules keep it): a run is decoded when one of its pieces is first read or written, every
+    run when the table is iterated or counted. Decoding the whole field and encoding it again
+    on every call made a call's cost grow with the task's live leases, when most calls only
+    look up the leases of the pieces they name. `unchanged()`: whether the rules left the
+    table as loaded (then the diff neither encodes nor writes it)."""
+
+    __slots__ = ("_decoded", "_rows", "_whole", "changed")
+
+    def __init__(self, rows: LeaseRows) -> None:
+        super().__init__()
+        self._rows = rows
+        self._decoded: dict[int, Lease] = {}  # row -> its lease, once decoded
+        self._whole = not rows.rows
+        self.changed = False
+
+    def _run(self, key: Any) -> None:
+        if not self._whole:
+            r = self._rows.index.get(key)
+            if r is not None and r not in self._decoded:
+                self._decode(r)
+
+    def _decode(self, r: int) -> None:
+        epoch, holder, first, last, progress_at, pieces = self._rows.rows[r]
+        lease = self._decoded[r] = Lease(holder=holder, epoch=epoch, first=first, last=last,
+                                         progress_at=progress_at)
+        for i in pieces:
+            dict.__setitem__(self, i, lease)
+
+    def _all(self) -> None:
+        if not self._whole:
+            for r in range(len(self._rows.rows)):
+                if r not in self._decoded:
+                    self._decode(r)
+            self._whole = True
+
+    def unchanged(self) -> bool:
+        """No piece's lease set or dropped, no decoded lease changed in place (a holder's
+        progress)."""
+        if self.changed:
+            return False
+        rows = self._rows.rows
+        return all(rows[r][:5] == [le.epoch, le.holder, le.first, le.last, le.progress_at]
+                   for r, le in self._decoded.items())
+
+    def __getitem__(self, key: Any) -> Lease:
+        self._run(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._run(key)
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._run(key)
+        return dict.__contains__(self, key)
+
+    def __setitem__(self, key: Any, value: Lease) -> None:
+        self._run(key)
+        self.changed = True
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._run(key)
+        dict.__delitem__(self, key)
+        self.changed = True
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._run(key)
+        if dict.__contains__(self, key):
+            self.changed = True
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._run(key)
+        if not dict.__contains__(self, key):
+            self.changed = True
+        return dict.setdefault(self, key, default)
+
+    def popitem(self) -> tuple[int, Lease]:
+        self._all()
+        self.changed = True
+        return dict.popitem(self)
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        self._all()
+        self.changed = True
+        dict.update(self, *args, **kw)
+
+    def clear(self) -> None:
+        self._whole = True
+        self.changed = True
+        dict.clear(self)
+
+    def __len__(self) -> int:
+        self._all()
+        return dict.__len__(self)
+
+    def __iter__(self):
+        self._all()
+        return dict.__iter__(self)
+
+    def keys(self):
+        self._all()
+        return dict.keys(self)
+
+    def values(self):
+        self._all()
+        return dict.values(self)
+
+    def items(self):
+        self._all()
+        return dict.items(self)
+
+    def copy(self) -> dict[int, Lease]:
+        self._all()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._all()
+        if isinstance(other, LoadedLeases):
+            other._all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._all()
+        return dict.__repr__(self)
