@@ -284,7 +284,9 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Kraken's 300 MB/s hosts reading in order all want the same newest pieces (2.26x the
     bound at 16 hosts); with the spread share on (ask_plan.SPREAD) half of each window is
-    drawn ahead: 1.49x, every host done, the origin sending the blob once."""
+    drawn ahead: every host done sooner, the origin sending the blob once. The figures move
+    with PYTHONHASHSEED (what the rules iterate in set order): over 16 seeds in order
+    2.15-2.45x, spread 1.51-1.79x, spread/in order 0.67-0.81 at p50 and p99."""
     from peer.engine import ask_plan
     sc = replace(scaled(SCENARIOS["kraken"](), 16, None), length=512 << 20)
     monkeypatch.setattr(ask_plan, "SPREAD", False)
@@ -292,5 +294,6 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
     monkeypatch.setattr(ask_plan, "SPREAD", True)
     spread = run(sc)
     assert in_order.p50 > 2.0 * in_order.bound
-    assert spread.p50 < 1.7 * spread.bound and spread.p99 < 0.8 * in_order.p99
+    assert spread.p50 < 1.9 * spread.bound
+    assert spread.p50 < 0.87 * in_order.p50 and spread.p99 < 0.87 * in_order.p99
     assert spread.finished == spread.survivors == 16 and spread.origin == pytest.approx(1.0)
