@@ -229,6 +229,10 @@ class ChunkStore:
         self.tmp_dir = self.root / "tmp"
         self._db: sqlite3.Connection | None = None
         self.bytes = 0  # of chunk files the index refers to, each distinct chunk once
+        # Bytes handed to the writer and not yet in `bytes`: moved from one to the other in
+        # one step (`_settle`), so that bytes + unsettled never counts a piece twice (a quota
+        # check between a round's settling and its callers resuming evicted a task too many).
+        self.unsettled = 0
         # Why nothing can be written until restart (the index opened read-only); None: it can.
         self.read_only: str | None = None
         # With --no-verify-on-serve: (inode, size, mtime) of each chunk file as written or last
@@ -578,7 +582,12 @@ class ChunkStore:
         with self._writing(f"storing piece {index} of {task_id}"):
             loop = asyncio.get_running_loop()
             put = _Put(task_id, index, chunk, data, verify, loop, loop.create_future())
-            self._writer.submit(put)
+            self.unsettled += len(data)
+            try:
+                self._writer.submit(put)
+            except BaseException:
+                self.unsettled -= len(data)
+                raise
             await put.done
 
     def _write_put(self, put: _Put) -> None:
@@ -590,6 +599,7 @@ class ChunkStore:
     def _settle(self, puts: list[_Put]) -> None:
         """On the loop, for a round of the writer's: the index rows of the pieces written,
         in one transaction, then each piece's caller answered."""
+        self.unsettled -= sum(len(p.data) for p in puts)
         kept = [p for p in puts if p.error is None]
         rows = [(p.task_id, p.index, p.chunk, len(p.data)) for p in kept]
         try:

@@ -122,3 +122,24 @@ async def test_closing_the_store_ends_its_writer_thread(store: ChunkStore) -> No
             break
         await asyncio.sleep(0.01)
     assert not store._writer._running
+
+
+async def test_a_piece_is_counted_once_between_its_round_settling_and_its_caller_resuming(
+        store: ChunkStore) -> None:
+    """bytes + unsettled is what the quota check sees of the writes under way: a piece is in
+    one or the other, never both and never neither (a check that ran after a round settled
+    and before its callers resumed saw the round twice and evicted a task too many)."""
+    meta = _meta(8)
+    store.put_task(meta)
+    blobs = [os.urandom(PIECE) for _ in range(8)]
+    puts = [asyncio.create_task(store.put_piece(meta.task_id, i, ids.chunk_id(b), b))
+            for i, b in enumerate(blobs)]
+    await asyncio.sleep(0)  # each put handed to the writer
+    seen = set()
+    while not all(p.done() for p in puts):
+        assert store.bytes + store.unsettled == 8 * PIECE
+        seen.add(store.bytes)
+        await asyncio.sleep(0)
+    await asyncio.gather(*puts)
+    assert store.unsettled == 0 and store.bytes == 8 * PIECE
+    assert 8 * PIECE in seen or len(seen) > 1  # the loop did see rounds settle

@@ -34,7 +34,6 @@ class Storage:
         self.clock = clock
         self._full_until = 0.0  # no write of the store is tried before this
         self._caching = store.read_only is None  # false from a failed write to the next success
-        self._writing = 0  # bytes of chunk writes under way: counted against the quota
 
     async def put(self, run: TaskRun, index: int, chunk: str, data: bytes,
                   verify: bool = False) -> bool:
@@ -46,14 +45,11 @@ class Storage:
             return False
         if not run.indexed and not self.index_task(run.meta):
             return False
-        self._writing += size
         try:
             await self.store.put_piece(run.task_id, index, chunk, data, verify)
         except CannotStore as e:
             self.cannot_cache(e)
             return False
-        finally:
-            self._writing -= size
         if not self._caching:
             self._caching = True
             log.info("caching again")
@@ -99,7 +95,7 @@ class Storage:
     def _room_for(self, size: int) -> bool:
         """Whether `size` more bytes may be cached: within --disk-quota and above the
         free-space floor, after evicting least recently used tasks if that makes room."""
-        reserve = self._writing + size  # chunk writes under way count as stored
+        reserve = self.store.unsettled + size  # chunk writes under way count as stored
         target = self.budget.quota_evict_to(self.store.bytes, reserve)
         if target is not None:
             self.evict(target)
