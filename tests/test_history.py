@@ -214,6 +214,11 @@ async def test_two_scheduler_replicas_over_redis_show_the_same_history(
         h = await _history(two.url)
         return bool(h["served_bytes"]) and h["served_bytes"][-1] == 2 * len(blob)
     await until(sampled, 20, "a sample of every byte served, on replica 2")
+
+    async def three() -> bool:  # a pull can take less than two sampling intervals
+        return all(len(h["t"]) >= 3 for h in await asyncio.gather(_history(one.url),
+                                                                  _history(two.url)))
+    await until(three, 20, "three samples on each replica")
     h1, h2 = await asyncio.gather(_history(one.url), _history(two.url))
     n = min(len(h1["t"]), len(h2["t"]))  # a sample may land between the two reads
     assert n >= 3
