@@ -666,10 +666,13 @@ class ChunkStore:
         """Record a task unless known; whether the index holds it with this layout (pieces of
         another layout must not be stored under it). CannotStore if it cannot be written."""
         with self._writing(f"recording task {meta.task_id}"):
+            # Recorded now is used now: a task fetched and never read since (a preheat, a
+            # seed's) must not sort before every task touched once for eviction.
             self.db.execute(
-                "INSERT INTO tasks (task_id, length, piece_size, digest, sealed) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO NOTHING",
-                (meta.task_id, meta.length, meta.piece_size, meta.digest, int(meta.sealed)))
+                "INSERT INTO tasks (task_id, length, piece_size, digest, sealed, last_access) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO NOTHING",
+                (meta.task_id, meta.length, meta.piece_size, meta.digest, int(meta.sealed),
+                 time.time()))
         held = self.task(meta.task_id)
         return held is not None and (held.length, held.piece_size) == \
             (meta.length, meta.piece_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,16 @@ async def test_evict_least_recently_used_never_busy(store: ChunkStore) -> None:
     assert store.bytes == 4000
     assert store.task(_task(1).task_id) is not None  # oldest, but being read
     assert store.evict(target=0, busy={_task(1).task_id, _task(4).task_id}) == []
+
+
+async def test_a_task_recorded_and_not_read_since_is_as_recent_as_its_recording(
+        store: ChunkStore) -> None:
+    """Last used when recorded: a task fetched without a reader (a preheat) is evicted after
+    one read before it, not first."""
+    await _fill(store, _task(1), seed=1)
+    store.touch(_task(1).task_id, time.time() - 100)
+    await _fill(store, _task(2), seed=2)  # recorded now, never touched
+    assert store.evict(target=2000, busy=set()) == [_task(1).task_id]
 
 
 async def test_scrub_cursor_walks_every_chunk_once(store: ChunkStore) -> None:
