@@ -921,10 +921,7 @@ class ClusterState:
                 ) -> list[PeerState]:
         """The usable ones among `holders` (known, not excluded, cordoned or penalised), in
         their order (the policy breaks ties with the rng, in this order)."""
-        peers = self.peers  # `_usable_iter`'s test as a list comprehension: no generator
-        return [peer for holder_id in holders
-                if (peer := peers.get(holder_id)) is not None and holder_id not in exclude
-                and not peer.cordoned and now >= peer.penalty_until]
+        return list(self._usable_iter(holders, exclude, now))
 
     def _usable_iter(self, holders: Iterable[str], exclude: set[str], now: float
                      ) -> Iterator[PeerState]:
