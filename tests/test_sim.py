@@ -188,6 +188,26 @@ def test_the_clock_runs_equal_times_in_the_order_scheduled() -> None:
     assert ran[-1] == "heap-2" and clock.events == 7
 
 
+def test_the_clock_returns_after_the_event_that_halts_it_and_asks_stop_every_4096() -> None:
+    clock = Clock()
+    ran: list[int] = []
+    asked: list[int] = []
+
+    def event(i: int) -> None:
+        ran.append(i)
+        if i == 5000:
+            clock.halted = True
+
+    def stop() -> bool:
+        asked.append(clock.events)
+        return False
+
+    for i in range(6000):
+        clock.at(1.0 + i, event, i)
+    clock.run(1e9, stop)
+    assert ran == list(range(5001)) and clock.events == 5001 and asked == [4096]
+
+
 def test_the_speed_is_counted_in_piece_events() -> None:
     """events/s on the last line counts pieces asked, decided, moved, announced, reported:
     each a count the run keeps, none of them the clock's timers."""
