@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +56,28 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another() -> None:
     assert a.times != c.times
 
 
+# A run of `small()` in a fresh interpreter: what it prints, but the measured CPU and wall.
+_RUN_SMALL = """
+from bench.sim.scenarios import Scenario, run
+from bench.sim.swarm import Params
+r = run(Scenario(name="small", hosts=24, length=16 << 20, up=10e6, down=100e6, origin=5e6,
+                 params=Params(rtt=0.001)))
+print(r.times, r.decisions, r.events, r.kinds, r.leases)
+"""
+
+
+def test_a_run_does_not_depend_on_the_string_hashing() -> None:
+    """The same seed gives the same run under any PYTHONHASHSEED: nothing the rules or the
+    simulator decide follows a set of peer ids' own order (scheduler.state.Holders iterates
+    sorted). Before, 24 hosts gave another run for nearly every hashing."""
+    root = Path(__file__).resolve().parent.parent
+    outs = {subprocess.run([sys.executable, "-c", _RUN_SMALL], capture_output=True, text=True,
+                           check=True, cwd=root,
+                           env={**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": h}
+                           ).stdout for h in ("1", "2", "3")}
+    assert len(outs) == 1, outs
+
+
 def test_a_rule_change_in_the_scheduler_shows_in_the_simulation(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Origin leases cover runs of MAX_LEASE_PIECES: the simulation grants what the rule says."""
@@ -81,10 +107,8 @@ def test_the_long_polls_wake_as_the_scheduler_store_says(
     every = run(waking(0))
     monkeypatch.setattr(scheduler.store, "RECHECK_SECONDS", 0.05)
     often = run(small())
-    assert before.decisions < constant.decisions < every.decisions < 1.8 * before.decisions
-    # Within the draws' spread: the scheduler iterates sets of peer ids, so a run moves with
-    # the process's string hashing (1.4-1.5x the decisions and +-2 % in time over 8 hashings).
-    assert max(before.times) <= 1.05 * max(constant.times)
+    assert before.decisions < constant.decisions < every.decisions < 1.2 * before.decisions
+    assert max(before.times) <= max(constant.times) < max(every.times)
     assert often.decisions > 2 * before.decisions
     assert every.finished == every.survivors == often.finished == before.finished == 24
 
@@ -162,6 +186,26 @@ def test_the_clock_runs_equal_times_in_the_order_scheduled() -> None:
     assert clock.now == 1.0
     clock.run(3.0)
     assert ran[-1] == "heap-2" and clock.events == 7
+
+
+def test_the_clock_returns_after_the_event_that_halts_it_and_asks_stop_every_4096() -> None:
+    clock = Clock()
+    ran: list[int] = []
+    asked: list[int] = []
+
+    def event(i: int) -> None:
+        ran.append(i)
+        if i == 5000:
+            clock.halted = True
+
+    def stop() -> bool:
+        asked.append(clock.events)
+        return False
+
+    for i in range(6000):
+        clock.at(1.0 + i, event, i)
+    clock.run(1e9, stop)
+    assert ran == list(range(5001)) and clock.events == 5001 and asked == [4096]
 
 
 def test_the_speed_is_counted_in_piece_events() -> None:
@@ -284,16 +328,15 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Kraken's 300 MB/s hosts reading in order all want the same newest pieces (2.26x the
     bound at 16 hosts); with the spread share on (ask_plan.SPREAD) half of each window is
-    drawn ahead: every host done sooner, the origin sending the blob once. The figures move
-    with PYTHONHASHSEED (what the rules iterate in set order): over 16 seeds in order
-    2.15-2.45x, spread 1.51-1.79x, spread/in order 0.67-0.81 at p50 and p99."""
+    drawn ahead: every host done sooner, the origin sending the blob once (2.31x -> 1.49x
+    at p50, whatever the string hashing)."""
     from peer.engine import ask_plan
     sc = replace(scaled(SCENARIOS["kraken"](), 16, None), length=512 << 20)
     monkeypatch.setattr(ask_plan, "SPREAD", False)
     in_order = run(sc)
     monkeypatch.setattr(ask_plan, "SPREAD", True)
     spread = run(sc)
-    assert in_order.p50 > 2.0 * in_order.bound
-    assert spread.p50 < 1.9 * spread.bound
-    assert spread.p50 < 0.87 * in_order.p50 and spread.p99 < 0.87 * in_order.p99
+    assert in_order.p50 > 2.2 * in_order.bound
+    assert spread.p50 < 1.6 * spread.bound
+    assert spread.p50 < 0.7 * in_order.p50 and spread.p99 < 0.7 * in_order.p99
     assert spread.finished == spread.survivors == 16 and spread.origin == pytest.approx(1.0)

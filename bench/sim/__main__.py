@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 
@@ -54,11 +53,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the time went: downlink use by host state, start and tail, "
                          "links' use over the pull (bench/sim/report.py)")
     args = ap.parse_args(argv)
-    if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
-        # The scheduler iterates sets of peer ids: the same seed gives the same run only
-        # under the same string hashing.
-        os.execve(sys.executable, [sys.executable, "-m", "bench.sim", *sys.argv[1:]],
-                  {**os.environ, "PYTHONHASHSEED": "0"})
     sc = scaled(SCENARIOS[args.scenario](), args.hosts, args.scale)
     faults = {"wave": args.wave, "die": args.die, "die_at": args.die_at, "slow": args.slow,
               "corrupt": args.corrupt, "restart_at": args.restart_at}

@@ -124,7 +124,7 @@ class Params:
     sched_cores: int | None = None  # an experiment: the scheduler as this many cores (Cores)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Host:
     index: int
     id: str
@@ -172,7 +172,7 @@ class Host:
     reg: PeerRegistration | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Upload:
     parent: Host
     child: Host
@@ -180,7 +180,7 @@ class Upload:
     flow: Flow | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class OriginRun:
     host: Host
     epoch: int | None
@@ -193,7 +193,7 @@ class OriginRun:
     next: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call:
     """A schedule call in flight or parked at the scheduler."""
 
@@ -254,7 +254,7 @@ class Worker:
                 sim.stats.gave_up += 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Stats:
     asked: int = 0  # pieces asked in schedule calls sent (a piece asked again counts again)
     decisions: int = 0  # pieces decided by ClusterState.schedule, re-decisions included
@@ -349,7 +349,7 @@ class Swarm:
             return
         host.alive = False
         if host.done_at is None:
-            self.pulling -= 1
+            self._pulled()
         for up in list(host.uploads):
             self._end_upload(up)
             self.clock.after(STALL_SECONDS, self._upload_failed, up, "slow")
@@ -976,6 +976,12 @@ class Swarm:
         if host.workers.get(worker.index) is worker:
             del host.workers[worker.index]
 
+    def _pulled(self) -> None:
+        """A host is done or dead: the clock halts once none is pulling."""
+        self.pulling -= 1
+        if self.pulling <= 0:
+            self.clock.halted = True
+
     def ensure(self, host: Host, index: int) -> bool:
         """Start obtaining a piece unless it is kept or on its way: whether this started it."""
         if index in host.have or index in host.workers:
@@ -1011,7 +1017,7 @@ class Swarm:
             if k >= self.count:
                 host.reading = False
                 host.done_at = self.clock.now
-                self.pulling -= 1
+                self._pulled()
                 return
             for j in plan.reached(k):
                 self.ensure(host, j)
@@ -1054,11 +1060,7 @@ class Swarm:
         report = [started + PROGRESS_WALL]
         cut = [False]
 
-        def stop() -> bool:
-            if self.pulling <= 0:
-                return True
-            if clock.events & 4095:  # the rest looked at every 4,096 events
-                return False
+        def stop() -> bool:  # asked every STOP_EVERY events (the clock halts once all pulled)
             if not clock.events % COLLECT_EVENTS:
                 gc.collect()
                 gc.freeze()
@@ -1070,6 +1072,7 @@ class Swarm:
                 progress()
             cut[0] = t - started >= wall_limit
             return cut[0]
+        clock.halted = self.pulling <= 0
         clock.run(until, stop)
         return not cut[0]
 
