@@ -151,7 +151,8 @@ class PeerDaemon:
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
             parents=ParentClient(self._peer_session, c.secret, rate=download_rate,
-                                 tls=c.peer_tls, framed=self._framed),
+                                 tls=c.peer_tls, framed=self._framed,
+                                 patience=self._framed.patience),
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
             disk_quota=c.disk_quota)
