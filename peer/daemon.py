@@ -155,7 +155,7 @@ class PeerDaemon:
                                  patience=self._framed.patience),
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
-            disk_quota=c.disk_quota)
+            disk_quota=c.disk_quota, idc=c.idc)
         opened.push_async_callback(self.engine.close)
         # Registry answers shared through the scheduler when there is a cluster secret.
         access = AccessCache(origin, shared=self.scheduler, secret=c.secret)

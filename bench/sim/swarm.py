@@ -80,7 +80,7 @@ from peer.engine.acquire import (
     Waited,
     bypass,
 )
-from peer.engine.ask_plan import AskPlan
+from peer.engine.ask_plan import AskPlan, spreads
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
 from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces, split_window
 from peer.parents import Patience
@@ -1010,7 +1010,8 @@ class Swarm:
             host.planning = False
             host.reading = True
             host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange,
-                                spread=True, piece_size=self.piece_size, since=self.clock.now)
+                                spread=spreads(True, host.idc), piece_size=self.piece_size,
+                                since=self.clock.now)
             self._read(host)
 
     def _read(self, host: Host) -> None:
