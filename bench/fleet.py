@@ -405,7 +405,8 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
     ap.add_argument("--spread", action="store_true",
-                    help="the reader's spread share on (ask_plan.py SPREAD, off by default)")
+                    help="the reader's spread share on (ask_plan.py SPREAD: on by default "
+                         "since stop 26; a host with an IDC label never spreads: --idcs 1)")
     args = ap.parse_args(argv)
     if args.spread:
         ask_plan.SPREAD = True

@@ -46,11 +46,12 @@ Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
 # HORIZON_SECONDS, at most HORIZON_WINDOWS windows; under two windows, no spread share.
 HORIZON_SECONDS = 2.0
 HORIZON_WINDOWS = 4
-# Off by default (stop 25): bench.sim kraken 50 1.948x -> 1.235x p50, but idc3 sent 2.73x the
-# blob across IDCs (2.00x off; target <= 2.2x), die1's p99 was 1.44x base's (a child of the dead
-# host waits STALL_SECONDS on its piece, the swarm no longer hides it), and bench.fleet --store
-# redis was not shown level. `python -m bench.sim --experiment spread`, `bench.fleet --spread`.
-SPREAD = False  # whole reads draw a spread share once fast (False: in order, as before)
+# On since stop 26: bench.sim kraken 50 1.948x -> 1.235x p50 (1.954x -> 1.302x p99). Off in
+# stop 25 for idc3 (2.73x the blob across IDCs: a peer with an IDC label no longer spreads,
+# `spreads`) and die1 (p99 1.44x base's: a child of the dead host waited STALL_SECONDS with its
+# read blocked; now its `Patience`, peer/parents.py: 1.06x). `python -m bench.sim --experiment
+# no-spread` (or `spread`) and `bench.fleet --spread` set it in one process.
+SPREAD = True  # whole reads draw a spread share once fast (False: in order, as before)
 
 
 def spreads(whole: bool, idc: str) -> bool:
