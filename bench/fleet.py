@@ -63,7 +63,7 @@ from common.pieces import piece_count
 from common.sizes import parse_size
 from common.tasks import TaskSet
 from peer.engine import ask_plan
-from peer.engine.ask_plan import AskPlan
+from peer.engine.ask_plan import AskPlan, spreads
 from peer.engine.batcher import DecisionBatcher
 from peer.engine.reader import readahead_pieces
 from peer.sched_framed import FramedTransport
@@ -220,11 +220,12 @@ class Host:
         self.count = piece_count(task.length, self.piece_size)
         self.window = readahead_pieces(self.piece_size)
         self.piece_seconds = self.piece_size / host_rate
+        self.idc = f"idc{n % idcs}" if idcs > 1 else ""
         self._link_free = 0.0  # when this host's link has fetched what it was given
         started = time.time()
         reg = PeerRegistration(
             id=f"fleet-{n:05d}", upload_addr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}:65002",
-            idc=f"idc{n % idcs}" if idcs > 1 else "", started_at=started)
+            idc=self.idc, started_at=started)
         self.client = SchedulerClient(
             [url], reg, session, _NothingHeld(),  # type: ignore[arg-type]
             lambda: Heartbeat(counters=PeerCounters(started_at=started)), secret,
@@ -244,7 +245,8 @@ class Host:
         fetching: dict[int, asyncio.Task[None]] = {}
         loop = asyncio.get_running_loop()
         plan = AskPlan(self.count, self.window, 0, random.Random(self.n).randrange,
-                       spread=True, piece_size=self.piece_size, since=loop.time())
+                       spread=spreads(True, self.idc), piece_size=self.piece_size,
+                       since=loop.time())
 
         def start(j: int) -> bool:
             if j in fetching:
@@ -403,7 +405,8 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0,
                     help="the measurement ends after this long, or once every host pulled")
     ap.add_argument("--spread", action="store_true",
-                    help="the reader's spread share on (ask_plan.py SPREAD, off by default)")
+                    help="the reader's spread share on (ask_plan.py SPREAD: on by default "
+                         "since stop 26; a host with an IDC label never spreads: --idcs 1)")
     args = ap.parse_args(argv)
     if args.spread:
         ask_plan.SPREAD = True

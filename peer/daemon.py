@@ -151,10 +151,11 @@ class PeerDaemon:
         self.engine = Engine(
             peer_id=c.peer_id, store=self.store, scheduler=self.scheduler, origin=origin,
             parents=ParentClient(self._peer_session, c.secret, rate=download_rate,
-                                 tls=c.peer_tls, framed=self._framed),
+                                 tls=c.peer_tls, framed=self._framed,
+                                 patience=self._framed.patience),
             metrics=self.metrics,
             verify_on_serve=c.verify_on_serve, piece_size=c.piece_size, prefetch=c.prefetch,
-            disk_quota=c.disk_quota)
+            disk_quota=c.disk_quota, idc=c.idc)
         opened.push_async_callback(self.engine.close)
         # Registry answers shared through the scheduler when there is a cluster secret.
         access = AccessCache(origin, shared=self.scheduler, secret=c.secret)

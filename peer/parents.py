@@ -2,13 +2,14 @@
 framed transport (2, peer/p2p/) to parents that registered it, given as `framed`.
 
 Errors are classified for the scheduler: `busy` (the parent is at its upload slots: try the next
-one, no blame), `slow` (no byte for the stall timeout: abandoned), `failed` (refused, reset,
-missing or truncated). Verifying the bytes is the engine's job, in one place.
+one, no blame), `slow` (no byte for the stall timeout, `Patience`: abandoned), `failed` (refused,
+reset, missing or truncated). Verifying the bytes is the engine's job, in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from typing import TYPE_CHECKING
 
@@ -23,10 +24,56 @@ from peer import wire
 if TYPE_CHECKING:  # the engine imports this module
     from peer.engine.seams import ChunkSource
 
-STALL_SECONDS = 2.0
+STALL_SECONDS = 2.0  # the longest a parent may stay silent, or take to connect
+STALL_FLOOR = 0.25  # the shortest (a LAN connect takes < 1 ms, a live parent is never this quiet)
+STALL_BYTES = 32 << 20  # silent for as long as this peer takes to receive this much: stalled
+RATE_SECONDS = 1.0  # the time constant of the receive rate `Patience` keeps
 # The address of a parent spoken to over the framed transport, as the engine hands it to a
 # ChunkSource: FRAMED + its upload address (`address`).
 FRAMED = "p2p+"
+
+
+class Patience:
+    """How long a parent may stay silent (no byte while a request to it is pending), or take
+    to connect, before it is `slow`: as long as this peer takes to receive STALL_BYTES from
+    its parents at the rate it has lately (a count of the bytes received, decaying with
+    RATE_SECONDS), between `floor` and `cap`. A peer that is idle or slow (the lab: 4-10
+    MB/s) waits `cap` = STALL_SECONDS as before; a fast one (kraken's 300 MB/s) gives up on a
+    dead parent after `floor`, where waiting 2 s with its read blocked on the piece idled its
+    link for many pieces' time (bench.sim die1). Pure: `now` is given (monotonic seconds).
+    The engine's clients (this module's and peer/p2p/client.py's) share one, and bench/sim
+    keeps one per host, fed the same way: each piece a parent sent, when it has arrived."""
+
+    __slots__ = ("_bytes", "_t", "cap", "floor", "nbytes", "tau")
+
+    def __init__(self, cap: float = STALL_SECONDS, floor: float = STALL_FLOOR,
+                 nbytes: int = STALL_BYTES, tau: float = RATE_SECONDS) -> None:
+        self.cap = cap
+        self.floor = min(floor, cap)
+        self.nbytes = nbytes
+        self.tau = tau
+        self._bytes = 0.0  # received, each byte weighted e^-(age / tau)
+        self._t = 0.0
+
+    def received(self, nbytes: int, now: float) -> None:
+        self._bytes = self._decayed(now) + nbytes
+        self._t = now
+
+    def rate(self, now: float) -> float:
+        """Bytes per second lately (the decayed count over `tau`: a burst counts as spread
+        over `tau`, so a pull's first pieces do not make the peer look fast)."""
+        return self._decayed(now) / self.tau
+
+    def seconds(self, now: float) -> float:
+        rate = self.rate(now)
+        if rate * self.cap <= self.nbytes:
+            return self.cap
+        return max(self.floor, self.nbytes / rate)
+
+    def _decayed(self, now: float) -> float:
+        if not self._bytes or now <= self._t:
+            return self._bytes
+        return self._bytes * math.exp((self._t - now) / self.tau)
 
 
 class ParentError(Exception):
@@ -40,7 +87,8 @@ class ParentClient:
                  stall_seconds: float = STALL_SECONDS, compress: bool = True,
                  rate: TokenBucket | None = None,
                  tls: ssl.SSLContext | None = None,
-                 framed: ChunkSource | None = None) -> None:
+                 framed: ChunkSource | None = None,
+                 patience: Patience | None = None) -> None:
         self.session = session
         self.framed = framed  # None: every parent over HTTP
         # How `https://` parents are verified (--tls-ca, else the system store) and the client
@@ -49,8 +97,8 @@ class ParentClient:
         self.rate = rate  # --download-rate: bytes from other peers
         self.compress = compress
         self.secret = secret
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall_seconds,
-                                             sock_read=stall_seconds)
+        # Shared with the framed client's (peer/daemon.py): one rate, whichever the transport.
+        self.patience = patience if patience is not None else Patience(stall_seconds)
 
     async def fetch(self, addr: str, chunk: str, size: int, priority: int = DEFAULT) -> bytes:
         if addr.startswith(FRAMED):
@@ -65,9 +113,12 @@ class ParentClient:
             headers["Accept-Encoding"] = wire.ENCODING
         if self.secret is not None:
             headers[auth.HEADER] = auth.sign(self.secret, "GET", path)
+        loop = asyncio.get_running_loop()
+        stall = self.patience.seconds(loop.time())
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall, sock_read=stall)
         try:
             async with self.session.get(f"{upload_url(addr)}{path}", headers=headers,
-                                        timeout=self.timeout, ssl=self.tls) as resp:
+                                        timeout=timeout, ssl=self.tls) as resp:
                 if resp.status == 503:
                     raise ParentError("busy", f"{addr} has no free upload slot")
                 if resp.status != 200:
@@ -88,6 +139,7 @@ class ParentClient:
             raise ParentError("failed", f"{addr}: {e!r}") from e
         if len(data) != size:
             raise ParentError("failed", f"{addr} sent {len(data)} of {size} bytes")
+        self.patience.received(size, loop.time())
         return data
 
 

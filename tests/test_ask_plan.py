@@ -14,6 +14,7 @@ from peer.engine.ask_plan import (
     horizon,
     spread_pieces,
     spread_share,
+    spreads,
 )
 
 MB = 1 << 20
@@ -234,3 +235,11 @@ def test_with_nothing_left_to_draw_the_whole_window_is_in_order_again() -> None:
     assert list(plan.reached(20)) == [24, 25, 26, 27]
     assert plan.top_up(lambda j: False, 0.1) == [] and plan.share == 0
     assert list(plan.reached(21)) == list(range(28, 37)), "16 in order again"
+
+
+def test_only_a_whole_read_of_a_peer_without_an_idc_label_spreads() -> None:
+    """A labelled peer's spread pieces were leased in its IDC and crossed back into the
+    origin's (bench.sim idc3: 2.73x the blob across IDCs against 2.00x in order)."""
+    assert spreads(True, "")
+    assert not spreads(True, "idc1")
+    assert not spreads(False, "")

@@ -340,3 +340,18 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
     assert spread.p50 < 1.6 * spread.bound
     assert spread.p50 < 0.7 * in_order.p50 and spread.p99 < 0.7 * in_order.p99
     assert spread.finished == spread.survivors == 16 and spread.origin == pytest.approx(1.0)
+
+
+def test_hosts_with_an_idc_label_read_in_order_with_the_spread_share_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ask_plan.spreads: with IDCs, the spread share on changes nothing (its leases outside
+    the origin's IDC crossed back into it: idc3 60 hosts 2.73x the blob across IDCs), so
+    each piece still enters each other IDC once."""
+    from peer.engine import ask_plan
+    sc = replace(scaled(SCENARIOS["idc3"](), 12, None), length=256 << 20)
+    monkeypatch.setattr(ask_plan, "SPREAD", False)
+    in_order = run(sc)
+    monkeypatch.setattr(ask_plan, "SPREAD", True)
+    spread = run(sc)
+    assert spread.times == in_order.times and spread.cross_idc == in_order.cross_idc
+    assert spread.cross_idc == pytest.approx(2.0)

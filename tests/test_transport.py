@@ -29,7 +29,7 @@ from peer.p2p import client as p2p_client
 from peer.p2p import frames
 from peer.p2p.client import FramedClient
 from peer.p2p.server import FramedEndpoint
-from peer.parents import FRAMED, ParentClient, ParentError, address
+from peer.parents import FRAMED, STALL_SECONDS, ParentClient, ParentError, address
 from peer.store import ChunkCorrupt, ChunkStore
 from peer.upload import UploadServer
 from tests.cluster import until
@@ -385,6 +385,76 @@ async def test_corrupt_bytes_over_the_frames_are_caught_by_the_engine(tmp_path: 
     assert data is None and failed == {"liar"} and not kept
     assert decider.reports == [("liar", "corrupt")]
     assert metrics.registry.get_sample_value("naiad_peer_verify_failures_total") == 1
+
+
+async def _receive_fast(framed: FramedClient, p: Parent, mib: int = 128) -> None:
+    """A child that has just received `mib` MiB from a parent: fast, as on a busy LAN."""
+    chunk, blob = next(iter(p.chunks.items()))
+    for _ in range(mib // 16):
+        await asyncio.gather(*(framed.fetch(p.addr, chunk, len(blob)) for _ in range(16)))
+
+
+async def test_a_fast_child_gives_up_on_a_stalled_parent_well_before_stall_seconds(
+        parents: Callable[..., Awaitable[Parent]]) -> None:
+    """The engine, a child receiving fast: a parent that stops mid-piece is `slow` and the
+    next parent asked after its `Patience` (peer/parents.py), not STALL_SECONDS (with its
+    read blocked on the piece, the child's link idled that long: bench.sim die1)."""
+    blob = os.urandom(MiB)
+    chunk = ids.chunk_id(blob)
+    good = await parents([blob], slots=64, per_address=32)
+
+    async def keep(run: object, index: int, chunk: str, data: bytes, source: str,
+                   verify: bool = False) -> None:
+        assert ids.chunk_id(data) == chunk
+
+    decider = _Decider()
+    loop = asyncio.get_running_loop()
+    async with FaultyParent(_stall) as bad:
+        framed = FramedClient(SECRET)
+        await _receive_fast(framed, good)
+        async with aiohttp.ClientSession() as session:
+            fetch = ParentFetch("child", ParentClient(session, SECRET, framed=framed),
+                                decider, keep, PeerMetrics())  # type: ignore[arg-type]
+            run = SimpleNamespace(layout=PieceLayout(MiB, MiB), priority={},
+                                  task_id=f"sha256:{2:064x}")
+            started = loop.time()
+            data, failed = await fetch.piece(run, 0, chunk,  # type: ignore[arg-type]
+                                             [ParentRef(id="stalls", addr=bad.addr,
+                                                        transport=2),
+                                              ParentRef(id="good", addr=good.addr,
+                                                        transport=2)])
+            took = loop.time() - started
+        framed.close()
+    assert data is not None and bytes(data) == blob and failed == {"stalls"}
+    assert decider.reports == [("stalls", "slow")]
+    assert took < STALL_SECONDS / 2, took
+
+
+async def test_a_fast_child_gives_up_dialling_a_silent_parent_soon(
+        parents: Callable[..., Awaitable[Parent]]) -> None:
+    """A parent that accepts and never answers (a dead host's half-open port, a wedged
+    process): no WELCOME within the child's patience is `slow`."""
+    blob = os.urandom(MiB)
+    good = await parents([blob], slots=64, per_address=32)
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    addr = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    framed = FramedClient(SECRET)
+    loop = asyncio.get_running_loop()
+    try:
+        await _receive_fast(framed, good)
+        started = loop.time()
+        with pytest.raises(ParentError) as e:
+            await framed.fetch(addr, ids.chunk_id(blob), MiB)
+        took = loop.time() - started
+    finally:
+        framed.close()
+        for w in accepted:
+            w.close()
+        silent.close()
+        await silent.wait_closed()
+    assert e.value.kind == "slow" and accepted
+    assert took < STALL_SECONDS / 2, took
 
 
 # -- the upload's bounds, as over HTTP ------------------------------------------------------------

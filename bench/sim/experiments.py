@@ -45,8 +45,8 @@ def in_order() -> None:
 
 
 def no_spread() -> None:
-    """No spread share (ask_plan.py SPREAD, off by default): a fast whole read asks its
-    window in order, as before the spread share."""
+    """No spread share (ask_plan.py SPREAD, on by default since stop 26): a fast whole read
+    asks its window in order, as before the spread share."""
     ask_plan.SPREAD = False
 
 

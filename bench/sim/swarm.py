@@ -17,7 +17,9 @@ What is modelled here, after the engine it stands for (peer/engine/engine.py and
   RECHECK_SECONDS, all of them; a `wait` answered goes back into the next call;
 * parents (fetch.py, upload.py): ranked parents tried in turn; one at its upload slots, or
   holding `per_address` slots for this child already, answers busy at once; a dead one fails
-  after STALL_SECONDS; a corrupt one's bytes fail verification and are reported;
+  once silent for the child's `Patience` (parents.py: STALL_SECONDS, less for a child that
+  receives fast), the same timeout its dial takes; a corrupt one's bytes fail verification
+  and are reported;
 * origin runs (origin.py): one ranged request per lease run, pieces in order, progress
   reported every PROGRESS_EVERY, a run stopped between pieces once the scheduler was silent
   for LEASE_LAPSE;
@@ -78,10 +80,10 @@ from peer.engine.acquire import (
     Waited,
     bypass,
 )
-from peer.engine.ask_plan import AskPlan
+from peer.engine.ask_plan import AskPlan, spreads
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
 from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces, split_window
-from peer.parents import STALL_SECONDS
+from peer.parents import Patience
 from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
 from peer.upload import per_address_default
@@ -141,6 +143,7 @@ class Host:
     known: dict[int, tuple[str, list[ParentRef]]] = field(default_factory=dict)
     oruns: dict[int, OriginRun] = field(default_factory=dict)
     cpu_free: float = 0.0
+    patience: Patience = field(default_factory=Patience)  # its parent clients' (parents.py)
     # reader
     plan: AskPlan = field(default_factory=lambda: AskPlan(0, 0))  # its asks (Swarm.planned)
     reading: bool = False
@@ -352,7 +355,7 @@ class Swarm:
             self._pulled()
         for up in list(host.uploads):
             self._end_upload(up)
-            self.clock.after(STALL_SECONDS, self._upload_failed, up, "slow")
+            self._stall_check(up, self.clock.now)
         for run in list(host.oruns.values()):
             self._stop_run(run)
         for up in list(host.downloads):  # its own, from whoever was sending them
@@ -815,7 +818,8 @@ class Swarm:
                 failed.add(ref.id)
                 if report:
                     self.report(host, ref.id, worker.index, "failed")
-                self.clock.after(STALL_SECONDS, self.fetch, worker, parents, k, failed, report)
+                self.clock.after(host.patience.seconds(self.clock.now), self.fetch, worker,
+                                 parents, k, failed, report)  # the dial's timeout
                 return
             if parent.active >= self.p.upload_slots \
                     or parent.by_child[host.index] >= self.per_address:
@@ -852,6 +856,15 @@ class Swarm:
             # transfer at once (the collector's passes over them were ~10 % of a big run).
             up.flow = None
 
+    def _stall_check(self, up: Upload, since: float) -> None:
+        """The child's check of a parent silent since `since` (p2p/client.py `_check`):
+        `slow` once silent for its patience, which its other parents' bytes keep short."""
+        wait = since + up.child.patience.seconds(self.clock.now) - self.clock.now
+        if wait > 1e-9:
+            self.clock.after(wait, self._stall_check, up, since)
+        else:
+            self._upload_failed(up, "slow")
+
     def _upload_failed(self, up: Upload, kind: str) -> None:
         worker = up.worker
         if worker.over or not worker.host.alive:
@@ -864,6 +877,7 @@ class Swarm:
         self._end_upload(up)
         parent, host, worker = up.parent, up.child, up.worker
         size = self.sizes[worker.index]
+        host.patience.received(size, self.clock.now)
         parent.uploaded += size
         self.stats.transfers += 1
         if parent.idc != host.idc:
@@ -1002,7 +1016,8 @@ class Swarm:
             host.planning = False
             host.reading = True
             host.plan = AskPlan(self.count, *split_window(self.window, True), self.rng.randrange,
-                                spread=True, piece_size=self.piece_size, since=self.clock.now)
+                                spread=spreads(True, host.idc), piece_size=self.piece_size,
+                                since=self.clock.now)
             self._read(host)
 
     def _read(self, host: Host) -> None:

@@ -21,7 +21,9 @@ rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), half the wi
 (`spread_share`) is asked as a run from a start drawn between the in-order window's end and the
 horizon (`spread_pieces`), the other half in order. It is topped up (to the whole share) only
 when the in-order half is refilled, in the same turn, so both ride one schedule call. A slow
-read (the origin-bound lab) never reaches two windows and reads in order as before.
+read (the origin-bound lab) never reaches two windows and reads in order as before. A peer
+with an IDC label reads in order (`spreads`): a spread piece nobody holds yet is leased to
+whoever draws it, in any IDC, and crosses back into the origin's (bench.sim idc3).
 
 Positions are indices into the read's pieces (for a whole-blob read, the pieces themselves).
 """
@@ -44,11 +46,22 @@ Draw = Callable[[int], int]  # randrange(n): where a read's far cursor starts
 # HORIZON_SECONDS, at most HORIZON_WINDOWS windows; under two windows, no spread share.
 HORIZON_SECONDS = 2.0
 HORIZON_WINDOWS = 4
-# Off by default (stop 25): bench.sim kraken 50 1.948x -> 1.235x p50, but idc3 sent 2.73x the
-# blob across IDCs (2.00x off; target <= 2.2x), die1's p99 was 1.44x base's (a child of the dead
-# host waits STALL_SECONDS on its piece, the swarm no longer hides it), and bench.fleet --store
-# redis was not shown level. `python -m bench.sim --experiment spread`, `bench.fleet --spread`.
-SPREAD = False  # whole reads draw a spread share once fast (False: in order, as before)
+# On since stop 26: bench.sim kraken 50 1.948x -> 1.235x p50 (1.954x -> 1.302x p99). Off in
+# stop 25 for idc3 (2.73x the blob across IDCs: a peer with an IDC label no longer spreads,
+# `spreads`) and die1 (p99 1.44x base's: a child of the dead host waited STALL_SECONDS with its
+# read blocked; now its `Patience`, peer/parents.py: 1.06x). `python -m bench.sim --experiment
+# no-spread` (or `spread`) and `bench.fleet --spread` set it in one process.
+SPREAD = True  # whole reads draw a spread share once fast (False: in order, as before)
+
+
+def spreads(whole: bool, idc: str) -> bool:
+    """Whether a read may draw a spread share: a whole-blob read of a peer without an IDC
+    label. Labelled, each spread piece nobody held yet was leased to the peer that drew it,
+    whatever its IDC, and so crossed from the origin into that IDC and back into the origin's
+    (bench.sim idc3 60 hosts: 2.73x the blob across IDCs, 2.00x in order; target <= 2.2x).
+    Neither the scheduler nor the peer knows the origin's IDC: the scheduler spreads no leases
+    for a labelled requester either (scheduler/state.py `_lease_room`)."""
+    return whole and not idc
 
 
 def horizon(window: int, rate: float, piece_size: int) -> int:

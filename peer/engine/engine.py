@@ -59,7 +59,8 @@ class Engine:
                  origin: OriginSource, parents: ChunkSource, metrics: PeerMetrics,
                  verify_on_serve: bool = True, piece_size: int | None = None,
                  prefetch: bool = True, disk_quota: int | None = None,
-                 clock: Clock | None = None, rng: RandomSource | None = None) -> None:
+                 clock: Clock | None = None, rng: RandomSource | None = None,
+                 idc: str = "") -> None:
         self.peer_id = peer_id
         self.store = store
         self.scheduler = scheduler
@@ -80,7 +81,7 @@ class Engine:
                                  self.clock)
         self.reader = Reader(store, self.storage, self.sealer, origin, metrics, self._ensure,
                              self._update_active, self.tasks, self.clock,
-                             verify_on_serve=verify_on_serve, prefetch=prefetch)
+                             verify_on_serve=verify_on_serve, prefetch=prefetch, idc=idc)
 
     async def close(self) -> None:
         await self.tasks.close()

@@ -29,7 +29,7 @@ from common.metrics import PeerMetrics
 from common.pieces import MiB
 from common.ranges import ByteRange
 from common.tasks import TaskSet, consume_exception
-from peer.engine.ask_plan import AskPlan, ahead_priority
+from peer.engine.ask_plan import AskPlan, ahead_priority, spreads
 from peer.engine.origin import READ_SIZE
 from peer.engine.run import BlobCorrupt, PieceUnavailable, Plan, TaskRun
 from peer.engine.sealing import Sealer, Sha256
@@ -111,8 +111,9 @@ class Reader:
     def __init__(self, store: ChunkStore, storage: Storage, sealer: Sealer,
                  origin: OriginSource, metrics: PeerMetrics, ensure: Ensure,
                  on_activity: Callable[[], None], tasks: TaskSet, clock: Clock,
-                 verify_on_serve: bool = True, prefetch: bool = True) -> None:
+                 verify_on_serve: bool = True, prefetch: bool = True, idc: str = "") -> None:
         self.store = store
+        self.idc = idc  # this peer's IDC label: none, and whole reads may spread (ask_plan.py)
         self.storage = storage
         self.sealer = sealer
         self.origin = origin
@@ -242,7 +243,8 @@ class Reader:
         # What to ask for and when (ask_plan.py): the window in order, a whole read's far
         # share (pieces[m] is piece m) from a cursor drawn per read, topped up as they arrive.
         # A fast whole read also draws half its window ahead (the spread share), at its rate.
-        plan = AskPlan(len(pieces), window, far, self.rng.randrange, spread=whole,
+        plan = AskPlan(len(pieces), window, far, self.rng.randrange,
+                       spread=spreads(whole, self.idc),
                        piece_size=size, since=self.clock.monotonic())
 
         def top_up() -> None:

@@ -5,8 +5,9 @@ at most the parent's window (its per-address upload slots, from WELCOME) in flig
 once: a request beyond waits up to WINDOW_PATIENCE, then is `busy` without a round trip, as
 the parent itself would have answered. Each answer is received straight into a buffer of the
 piece's size (`asyncio.BufferedProtocol`: recv_into, no joins), reused once nothing refers to
-it any more (peer/p2p/buffers.py). No byte for the stall timeout
-while requests are pending fails them `slow` and drops the connection; a connection that dies
+it any more (peer/p2p/buffers.py). No byte for the stall timeout (peer/parents.py `Patience`,
+shared with the HTTP path's) while requests are pending fails them `slow` and drops the
+connection; a connection that dies
 fails only the requests in flight on it (`failed`), and the next request dials again.
 """
 
@@ -25,7 +26,7 @@ from common.log import request_id as current_request_id
 from common.models import split_hostport
 from peer.p2p import frames
 from peer.p2p.buffers import Buffers
-from peer.parents import STALL_SECONDS, ParentError, unpack
+from peer.parents import STALL_SECONDS, ParentError, Patience, unpack
 
 log = logging.getLogger("naiad.peer.parents")
 PACED_RECEIVE = 64 << 10  # the most one receive takes under --download-rate
@@ -231,7 +232,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _arm(self) -> None:
         if self._stall is None:
-            self._stall = self.loop.call_later(self.pool.stall_seconds, self._check)
+            self._stall = self.loop.call_later(self.pool.patience.seconds(self.loop.time()),
+                                               self._check)
 
     def _disarm(self) -> None:
         if self._stall is not None:
@@ -242,12 +244,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._stall = None
         if not self.pending:
             return
-        quiet = self.loop.time() - self.last
-        if not self.paused and quiet >= self.pool.stall_seconds:
+        now = self.loop.time()
+        quiet, patience = now - self.last, self.pool.patience.seconds(now)
+        if not self.paused and quiet >= patience:
             self._fail(ParentError("slow", f"{self.pool.addr} stalled"))
             return
-        self._stall = self.loop.call_later(
-            max(0.01, self.pool.stall_seconds - quiet), self._check)
+        self._stall = self.loop.call_later(max(0.01, patience - quiet), self._check)
 
     def _resume(self) -> None:
         self.paused = False
@@ -263,7 +265,7 @@ class _Pool:
     tls: ssl.SSLContext | None
     compress: bool
     rate: TokenBucket | None
-    stall_seconds: float
+    patience: Patience
     buffers: Buffers
     limit: int = CONNECTIONS
     connections: list[_Connection] = field(default_factory=list)
@@ -291,7 +293,9 @@ class _Pool:
                 raise
             finally:
                 self.window.release()  # a window resized meanwhile carries the count over
-            return await _answer(self.addr, size, status, encoding, data)
+            piece = await _answer(self.addr, size, status, encoding, data)
+            self.patience.received(size, asyncio.get_running_loop().time())
+            return piece
         raise AssertionError("unreachable")
 
     async def _connection(self) -> _Connection:
@@ -307,8 +311,9 @@ class _Pool:
         tls = self.addr.startswith("https://")
         loop = asyncio.get_running_loop()
         connection: _Connection | None = None
+        patience = self.patience.seconds(loop.time())
         try:
-            async with asyncio.timeout(self.stall_seconds):
+            async with asyncio.timeout(patience):
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self), host, port,
                     ssl=(self.tls or ssl.create_default_context()) if tls else None,
@@ -321,7 +326,7 @@ class _Pool:
                 connection.close()
             if isinstance(e, TimeoutError):
                 raise ParentError("slow", f"{self.addr}: no WELCOME in "
-                                          f"{self.stall_seconds:.0f} s") from e
+                                          f"{patience:.2f} s") from e
             if isinstance(e, OSError):  # refused, reset, TLS refused (SSLError is an OSError)
                 raise ParentError("failed", f"{self.addr}: {e!r}") from e
             raise
@@ -366,9 +371,10 @@ class FramedClient:
 
     def __init__(self, secret: bytes | None = None, stall_seconds: float = STALL_SECONDS,
                  compress: bool = True, rate: TokenBucket | None = None,
-                 tls: ssl.SSLContext | None = None, connections: int = CONNECTIONS) -> None:
+                 tls: ssl.SSLContext | None = None, connections: int = CONNECTIONS,
+                 patience: Patience | None = None) -> None:
         self.secret = secret
-        self.stall_seconds = stall_seconds
+        self.patience = patience if patience is not None else Patience(stall_seconds)
         self.compress = compress
         self.rate = rate  # --download-rate: shared with the HTTP path's
         self.tls = tls
@@ -380,7 +386,7 @@ class FramedClient:
         pool = self._pools.get(addr)
         if pool is None:
             pool = self._pools[addr] = _Pool(addr, self.secret, self.tls, self.compress,
-                                             self.rate, self.stall_seconds, self.buffers,
+                                             self.rate, self.patience, self.buffers,
                                              self.connections)
         return await pool.fetch(chunk, size, priority)
 
