@@ -34,6 +34,7 @@ from scheduler.state import (
     PARENTS_PER_PIECE,
     PENALTY_SECONDS,
     RESET_EVERY,
+    SUSPECT_LEASE_QUIET,
     Children,
     ClusterState,
     Conflict,
@@ -359,6 +360,29 @@ def test_a_claim_deferred_under_a_lease_that_lapses_is_recorded_on_retry(c: Clus
 
 
 # --- schedule: origin leases ------------------------------------------------------------------
+
+def test_a_lease_of_a_holder_reported_down_lapses_without_its_progress(c: Cluster) -> None:
+    """A child found the lease holder down or silent (a penalty): once the lease's progress is
+    SUSPECT_LEASE_QUIET old it is taken over, not after the whole lease timeout; a holder
+    falsely reported that still reports progress keeps it."""
+    assert SUSPECT_LEASE_QUIET < LEASE
+    assert c.one("A", 0, 0.0).action == "source"
+    assert c.one("C", 1, 0.0).action == "source"
+    c.report("B", "A", "failed", 0.1)
+    c.report("B", "C", "slow", 0.1)
+    c.announce("C", {}, 0.5, progress=[c.s.tasks[TASK].leases[1].epoch])  # C is alive
+    assert c.one("D", 0, SUSPECT_LEASE_QUIET - 0.01).action == "wait"
+    later = SUSPECT_LEASE_QUIET + 0.01
+    taken = c.one("D", 0, later)
+    assert (taken.action, taken.reason) == ("source", "lease-expired")
+    assert c.one("D", 1, later).action == "wait"  # C's progress is 0.26 s old
+
+
+def test_a_lease_of_a_holder_not_reported_lasts_the_lease_timeout(c: Cluster) -> None:
+    assert c.one("A", 0, 0.0).action == "source"
+    assert c.one("D", 0, LEASE - 0.01).action == "wait"
+    assert c.one("D", 0, LEASE + 0.01).reason == "lease-expired"
+
 
 def test_first_requester_gets_a_source_lease_over_a_run(c: Cluster) -> None:
     ds = c.schedule("A", range(6), 0.0)
