@@ -101,9 +101,11 @@ class Rules:
         self.ready: set[int] = set()
         self.asked: list[tuple[int, ...]] = []
 
-    async def decide(self, req: ScheduleRequest) -> list[Decision]:
-        self.asked.append(tuple(req.pieces))
-        return [_d(i, "source" if i in self.ready else "wait") for i in req.pieces]
+    async def decide(self, req: ScheduleRequest,
+                     pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        asked = tuple(req.pieces if pieces is None else pieces)
+        self.asked.append(asked)
+        return [_d(i, "source" if i in self.ready else "wait") for i in asked]
 
 
 async def _in_parts(waiters: Waiters, rules: Rules, pieces: list[int], wait_ms: int,

@@ -135,11 +135,13 @@ class Rules:
         self.asked: list[tuple[str, tuple[int, ...]]] = []
         self.changed = asyncio.Event()
 
-    async def decide(self, req: ScheduleRequest) -> list[Decision]:
-        self.asked.append((req.peer_id, tuple(req.pieces)))
+    async def decide(self, req: ScheduleRequest,
+                     pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        asked = tuple(req.pieces if pieces is None else pieces)
+        self.asked.append((req.peer_id, asked))
         self.changed.set()
         return [Decision(piece=i, action="source" if i in self.ready else "wait")
-                for i in dict.fromkeys(req.pieces)]
+                for i in dict.fromkeys(asked)]
 
     async def asked_by(self, peer: str, n: int) -> list[tuple[int, ...]]:
         """Once `peer` was asked n times, what it was asked."""
@@ -207,15 +209,16 @@ async def test_a_change_while_the_first_decision_is_made_is_not_lost(
     waiters, rules = Waiters(), Rules()
     gate = asyncio.Event()
 
-    async def decide(req: ScheduleRequest) -> list[Decision]:
+    async def decide(req: ScheduleRequest, pieces: tuple[int, ...] | None) -> list[Decision]:
         if not rules.asked:
+            assert pieces is None  # the first decision: the whole request
             waiters.notify(TASK, [2])  # lands while this first decision is being made
             rules.ready.add(2)
             await gate.wait()
             answer = [Decision(piece=i, action="wait") for i in req.pieces]
             rules.asked.append((req.peer_id, tuple(req.pieces)))
             return answer
-        return await rules.decide(req)
+        return await rules.decide(req, pieces)
 
     call = asyncio.create_task(waiters.schedule(
         ScheduleRequest(peer_id="a", task_id=TASK, pieces=[1, 2], wait_ms=5000), decide))
@@ -258,7 +261,7 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
     decided: Counter[str] = Counter()
     all_parked = asyncio.Event()
 
-    async def decide(req: ScheduleRequest) -> list[Decision]:
+    async def decide(req: ScheduleRequest, _: tuple[int, ...] | None) -> list[Decision]:
         decided[req.peer_id] += 1
         if decided.total() == crowd:  # each call decides once and parks
             all_parked.set()
@@ -425,9 +428,10 @@ async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
     decided: Counter[str] = Counter()
     decide = ms._decide
 
-    async def counting(req: ScheduleRequest) -> list[Decision]:
+    async def counting(req: ScheduleRequest,
+                       pieces: tuple[int, ...] | None = None) -> list[Decision]:
         decided[req.peer_id] += 1
-        return await decide(req)
+        return await decide(req, pieces)
 
     monkeypatch.setattr(ms, "_decide", counting)
     calls = []
