@@ -201,6 +201,47 @@ async def test_a_long_poll_ends_with_its_last_answer_at_its_deadline() -> None:
     assert waiters.waiting(TASK) == 0
 
 
+async def test_a_re_decision_names_its_pieces_of_the_request_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken for some of its pieces, a call decides those of its own request (`pieces`), not
+    a copy of the request with only them (a `model_copy` per re-decision and per part)."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    waiters, rules = Waiters(), Rules()
+    req = ScheduleRequest(peer_id="a", task_id=TASK, pieces=[1, 2, 3], wait_ms=5000)
+    seen: list[tuple[ScheduleRequest, tuple[int, ...] | None]] = []
+
+    async def decide(r: ScheduleRequest, pieces: tuple[int, ...] | None) -> list[Decision]:
+        seen.append((r, pieces))
+        return await rules.decide(r, pieces)
+
+    call = asyncio.create_task(waiters.schedule(req, decide))
+    await rules.asked_by("a", 1)
+    rules.ready.add(3)
+    waiters.notify(TASK, [3])
+    assert [d.action for d in await call] == ["wait", "wait", "source"]
+    assert [(r is req, pieces) for r, pieces in seen] == [(True, None), (True, (3,))]
+
+
+async def test_a_call_woken_often_still_answers_at_its_deadline_and_rechecks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wake-ups that change nothing move neither the recheck nor the deadline (one timer per
+    call, not a timeout per wait)."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 0.05)
+    waiters, rules = Waiters(), Rules()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    call = park(waiters, rules, "a", [1, 2], wait_ms=180)
+    while not call.done():
+        waiters.notify(TASK, [2])  # woken for piece 2, which stays `wait`
+        await asyncio.sleep(0.005)
+    took = loop.time() - start
+    assert [d.action for d in call.result()] == ["wait", "wait"]
+    assert 0.17 <= took < 1.0
+    full = [p for who, p in rules.asked if p == (1, 2)]
+    assert 3 <= len(full) <= 5  # the first decision and a recheck every 50 ms of 180
+    assert waiters.waiting(TASK) == 0
+
+
 async def test_a_change_while_the_first_decision_is_made_is_not_lost(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A store whose decide awaits (Redis) may hear of a change meanwhile: the call was
