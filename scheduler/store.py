@@ -155,21 +155,25 @@ class Waiters:
             while True:
                 event.clear()
                 pieces = call.begin(loop.time())
-                if pieces:
+                if part is None:
                     answer = call.decided(await decide(req, None if pieces is whole
-                                                       else pieces))
-                else:
-                    answer = call.answer()
-                if part is not None:
-                    ready = parking.settle(call)
-                    if not call.pieces:  # the last decided: the final answer
-                        return ready
-                    if ready:
-                        part(ready)
-                        answer = call.answer()
-                if done(answer) or loop.time() >= deadline:
-                    parking.leave(call, key, loop.time())
-                    return answer
+                                                       else pieces)) \
+                        if pieces else call.answer()
+                    if done(answer) or loop.time() >= deadline:
+                        parking.leave(call, key, loop.time())
+                        return answer
+                else:  # what is left of the call is `wait`: what was not left in a part
+                    if pieces:
+                        decisions = await decide(req, None if pieces is whole else pieces)
+                        call.merge(decisions)
+                        ready = parking.settle(call, decisions)
+                        if not call.pieces:  # the last decided: the final answer
+                            return ready
+                        if ready:
+                            part(ready)
+                    if loop.time() >= deadline:
+                        parking.leave(call, key, loop.time())
+                        return call.answer()
                 if self._watch is not None and not watching:
                     watching = True
                     await self._watch(req.task_id)
