@@ -228,6 +228,21 @@ class ScheduleReply(Model):
                                             description="the answer to `announce`")
 
 
+_DECISION_JSON = Decision.__pydantic_serializer__.to_json
+
+
+def schedule_reply_json(decisions: list[Decision], announced: AnnounceReply | None = None
+                        ) -> bytes:
+    """`ScheduleReply(decisions=…, announced=…).model_dump_json()`, the same bytes, without
+    building the reply model (which checks every decision again) and its serialisation of the
+    list: each decision serialised by pydantic and joined (~4 -> ~2 us a reply; a fleet
+    replica sends one per part and per call)."""
+    body = b'{"decisions":[' + b",".join([_DECISION_JSON(d) for d in decisions]) + b"]"
+    if announced is not None:
+        body += b',"announced":' + announced.__pydantic_serializer__.to_json(announced)
+    return body + b"}"
+
+
 class Report(Model):
     peer_id: PeerId
     parent_id: PeerId

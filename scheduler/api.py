@@ -38,12 +38,12 @@ from common.models import (
     PreheatRequest,
     RegisterReply,
     Report,
-    ScheduleReply,
     ScheduleRequest,
     TaskRequest,
     Withdraw,
     Work,
     WorkItem,
+    schedule_reply_json,
     split_hostport,
 )
 from common.pieces import PieceLayout
@@ -302,7 +302,7 @@ class SchedulerAPI:
         granted = sum(1 for d in decisions if d.action == "source" and d.first == d.piece)
         if granted:
             self.metrics.back_to_source.inc(granted)
-        return _encoded(ScheduleReply(decisions=decisions, announced=announced))
+        return schedule_reply_json(decisions, announced)
 
     async def report_core(self, _: str | None, body: bytes, __: str | None) -> bytes:
         await self._call(self.store.report(parse_json(body, Report)))

@@ -103,10 +103,15 @@ class Parked:
     def decided(self, decisions: Iterable[Decision]) -> list[Decision]:
         """Merge the decisions of the pieces `begin` named: the call's whole answer, in its
         order, the other pieces as last decided."""
+        self.merge(decisions)
+        return self.answer()
+
+    def merge(self, decisions: Iterable[Decision]) -> None:
+        """Merge the decisions of the pieces `begin` named, without the answer (a call
+        answered in parts: `Parking.settle`)."""
         last = self._last
         for d in decisions:
             last[d.piece] = d
-        return self.answer()
 
     def answer(self) -> list[Decision]:
         """The call's answer as last decided."""
@@ -203,12 +208,19 @@ class Parking:
         del self._calls[call]
         self._unindex(call)
 
-    def settle(self, call: Parked) -> list[Decision]:
+    def settle(self, call: Parked, decided: Iterable[Decision] | None = None
+               ) -> list[Decision]:
         """A call answered in parts: its pieces last decided other than `wait`, in its order,
-        which leave it (they are answered now); it stays parked, in its place, for the rest."""
+        which leave it (they are answered now); it stays parked, in its place, for the rest.
+        `decided`: the decisions just merged (`Parked.merge`), in the call's order, when
+        every piece left was `wait` before them: only those are looked at, not every piece
+        of the call on every decision."""
         last = call._last
-        ready = [d for i in call.pieces if (d := last.get(i)) is not None
-                 and d.action != "wait"]
+        if decided is None:
+            ready = [d for i in call.pieces if (d := last.get(i)) is not None
+                     and d.action != "wait"]
+        else:
+            ready = [d for d in decided if d.action != "wait" and last.get(d.piece) is d]
         if not ready:
             return ready
         gone = {d.piece for d in ready}

@@ -92,6 +92,25 @@ def test_a_call_in_parts_lets_its_decided_pieces_go_and_stays_parked_for_the_res
     assert call.begin(0.6) == (1,)  # a full decision is of the pieces left
 
 
+def test_settling_the_decisions_just_merged_lets_the_same_pieces_go() -> None:
+    """The driver settles only what it just decided (`settle(call, decided)`): the same
+    pieces, in the same order, as looking at every piece of the call."""
+    for decided in ([_d(1, "source"), _d(3, "parents"), _d(4, "wait")], [_d(4, "wait")]):
+        sides = []
+        for given in (False, True):
+            parking = Parking()
+            call = Parked([1, 3, 4, 5], recheck=0.25)
+            parking.park(call)
+            call.begin(0.0)
+            call.decided([_d(i, "wait") for i in call.pieces])
+            call.merge(decided)
+            ready = parking.settle(call, decided if given else None)
+            sides.append(([(d.piece, d.action) for d in ready], call.pieces,
+                          [d.piece for d in call.answer()]))
+        assert sides[0] == sides[1]
+    assert sides[0][1] == (1, 3, 4, 5)  # the last round: nothing but a wait, nothing left
+
+
 # -- Waiters with a sink: the long poll's driver -------------------------------------------------
 
 class Rules:
@@ -101,9 +120,11 @@ class Rules:
         self.ready: set[int] = set()
         self.asked: list[tuple[int, ...]] = []
 
-    async def decide(self, req: ScheduleRequest) -> list[Decision]:
-        self.asked.append(tuple(req.pieces))
-        return [_d(i, "source" if i in self.ready else "wait") for i in req.pieces]
+    async def decide(self, req: ScheduleRequest,
+                     pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        asked = tuple(req.pieces if pieces is None else pieces)
+        self.asked.append(asked)
+        return [_d(i, "source" if i in self.ready else "wait") for i in asked]
 
 
 async def _in_parts(waiters: Waiters, rules: Rules, pieces: list[int], wait_ms: int,

@@ -826,9 +826,10 @@ async def test_an_announcement_on_one_replica_wakes_only_the_polls_for_its_piece
     decided: list[list[int]] = []
     real = b._decide
 
-    async def counting(req: ScheduleRequest) -> list[Decision]:
-        decided.append(list(req.pieces))
-        return await real(req)
+    async def counting(req: ScheduleRequest,
+                       pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        decided.append(list(req.pieces if pieces is None else pieces))
+        return await real(req, pieces)
     b._decide = counting  # type: ignore[method-assign]
     on3 = asyncio.create_task(schedule(b, "B", [3], wait_ms=20_000))
     await _parked(b)

@@ -135,11 +135,13 @@ class Rules:
         self.asked: list[tuple[str, tuple[int, ...]]] = []
         self.changed = asyncio.Event()
 
-    async def decide(self, req: ScheduleRequest) -> list[Decision]:
-        self.asked.append((req.peer_id, tuple(req.pieces)))
+    async def decide(self, req: ScheduleRequest,
+                     pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        asked = tuple(req.pieces if pieces is None else pieces)
+        self.asked.append((req.peer_id, asked))
         self.changed.set()
         return [Decision(piece=i, action="source" if i in self.ready else "wait")
-                for i in dict.fromkeys(req.pieces)]
+                for i in dict.fromkeys(asked)]
 
     async def asked_by(self, peer: str, n: int) -> list[tuple[int, ...]]:
         """Once `peer` was asked n times, what it was asked."""
@@ -199,6 +201,47 @@ async def test_a_long_poll_ends_with_its_last_answer_at_its_deadline() -> None:
     assert waiters.waiting(TASK) == 0
 
 
+async def test_a_re_decision_names_its_pieces_of_the_request_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken for some of its pieces, a call decides those of its own request (`pieces`), not
+    a copy of the request with only them (a `model_copy` per re-decision and per part)."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 60.0)
+    waiters, rules = Waiters(), Rules()
+    req = ScheduleRequest(peer_id="a", task_id=TASK, pieces=[1, 2, 3], wait_ms=5000)
+    seen: list[tuple[ScheduleRequest, tuple[int, ...] | None]] = []
+
+    async def decide(r: ScheduleRequest, pieces: tuple[int, ...] | None) -> list[Decision]:
+        seen.append((r, pieces))
+        return await rules.decide(r, pieces)
+
+    call = asyncio.create_task(waiters.schedule(req, decide))
+    await rules.asked_by("a", 1)
+    rules.ready.add(3)
+    waiters.notify(TASK, [3])
+    assert [d.action for d in await call] == ["wait", "wait", "source"]
+    assert [(r is req, pieces) for r, pieces in seen] == [(True, None), (True, (3,))]
+
+
+async def test_a_call_woken_often_still_answers_at_its_deadline_and_rechecks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wake-ups that change nothing move neither the recheck nor the deadline (one timer per
+    call, not a timeout per wait)."""
+    monkeypatch.setattr(store, "RECHECK_SECONDS", 0.05)
+    waiters, rules = Waiters(), Rules()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    call = park(waiters, rules, "a", [1, 2], wait_ms=180)
+    while not call.done():
+        waiters.notify(TASK, [2])  # woken for piece 2, which stays `wait`
+        await asyncio.sleep(0.005)
+    took = loop.time() - start
+    assert [d.action for d in call.result()] == ["wait", "wait"]
+    assert 0.17 <= took < 1.0
+    full = [p for who, p in rules.asked if p == (1, 2)]
+    assert 3 <= len(full) <= 5  # the first decision and a recheck every 50 ms of 180
+    assert waiters.waiting(TASK) == 0
+
+
 async def test_a_change_while_the_first_decision_is_made_is_not_lost(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A store whose decide awaits (Redis) may hear of a change meanwhile: the call was
@@ -207,15 +250,16 @@ async def test_a_change_while_the_first_decision_is_made_is_not_lost(
     waiters, rules = Waiters(), Rules()
     gate = asyncio.Event()
 
-    async def decide(req: ScheduleRequest) -> list[Decision]:
+    async def decide(req: ScheduleRequest, pieces: tuple[int, ...] | None) -> list[Decision]:
         if not rules.asked:
+            assert pieces is None  # the first decision: the whole request
             waiters.notify(TASK, [2])  # lands while this first decision is being made
             rules.ready.add(2)
             await gate.wait()
             answer = [Decision(piece=i, action="wait") for i in req.pieces]
             rules.asked.append((req.peer_id, tuple(req.pieces)))
             return answer
-        return await rules.decide(req)
+        return await rules.decide(req, pieces)
 
     call = asyncio.create_task(waiters.schedule(
         ScheduleRequest(peer_id="a", task_id=TASK, pieces=[1, 2], wait_ms=5000), decide))
@@ -258,7 +302,7 @@ async def test_an_announcement_wakes_a_few_of_a_crowd_oldest_first(
     decided: Counter[str] = Counter()
     all_parked = asyncio.Event()
 
-    async def decide(req: ScheduleRequest) -> list[Decision]:
+    async def decide(req: ScheduleRequest, _: tuple[int, ...] | None) -> list[Decision]:
         decided[req.peer_id] += 1
         if decided.total() == crowd:  # each call decides once and parks
             all_parked.set()
@@ -425,9 +469,10 @@ async def test_the_memory_store_wakes_the_calls_an_announcement_has_room_for(
     decided: Counter[str] = Counter()
     decide = ms._decide
 
-    async def counting(req: ScheduleRequest) -> list[Decision]:
+    async def counting(req: ScheduleRequest,
+                       pieces: tuple[int, ...] | None = None) -> list[Decision]:
         decided[req.peer_id] += 1
-        return await decide(req)
+        return await decide(req, pieces)
 
     monkeypatch.setattr(ms, "_decide", counting)
     calls = []

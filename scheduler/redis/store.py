@@ -546,14 +546,17 @@ class RedisStore:
     async def schedule(self, req: ScheduleRequest) -> list[Decision]:
         return await self.waiters.schedule(req, self._decide)
 
-    async def _decide(self, req: ScheduleRequest) -> list[Decision]:
-        return (await self._decide_with(None, req))[1]
+    async def _decide(self, req: ScheduleRequest,
+                      pieces: tuple[int, ...] | None = None) -> list[Decision]:
+        return (await self._decide_with(None, req, pieces))[1]
 
-    async def _decide_with(self, ann: Announce | None, req: ScheduleRequest
+    async def _decide_with(self, ann: Announce | None, req: ScheduleRequest,
+                           pieces: tuple[int, ...] | None = None
                            ) -> tuple[AnnounceReply | None, list[Decision]]:
-        """A schedule call's decision, and with `ann` the claims riding it recorded first
-        (the order the API's two calls had): one plan reads for both rules, one write."""
-        wanted = list(dict.fromkeys(req.pieces))
+        """A schedule call's decision (of `pieces` of it, a parked call's re-decision, when
+        given), and with `ann` the claims riding it recorded first (the order the API's two
+        calls had): one plan reads for both rules, one write."""
+        wanted = list(dict.fromkeys(req.pieces if pieces is None else pieces))
         claimed = [] if ann is None else [c.index for c in ann.pieces]
         widen = _Widen()
 
@@ -569,7 +572,7 @@ class RedisStore:
 
         def rule(w: World) -> tuple[AnnounceReply | None, list[Decision]]:
             reply = None if ann is None else w.state.announce(ann, w.now)
-            return reply, w.state.schedule(req, w.now)
+            return reply, w.state.schedule(req, w.now, wanted)
         wake, pieces = (None, None) if ann is None else _woken(ann)
         return await self._transact(plan, rule, lock=req.task_id, actor=req.peer_id,
                                     wake=wake, pieces=pieces, widen=widen)
@@ -621,10 +624,11 @@ class RedisStore:
             return reply, await self.schedule(req)
         replies: list[AnnounceReply] = []
 
-        async def decide(r: ScheduleRequest) -> list[Decision]:
+        async def decide(r: ScheduleRequest, pieces: tuple[int, ...] | None
+                         ) -> list[Decision]:
             if replies:
-                return await self._decide(r)
-            reply, decisions = await self._decide_with(ann, r)
+                return await self._decide(r, pieces)
+            reply, decisions = await self._decide_with(ann, r, pieces)
             assert reply is not None
             replies.append(reply)
             return decisions
