@@ -110,7 +110,8 @@ SCHEDULER_OPTIONS = [
            "--allow-registry); none: preheat is refused", repeat=True, metavar="URL"),
     Option("heartbeat_interval", 2.0, "seconds between peer heartbeats; 3 missed expire a peer",
            type=float, metavar="SECONDS", above=0),
-    Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over",
+    Option("lease_timeout", 2.0, "seconds without progress before an origin lease is taken over "
+           "(0.75 once a child reported its holder)",
            type=float, metavar="SECONDS", above=0),
     Option("redis", None, "Redis URL for state shared by scheduler replicas",
            type=_url("redis", "rediss", "unix"), metavar="URL"),
