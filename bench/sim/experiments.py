@@ -55,6 +55,18 @@ def spread() -> None:
     ask_plan.SPREAD = True
 
 
+def no_spread_idc() -> None:
+    """Hosts with an IDC label read in order (ask_plan.py SPREAD_IDC off: P6's rule), those
+    without keep the spread share."""
+    ask_plan.SPREAD_IDC = False
+
+
+def lease_any_idc() -> None:
+    """Origin leases in every IDC at once (scheduler.state.LEASE_IDC off): a requester with an
+    IDC label leases what nobody holds whichever IDC leases too."""
+    scheduler.state.LEASE_IDC = False
+
+
 def near_quarter() -> None:
     """A quarter of the window in order and the rest far (23a5b0a), in place of the whole
     window in order and three quarters of one far (reader.py)."""
@@ -134,6 +146,8 @@ EXPERIMENTS = {
     "in-order": in_order,
     "no-spread": no_spread,
     "spread": spread,
+    "no-spread-idc": no_spread_idc,
+    "lease-any-idc": lease_any_idc,
     "near-quarter": near_quarter,
     "far-rarest": far_rarest,
 }
