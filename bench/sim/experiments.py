@@ -55,10 +55,11 @@ def spread() -> None:
     ask_plan.SPREAD = True
 
 
-def no_spread_idc() -> None:
-    """Hosts with an IDC label read in order (ask_plan.py SPREAD_IDC off: P6's rule), those
-    without keep the spread share."""
-    ask_plan.SPREAD_IDC = False
+def spread_idc() -> None:
+    """Hosts with an IDC label draw the spread share too (ask_plan.py SPREAD_IDC, off by
+    default), the scheduler keeping the task's leases in one IDC (LEASE_IDC)."""
+    spread()
+    ask_plan.SPREAD_IDC = True
 
 
 def lease_any_idc() -> None:
@@ -146,7 +147,7 @@ EXPERIMENTS = {
     "in-order": in_order,
     "no-spread": no_spread,
     "spread": spread,
-    "no-spread-idc": no_spread_idc,
+    "spread-idc": spread_idc,
     "lease-any-idc": lease_any_idc,
     "near-quarter": near_quarter,
     "far-rarest": far_rarest,
