@@ -66,6 +66,14 @@ MAX_LEASE_BYTES = 64 * MiB
 # downlink (bench.sim kraken: 300 MB/s of a 10 Gbit/s origin), and each piece then spread from
 # that one holder while every host wanted the same next ones. 0: whole runs (off).
 LEASE_SPREAD = 4
+# A task's origin leases stay in one IDC at a time: a requester with an IDC label leases no
+# piece while a peer of another IDC holds a live lease of the task, and waits (`lease-idc`)
+# for that IDC's copy instead. Each piece leased outside the origin's IDC crosses into the
+# origin's and into every other; with leases in every IDC in turn (a whole read's spread
+# share, ask_plan.py) bench.sim idc3 60 hosts sent 2.66x the blob across IDCs, 2.00x with
+# them kept in one. Nobody knows the origin's IDC: the one leasing first keeps it while it
+# leases, as in-order reads kept it anyway. False: every IDC leases (an experiment).
+LEASE_IDC = True
 # A lease whose holder is under a penalty (a child reported it) lapses once its progress is
 # older than this: a holder's engine reports progress every 0.5 s (peer/engine/origin.py
 # PROGRESS_EVERY), coalesced by its outbox for up to ~30 ms, so a live holder falsely reported
@@ -750,6 +758,7 @@ class ClusterState:
         sourced = False  # a source decision is in `decisions`
         spread: int | None = None  # leased pieces the requester may still take (None: unbounded)
         counted = False
+        elsewhere = False  # a peer of another IDC than the requester's holds a live lease
         for index in wanted:
             piece = task.pieces.get(index)
             parents = self._parents(task, piece, requester, exclude, now)
@@ -770,10 +779,11 @@ class ClusterState:
                 continue
             if not counted:
                 counted = True
-                spread = self._lease_room(task, requester, max_run, now)
+                elsewhere = self._leased_elsewhere(task, requester, now)
+                spread = 0 if elsewhere else self._lease_room(task, requester, max_run, now)
             if spread is not None:
                 if spread <= 0:
-                    decisions.append(_wait(index, "lease-spread"))
+                    decisions.append(_wait(index, "lease-idc" if elsewhere else "lease-spread"))
                     continue
                 spread -= 1
             if grant is not None and grant.last == index - 1 \
@@ -819,7 +829,8 @@ class ClusterState:
         lease, with LEASE_SPREAD 0, and for a requester with an IDC label: spread leases went
         to hosts of every IDC in turn, and each piece leased outside the origin's IDC crossed
         back into it (bench.sim idc3, 60 hosts: 2.00x -> 2.47x the blob across IDCs); the
-        scheduler does not know which IDC the origin is in."""
+        scheduler does not know which IDC the origin is in. (A labelled requester leases
+        nothing at all while another IDC leases: `_leased_elsewhere`.)"""
         if not LEASE_SPREAD or requester.reg.idc:
             return None
         mine, leasing, best = 0, False, 0.0
@@ -841,6 +852,19 @@ class ClusterState:
             # bench.sim lab16 --slow 0.25, p99 6.6x the bound).
             return 0
         return max(1, max_run // LEASE_SPREAD) - mine
+
+    def _leased_elsewhere(self, task: TaskState, requester: PeerState, now: float) -> bool:
+        """Whether a peer of another IDC label than `requester`'s holds a live lease of `task`
+        (LEASE_IDC): then `requester` leases nothing, and waits for that IDC's copy. Never for
+        a requester without a label, nor beside a holder without one (nothing is known of
+        where either is)."""
+        idc = requester.reg.idc
+        if not LEASE_IDC or not idc:
+            return False
+        idc_of = self.idc_of
+        return any(lease.holder != requester.id and (other := idc_of(lease.holder))
+                   and other != idc and self._lease_live(lease, now)
+                   for lease in _unique(task.leases.values()))
 
     def _lease_live(self, lease: Lease, now: float) -> bool:
         holder = self.peers.get(lease.holder)

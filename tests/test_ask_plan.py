@@ -237,9 +237,13 @@ def test_with_nothing_left_to_draw_the_whole_window_is_in_order_again() -> None:
     assert list(plan.reached(21)) == list(range(28, 37)), "16 in order again"
 
 
-def test_only_a_whole_read_of_a_peer_without_an_idc_label_spreads() -> None:
-    """A labelled peer's spread pieces were leased in its IDC and crossed back into the
-    origin's (bench.sim idc3: 2.73x the blob across IDCs against 2.00x in order)."""
-    assert spreads(True, "")
-    assert not spreads(True, "idc1")
+def test_a_whole_read_spreads_with_an_idc_label_only_with_spread_idc(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler keeps a task's leases in one IDC (scheduler/state.py LEASE_IDC), so a
+    labelled peer's spread pieces no longer cross back into the origin's IDC; SPREAD_IDC is
+    off by default (the spread's cost on the Redis store)."""
+    assert spreads(True, "") and not spreads(True, "idc1")
     assert not spreads(False, "")
+    monkeypatch.setattr(ask_plan, "SPREAD_IDC", True)
+    assert spreads(True, "") and spreads(True, "idc1")
+    assert not spreads(False, "idc1")

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+import scheduler.state
 from common.models import (
     Announce,
     Decision,
@@ -597,6 +598,50 @@ def test_requesters_with_an_idc_lease_whole_runs() -> None:
     cl = _crowd(idc="east")
     ds = cl.schedule("A", range(1, 1 + MAX_LEASE_PIECES), 1.0)
     assert {d.action for d in ds} == {"source"}
+
+
+def _idcs() -> Cluster:
+    """e1, e2 in east; w1 in west; n1 without a label; a task nobody holds a piece of."""
+    cl = Cluster()
+    for pid, idc in (("e1", "east"), ("e2", "east"), ("w1", "west"), ("n1", "")):
+        cl.peer(pid, idc=idc)
+    cl.task(pieces=4 * MAX_LEASE_PIECES)
+    return cl
+
+
+def test_while_one_idc_leases_a_requester_of_another_waits_for_its_copy() -> None:
+    """LEASE_IDC: each piece leased outside the origin's IDC crosses into it as well as into
+    every other, so a task's leases stay in the IDC that leases: west waits (`lease-idc`)
+    for what nobody holds, east leases on; once east's lease lapses, west leases."""
+    cl = _idcs()
+    assert {d.action for d in cl.schedule("e1", range(4), 0.0)} == {"source"}
+    later = range(MAX_LEASE_PIECES, MAX_LEASE_PIECES + 4)
+    ds = cl.schedule("w1", later, 0.1)
+    assert {(d.action, d.reason) for d in ds} == {("wait", "lease-idc")}
+    assert cl.s.tasks[TASK].leases.keys() == set(range(4))
+    assert {d.action for d in cl.schedule("e2", later, 0.2)} == {"source"}
+    ds = cl.schedule("w1", range(2 * MAX_LEASE_PIECES, 2 * MAX_LEASE_PIECES + 4), 0.2 + LEASE)
+    assert {d.action for d in ds} == {"source"}
+
+
+def test_a_held_piece_still_crosses_and_an_unlabelled_peer_holds_nobody_back() -> None:
+    """Only leases wait: a piece east holds is offered to west (its one crossing); a lease
+    held by a peer without a label, or a requester without one, is not held back."""
+    cl = _idcs()
+    cl.schedule("e1", range(4), 0.0)
+    cl.announce("e1", [0], 0.1)
+    assert cl.one("w1", 0, 0.2).action == "parents"
+    assert cl.one("n1", 8, 0.3).action == "source"  # beside east's live lease
+    cl.s.tasks[TASK].leases.clear()
+    cl.schedule("n1", [9], 0.4)
+    assert cl.one("w1", 10, 0.5).action == "source"  # beside the unlabelled one's
+
+
+def test_lease_idc_off_every_idc_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler.state, "LEASE_IDC", False)
+    cl = _idcs()
+    cl.schedule("e1", range(4), 0.0)
+    assert {d.action for d in cl.schedule("w1", range(8, 12), 0.1)} == {"source"}
 
 
 def test_lease_holder_asking_again_keeps_its_lease(c: Cluster) -> None:

@@ -1133,8 +1133,8 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
 async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harness) -> None:
     """Other peers' live leases: a decision on a piece others hold reads no lease holder's
     record and leaves the leases field unwritten; one on a piece nobody holds, which it may
-    lease beside them (the requester's room), reads them all, unless the requester has an
-    IDC (whose room does not count them)."""
+    lease beside them (the requester's room; with an IDC, unless another IDC leases), reads
+    them all."""
     s = redis_h.store
     assert isinstance(s, RedisStore)
     lessees = [f"L{i}" for i in range(4)]
@@ -1159,11 +1159,28 @@ async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harne
     assert d.action == "source", d
     assert records >= set(lessees), records
     assert any("leases" in o for spec in specs for o in spec["o"]), specs
-    await peer(s, "Q", idc="x")  # a requester with an IDC has no room to count
+    await peer(s, "Q", idc="x")  # a requester with an IDC: whether another IDC leases
     ids[s.keys.peer("Q")] = "Q"
     records.clear()
-    assert (await one(s, "Q", 13)).action == "source"
-    assert records == {"Q"}, records
+    assert (await one(s, "Q", 13)).action == "source"  # the lessees have no IDC label
+    assert records >= {"Q", *lessees}, records
+
+
+async def test_while_one_idc_leases_a_requester_of_another_waits(h: Harness) -> None:
+    """scheduler/state.py LEASE_IDC, in both stores: a labelled requester leases nothing
+    while a peer of another IDC holds a live lease of the task (its pieces would cross back
+    into the origin's IDC), and leases once that lease lapses; one of the same IDC leases."""
+    s = h.store
+    await peer(s, "E1", idc="east")
+    await peer(s, "E2", idc="east")
+    await peer(s, "W", idc="west")
+    await task(s, 16)
+    assert (await one(s, "E1", 0)).action == "source"
+    d = await one(s, "W", 8)
+    assert (d.action, d.reason) == ("wait", "lease-idc"), d
+    assert (await one(s, "E2", 8)).action == "source"
+    h.clock.advance(LEASE + 0.5)  # past the lease timeout, no progress
+    assert (await one(s, "W", 12)).action == "source"
 
 
 def _record_applies(s: RedisStore) -> list[dict]:

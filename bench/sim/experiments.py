@@ -55,6 +55,19 @@ def spread() -> None:
     ask_plan.SPREAD = True
 
 
+def spread_idc() -> None:
+    """Hosts with an IDC label draw the spread share too (ask_plan.py SPREAD_IDC, off by
+    default), the scheduler keeping the task's leases in one IDC (LEASE_IDC)."""
+    spread()
+    ask_plan.SPREAD_IDC = True
+
+
+def lease_any_idc() -> None:
+    """Origin leases in every IDC at once (scheduler.state.LEASE_IDC off): a requester with an
+    IDC label leases what nobody holds whichever IDC leases too."""
+    scheduler.state.LEASE_IDC = False
+
+
 def near_quarter() -> None:
     """A quarter of the window in order and the rest far (23a5b0a), in place of the whole
     window in order and three quarters of one far (reader.py)."""
@@ -134,6 +147,8 @@ EXPERIMENTS = {
     "in-order": in_order,
     "no-spread": no_spread,
     "spread": spread,
+    "spread-idc": spread_idc,
+    "lease-any-idc": lease_any_idc,
     "near-quarter": near_quarter,
     "far-rarest": far_rarest,
 }

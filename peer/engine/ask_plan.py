@@ -22,8 +22,9 @@ rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), half the wi
 horizon (`spread_pieces`), the other half in order. It is topped up (to the whole share) only
 when the in-order half is refilled, in the same turn, so both ride one schedule call. A slow
 read (the origin-bound lab) never reaches two windows and reads in order as before. A peer
-with an IDC label reads in order (`spreads`): a spread piece nobody holds yet is leased to
-whoever draws it, in any IDC, and crosses back into the origin's (bench.sim idc3).
+with an IDC label reads in order unless SPREAD_IDC (`spreads`; off for the spread's cost on
+the Redis store): then the scheduler leases a spread piece nobody holds only within the one
+IDC leasing the task's pieces, so it does not cross back (bench.sim idc3).
 
 Positions are indices into the read's pieces (for a whole-blob read, the pieces themselves).
 """
@@ -54,14 +55,23 @@ HORIZON_WINDOWS = 4
 SPREAD = True  # whole reads draw a spread share once fast (False: in order, as before)
 
 
+# Whether peers with an IDC label spread too. The scheduler keeps a task's origin leases in
+# one IDC at a time (scheduler/state.py LEASE_IDC), so a spread piece nobody holds waits for
+# that IDC's copy rather than being leased in another and crossing back: bench.sim idc3 60
+# 3.76x / 4.37x the bound in order -> 2.91x / 3.48x, 2.00x across both (helper P7, stop 26).
+# Off: bench.fleet --store redis, whose hosts have IDC labels, then fell from 2,330-2,582 to
+# 1,553-1,641 pieces per CPU-second with 4 of 64 pulls done in 30 s (the spread share's cost
+# on Redis, P5's, not the lease rule's). `--experiment spread-idc` (bench.sim) turns it on.
+SPREAD_IDC = False
+
+
 def spreads(whole: bool, idc: str) -> bool:
-    """Whether a read may draw a spread share: a whole-blob read of a peer without an IDC
-    label. Labelled, each spread piece nobody held yet was leased to the peer that drew it,
-    whatever its IDC, and so crossed from the origin into that IDC and back into the origin's
-    (bench.sim idc3 60 hosts: 2.73x the blob across IDCs, 2.00x in order; target <= 2.2x).
-    Neither the scheduler nor the peer knows the origin's IDC: the scheduler spreads no leases
-    for a labelled requester either (scheduler/state.py `_lease_room`)."""
-    return whole and not idc
+    """Whether a read may draw a spread share: a whole-blob read, of a peer with an IDC label
+    only with SPREAD_IDC. Before the scheduler kept a task's leases in one IDC, each spread
+    piece nobody held yet was leased to the peer that drew it, whatever its IDC, and so crossed
+    from the origin into that IDC and back into the origin's (bench.sim idc3 60 hosts: 2.73x
+    the blob across IDCs, 2.00x in order; target <= 2.2x)."""
+    return whole and (SPREAD_IDC or not idc)
 
 
 def horizon(window: int, rate: float, piece_size: int) -> int:

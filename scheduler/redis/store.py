@@ -108,7 +108,7 @@ from scheduler.redis.scripts import (
     closed,
     spawn_or_fail,
 )
-from scheduler.state import LEASE_SPREAD, StateError, Totals, expiry_seconds
+from scheduler.state import LEASE_IDC, LEASE_SPREAD, StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
 from scheduler.waiting import wakes
 
@@ -588,7 +588,8 @@ class RedisStore:
         IDC is in flight). Every lease holder's only when the rule may count the task's live
         leases: for a task nobody holds a piece of (cold, unless a lease is live), or a wanted
         piece nobody holds when the requester's room beside the others' leases counts them
-        (`ClusterState._lease_room`: a requester without an IDC); loading them on every call
+        (`ClusterState._lease_room`: a requester without an IDC; with one, whether a peer of
+        another IDC leases, `_leased_elsewhere`); loading them on every call
         made a call's cost grow with the task's live leases (bench.redis_calls --lessees 1024:
         2.95 ms a call against 0.52 ms without them)."""
         task = dict.get(ld.world.state.tasks, req.task_id)
@@ -601,7 +602,8 @@ class RedisStore:
             weighed = {h for p in pieces for h in ld.sample.choose(p.holders)}
         leases = task.leases
         me = dict.get(ld.world.state.peers, req.peer_id)
-        counts = LEASE_SPREAD and (me is None or not me.reg.idc)  # (_lease_room's own test)
+        # (_lease_room's own test; with an IDC label, whether another IDC leases: LEASE_IDC)
+        counts = LEASE_SPREAD if me is None or not me.reg.idc else LEASE_IDC
         if every or not task.held or (counts and (len(pieces) < len(wanted)
                                                  or not all(p.holders for p in pieces))):
             ld.peers(weighed | {le.holder for le in leases.values()})
