@@ -72,8 +72,12 @@ LEASE_SPREAD = 4
 # origin's and into every other; with leases in every IDC in turn (a whole read's spread
 # share, ask_plan.py) bench.sim idc3 60 hosts sent 2.66x the blob across IDCs, 2.00x with
 # them kept in one. Nobody knows the origin's IDC: the one leasing first keeps it while it
-# leases, as in-order reads kept it anyway. False: every IDC leases (an experiment).
-LEASE_IDC = True
+# leases, as in-order reads kept it anyway. Off by default (stop 26, lead) with the spread
+# share it serves (peer/engine/ask_plan.py SPREAD_IDC): on, a labelled ranged or on-demand
+# reader of a piece the leasing IDC never reads waits until its own stall timeout (1-5 s,
+# peer/engine/acquire.py) while another IDC pulls the task, for no gain while labelled peers
+# read in order. True with `bench.sim --experiment spread-idc`.
+LEASE_IDC = False
 # A lease whose holder is under a penalty (a child reported it) lapses once its progress is
 # older than this: a holder's engine reports progress every 0.5 s (peer/engine/origin.py
 # PROGRESS_EVERY), coalesced by its outbox for up to ~30 ms, so a live holder falsely reported

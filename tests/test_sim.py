@@ -353,6 +353,7 @@ def test_hosts_with_an_idc_label_spread_and_each_piece_enters_each_idc_once(
     monkeypatch.setattr(ask_plan, "SPREAD_IDC", False)
     in_order = run(sc)
     monkeypatch.setattr(ask_plan, "SPREAD_IDC", True)
+    monkeypatch.setattr(scheduler.state, "LEASE_IDC", True)  # what SPREAD_IDC needs
     spread = run(sc)
     assert in_order.cross_idc == spread.cross_idc == pytest.approx(2.0)
     assert max(spread.times) < 0.95 * max(in_order.times)

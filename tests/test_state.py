@@ -129,6 +129,13 @@ def two_children(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def lease_idc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's leases kept in one IDC (LEASE_IDC, off by default, on with SPREAD_IDC)."""
+    import scheduler.state
+    monkeypatch.setattr(scheduler.state, "LEASE_IDC", True)
+
+
+@pytest.fixture
 def one_child(monkeypatch: pytest.MonkeyPatch) -> None:
     """A share of one child per holder (bench.sim's `--children 1`, tried as the default in
     stop 22 and kept at two for its cost in scheduler waits)."""
@@ -609,7 +616,8 @@ def _idcs() -> Cluster:
     return cl
 
 
-def test_while_one_idc_leases_a_requester_of_another_waits_for_its_copy() -> None:
+def test_while_one_idc_leases_a_requester_of_another_waits_for_its_copy(
+        lease_idc: None) -> None:
     """LEASE_IDC: each piece leased outside the origin's IDC crosses into it as well as into
     every other, so a task's leases stay in the IDC that leases: west waits (`lease-idc`)
     for what nobody holds, east leases on; once east's lease lapses, west leases."""
@@ -624,7 +632,8 @@ def test_while_one_idc_leases_a_requester_of_another_waits_for_its_copy() -> Non
     assert {d.action for d in ds} == {"source"}
 
 
-def test_a_held_piece_still_crosses_and_an_unlabelled_peer_holds_nobody_back() -> None:
+def test_a_held_piece_still_crosses_and_an_unlabelled_peer_holds_nobody_back(
+        lease_idc: None) -> None:
     """Only leases wait: a piece east holds is offered to west (its one crossing); a lease
     held by a peer without a label, or a requester without one, is not held back."""
     cl = _idcs()
@@ -637,8 +646,8 @@ def test_a_held_piece_still_crosses_and_an_unlabelled_peer_holds_nobody_back() -
     assert cl.one("w1", 10, 0.5).action == "source"  # beside the unlabelled one's
 
 
-def test_lease_idc_off_every_idc_leases(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler.state, "LEASE_IDC", False)
+def test_lease_idc_off_every_idc_leases() -> None:
+    assert not scheduler.state.LEASE_IDC  # the default since stop 26
     cl = _idcs()
     cl.schedule("e1", range(4), 0.0)
     assert {d.action for d in cl.schedule("w1", range(8, 12), 0.1)} == {"source"}

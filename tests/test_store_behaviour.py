@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+import scheduler.state
 import scheduler.store as store_module
 from common.models import (
     Announce,
@@ -1130,7 +1131,8 @@ async def test_a_decision_reads_a_sample_of_many_holders(redis_h: Harness) -> No
     assert sum(records) > len(crowd), records
 
 
-async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harness) -> None:
+async def test_a_decision_reads_the_leases_of_the_pieces_it_names(
+        redis_h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """Other peers' live leases: a decision on a piece others hold reads no lease holder's
     record and leaves the leases field unwritten; one on a piece nobody holds, which it may
     lease beside them (the requester's room; with an IDC, unless another IDC leases), reads
@@ -1159,17 +1161,23 @@ async def test_a_decision_reads_the_leases_of_the_pieces_it_names(redis_h: Harne
     assert d.action == "source", d
     assert records >= set(lessees), records
     assert any("leases" in o for spec in specs for o in spec["o"]), specs
-    await peer(s, "Q", idc="x")  # a requester with an IDC: whether another IDC leases
+    await peer(s, "Q", idc="x")  # a requester with an IDC: no lease room to count
     ids[s.keys.peer("Q")] = "Q"
     records.clear()
-    assert (await one(s, "Q", 13)).action == "source"  # the lessees have no IDC label
+    assert (await one(s, "Q", 13)).action == "source"
+    assert not records & set(lessees), records
+    monkeypatch.setattr(scheduler.state, "LEASE_IDC", True)  # whether another IDC leases
+    records.clear()
+    assert (await one(s, "Q", 14)).action == "source"  # the lessees have no IDC label
     assert records >= {"Q", *lessees}, records
 
 
-async def test_while_one_idc_leases_a_requester_of_another_waits(h: Harness) -> None:
+async def test_while_one_idc_leases_a_requester_of_another_waits(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """scheduler/state.py LEASE_IDC, in both stores: a labelled requester leases nothing
     while a peer of another IDC holds a live lease of the task (its pieces would cross back
     into the origin's IDC), and leases once that lease lapses; one of the same IDC leases."""
+    monkeypatch.setattr(scheduler.state, "LEASE_IDC", True)  # off by default since stop 26
     s = h.store
     await peer(s, "E1", idc="east")
     await peer(s, "E2", idc="east")

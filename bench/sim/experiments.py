@@ -60,11 +60,13 @@ def spread_idc() -> None:
     default), the scheduler keeping the task's leases in one IDC (LEASE_IDC)."""
     spread()
     ask_plan.SPREAD_IDC = True
+    scheduler.state.LEASE_IDC = True
 
 
 def lease_any_idc() -> None:
-    """Origin leases in every IDC at once (scheduler.state.LEASE_IDC off): a requester with an
-    IDC label leases what nobody holds whichever IDC leases too."""
+    """Origin leases in every IDC at once (scheduler.state.LEASE_IDC off, its default since
+    stop 26) even beside `spread-idc`'s spread: a requester with an IDC label leases what
+    nobody holds whichever IDC leases too."""
     scheduler.state.LEASE_IDC = False
 
 

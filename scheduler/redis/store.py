@@ -80,6 +80,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
+import scheduler.state as rules
 from common.models import (
     Announce,
     AnnounceReply,
@@ -108,7 +109,7 @@ from scheduler.redis.scripts import (
     closed,
     spawn_or_fail,
 )
-from scheduler.state import LEASE_IDC, LEASE_SPREAD, StateError, Totals, expiry_seconds
+from scheduler.state import LEASE_SPREAD, StateError, Totals, expiry_seconds
 from scheduler.store import Waiters
 from scheduler.waiting import wakes
 
@@ -602,8 +603,9 @@ class RedisStore:
             weighed = {h for p in pieces for h in ld.sample.choose(p.holders)}
         leases = task.leases
         me = dict.get(ld.world.state.peers, req.peer_id)
-        # (_lease_room's own test; with an IDC label, whether another IDC leases: LEASE_IDC)
-        counts = LEASE_SPREAD if me is None or not me.reg.idc else LEASE_IDC
+        # (_lease_room's own test; with an IDC label, whether another IDC leases: LEASE_IDC,
+        # read per call: an experiment or a test sets it in the module)
+        counts = LEASE_SPREAD if me is None or not me.reg.idc else rules.LEASE_IDC
         if every or not task.held or (counts and (len(pieces) < len(wanted)
                                                  or not all(p.holders for p in pieces))):
             ld.peers(weighed | {le.holder for le in leases.values()})
