@@ -48,8 +48,10 @@ ANNOUNCE_COALESCE = 0.005
 # (a 4 MiB piece takes 14 ms at 300 MB/s; the read-ahead asks every other piece): what holders
 # others learn of is that much later, against fewer calls per piece. A copy from a peer waits
 # RIDE_WAIT (the swarm holds the piece already: one more holder a little later); the first
-# copy, from the origin, RIDE_WAIT_ORIGIN (every other host waits for it).
-RIDE_WAIT = 0.1
+# copy, from the origin, RIDE_WAIT_ORIGIN (every other host waits for it). Copies from peers
+# waiting 60 or 100 ms halved or thirded the calls sent alone but slowed a fleet's pulls by
+# 8-12 % (docs/benchmarks.md, issue 14, helper T6): kept at 30 ms.
+RIDE_WAIT = 0.03
 RIDE_WAIT_ORIGIN = 0.0
 ORIGIN = "origin"  # a claim's source, as the engine counts its bytes: "origin" or "peer"
 RIDE_RECENT = 0.25  # a task asked about this recently is being read
