@@ -360,7 +360,9 @@ def test_hosts_with_an_idc_label_spread_and_each_piece_enters_each_idc_once(
     monkeypatch.setattr(ask_plan, "SPREAD_IDC", True)
     spread = run(sc)
     assert in_order.cross_idc == spread.cross_idc == pytest.approx(2.0)
-    assert max(spread.times) < 0.95 * max(in_order.times)
+    # 3.41 against 3.53 s with claims riding schedule calls as the outbox says (bench.sim's
+    # outbox since T6); 3.02 against 3.74 s with every claim sent alone
+    assert max(spread.times) < 0.98 * max(in_order.times)
     monkeypatch.setattr(scheduler.state, "LEASE_IDC", False)
     assert run(sc).cross_idc > 2.05
 
