@@ -261,12 +261,13 @@ class Host:
         self.client.sealed(self.task.task_id, REGISTRY)
 
     async def _obtain(self, index: int, batcher: DecisionBatcher, plan: AskPlan) -> None:
-        await batcher.decide(index, frozenset())
+        decision = await batcher.decide(index, frozenset())
         loop = asyncio.get_running_loop()
         self._link_free = max(loop.time(), self._link_free) + self.piece_seconds
         await asyncio.sleep(self._link_free - loop.time())
         plan.arrived(index, self.piece_size)
-        self.client.announce(self.task.task_id, index, chunk_of(index), REGISTRY)
+        self.client.announce(self.task.task_id, index, chunk_of(index), REGISTRY,
+                             "origin" if decision.action == "source" else "peer")
 
 
 class _Clock:

@@ -10,8 +10,11 @@ resolves. A claim it rejects (it conflicts with the map) is dropped.
 A task's queued claims may also leave with the schedule call that asks for its next pieces
 (`lend`: one call instead of two); what the outbox sends of that task meanwhile is only more
 claims, never a withdrawal that could overtake them. While a reader of the task keeps asking
-(a schedule call in the last RIDE_RECENT), its claims wait up to RIDE_WAIT for the next call
-before going alone: a fleet pull's peers then send about one call per piece fewer.
+(a schedule call in the last RIDE_RECENT), its claims wait for the next call before going
+alone: a fleet pull's peers then send about one call per piece fewer. How long is the claim's
+source's (`ride_wait`): a piece fetched from the origin is the first copy, which every other
+host waits for, and goes at once; a copy from a peer (the swarm has holders of it already)
+waits up to RIDE_WAIT.
 """
 
 from __future__ import annotations
@@ -43,8 +46,14 @@ ANNOUNCE_BATCH = 4096
 ANNOUNCE_COALESCE = 0.005
 # Claims of a task being read wait this long for the reader's next schedule call to carry them
 # (a 4 MiB piece takes 14 ms at 300 MB/s; the read-ahead asks every other piece): what holders
-# others learn of is that much later, against half the calls per piece.
+# others learn of is that much later, against fewer calls per piece. A copy from a peer waits
+# RIDE_WAIT (the swarm holds the piece already: one more holder a little later); the first
+# copy, from the origin, RIDE_WAIT_ORIGIN (every other host waits for it). Copies from peers
+# waiting 60 or 100 ms halved or thirded the calls sent alone but slowed a fleet's pulls by
+# 8-12 % (docs/benchmarks.md, issue 14, helper T6): kept at 30 ms.
 RIDE_WAIT = 0.03
+RIDE_WAIT_ORIGIN = 0.0
+ORIGIN = "origin"  # a claim's source, as the engine counts its bytes: "origin" or "peer"
 RIDE_RECENT = 0.25  # a task asked about this recently is being read
 # Deferred claims are announced again after these waits (a lease resolves within seconds: its
 # holder announces, or it lapses after the lease timeout and is taken over), then given up on;
@@ -66,7 +75,7 @@ class _Pending:
     mismatch: bool = False
     withdrawn: set[int] = field(default_factory=set)
     withdrawn_all: bool = False
-    since: float = 0.0  # when the oldest of `pieces` was queued
+    due: float = 0.0  # when the first of `pieces` stops waiting for a schedule call
 
     def withdraw(self, pieces: list[int] | None) -> None:
         if pieces is None:
@@ -92,6 +101,22 @@ class _Deferred:
     sealed: bool
     attempt: int
     due: float
+
+
+def ride_wait(source: str) -> float:
+    """How long a claim of a piece fetched from `source` waits for its reader's next
+    schedule call to carry it."""
+    return RIDE_WAIT_ORIGIN if source == ORIGIN else RIDE_WAIT
+
+
+def ride_ends(due: float, asked: float | None) -> float | None:
+    """Until when queued claims wait for the reader's next schedule call: the earliest of
+    their deadlines (`due`: each claim's `ride_wait` after it was queued), and no longer than
+    RIDE_RECENT after the reader last asked (`asked`); None: nobody reads the task, they do
+    not wait."""
+    if asked is None:
+        return None
+    return min(due, asked + RIDE_RECENT)
 
 
 def announcements(peer_id: str, task_id: str, pieces: dict[int, str], sealed: bool,
@@ -154,16 +179,19 @@ class Outbox:
     # -- what the engine queues ------------------------------------------------------------
 
     def announce(self, task_id: str, index: int, chunk: str,
-                 registry: str | None = None) -> None:
+                 registry: str | None = None, source: str = ORIGIN) -> None:
+        """This peer holds piece `index` of a task now, fetched from `source` ("origin" or
+        "peer": how long the claim may wait for a schedule call, `ride_wait`)."""
         p = self._pending.setdefault(task_id, _Pending())
-        first = not p.pieces
-        if first:
-            p.since = self.clock()
+        due = self.clock() + ride_wait(source)
+        sooner = not p.pieces or due < p.due
+        if sooner:
+            p.due = due
         p.pieces[index] = chunk
         self._registry(task_id, p, registry)
-        # A claim joining others that wait for the reader's next call changes nothing the
-        # sender waits for (their first one's wait ends first): no wake-up per piece.
-        if first or self._ride_ends(task_id, p) is None:
+        # A claim joining others that wait for the reader's next call, no sooner than the
+        # first of them, changes nothing the sender waits for: no wake-up per piece.
+        if sooner or self._ride_ends(task_id, p) is None:
             self._wanted.set()
 
     def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
@@ -294,10 +322,10 @@ class Outbox:
         they do not (not being read, or more than claims: a seal, a withdrawal or a mismatch
         goes at once)."""
         asked = self._asked.get(task_id)
-        if asked is None or not p.pieces or p.sealed or p.mismatch or p.withdrawn \
+        if not p.pieces or p.sealed or p.mismatch or p.withdrawn \
                 or p.withdrawn_all:
             return None
-        return min(p.since + RIDE_WAIT, asked + RIDE_RECENT)
+        return ride_ends(p.due, asked)
 
     def _riding(self, task_id: str, p: _Pending, now: float) -> bool:
         ends = self._ride_ends(task_id, p)
@@ -315,7 +343,7 @@ class Outbox:
         mine = self._pending.setdefault(task_id, _Pending())
         kept = {i: c for i, c in p.pieces.items() if not mine.withdraws(i)}
         if kept:
-            mine.since = min(mine.since, p.since) if mine.pieces else p.since
+            mine.due = min(mine.due, p.due) if mine.pieces else p.due
         mine.pieces = {**kept, **mine.pieces}
         mine.progress |= p.progress
         mine.registry = mine.registry or p.registry

@@ -215,8 +215,8 @@ class SchedulerClient:
     # -- the outbox ------------------------------------------------------------------------
 
     def announce(self, task_id: str, index: int, chunk: str,
-                 registry: str | None = None) -> None:
-        self.outbox.announce(task_id, index, chunk, registry)
+                 registry: str | None = None, source: str = "origin") -> None:
+        self.outbox.announce(task_id, index, chunk, registry, source)
 
     def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
         self.outbox.withdraw(task_id, pieces)

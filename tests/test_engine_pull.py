@@ -76,6 +76,7 @@ class Scheduler:
         self.calls: list[tuple[list[int], set[str], int]] = []
         self.reports: list[tuple[str, int | None, str]] = []
         self.announced: dict[int, str] = {}
+        self.sources: dict[int, str] = {}  # piece -> where its announced copy came from
         self.withdrawn: list[list[int] | None] = []
         self.progressed: list[int] = []
         self.mismatches = 0
@@ -129,8 +130,9 @@ class Scheduler:
         return self.clock.t - max(since, self.answered if self.answered is not None else since)
 
     def announce(self, task_id: str, index: int, chunk: str,
-                 registry: str | None = None) -> None:
+                 registry: str | None = None, source: str = "origin") -> None:
         self.announced[index] = chunk
+        self.sources[index] = source
 
     def withdraw(self, task_id: str, pieces: list[int] | None) -> None:
         self.withdrawn.append(pieces)
@@ -346,6 +348,8 @@ async def test_a_good_parent_serves_every_piece_verified_stored_and_announced(
     assert world.store.pieces(run.task_id) == world.scheduler.announced
     assert world.origin.requests == []
     assert world.downloaded("peer") == len(world.blob.data)
+    # copies from a peer: their claims may wait longer for a schedule call to carry them
+    assert set(world.scheduler.sources.values()) == {"peer"}
 
 
 async def test_two_readers_of_a_piece_share_one_fetch(world: World) -> None:
@@ -435,6 +439,7 @@ async def test_a_lease_fetches_its_whole_run_in_one_origin_request_with_progress
     assert world.scheduler.progressed and set(world.scheduler.progressed) == {1}
     assert len(world.scheduler.announced) == world.blob.layout.count
     assert world.downloaded("origin") == len(world.blob.data)
+    assert set(world.scheduler.sources.values()) == {"origin"}  # first copies: told at once
 
 
 async def test_a_failed_run_is_asked_for_again_and_taken_over_under_a_new_epoch(

@@ -25,7 +25,15 @@ from common.models import (
     TaskRequest,
 )
 from peer import sched_outbox
-from peer.sched_outbox import ANNOUNCE_COALESCE, RIDE_WAIT, Outbox
+from peer.sched_outbox import (
+    ANNOUNCE_COALESCE,
+    RIDE_RECENT,
+    RIDE_WAIT,
+    RIDE_WAIT_ORIGIN,
+    Outbox,
+    ride_ends,
+    ride_wait,
+)
 from peer.sched_transport import HttpTransport, R
 from peer.scheduler_client import SchedulerClient
 from scheduler.api import SchedulerAPI
@@ -214,7 +222,7 @@ async def test_claims_of_a_task_being_read_wait_briefly_for_its_next_schedule_ca
     loop = asyncio.create_task(box.run())
     try:
         assert box.lend(TASK) is None  # its reader asked for pieces: nothing queued yet
-        box.announce(TASK, 0, chunk(0))
+        box.announce(TASK, 0, chunk(0), source="peer")
         await asyncio.sleep(RIDE_WAIT / 3)
         assert session.sent == []  # waiting for the reader's next call
         ann = box.lend(TASK)
@@ -222,7 +230,7 @@ async def test_claims_of_a_task_being_read_wait_briefly_for_its_next_schedule_ca
         box.answered(ann, session.state.announce(ann, time.monotonic()))
         # No call comes for the next claim: it goes alone once the wait is over.
         queued = time.monotonic()
-        box.announce(TASK, 1, chunk(1))
+        box.announce(TASK, 1, chunk(1), source="peer")
         await until(lambda: _true(len(session.sent) == 1), 5, "the claim sent alone")
         assert time.monotonic() - queued >= RIDE_WAIT
         assert session.state.tasks[TASK].pieces[1].holders == {"me"}
@@ -248,12 +256,42 @@ async def test_claims_waiting_for_a_schedule_call_wake_the_sender_once_not_per_p
     try:
         assert box.lend(TASK) is None  # its reader is asking
         for i in range(8):  # each after the sender's coalescing wait for the one before
-            box.announce(TASK, i, chunk(i))
+            box.announce(TASK, i, chunk(i), source="peer")
             await asyncio.sleep(2 * ANNOUNCE_COALESCE)
         assert session.sent == [] and wakes == 1
         ann = box.lend(TASK)  # the reader's next call carries all eight
         assert ann is not None and [c.index for c in ann.pieces] == list(range(8))
         box.answered(ann, session.state.announce(ann, time.monotonic()))
         assert session.state.tasks[TASK].pieces[7].holders == {"me"}
+    finally:
+        loop.cancel()
+
+
+def test_a_first_copy_waits_less_for_a_ride_than_a_copy_from_a_peer() -> None:
+    assert ride_wait("origin") == RIDE_WAIT_ORIGIN < ride_wait("peer") == RIDE_WAIT
+    assert ride_ends(10.1, None) is None  # nobody reads the task: nothing waits
+    assert ride_ends(10.1, 10.0) == 10.1  # the earliest claim's deadline
+    assert ride_ends(99.0, 10.0) == 10.0 + RIDE_RECENT  # no longer than the reader is asking
+
+
+async def test_a_claim_of_a_piece_from_the_origin_goes_at_once_with_the_copies_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sched_outbox, "RIDE_WAIT", 5.0)  # a copy from a peer never goes alone
+    monkeypatch.setattr(sched_outbox, "RIDE_RECENT", 5.0)
+    box, session = _outbox()
+    loop = asyncio.create_task(box.run())
+    try:
+        assert box.lend(TASK) is None  # its reader is asking
+        box.announce(TASK, 0, chunk(0), source="peer")
+        await asyncio.sleep(4 * ANNOUNCE_COALESCE)
+        assert session.sent == []  # the copy from a peer waits for the reader's next call
+        box.announce(TASK, 1, chunk(1), source="origin")  # the first copy: everyone waits
+        await until(lambda: _true(len(session.sent) == 1), 5, "the first copy sent at once")
+        (path, body), = session.sent
+        assert path == "/api/v1/announce" and isinstance(body, Announce)
+        assert [c.index for c in body.pieces] == [0, 1]  # the waiting copy goes along
+        box.announce(TASK, 2, chunk(2), source="peer")
+        await asyncio.sleep(4 * ANNOUNCE_COALESCE)
+        assert len(session.sent) == 1  # the next copy from a peer waits again
     finally:
         loop.cancel()

@@ -18,6 +18,7 @@ from bench.sim.core import Clock, Link, Network
 from bench.sim.cost import Bill, Cores
 from bench.sim.scenarios import SCENARIOS, Scenario, bound, run, scaled
 from bench.sim.swarm import Params, percentile
+from peer import sched_outbox
 
 LAST_LINE = re.compile(r"^sim scenario=(\w+) hosts=(\d+) p50=([\d.]+)x p99=([\d.]+)x "
                        r"origin=([\d.]+)x decisions=(\d+)/s cpu=(\d+)us/piece "
@@ -96,7 +97,10 @@ def test_the_long_polls_wake_as_the_scheduler_store_says(
     per piece (WAKE_PER_PIECE, what a store that does not say the room wakes) costs more
     re-decisions, waking every parked call more still, each of the announced pieces only, and
     neither finishes sooner; a shorter RECHECK_SECONDS, many more: the timer re-decides every
-    piece of a call."""
+    piece of a call. Claims go alone (no ride on a schedule call, whose wait moves the
+    finish times by more than the wakes do at this size)."""
+    monkeypatch.setattr(sched_outbox, "RIDE_RECENT", 0.0)
+
     def waking(limit: int | None) -> Scenario:
         sc = small()
         sc.params.wake_limit = limit
@@ -328,8 +332,9 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Kraken's 300 MB/s hosts reading in order all want the same newest pieces (2.26x the
     bound at 16 hosts); with the spread share on (ask_plan.SPREAD) half of each window is
-    drawn ahead: every host done sooner, the origin sending the blob once (2.31x -> 1.49x
-    at p50, whatever the string hashing)."""
+    drawn ahead: every host done sooner, the origin sending the blob once (2.55x -> 1.64x
+    at p50, whatever the string hashing; 2.31x -> 1.49x with every claim sent alone, before
+    the sim's outbox let claims wait for a schedule call)."""
     from peer.engine import ask_plan
     sc = replace(scaled(SCENARIOS["kraken"](), 16, None), length=512 << 20)
     monkeypatch.setattr(ask_plan, "SPREAD", False)
@@ -337,7 +342,7 @@ def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
     monkeypatch.setattr(ask_plan, "SPREAD", True)
     spread = run(sc)
     assert in_order.p50 > 2.2 * in_order.bound
-    assert spread.p50 < 1.6 * spread.bound
+    assert spread.p50 < 1.75 * spread.bound
     assert spread.p50 < 0.7 * in_order.p50 and spread.p99 < 0.7 * in_order.p99
     assert spread.finished == spread.survivors == 16 and spread.origin == pytest.approx(1.0)
 
@@ -356,6 +361,22 @@ def test_hosts_with_an_idc_label_spread_and_each_piece_enters_each_idc_once(
     monkeypatch.setattr(scheduler.state, "LEASE_IDC", True)  # what SPREAD_IDC needs
     spread = run(sc)
     assert in_order.cross_idc == spread.cross_idc == pytest.approx(2.0)
-    assert max(spread.times) < 0.95 * max(in_order.times)
+    # 3.41 against 3.53 s with claims riding schedule calls as the outbox says (bench.sim's
+    # outbox since T6); 3.02 against 3.74 s with every claim sent alone
+    assert max(spread.times) < 0.98 * max(in_order.times)
     monkeypatch.setattr(scheduler.state, "LEASE_IDC", False)
     assert run(sc).cross_idc > 2.05
+
+
+def test_claims_ride_the_hosts_schedule_calls_as_the_outbox_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sim's outbox is the real rule (`ride_wait`, `ride_ends`): while a host asks, its
+    claims wait for its next schedule call, so fewer go alone; the longer a copy from a peer
+    may wait, the fewer. Every host finishes either way."""
+    rides = run(small())
+    monkeypatch.setattr(sched_outbox, "RIDE_WAIT", 0.01)
+    briefly = run(small())
+    monkeypatch.setattr(sched_outbox, "RIDE_RECENT", 0.0)  # nobody waits for a call
+    alone = run(small())
+    assert rides.announces < briefly.announces < alone.announces
+    assert rides.finished == briefly.finished == alone.finished == 24

@@ -25,6 +25,9 @@ What is modelled here, after the engine it stands for (peer/engine/engine.py and
   for LEASE_LAPSE;
 * the outbox (sched_outbox.py): announcements coalesced for ANNOUNCE_COALESCE, one request at
   a time, deferred claims announced again after DEFER_WAITS, held while no scheduler answers;
+  while the host asked in the last RIDE_RECENT, claims wait for its next schedule call to
+  carry them (`lend`) as the outbox's own rule says (`ride_wait` by the piece's source,
+  `ride_ends`), else go alone;
 * the session (sched_session.py): a scheduler that goes away is noticed at once (a restart
   refuses connections), registration retried with the session's back-off, then every held
   piece re-announced; `recently_lost` and the longest silence as the session keeps them;
@@ -50,6 +53,7 @@ import scheduler.store
 from bench.sim.core import Clock, Flow, Link, Network
 from bench.sim.cost import EDGE_CALL_US, EDGE_PIECE_US, Bill, Cores
 from common.models import (
+    Announce,
     AnnounceReply,
     Decision,
     Heartbeat,
@@ -84,7 +88,15 @@ from peer.engine.ask_plan import AskPlan, spreads
 from peer.engine.origin import LEASE_LAPSE, PROGRESS_EVERY
 from peer.engine.reader import PLAN_WAIT, READAHEAD_BYTES, readahead_pieces, split_window
 from peer.parents import Patience
-from peer.sched_outbox import ANNOUNCE_COALESCE, DEFER_WAITS, announcements
+from peer.sched_outbox import (
+    ANNOUNCE_BATCH,
+    ANNOUNCE_COALESCE,
+    DEFER_WAITS,
+    ORIGIN,
+    announcements,
+    ride_ends,
+    ride_wait,
+)
 from peer.sched_session import RECENT_SECONDS, RETRY_MAX, RETRY_MIN
 from peer.upload import per_address_default
 from scheduler.state import ClusterState, StateError, UnknownPeer, UnknownTask
@@ -166,7 +178,9 @@ class Host:
     progress: set[int] = field(default_factory=set)
     sealed: bool = False
     sending: bool = False
-    send_due: bool = False
+    send_at: float | None = None  # when the sender looks at what is queued next
+    ride_due: float = 0.0  # when the first queued claim stops waiting for a schedule call
+    asked: float | None = None  # when the host's last schedule call went out
     # session
     connected: bool = True
     lost_at: float | None = None
@@ -210,6 +224,7 @@ class Call:
     arrived: float | None = None  # when it reached the scheduler (with finite cores)
     parked: Parked | None = None  # what it re-decides next, its answer so far
     timer_at: float = 0.0  # when its one live timer (recheck or deadline) fires
+    ann: Announce | None = None  # the host's claims it carries (the outbox's `lend`)
 
 
 class Worker:
@@ -264,6 +279,7 @@ class Stats:
     announced: int = 0  # pieces in announcements the scheduler took (re-announced included)
     calls: int = 0  # ClusterState.schedule calls
     announces: int = 0  # announce calls (progress and re-announcements included)
+    rides: int = 0  # announcements carried by schedule calls
     heartbeats: int = 0
     reports: int = 0
     transfers: int = 0  # pieces moved, parent or origin
@@ -425,7 +441,7 @@ class Swarm:
             peer_id=host.id, task_id=TASK, pieces=list(batch), exclude=sorted(exclude)[:256],
             wait_ms=LONG_POLL_MS, registry=REGISTRY)
         self.stats.asked += len(batch)
-        call = Call(host, batch, req, session=self.session)
+        call = Call(host, batch, req, session=self.session, ann=self._lend(host))
         self.clock.after(self.p.rtt / 2, self._arrive, call)
 
     def _arrive(self, call: Call) -> None:
@@ -438,7 +454,15 @@ class Swarm:
             return
         now = self.clock.now
         before = self._begin()
-        self.bill.call(now, len(call.req.pieces))
+        ann, call.ann = call.ann, None
+        self.bill.call(now, len(call.req.pieces) + (len(ann.pieces) if ann else 0))
+        if ann is not None:  # `announce_and_schedule`: the claims first, then the call
+            self.stats.rides += 1
+            reply = self._state_call(call.host, self.state.announce, ann)
+            if reply is not None:
+                self.stats.announced += len(ann.pieces)
+                self._notify(wakes(ann))
+                self.clock.after(self.p.rtt / 2, self._announced_ride, call.host, ann, reply)
         call.deadline = now + LONG_POLL_MS / 1000
         started = thread_time_ns()  # the call parked and its first turn, timed as one
         call.parked = self.parked.take(call_key(call.req), call.req.pieces,
@@ -598,24 +622,63 @@ class Swarm:
     # -- announcements (the outbox) ----------------------------------------------------------
 
     def announce(self, host: Host, index: int | None = None, progress: int | None = None,
-                 sealed: bool = False) -> None:
+                 sealed: bool = False, source: str = ORIGIN) -> None:
+        sooner = False
         if index is not None:
+            due = self.clock.now + ride_wait(source)
+            sooner = not host.pending or due < host.ride_due
+            if sooner:
+                host.ride_due = due
             host.pending[index] = self.chunks[index]
         if progress is not None:
             host.progress.add(progress)
         host.sealed |= sealed
-        self._send_soon(host)
+        # As the outbox: a claim joining others that wait, no sooner, wakes nothing.
+        if index is None or sooner or self._ride_ends(host) is None:
+            self._send_soon(host)
 
-    def _send_soon(self, host: Host) -> None:
-        if not host.sending and not host.send_due and host.connected:
-            host.send_due = True
-            self.clock.after(ANNOUNCE_COALESCE, self._send, host)
+    def _ride_ends(self, host: Host) -> float | None:
+        """The outbox's `_ride_ends`: claims alone (no seal) wait for the next call."""
+        if not host.pending or host.sealed:
+            return None
+        return ride_ends(host.ride_due, host.asked)
 
-    def _send(self, host: Host) -> None:
-        host.send_due = False
+    def _lend(self, host: Host) -> Announce | None:
+        """The outbox's `lend`: what is queued leaves with the schedule call going out."""
+        host.asked = self.clock.now
+        if host.sending or len(host.pending) > ANNOUNCE_BATCH \
+                or not (host.pending or host.progress or host.sealed):
+            return None
+        [ann] = announcements(host.id, TASK, host.pending, host.sealed, host.progress,
+                              REGISTRY)
+        host.pending, host.progress, host.sealed = {}, set(), False
+        return ann
+
+    def _announced_ride(self, host: Host, ann: Announce, reply: AnnounceReply) -> None:
+        if host.alive:
+            self._deferred(host, ann, reply, 0)
+
+    def _send_soon(self, host: Host, delay: float = ANNOUNCE_COALESCE) -> None:
+        """The sender looks at what is queued after `delay` (a sooner look wins)."""
+        if host.sending or not host.connected:
+            return
+        at = self.clock.now + delay
+        if host.send_at is not None and host.send_at <= at:
+            return
+        host.send_at = at
+        self.clock.after(delay, self._send, host, at)
+
+    def _send(self, host: Host, at: float | None = None) -> None:
+        if at is not None and host.send_at != at:
+            return  # a sooner look took its place
+        host.send_at = None
         if not host.alive or not host.connected or host.sending:
             return
         if not host.pending and not host.progress and not host.sealed:
+            return
+        ends = self._ride_ends(host)
+        if ends is not None and self.clock.now < ends:  # waiting for the host's next call
+            self._send_soon(host, ends - self.clock.now + ANNOUNCE_COALESCE)
             return
         anns = announcements(host.id, TASK, host.pending, host.sealed, host.progress,
                              REGISTRY)
@@ -889,7 +952,7 @@ class Swarm:
             self._cpu(host, size, self.fetch, worker, parents, k, failed, report)
             return
         host.from_peers += size
-        self._cpu(host, size, self._kept, host, worker.index)
+        self._cpu(host, size, self._kept, host, worker.index, None, "peer")
 
     def _cpu(self, host: Host, size: int, fn, *args) -> None:
         """`fn(*args)` once the host's core has verified (and stored) `size` bytes."""
@@ -969,14 +1032,15 @@ class Swarm:
 
     # -- keeping pieces, and the reader ------------------------------------------------------
 
-    def _kept(self, host: Host, index: int, waiters: list[Worker] | None = None) -> None:
+    def _kept(self, host: Host, index: int, waiters: list[Worker] | None = None,
+              source: str = ORIGIN) -> None:
         if not host.alive:
             return
         if index not in host.have:
             host.have.add(index)
             host.known.pop(index, None)  # parents kept for a scheduler outage: held now
             host.plan.arrived(index, self.size(index))
-            self.announce(host, index, sealed=len(host.have) == self.count)
+            self.announce(host, index, sealed=len(host.have) == self.count, source=source)
         w = host.workers.get(index)
         if w is not None:
             self._finish(w)

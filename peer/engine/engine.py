@@ -270,7 +270,7 @@ class Engine:
         if not stored:
             return
         run.have[index] = chunk
-        self.scheduler.announce(run.task_id, index, chunk, run.origin.registry)
+        self.scheduler.announce(run.task_id, index, chunk, run.origin.registry, source)
         self.sealer.maybe_seal(run)
 
     def drop_chunk(self, chunk: str) -> None:
