@@ -208,19 +208,13 @@ class Parking:
         del self._calls[call]
         self._unindex(call)
 
-    def settle(self, call: Parked, decided: Iterable[Decision] | None = None
-               ) -> list[Decision]:
-        """A call answered in parts: its pieces last decided other than `wait`, in its order,
-        which leave it (they are answered now); it stays parked, in its place, for the rest.
-        `decided`: the decisions just merged (`Parked.merge`), in the call's order, when
-        every piece left was `wait` before them: only those are looked at, not every piece
-        of the call on every decision."""
+    def settle(self, call: Parked, decided: Iterable[Decision]) -> list[Decision]:
+        """A call answered in parts: of `decided`, the decisions just merged (`Parked.merge`),
+        in the call's order, those other than `wait`, which leave it (they are answered now);
+        it stays parked, in its place, for the rest. Every piece left was `wait` before them,
+        so only those are looked at, not every piece of the call on every decision."""
         last = call._last
-        if decided is None:
-            ready = [d for i in call.pieces if (d := last.get(i)) is not None
-                     and d.action != "wait"]
-        else:
-            ready = [d for d in decided if d.action != "wait" and last.get(d.piece) is d]
+        ready = [d for d in decided if d.action != "wait" and last.get(d.piece) is d]
         if not ready:
             return ready
         gone = {d.piece for d in ready}

@@ -71,12 +71,13 @@ def test_a_call_in_parts_lets_its_decided_pieces_go_and_stays_parked_for_the_res
         c.begin(0.0)
         c.decided([_d(i, "wait") for i in c.pieces])
         assert c.idle()
-    assert parking.settle(call) == []  # nothing decided: nothing leaves
+    assert parking.settle(call, call.answer()) == []  # nothing decided: nothing leaves
 
     assert parking.announced([2], {2: 2}) == [call, other]
     assert call.begin(0.1) == (2,)
-    call.decided([_d(2, "parents")])
-    assert [(d.piece, d.action) for d in parking.settle(call)] == [(2, "parents")]
+    decided = [_d(2, "parents")]
+    call.decided(decided)
+    assert [(d.piece, d.action) for d in parking.settle(call, decided)] == [(2, "parents")]
     assert call.pieces == (1, 3)
     assert [d.piece for d in call.answer()] == [1, 3]  # its waits, as last decided
     assert len(parking) == 2  # still parked, in its place: the oldest on pieces 1 and 3
@@ -85,8 +86,9 @@ def test_a_call_in_parts_lets_its_decided_pieces_go_and_stays_parked_for_the_res
     assert parking.announced([2], {2: 5}) == []  # piece 2 is not its any more (nor other's:
     assert parking.announced([3], {3: 1}) == [call]  # deciding); the oldest on 3 goes first
     assert call.begin(0.2) == (3,)
-    call.decided([_d(3, "source")])
-    assert [d.piece for d in parking.settle(call)] == [3] and call.pieces == (1,)
+    decided = [_d(3, "source")]
+    call.decided(decided)
+    assert [d.piece for d in parking.settle(call, decided)] == [3] and call.pieces == (1,)
     assert call.begin(0.3 + 0.25) == ()  # no timer in the core: the driver's changed_all
     call.changed_all()
     assert call.begin(0.6) == (1,)  # a full decision is of the pieces left
@@ -94,21 +96,27 @@ def test_a_call_in_parts_lets_its_decided_pieces_go_and_stays_parked_for_the_res
 
 def test_settling_the_decisions_just_merged_lets_the_same_pieces_go() -> None:
     """The driver settles only what it just decided (`settle(call, decided)`): the same
-    pieces, in the same order, as looking at every piece of the call."""
+    pieces, in the same order, as looking at every piece of the call (`_every_piece_ready`,
+    the reference)."""
     for decided in ([_d(1, "source"), _d(3, "parents"), _d(4, "wait")], [_d(4, "wait")]):
-        sides = []
-        for given in (False, True):
-            parking = Parking()
-            call = Parked([1, 3, 4, 5], recheck=0.25)
-            parking.park(call)
-            call.begin(0.0)
-            call.decided([_d(i, "wait") for i in call.pieces])
-            call.merge(decided)
-            ready = parking.settle(call, decided if given else None)
-            sides.append(([(d.piece, d.action) for d in ready], call.pieces,
-                          [d.piece for d in call.answer()]))
-        assert sides[0] == sides[1]
-    assert sides[0][1] == (1, 3, 4, 5)  # the last round: nothing but a wait, nothing left
+        parking = Parking()
+        call = Parked([1, 3, 4, 5], recheck=0.25)
+        parking.park(call)
+        call.begin(0.0)
+        call.decided([_d(i, "wait") for i in call.pieces])
+        call.merge(decided)
+        expected = _every_piece_ready(call)
+        left = tuple(i for i in call.pieces if i not in {d.piece for d in expected})
+        ready = parking.settle(call, decided)
+        assert ready == expected and call.pieces == left
+        assert [d.piece for d in call.answer()] == list(left)
+    assert call.pieces == (1, 3, 4, 5)  # the last round: nothing but a wait, nothing left
+
+
+def _every_piece_ready(call: Parked) -> list[Decision]:
+    """What a call answered in parts lets go, walking every piece it has left."""
+    return [d for i in call.pieces if (d := call._last.get(i)) is not None
+            and d.action != "wait"]
 
 
 # -- Waiters with a sink: the long poll's driver -------------------------------------------------
