@@ -19,12 +19,12 @@ reading one blob in order all want the same few newest pieces, whose few holders
 while the other uplinks idle (bench.sim kraken: 1.95x the fluid bound). Once the read's own
 rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), SPREAD_QUARTERS quarters
 of the window (`spread_share`) are asked as a run from a start drawn between the in-order
-window's end and the horizon (`spread_pieces`), the rest in order. It is topped up (to the whole share) only
-when the in-order part is refilled, in the same turn, so both ride one schedule call. A slow
-read (the origin-bound lab) never reaches two windows and reads in order as before. A peer
-with an IDC label reads in order unless SPREAD_IDC (`spreads`; off for the spread's cost on
-the Redis store): then the scheduler leases a spread piece nobody holds only within the one
-IDC leasing the task's pieces, so it does not cross back (bench.sim idc3).
+window's end and the horizon (`spread_pieces`), the rest in order. It is topped up (to the
+whole share) only when the in-order part is refilled, in the same turn, so both ride one
+schedule call. A slow read (the origin-bound lab) never reaches two windows and reads in
+order as before. A peer with an IDC label reads in order unless SPREAD_IDC (`spreads`; off for
+the spread's cost on the Redis store): then the scheduler leases a spread piece nobody holds
+only within the one IDC leasing the task's pieces, so it does not cross back (bench.sim idc3).
 
 Positions are indices into the read's pieces (for a whole-blob read, the pieces themselves).
 """
