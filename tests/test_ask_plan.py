@@ -134,9 +134,31 @@ def test_the_horizon_is_what_the_read_fetches_in_two_seconds_at_most_four_window
     assert horizon(16, 1e9, 0) == 16
 
 
-def test_the_spread_share_is_half_the_window_once_the_reach_is_two_windows() -> None:
+def test_the_spread_share_is_three_quarters_of_the_window_once_the_reach_is_two_windows(
+        ) -> None:
+    assert [spread_share(16, r) for r in (16, 31, 32, 64)] == [0, 0, 12, 12]
+    assert spread_share(5, 10) == 3, "the in-order part keeps the rounding"
+
+
+def test_the_spread_share_is_spread_quarters_of_the_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ask_plan, "SPREAD_QUARTERS", 2)
     assert [spread_share(16, r) for r in (16, 31, 32, 64)] == [0, 0, 8, 8]
     assert spread_share(5, 10) == 2, "the in-order part keeps the larger part of an odd one"
+
+
+def test_a_fast_read_draws_three_quarters_of_its_window_ahead() -> None:
+    plan = AskPlan(200, 16, 0, lambda n: 0, spread=True, piece_size=4 * MB, since=10.0)
+    on_way: set[int] = set(plan.reached(0))
+    plan.top_up(lambda j: True, 10.0)
+    fast(plan, 0.5, 8)  # 64 MiB/s: two windows in two seconds
+    on_way.update(plan.reached(8))
+    assert plan.top_up(lambda j: j not in on_way and not on_way.add(j), 10.5) == \
+        list(range(24, 36)), "12 of the 16 drawn ahead, from the drawn start (the window's end)"
+    assert plan.share == 12
+    for k in range(9, 22):
+        assert not plan.reached(k), "asked to 24 in order: refilled at half the quarter (4)"
+    assert list(plan.reached(22)) == [24, 25], "the in-order quarter: 22-25"
 
 
 def test_spread_pieces_are_a_run_from_a_drawn_start_round_to_lo() -> None:
@@ -167,7 +189,9 @@ def fast(plan: AskPlan, seconds: float, pieces: int) -> None:
     assert plan.rate(plan.since + seconds) == pieces * 4 * MB / seconds
 
 
-def test_a_fast_read_draws_half_its_window_ahead_with_each_in_order_refill() -> None:
+def test_a_fast_read_draws_half_its_window_ahead_with_each_in_order_refill(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ask_plan, "SPREAD_QUARTERS", 2)  # the share of P2's traces below
     plan = AskPlan(200, 16, 0, lambda n: n - 3, spread=True, piece_size=4 * MB, since=10.0)
     on_way: set[int] = set()
 
@@ -223,7 +247,9 @@ def test_no_spread_share_for_a_ranged_read_nor_once_pieces_pass_through(
         assert plan.top_up(lambda j: True, 0.1) == []
 
 
-def test_with_nothing_left_to_draw_the_whole_window_is_in_order_again() -> None:
+def test_with_nothing_left_to_draw_the_whole_window_is_in_order_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ask_plan, "SPREAD_QUARTERS", 2)  # a share of 8 in the trace below
     plan = AskPlan(40, 16, 0, lambda n: 0, spread=True, piece_size=4 * MB)
     plan.reached(0)
     fast(plan, 0.1, 16)

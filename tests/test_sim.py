@@ -331,10 +331,11 @@ def test_a_scheduler_of_finite_cores_answers_late_once_its_demand_exceeds_them()
 def test_the_spread_share_takes_a_fast_swarm_near_its_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Kraken's 300 MB/s hosts reading in order all want the same newest pieces (2.26x the
-    bound at 16 hosts); with the spread share on (ask_plan.SPREAD) half of each window is
-    drawn ahead: every host done sooner, the origin sending the blob once (2.55x -> 1.64x
-    at p50, whatever the string hashing; 2.31x -> 1.49x with every claim sent alone, before
-    the sim's outbox let claims wait for a schedule call)."""
+    bound at 16 hosts); with the spread share on (ask_plan.SPREAD) most of each window
+    (SPREAD_QUARTERS) is drawn ahead: every host done sooner, the origin sending the blob
+    once (2.55x -> 1.64x at p50 with half the window, whatever the string hashing; 2.31x ->
+    1.49x with every claim sent alone, before the sim's outbox let claims wait for a schedule
+    call)."""
     from peer.engine import ask_plan
     sc = replace(scaled(SCENARIOS["kraken"](), 16, None), length=512 << 20)
     monkeypatch.setattr(ask_plan, "SPREAD", False)

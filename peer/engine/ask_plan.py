@@ -14,17 +14,17 @@ whole-blob read may also keep a far share in flight (`far`, reader.py FAR_SHARE:
 default): from a cursor drawn per read, walking up to the blob's end then round from where
 the in-order window ends, topped up half the share at a time as its pieces arrive.
 
-A fast whole-blob read also draws half its window ahead: the spread share (`spread`). Hosts
+A fast whole-blob read also draws most of its window ahead: the spread share (`spread`). Hosts
 reading one blob in order all want the same few newest pieces, whose few holders are then busy
 while the other uplinks idle (bench.sim kraken: 1.95x the fluid bound). Once the read's own
-rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), half the window
-(`spread_share`) is asked as a run from a start drawn between the in-order window's end and the
-horizon (`spread_pieces`), the other half in order. It is topped up (to the whole share) only
-when the in-order half is refilled, in the same turn, so both ride one schedule call. A slow
-read (the origin-bound lab) never reaches two windows and reads in order as before. A peer
-with an IDC label reads in order unless SPREAD_IDC (`spreads`; off for the spread's cost on
-the Redis store): then the scheduler leases a spread piece nobody holds only within the one
-IDC leasing the task's pieces, so it does not cross back (bench.sim idc3).
+rate would fetch two windows or more in HORIZON_SECONDS (`horizon`), SPREAD_QUARTERS quarters
+of the window (`spread_share`) are asked as a run from a start drawn between the in-order
+window's end and the horizon (`spread_pieces`), the rest in order. It is topped up (to the
+whole share) only when the in-order part is refilled, in the same turn, so both ride one
+schedule call. A slow read (the origin-bound lab) never reaches two windows and reads in
+order as before. A peer with an IDC label reads in order unless SPREAD_IDC (`spreads`; off for
+the spread's cost on the Redis store): then the scheduler leases a spread piece nobody holds
+only within the one IDC leasing the task's pieces, so it does not cross back (bench.sim idc3).
 
 Positions are indices into the read's pieces (for a whole-blob read, the pieces themselves).
 """
@@ -53,6 +53,14 @@ HORIZON_WINDOWS = 4
 # read blocked; now its `Patience`, peer/parents.py: 1.06x). `python -m bench.sim --experiment
 # no-spread` (or `spread`) and `bench.fleet --spread` set it in one process.
 SPREAD = True  # whole reads draw a spread share once fast (False: in order, as before)
+# Quarters of a fast whole read's window drawn ahead (the rest in order). With half (P2's),
+# kraken's uplinks still idled 14 % in steady state: every host's in-order half wanted the
+# same newest pieces, whose holders split their uplinks between children of several pieces
+# (`--report`: below-rate 24 % of the pull, 12 % of the downlinks lost), while the uplinks
+# holding older pieces had nothing anyone asked. Three quarters: bench.sim kraken 50 p50
+# 1.250x -> 1.211x, p99 1.319x -> 1.267x, base 40 1.408x -> 1.310x (helper K8, stop 27), for
+# ~17 % more decisions (the in-order quarter refills twice as often).
+SPREAD_QUARTERS = 3
 
 
 # Whether peers with an IDC label spread too. The scheduler keeps a task's origin leases in
@@ -84,9 +92,9 @@ def horizon(window: int, rate: float, piece_size: int) -> int:
 
 
 def spread_share(window: int, reach: int) -> int:
-    """Positions of the window drawn ahead within `reach`: half of it once the reach is two
-    windows or more (the in-order part keeps the other half), else none."""
-    return window // 2 if reach >= 2 * window else 0
+    """Positions of the window drawn ahead within `reach`: SPREAD_QUARTERS quarters of it once
+    the reach is two windows or more (the in-order part keeps the rest), else none."""
+    return window * SPREAD_QUARTERS // 4 if reach >= 2 * window else 0
 
 
 def spread_pieces(lo: int, hi: int, room: int, start: Start, draw: Draw) -> list[int]:

@@ -8,7 +8,7 @@ not held once stored (`holds`), it is read back from the store (the page cache) 
 reader gets there. With FAR_SHARE (off), a whole-blob read also keeps some of a window in
 flight from a point of the blob drawn for the read (`split_window`, ask_plan.py's
 `far_pieces`), so hosts reading one blob at once do not all want the same pieces; a fast
-whole-blob read draws half its window ahead (the spread share, ask_plan.py). A whole-blob
+whole-blob read draws most of its window ahead (the spread share, ask_plan.py). A whole-blob
 read is checked against its digest before its last bytes go out. Also: where a read's bytes
 will come from (`plan`, for the response headers), sendfile spans of a proven task
 (`local_files`), and the background prefetch of the rest of a task.
@@ -242,7 +242,7 @@ class Reader:
         k = 0
         # What to ask for and when (ask_plan.py): the window in order, a whole read's far
         # share (pieces[m] is piece m) from a cursor drawn per read, topped up as they arrive.
-        # A fast whole read also draws half its window ahead (the spread share), at its rate.
+        # A fast whole read also draws most of its window ahead (the spread share), at its rate.
         plan = AskPlan(len(pieces), window, far, self.rng.randrange,
                        spread=spreads(whole, self.idc),
                        piece_size=size, since=self.clock.monotonic())
