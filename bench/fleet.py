@@ -408,9 +408,14 @@ async def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spread", action="store_true",
                     help="the reader's spread share on (ask_plan.py SPREAD: on by default "
                          "since stop 26; a host with an IDC label never spreads: --idcs 1)")
+    ap.add_argument("--spread-idc", action="store_true",
+                    help="hosts with an IDC label spread too (ask_plan.py SPREAD_IDC, off by "
+                         "default)")
     args = ap.parse_args(argv)
     if args.spread:
         ask_plan.SPREAD = True
+    if args.spread_idc:
+        ask_plan.SPREAD = ask_plan.SPREAD_IDC = True
     size, piece_size = parse_size(args.size), parse_size(args.piece_size)
     host_rate = parse_rate(args.host_rate)
     simulate = max(1, min(args.simulate, args.hosts))
