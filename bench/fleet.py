@@ -239,7 +239,7 @@ class Host:
     async def pull(self, tasks: TaskSet) -> None:
         """The whole task as a reader reads it (the reader's own ask plan, ask_plan.py: a
         window asked for, refilled half a window at a time as the reader moves on; once the
-        host is fast, half of it drawn ahead with each refill), then sealed."""
+        host is fast, three quarters of it drawn ahead with each refill), then sealed."""
         batcher = DecisionBatcher(self.client, self.task.task_id, tasks, lambda _: DEFAULT,
                                   lambda: REGISTRY, _Clock())
         fetching: dict[int, asyncio.Task[None]] = {}

@@ -57,8 +57,9 @@ def test_rates_are_read_in_the_units_links_use(text: str, rate: float) -> None:
 
 
 def test_with_the_spread_share_every_piece_is_still_decided_and_announced_once() -> None:
-    """`--spread`: the hosts (300 MB/s: fast enough) draw half their window ahead; each of
-    the 128 pieces is still asked once, decided and announced, and every pull completes."""
+    """`--spread`: the hosts (300 MB/s: fast enough) draw three quarters of their window
+    ahead; each of the 128 pieces is still asked once, decided and announced, and every pull
+    completes."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.fleet", "--hosts", "40", "--size", "512MiB",
          "--piece-size", "4MiB", "--store", "memory", "--simulate", "4", "--seconds", "60",
